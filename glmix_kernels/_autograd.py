@@ -1,0 +1,47 @@
+"""One pair of autograd Functions shared by every fused backend.
+
+The Functions see ``qs = scale * normalize(init_slots)`` rather than the raw slots and scale:
+autograd then carries ``dqs`` back through the normalisation, the scale (``dscale = sum(dqs * q)``)
+and the broadcast of ``(1, S, C)`` slots, so the kernels only ever handle the ``(S, L)`` part.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import backends
+
+
+def scaled_queries(init_slots, scale, batch):
+    """``scale * normalize(init_slots)`` in the kernels' accumulation dtype, expanded to ``batch``."""
+    acc = torch.float64 if init_slots.dtype == torch.float64 else torch.float32
+    qs = scale.to(acc) * F.normalize(init_slots.to(acc), dim=-1)
+    return qs.expand(batch, -1, -1)
+
+
+class ClusterFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qs, backend):
+        slots, lse = backends.BACKENDS[backend].kernels().cluster_fwd(x, qs)
+        ctx.save_for_backward(x, qs, slots, lse)
+        ctx.backend = backend
+        return slots
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, qs, slots, lse = ctx.saved_tensors
+        dx, dqs = backends.BACKENDS[ctx.backend].kernels().cluster_bwd(grad, x, qs, slots, lse)
+        return dx, dqs, None
+
+
+class DispatchFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qs, slots, backend):
+        out, lse = backends.BACKENDS[backend].kernels().dispatch_fwd(x, qs, slots)
+        ctx.save_for_backward(x, qs, slots, out, lse)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, qs, slots, out, lse = ctx.saved_tensors
+        dx, dqs, dslots = backends.BACKENDS[ctx.backend].kernels().dispatch_bwd(grad, x, qs, slots, out, lse)
+        return dx, dqs, dslots, None

@@ -1,0 +1,118 @@
+"""The backend registry: which backends exist, which can run on a device, and what each supports.
+
+A backend supplies four kernels with one signature each (see ``_autograd.py``):
+
+    cluster_fwd(x, qs)                        -> slots (B, S, C), lse (B, S) float32
+    cluster_bwd(grad, x, qs, slots, lse)      -> dx (B, L, C), dqs (B, S, C)
+    dispatch_fwd(x, qs, slots)                -> out (B, L, C), lse (B, L) float32
+    dispatch_bwd(grad, x, qs, slots, out, lse) -> dx, dqs, dslots
+
+``x`` comes with any strides, ``qs = scale * normalize(init_slots)`` is float32 (float64 for
+float64 ``x``) and may have batch stride 0; ``dqs`` is in ``qs``'s dtype, the rest in ``x``'s.
+Adding a backend means one ``Backend`` line below and a module exposing those four names.
+"""
+import importlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+_HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+_ALL_FLOATS = _HALF_AND_FLOAT + (torch.float64,)
+
+
+def _always(device_type):
+    return None
+
+
+def _triton_usable(device_type):
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "on CPU tensors triton runs only under the interpreter (TRITON_INTERPRET=1)"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def _extension_usable(device_type):
+    from . import cpp
+    return cpp.unavailable_reason(device_type)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device_types: tuple
+    dtypes: tuple
+    max_slots: int  # 0: no limit
+    max_channels: int  # 0: no limit
+    module: object  # imported lazily, so nothing GPU-only loads with the package; None: plain autograd
+    unavailable: object = _always  # device_type -> None, or why not
+
+    def kernels(self):
+        return importlib.import_module(self.module, __name__)
+
+
+BACKENDS = {
+    b.name: b
+    for b in (
+        Backend("reference", ("cpu", "cuda"), _ALL_FLOATS, 0, 0, None),
+        Backend("cpu", ("cpu",), _ALL_FLOATS, 0, 0, ".cpp", _extension_usable),
+        Backend("cuda", ("cuda",), _HALF_AND_FLOAT, 256, 1024, ".cpp", _extension_usable),
+        Backend("triton", ("cpu", "cuda"), _HALF_AND_FLOAT, 256, 1024, ".triton", _triton_usable),
+    )
+}
+
+# Fastest first; the Triton interpreter is never picked automatically.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def _why_not(b, device_type):
+    if device_type not in b.device_types:
+        return f"it runs on {', '.join(b.device_types)} tensors"
+    return b.unavailable(device_type)
+
+
+def available_backends(device="cpu"):
+    """Names of the backends usable for tensors on ``device``."""
+    device_type = torch.device(device).type
+    return [n for n, b in BACKENDS.items() if _why_not(b, device_type) is None]
+
+
+def _unsupported(b, x, num_slots):
+    """Why backend ``b`` cannot take these inputs, as (exception type, message), or None."""
+    if x.dtype not in b.dtypes:
+        return TypeError, f"backend {b.name!r} does not support dtype {x.dtype} of x " \
+                          f"(it supports {', '.join(str(d) for d in b.dtypes)})"
+    if b.max_slots and num_slots > b.max_slots:
+        return ValueError, f"backend {b.name!r} supports at most {b.max_slots} slots, init_slots has {num_slots}"
+    if b.max_channels and x.shape[-1] > b.max_channels:
+        return ValueError, f"backend {b.name!r} supports at most {b.max_channels} channels, x has {x.shape[-1]}"
+    return None
+
+
+def resolve(backend, x, num_slots):
+    """The backend to run for these inputs: ``backend`` itself, checked, or the fastest that fits."""
+    device_type = x.device.type
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+            b = BACKENDS[name]
+            if _why_not(b, device_type) is None and _unsupported(b, x, num_slots) is None:
+                return b
+        return BACKENDS["reference"]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}; "
+                         f"available for {device_type}: {available_backends(device_type)}")
+    b = BACKENDS[backend]
+    why = _why_not(b, device_type)
+    if why is not None:
+        raise ValueError(f"backend {backend!r} is not available for {device_type} tensors: {why}; "
+                         f"available: {available_backends(device_type)}")
+    problem = _unsupported(b, x, num_slots)
+    if problem is not None:
+        exc, msg = problem
+        raise exc(msg)
+    return b
