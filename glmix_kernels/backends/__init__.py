@@ -70,7 +70,10 @@ BACKENDS = {
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
-def _why_not(b, device_type):
+def why_unavailable(name, device="cpu"):
+    """None if backend ``name`` can run on tensors on ``device``, else the reason."""
+    b = BACKENDS[name]
+    device_type = torch.device(device).type
     if device_type not in b.device_types:
         return f"it runs on {', '.join(b.device_types)} tensors"
     return b.unavailable(device_type)
@@ -79,7 +82,7 @@ def _why_not(b, device_type):
 def available_backends(device="cpu"):
     """Names of the backends usable for tensors on ``device``."""
     device_type = torch.device(device).type
-    return [n for n, b in BACKENDS.items() if _why_not(b, device_type) is None]
+    return [n for n, b in BACKENDS.items() if why_unavailable(n, device_type) is None]
 
 
 def _unsupported(b, x, num_slots):
@@ -100,14 +103,14 @@ def resolve(backend, x, num_slots):
     if backend == "auto":
         for name in _AUTO_ORDER.get(device_type, ("reference",)):
             b = BACKENDS[name]
-            if _why_not(b, device_type) is None and _unsupported(b, x, num_slots) is None:
+            if why_unavailable(name, device_type) is None and _unsupported(b, x, num_slots) is None:
                 return b
         return BACKENDS["reference"]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}; "
                          f"available for {device_type}: {available_backends(device_type)}")
     b = BACKENDS[backend]
-    why = _why_not(b, device_type)
+    why = why_unavailable(backend, device_type)
     if why is not None:
         raise ValueError(f"backend {backend!r} is not available for {device_type} tensors: {why}; "
                          f"available: {available_backends(device_type)}")

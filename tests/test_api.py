@@ -1,0 +1,120 @@
+"""The public API: backend choice and every input rule, each error naming its argument."""
+import os
+
+import pytest
+import torch
+
+import glmix_kernels
+from glmix_kernels.backends import BACKENDS, why_unavailable
+
+B, L, C, S = 2, 10, 8, 4
+
+
+def good():
+    return dict(x=torch.randn(B, L, C), init_slots=torch.randn(1, S, C), scale=torch.tensor(2.0),
+                slots=torch.randn(B, S, C))
+
+
+def call(op, **changes):
+    args = good()
+    args.update(changes)
+    if op == "cluster":
+        args.pop("slots")
+        return glmix_kernels.soft_cluster(**args)
+    return glmix_kernels.soft_dispatch(**args)
+
+
+BAD = [  # (argument, bad value, exception, words the message must hold)
+    ("x", torch.randn(B, L), ValueError, "(B, L, C)"),
+    ("x", torch.randn(B, L, C).numpy(), TypeError, "torch.Tensor"),
+    ("x", torch.randint(0, 5, (B, L, C)), TypeError, "floating"),
+    ("x", torch.randn(B, L, C, dtype=torch.float64), TypeError, "same dtype"),  # init_slots is fp32
+    ("x", torch.randn(0, L, C), ValueError, "B >= 1"),
+    ("init_slots", torch.randn(S, C), ValueError, "(B, S, C)"),
+    ("init_slots", torch.randn(3, S, C), ValueError, "init_slots must have shape"),
+    ("init_slots", torch.randn(1, S, C + 1), ValueError, "init_slots must have shape"),
+    ("init_slots", torch.randn(1, 0, C), ValueError, "S >= 1"),
+    ("init_slots", torch.randn(1, S, C).half(), TypeError, "init_slots must have the same dtype"),
+    ("init_slots", torch.randn(1, S, C, device="meta"), ValueError, "init_slots must be on the same device"),
+    ("scale", torch.ones(2), ValueError, "scale must be a 0-d"),
+    ("scale", torch.tensor(2), TypeError, "scale must have"),
+    ("scale", torch.tensor(2.0, dtype=torch.float64), TypeError, "scale must have"),
+    ("scale", torch.tensor(2.0, device="meta"), ValueError, "scale must be on the same device"),
+    ("scale", "2.0", TypeError, "scale must be"),
+    ("scale", True, TypeError, "scale must be"),
+    ("backend", "nope", ValueError, "backend must be 'auto' or one of"),
+]
+DISPATCH_BAD = [
+    ("slots", torch.randn(B, S + 1, C), ValueError, "slots must have shape (2, 4, 8)"),
+    ("slots", torch.randn(1, S, C), ValueError, "slots must have shape (2, 4, 8)"),
+    ("slots", torch.randn(B, S), ValueError, "slots must be of shape"),
+    ("slots", torch.randn(B, S, C).bfloat16(), TypeError, "slots must have the same dtype"),
+    ("slots", torch.randn(B, S, C, device="meta"), ValueError, "slots must be on the same device"),
+]
+
+
+@pytest.mark.parametrize("op,arg,value,exc,words",
+                         [("cluster",) + b for b in BAD] + [("dispatch",) + b for b in BAD + DISPATCH_BAD],
+                         ids=lambda v: v if isinstance(v, str) and len(v) < 12 else None)
+def test_bad_input_raises_naming_the_argument(op, arg, value, exc, words):
+    with pytest.raises(exc) as info:
+        call(op, **{arg: value})
+    message = str(info.value)
+    assert arg in message and words in message, message
+
+
+def test_clustering_needs_pixels_dispatch_does_not():
+    with pytest.raises(ValueError, match="x must have at least one pixel"):
+        call("cluster", x=torch.randn(B, 0, C))
+    out = call("dispatch", x=torch.randn(B, 0, C))
+    assert out.shape == (B, 0, C)
+
+
+@pytest.mark.parametrize("scale", [2.0, 2, torch.tensor([2.0]), torch.tensor(2.0)])
+def test_scale_forms_agree(scale):
+    args = good()
+    ref = glmix_kernels.soft_cluster(args["x"], args["init_slots"], torch.tensor(2.0))
+    torch.testing.assert_close(glmix_kernels.soft_cluster(args["x"], args["init_slots"], scale), ref)
+
+
+def test_available_backends():
+    cpu = glmix_kernels.available_backends("cpu")
+    assert cpu[0] == "reference" and set(cpu) <= set(BACKENDS)
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and why_unavailable("triton", "cpu") is None
+    assert ("triton" in cpu) == interpreting
+    assert "cuda" not in cpu
+    assert glmix_kernels.available_backends(torch.device("cpu")) == cpu
+
+
+def test_unavailable_backend_lists_the_available_ones():
+    with pytest.raises(ValueError) as info:
+        call("cluster", backend="cuda")  # CPU tensors: never available
+    assert "backend 'cuda' is not available for cpu tensors" in str(info.value)
+    assert str(glmix_kernels.available_backends("cpu")) in str(info.value)
+
+
+@pytest.mark.parametrize("name", [n for n in BACKENDS if torch.float64 not in BACKENDS[n].dtypes])
+def test_backend_without_fp64_says_so(name):
+    if why_unavailable(name, "cpu") is not None:
+        pytest.skip(f"{name} not available on cpu")
+    with pytest.raises(TypeError, match=f"backend '{name}' does not support dtype torch.float64 of x"):
+        glmix_kernels.soft_cluster(torch.randn(B, L, C).double(), torch.randn(1, S, C).double(), 2.0, backend=name)
+
+
+def test_auto_never_picks_the_interpreter_and_falls_back():
+    from glmix_kernels.backends import resolve
+    x = torch.randn(B, L, C)
+    assert resolve("auto", x, S).name in ("cpu", "reference")
+    # Slots beyond every fused backend's limit still work through the fallback chain.
+    many = torch.randn(1, 300, C)
+    torch.testing.assert_close(glmix_kernels.soft_cluster(x, many, 2.0),
+                               glmix_kernels.reference.soft_cluster(x, many, torch.tensor(2.0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_in_the_autocast_dtype(dtype):
+    args = good()
+    with torch.autocast("cpu", dtype=dtype):
+        slots = glmix_kernels.soft_cluster(args["x"], args["init_slots"], args["scale"])
+        out = glmix_kernels.soft_dispatch(args["x"], args["init_slots"], args["scale"], slots)
+    assert slots.dtype == dtype and out.dtype == dtype

@@ -1,0 +1,194 @@
+"""Every fused backend against the reference: forward, every gradient, dtypes, layouts, poisoned
+outputs, determinism, what is saved for backward, custom-op registration and torch.compile.
+
+Parametrised over (backend, device): a new backend is one line in the registry, and a backend or
+device missing on this machine skips with the reason.
+"""
+import pytest
+import torch
+
+import glmix_kernels
+from glmix_kernels.backends import BACKENDS
+
+from _helpers import (TOL, Case, assert_close_normwise, backend_params, poisoned_and_deterministic,
+                      require)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (B, L, C, S, x layout, broadcast slots, init_slots layout): odd L (no block divides it), S of
+# 1, 24 and 64, C from 32 to 1024, every layout of x, broadcast and per-batch slots.
+SHAPES = [
+    (2, 37, 32, 1, "contiguous", True, "contiguous"),
+    (2, 203, 32, 24, "nchw", False, "transposed"),
+    (1, 131, 384, 64, "nchw", True, "contiguous"),
+    (2, 97, 64, 64, "sliced", False, "contiguous"),
+    (1, 45, 1024, 24, "contiguous", False, "transposed"),
+    (3, 1, 32, 5, "nchw", True, "contiguous"),  # a single pixel
+]
+
+
+def shape_id(s):
+    return "B{}-L{}-C{}-S{}-{}-{}-{}".format(*s[:5], "bcast" if s[5] else "batched", s[6])
+
+
+def check_against_reference(case, op, backend, tol=None):
+    with poisoned_and_deterministic():
+        out, grads = case.run(op, backend, case.dtype)
+    ref_out, ref_grads = case.expected(op)
+    tol = tol or TOL[case.dtype]
+    assert out.dtype == case.dtype
+    assert_close_normwise(out, ref_out, tol, f"{op} output")
+    names = ["dx", "dinit_slots", "dscale", "dslots"]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert g.dtype == (torch.float32 if name == "dscale" else case.dtype), name
+        assert_close_normwise(g, r, tol, f"{op} {name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_matches_reference(backend, device, op, dtype, shape):
+    require(backend, device)
+    B, L, C, S, layout, broadcast, slots_layout = shape
+    case = Case(B, L, C, S, layout, broadcast, slots_layout, dtype=dtype, device=device,
+                seed=hash((L, C, S, op)) % 1000)
+    check_against_reference(case, op, backend)
+
+
+# glnet_4g stage 1 and glnet_9g stage 3 at full size (batch cut): only where kernels run natively.
+@pytest.mark.parametrize("shape", [(4, 3136, 64, 64), (8, 196, 384, 64)], ids=["4g-stage1", "9g-stage3"])
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params(devices=["cuda"]))
+def test_glnet_stage_shapes_on_gpu(backend, device, op, shape):
+    require(backend, device)
+    B, L, C, S = shape
+    check_against_reference(Case(B, L, C, S, "nchw", True, dtype=torch.bfloat16, device=device), op, backend)
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_tiny_scale(backend, device, op):
+    """A temperature near zero makes the softmaxes uniform."""
+    require(backend, device)
+    check_against_reference(Case(2, 53, 32, 16, "nchw", scale=1e-4, device=device), op, backend)
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_huge_scale(backend, device, op):
+    """A temperature of 1e4 makes the softmaxes one-hot: without subtracting the max, exp overflows.
+
+    fp32 logits then carry errors of about 6e-8 * 1e4, and the gradients, scaled by 1e4 again,
+    are ill-conditioned in fp32 whoever computes them (an fp32 reference is as far from the fp64
+    one): the output is compared at the logits' accuracy, the gradients must be finite and sane.
+    """
+    require(backend, device)
+    case = Case(2, 53, 32, 16, "nchw", scale=1e4, device=device)
+    with poisoned_and_deterministic():
+        out, grads = case.run(op, backend, torch.float32)
+    ref_out, ref_grads = case.expected(op)
+    assert_close_normwise(out, ref_out, 2e-3, f"{op} output")
+    for g, r in zip(grads, ref_grads):
+        assert_close_normwise(g, r, 0.5, f"{op} gradient", floor=1.0)
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_zero_pixels_use_the_norm_epsilon(backend, device, op):
+    require(backend, device)
+    case = Case(2, 41, 32, 8, "nchw", device=device)
+    case.x_base[:, :, ::5] = 0  # whole pixels of zeros: ||x|| < 1e-12
+    check_against_reference(case, op, backend)
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_backward_is_bitwise_deterministic(backend, device, op):
+    require(backend, device)
+    case = Case(2, 157, 48, 24, "nchw", device=device)
+    with poisoned_and_deterministic():
+        first = case.run(op, backend, torch.float32)
+        second = case.run(op, backend, torch.float32)
+    for a, b in zip([first[0]] + first[1], [second[0]] + second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_nondeterministic_mode_matches_reference(backend, device, op):
+    """The default mode may take faster (atomic) paths: they must be right too."""
+    require(backend, device)
+    case = Case(2, 157, 48, 24, "nchw", device=device)
+    out, grads = case.run(op, backend, torch.float32)
+    ref_out, ref_grads = case.expected(op)
+    for a, b in zip([out] + grads, [ref_out] + ref_grads):
+        assert_close_normwise(a, b, TOL[torch.float32], op)
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_saves_nothing_of_size_slots_by_pixels(backend, device, op):
+    require(backend, device)
+    B, L, C, S = 2, 300, 16, 64  # chosen so x, slots and outputs are all smaller than B*S*L
+    case = Case(B, L, C, S, "nchw", device=device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        case.run(op, backend, torch.float32)
+    assert saved and max(saved) < B * S * L, f"saved numels {sorted(saved)} (B*S*L = {B * S * L})"
+
+
+@pytest.mark.parametrize("backend", [n for n in BACKENDS if torch.float64 in BACKENDS[n].dtypes])
+def test_gradcheck_fp64(backend):
+    require(backend, "cpu")
+    case = Case(2, 7, 5, 3, "nchw", broadcast=True)
+    xb, s0b, scale, slots = case.leaves(torch.float64)
+
+    def both(xb, s0b, scale, slots):
+        x, s0 = case.view_x(xb), case.view_slots0(s0b)
+        return (glmix_kernels.soft_cluster(x, s0, scale, backend=backend),
+                glmix_kernels.soft_dispatch(x, s0, scale, slots, backend=backend))
+
+    assert torch.autograd.gradcheck(both, (xb, s0b, scale, slots))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_kernels_pass_opcheck(backend, device):
+    require(backend, device)
+    kernels = BACKENDS[backend].kernels()
+    B, L, C, S = 2, 33, 16, 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, L, generator=g).transpose(1, 2).to(device)
+    qs = (3 * torch.nn.functional.normalize(torch.randn(1, S, C, generator=g), dim=-1)).expand(B, -1, -1).to(device)
+    slots, lse = kernels.cluster_fwd(x, qs)
+    out, lse_d = kernels.dispatch_fwd(x, qs, slots)
+    calls = [
+        (kernels.cluster_fwd, (x, qs)),
+        (kernels.cluster_bwd, (torch.randn_like(slots), x, qs, slots, lse)),
+        (kernels.dispatch_fwd, (x, qs, slots)),
+        (kernels.dispatch_bwd, (torch.randn_like(out), x, qs, slots, out, lse_d)),
+    ]
+    for fn, args in calls:
+        torch.library.opcheck(fn, args)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_compiles_fullgraph_and_matches_eager(backend, device):
+    require(backend, device)
+    case = Case(2, 45, 32, 8, "nchw", broadcast=True, device=device)
+
+    def block(xb, s0b, scale, slots):
+        x, s0 = case.view_x(xb), case.view_slots0(s0b)
+        mixed = glmix_kernels.soft_cluster(x, s0, scale, backend=backend) + slots
+        return glmix_kernels.soft_dispatch(x, s0, scale, mixed, backend=backend)
+
+    # aot_eager traces through the custom ops' fake kernels; inductor needs a GPU for Triton.
+    compiled = torch.compile(block, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    results = []
+    for fn in (block, compiled):
+        leaves = case.leaves(torch.float32)
+        out = fn(*leaves)
+        out.backward(case.grad_out.to(device, torch.float32))
+        results.append([out] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
