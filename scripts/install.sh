@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything a fresh machine needs, for the main job, the tests and CI alike:
+#   torch  - kept when already installed; otherwise the CUDA build where a GPU is visible and the
+#            CPU wheel (torch==2.13.0) elsewhere, since a plain `pip install torch` pulls 2.8 GB of CUDA.
+#   triton - with a GPU torch brings its own; on a CPU machine the kernels run under its interpreter.
+#   the package itself, editable, with its C++ extension (CUDA sources only where torch has CUDA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+if ! have torch; then
+  if gpu; then "$PY" -m pip install -q torch; else "$PY" -m pip install -q torch==2.13.0; fi
+fi
+have triton || "$PY" -m pip install -q triton==3.9.0
+# numpy: the Triton interpreter needs it without declaring it. setuptools/wheel/ninja/pybind11: the
+# extension is built against the installed torch, so without build isolation.
+"$PY" -m pip install -q numpy setuptools wheel ninja pybind11
+"$PY" -m pip install -q --no-build-isolation -e ".[test]"
+"$PY" -c "import glmix_kernels as g; print('glmix_kernels', g.__version__, '| backends on cpu:', g.available_backends('cpu'))"
