@@ -56,9 +56,12 @@ DISPATCH_BAD = [
 @pytest.mark.parametrize("op,arg,value,exc,words",
                          [("cluster",) + b for b in BAD] + [("dispatch",) + b for b in BAD + DISPATCH_BAD],
                          ids=lambda v: v if isinstance(v, str) and len(v) < 12 else None)
-def test_bad_input_raises_naming_the_argument(op, arg, value, exc, words):
+@pytest.mark.parametrize("backend", ["auto"] + list(BACKENDS))
+def test_bad_input_raises_naming_the_argument(backend, op, arg, value, exc, words):
+    """Inputs are checked before any backend is chosen, so every backend answers alike."""
+    changes = {"backend": backend, arg: value}
     with pytest.raises(exc) as info:
-        call(op, **{arg: value})
+        call(op, **changes)
     message = str(info.value)
     assert arg in message and words in message, message
 
