@@ -247,6 +247,7 @@ inline void check_x(const at::Tensor& x, const char* op) {
               " (float64 runs on the reference or CPU backends)");
   TORCH_CHECK(x.size(2) >= 1 && x.size(2) <= 1024, op, ": C must be in 1..1024, got ", x.size(2));
   TORCH_CHECK(x.size(0) <= 65535, op, ": batch ", x.size(0), " exceeds the grid limit 65535");
+  TORCH_CHECK(x.size(1) <= INT32_MAX, op, ": L = ", x.size(1), " exceeds the kernels' int32 pixel index");
 }
 
 inline void check_qs(const at::Tensor& qs, const at::Tensor& x, const char* op) {

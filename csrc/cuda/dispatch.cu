@@ -1,0 +1,435 @@
+// Dispatch on CUDA: out = softmax_S(A)^T @ slots with A = qs @ normalize(x)^T, and its backward.
+//
+// Forward: dispatch_fwd_kernel, grid (pixel groups, B). A block owns a few tiles of TL pixels
+//   (all C channels in shared memory) and all S slots: it loops over slot tiles of TS slots (qs and
+//   slots in shared memory, loaded once per block when one tile holds all S), computes the TS x TL
+//   logits, runs an online softmax over the slots per pixel and accumulates D^T @ slots in
+//   registers. Writes out and lse = logsumexp_S(A) per pixel.
+// Backward: dispatch_bwd_kernel, grid (L-chunks, B). Per pixel tile it recomputes D = exp(A - lse)
+//   and dD = slots @ grad^T per slot tile; delta'[l] = sum_s D dD (equal to <grad, out>, computed
+//   without reading out: in the same pass when all slots fit one tile, else in a first pass over
+//   the slot tiles), dA = D (dD - delta'). dx (K path through the normalisation) is local to the
+//   block; dslots = D @ grad and dqs = dA @ K are split-L partials in fp32 workspaces, summed in a
+//   fixed chunk order by reduce_chunks_kernel (bitwise deterministic).
+#include "../glmix_kernels.h"
+#include "tile.cuh"
+
+#include <cmath>
+#include <limits>
+
+namespace glmix {
+namespace cuda_detail {
+namespace {
+
+constexpr int kFwdAcc = 32;  // out accumulators per thread: TL * C <= 8192
+constexpr int kBwdAcc = 16;  // three accumulators per thread: TL * C, TS * C <= 4096
+constexpr int kMaxTilesPerBlock = 8;
+
+struct View {  // a (B, rows, C) tensor seen through its strides
+  int64_t sb, sr, sc;
+};
+
+inline View view_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+inline SmemCount fwd_smem(int TL, int TS, int ld) {
+  SmemCount s;
+  s.take(TL * ld).take(TS * ld).take(TS * ld).take(TS * TL).take(4 * TL);
+  return s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dispatch_fwd_kernel(const T* __restrict__ x, View xv, const float* __restrict__ qs, View qv,
+                        const T* __restrict__ sl, View sv, int64_t L, int S, int C, int TL,
+                        int TS, int ld, int nst, int64_t group_len, T* __restrict__ out,
+                        float* __restrict__ lse) {
+  extern __shared__ float smem[];
+  SmemCarve carve{smem};
+  float* x_sh = carve.take(TL * ld);
+  float* q_sh = carve.take(TS * ld);
+  float* v_sh = carve.take(TS * ld);  // slots
+  float* p_sh = carve.take(TS * TL);  // logits, then exp, [s][l]
+  float* rn_sh = carve.take(TL);
+  float* m_sh = carve.take(TL);
+  float* l_sh = carve.take(TL);
+  float* alpha_sh = carve.take(TL);
+
+  const int64_t b = blockIdx.y;
+  const int64_t l_begin = blockIdx.x * group_len;
+  const int64_t l_end = min(L, l_begin + group_len);
+  const T* xb = x + b * xv.sb;
+  const float* qb = qs + b * qv.sb;
+  const T* sb = sl + b * sv.sb;
+  int loaded = -1, ns = 0;
+
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += TL) {
+    const int nl = static_cast<int>(min(static_cast<int64_t>(TL), l_end - l0));
+    const int nx = nl * C;
+    __syncthreads();  // readers of the previous tile are done
+    load_tile(x_sh, ld, xb, xv.sr, xv.sc, l0, nl, C);
+    for (int l = threadIdx.x; l < nl; l += blockDim.x) {
+      m_sh[l] = -INFINITY;
+      l_sh[l] = 0.f;
+    }
+    __syncthreads();
+    row_rnorms(x_sh, ld, nl, C, rn_sh, nullptr);
+    float acc[kFwdAcc];
+#pragma unroll
+    for (int i = 0; i < kFwdAcc; ++i) acc[i] = 0.f;
+
+    for (int st = 0; st < nst; ++st) {
+      const int s0 = st * TS;
+      if (st != loaded) {
+        __syncthreads();  // readers of the previous slot tile are done
+        ns = min(TS, S - s0);
+        load_tile(q_sh, ld, qb, qv.sr, qv.sc, s0, ns, C);
+        load_tile(v_sh, ld, sb, sv.sr, sv.sc, s0, ns, C);
+        loaded = st;
+      }
+      __syncthreads();
+      pair_dots(q_sh, ld, ns, x_sh, ld, nl, C, p_sh, TL);
+      __syncthreads();
+      // Online softmax over the slots, one thread per pixel.
+      for (int l = threadIdx.x; l < nl; l += blockDim.x) {
+        const float r = rn_sh[l];
+        float mt = -INFINITY;
+        for (int s = 0; s < ns; ++s) {
+          const float a = p_sh[s * TL + l] * r;
+          p_sh[s * TL + l] = a;
+          mt = fmaxf(mt, a);
+        }
+        const float m_old = m_sh[l], m_new = fmaxf(m_old, mt);
+        float sum = 0.f;
+        for (int s = 0; s < ns; ++s) {
+          const float e = expf(p_sh[s * TL + l] - m_new);
+          p_sh[s * TL + l] = e;
+          sum += e;
+        }
+        const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
+        alpha_sh[l] = alpha;
+        l_sh[l] = l_sh[l] * alpha + sum;
+        m_sh[l] = m_new;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kFwdAcc; ++i) {
+        const int idx = threadIdx.x + i * kThreads;
+        if (idx < nx) {
+          const int l = idx / C, c = idx - l * C;
+          float a = acc[i] * alpha_sh[l];
+          for (int s = 0; s < ns; ++s) a = fmaf(p_sh[s * TL + l], v_sh[s * ld + c], a);
+          acc[i] = a;
+        }
+      }
+    }
+
+    T* ob = out + (b * L + l0) * C;
+#pragma unroll
+    for (int i = 0; i < kFwdAcc; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      if (idx < nx) {
+        const int l = idx / C;
+        ob[idx] = static_cast<T>(acc[i] / l_sh[l]);
+      }
+    }
+    for (int l = threadIdx.x; l < nl; l += blockDim.x) lse[b * L + l0 + l] = m_sh[l] + logf(l_sh[l]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+inline SmemCount bwd_smem(int TL, int TS, int ld) {
+  SmemCount s;
+  s.take(TL * ld).take(TL * ld).take(TS * ld).take(TS * ld).take(TS * TL).take(TS * TL);
+  s.take(5 * TL);
+  return s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dispatch_bwd_kernel(const T* __restrict__ g, View gv, const T* __restrict__ x, View xv,
+                        const float* __restrict__ qs, View qv, const T* __restrict__ sl, View sv,
+                        const float* __restrict__ lse, int64_t L, int S, int C, int TL, int TS,
+                        int ld, int nst, int64_t chunk_len, int nchunks, T* __restrict__ dx,
+                        float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
+  extern __shared__ float smem[];
+  SmemCarve carve{smem};
+  float* x_sh = carve.take(TL * ld);
+  float* h_sh = carve.take(TL * ld);  // grad tile; then dK for the per-pixel projection
+  float* q_sh = carve.take(TS * ld);
+  float* v_sh = carve.take(TS * ld);  // slots
+  float* d_sh = carve.take(TS * TL);  // logits, then D, [s][l]
+  float* e_sh = carve.take(TS * TL);  // dD, then dA, [s][l]
+  float* rn_sh = carve.take(TL);
+  float* live_sh = carve.take(TL);
+  float* lse_sh = carve.take(TL);
+  float* dl_sh = carve.take(TL);  // delta'
+  float* dot_sh = carve.take(TL);
+
+  const int chunk = blockIdx.x;
+  const int64_t b = blockIdx.y;
+  const int64_t l_begin = chunk * chunk_len;
+  const int64_t l_end = min(L, l_begin + chunk_len);
+  const T* xb = x + b * xv.sb;
+  const T* gb = g + b * gv.sb;
+  const float* qb = qs + b * qv.sb;
+  const T* sb = sl + b * sv.sb;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int64_t ws_off = (b * nchunks + chunk) * static_cast<int64_t>(S) * C;
+  float* wq = ws_dq + ws_off;
+  float* wv = ws_dv + ws_off;
+
+  float dq[kBwdAcc], dv[kBwdAcc];
+#pragma unroll
+  for (int i = 0; i < kBwdAcc; ++i) dq[i] = dv[i] = 0.f;
+  int loaded = -1, ns = 0;
+
+  // Loads slot tile st (if not already there) and fills d_sh = D, e_sh = dD for the pixel tile.
+  // Starts and ends on a barrier-separated state: callers need no extra sync around it.
+  auto probabilities = [&](int st, int nl) {
+    const int s0 = st * TS;
+    if (st != loaded) {
+      __syncthreads();
+      ns = min(TS, S - s0);
+      load_tile(q_sh, ld, qb, qv.sr, qv.sc, s0, ns, C);
+      load_tile(v_sh, ld, sb, sv.sr, sv.sc, s0, ns, C);
+      loaded = st;
+    }
+    __syncthreads();
+    pair_dots(q_sh, ld, ns, x_sh, ld, nl, C, d_sh, TL);
+    pair_dots(v_sh, ld, ns, h_sh, ld, nl, C, e_sh, TL);
+    __syncthreads();
+    for (int e = threadIdx.x; e < ns * nl; e += blockDim.x) {
+      const int s = e / nl, l = e - s * nl, o = s * TL + l;
+      d_sh[o] = expf(d_sh[o] * rn_sh[l] - lse_sh[l]);
+    }
+    __syncthreads();
+  };
+
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += TL) {
+    const bool first_tile = l0 == l_begin;
+    const int nl = static_cast<int>(min(static_cast<int64_t>(TL), l_end - l0));
+    const int nx = nl * C;
+    __syncthreads();  // readers of the previous tile are done
+    load_tile(x_sh, ld, xb, xv.sr, xv.sc, l0, nl, C);
+    load_tile(h_sh, ld, gb, gv.sr, gv.sc, l0, nl, C);
+    for (int l = threadIdx.x; l < nl; l += blockDim.x) {
+      lse_sh[l] = lse[b * L + l0 + l];
+      dl_sh[l] = 0.f;
+    }
+    __syncthreads();
+    row_rnorms(x_sh, ld, nl, C, rn_sh, live_sh);
+
+    // delta'[l] = sum_s D[s][l] dD[s][l]
+    if (nst > 1) {
+      for (int st = 0; st < nst; ++st) {
+        probabilities(st, nl);
+        for (int l = threadIdx.x; l < nl; l += blockDim.x) {
+          float a = dl_sh[l];
+          for (int s = 0; s < ns; ++s) a = fmaf(d_sh[s * TL + l], e_sh[s * TL + l], a);
+          dl_sh[l] = a;
+        }
+      }
+    }
+
+    float dk[kBwdAcc];
+#pragma unroll
+    for (int i = 0; i < kBwdAcc; ++i) dk[i] = 0.f;
+    for (int st = 0; st < nst; ++st) {
+      const int s0 = st * TS;
+      probabilities(st, nl);
+      if (nst == 1) {
+        for (int l = threadIdx.x; l < nl; l += blockDim.x) {
+          float a = 0.f;
+          for (int s = 0; s < ns; ++s) a = fmaf(d_sh[s * TL + l], e_sh[s * TL + l], a);
+          dl_sh[l] = a;
+        }
+        __syncthreads();
+      }
+      for (int e = threadIdx.x; e < ns * nl; e += blockDim.x) {
+        const int s = e / nl, l = e - s * nl, o = s * TL + l;
+        e_sh[o] = d_sh[o] * (e_sh[o] - dl_sh[l]);
+      }
+      __syncthreads();
+      // Per pixel: dK[l][c] += sum_s dA[s][l] qs[s][c].
+#pragma unroll
+      for (int i = 0; i < kBwdAcc; ++i) {
+        const int idx = threadIdx.x + i * kThreads;
+        if (idx < nx) {
+          const int l = idx / C, c = idx - l * C;
+          float k = dk[i];
+          for (int s = 0; s < ns; ++s) k = fmaf(e_sh[s * TL + l], q_sh[s * ld + c], k);
+          dk[i] = k;
+        }
+      }
+      // Per slot: dqs[s][c] += sum_l dA[s][l] K[l][c], dslots[s][c] += sum_l D[s][l] grad[l][c].
+      const int nq = ns * C;
+#pragma unroll
+      for (int i = 0; i < kBwdAcc; ++i) {
+        const int idx = threadIdx.x + i * kThreads;
+        if (idx < nq) {
+          const int s = idx / C, c = idx - s * C;
+          const float* arow = e_sh + s * TL;
+          const float* drow = d_sh + s * TL;
+          float a = dq[i], v = dv[i];
+          for (int l = 0; l < nl; ++l) {
+            a = fmaf(arow[l] * rn_sh[l], x_sh[l * ld + c], a);
+            v = fmaf(drow[l], h_sh[l * ld + c], v);
+          }
+          dq[i] = a;
+          dv[i] = v;
+        }
+      }
+      if (nst > 1) {  // several slot tiles: flush this tile's share into the chunk's rows
+#pragma unroll
+        for (int i = 0; i < kBwdAcc; ++i) {
+          const int idx = threadIdx.x + i * kThreads;
+          if (idx < nq) {
+            const int64_t o = static_cast<int64_t>(s0) * C + idx;
+            wq[o] = first_tile ? dq[i] : wq[o] + dq[i];
+            wv[o] = first_tile ? dv[i] : wv[o] + dv[i];
+          }
+          dq[i] = dv[i] = 0.f;
+        }
+      }
+    }
+
+    // dx = (dK - K <K, dK>) / max(||x||, eps), the projection only where ||x|| > eps.
+    __syncthreads();  // every reader of h_sh (the grad tile) is done: reuse it for dK
+#pragma unroll
+    for (int i = 0; i < kBwdAcc; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      if (idx < nx) {
+        const int l = idx / C, c = idx - l * C;
+        h_sh[l * ld + c] = dk[i];
+      }
+    }
+    __syncthreads();
+    for (int l = warp; l < nl; l += nw) {
+      float a = 0.f;
+      for (int c = lane; c < C; c += 32) a = fmaf(x_sh[l * ld + c], h_sh[l * ld + c], a);
+      a = warp_sum(a);
+      if (lane == 0) dot_sh[l] = a * rn_sh[l];  // <K, dK>
+    }
+    __syncthreads();
+    T* dxb = dx + (b * L + l0) * C;
+#pragma unroll
+    for (int i = 0; i < kBwdAcc; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      if (idx < nx) {
+        const int l = idx / C, c = idx - l * C;
+        const float r = rn_sh[l];
+        const float kk = x_sh[l * ld + c] * r;
+        dxb[idx] = static_cast<T>((dk[i] - live_sh[l] * kk * dot_sh[l]) * r);
+      }
+    }
+  }
+
+  if (nst == 1) {
+    const int nq = ns * C;
+#pragma unroll
+    for (int i = 0; i < kBwdAcc; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      if (idx < nq) {
+        wq[idx] = dq[i];
+        wv[idx] = dv[i];
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+using namespace cuda_detail;
+
+std::tuple<Tensor, Tensor> dispatch_fwd_cuda(const Tensor& x, const Tensor& qs, const Tensor& slots) {
+  const char* op = "glmix_kernels.dispatch_fwd (CUDA)";
+  check_x(x, op);
+  check_qs(qs, x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
+  check_like(slots, x, {B, S, C}, "slots", op);
+  auto out = at::empty({B, L, C}, x.options());
+  auto lse = at::empty({B, L}, x.options().dtype(at::kFloat));
+  if (B == 0 || L == 0) return {out, lse};
+
+  const Tiles t = choose_tiles(S, C, kFwdAcc * kThreads,
+                               [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); });
+  // Pixel groups of a few tiles, so one load of qs/slots serves several tiles when S fits a tile.
+  const int64_t ntiles = (L + t.TL - 1) / t.TL;
+  const int64_t target = 4LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t per_block =
+      std::max<int64_t>(1, std::min<int64_t>(kMaxTilesPerBlock, ntiles * B / std::max<int64_t>(target, 1)));
+  const int64_t group_len = per_block * t.TL;
+  const int64_t ngroups = (L + group_len - 1) / group_len;
+  TORCH_CHECK(ngroups <= std::numeric_limits<int>::max(), op, ": grid too large");
+  const size_t smem = fwd_smem(t.TL, t.TS, t.ld).bytes();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_dispatch_fwd_cuda", [&] {
+    auto kernel = dispatch_fwd_kernel<scalar_t>;
+    allow_smem(kernel, smem);
+    kernel<<<dim3(static_cast<unsigned>(ngroups), static_cast<unsigned>(B)), kThreads, smem, stream>>>(
+        x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs),
+        slots.data_ptr<scalar_t>(), view_of(slots), L, static_cast<int>(S), static_cast<int>(C),
+        t.TL, t.TS, t.ld, t.nst, group_len, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_cuda(const Tensor& grad, const Tensor& x,
+                                                     const Tensor& qs, const Tensor& slots,
+                                                     const Tensor& out, const Tensor& lse) {
+  const char* op = "glmix_kernels.dispatch_bwd (CUDA)";
+  check_x(x, op);
+  check_qs(qs, x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
+  check_like(grad, x, {B, L, C}, "grad", op);
+  check_like(slots, x, {B, S, C}, "slots", op);
+  check_like(out, x, {B, L, C}, "out", op);  // delta' = <grad, out> is recomputed as sum_s D dD
+  check_stat(lse, x, {B, L}, op);
+  auto dx = at::empty({B, L, C}, x.options());
+  auto dqs = at::empty({B, S, C}, qs.options());
+  auto dslots = at::empty({B, S, C}, x.options());
+  if (B == 0) return {dx, dqs, dslots};
+  if (L == 0) {  // no pixel: the slot gradients are exactly zero
+    dqs.zero_();
+    dslots.zero_();
+    return {dx, dqs, dslots};
+  }
+
+  const auto lse_c = lse.contiguous();
+  const Tiles t = choose_tiles(S, C, kBwdAcc * kThreads,
+                               [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); });
+  const Chunks ch = choose_chunks(L, t.TL, B);
+  TORCH_CHECK(ch.n <= 65535, op, ": grid too large");
+  auto f32 = x.options().dtype(at::kFloat);
+  auto ws_dq = at::empty({B, ch.n, S, C}, f32);
+  auto ws_dv = at::empty({B, ch.n, S, C}, f32);
+  const size_t smem = bwd_smem(t.TL, t.TS, t.ld).bytes();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_dispatch_bwd_cuda", [&] {
+    auto kernel = dispatch_bwd_kernel<scalar_t>;
+    allow_smem(kernel, smem);
+    kernel<<<dim3(ch.n, static_cast<unsigned>(B)), kThreads, smem, stream>>>(
+        grad.data_ptr<scalar_t>(), view_of(grad), x.data_ptr<scalar_t>(), view_of(x),
+        qs.data_ptr<float>(), view_of(qs), slots.data_ptr<scalar_t>(), view_of(slots),
+        lse_c.data_ptr<float>(), L, static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld,
+        t.nst, ch.len, ch.n, dx.data_ptr<scalar_t>(), ws_dq.data_ptr<float>(),
+        ws_dv.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    reduce_chunks<scalar_t>(ws_dv, dslots, B, ch.n, S * C, stream);
+  });
+  reduce_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);
+  return {dx, dqs, dslots};
+}
+
+}  // namespace glmix
