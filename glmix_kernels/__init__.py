@@ -33,7 +33,7 @@ def soft_cluster(x, init_slots, scale, *, backend="auto"):
         x, init_slots = _autocast(x.device.type, x, init_slots)
     x, init_slots, scale = _validate.cluster_inputs(x, init_slots, scale)
     b = resolve(backend, x, init_slots.shape[1])
-    if b.module is None:
+    if b.load is None:
         return reference.soft_cluster(x, init_slots, scale)
     return ClusterFn.apply(x, scaled_queries(init_slots, scale, x.shape[0]), b.name)
 
@@ -44,6 +44,6 @@ def soft_dispatch(x, init_slots, scale, slots, *, backend="auto"):
         x, init_slots, slots = _autocast(x.device.type, x, init_slots, slots)
     x, init_slots, scale, slots = _validate.dispatch_inputs(x, init_slots, scale, slots)
     b = resolve(backend, x, init_slots.shape[1])
-    if b.module is None or x.shape[1] == 0:  # no pixels: nothing for a kernel to do
+    if b.load is None or x.shape[1] == 0:  # no pixels: nothing for a kernel to do
         return reference.soft_dispatch(x, init_slots, scale, slots)
     return DispatchFn.apply(x, scaled_queries(init_slots, scale, x.shape[0]), slots, b.name)

@@ -20,7 +20,7 @@ def scaled_queries(init_slots, scale, batch):
 class ClusterFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qs, backend):
-        slots, lse = backends.BACKENDS[backend].kernels().cluster_fwd(x, qs)
+        slots, lse = backends.kernels(backend).cluster_fwd(x, qs)
         ctx.save_for_backward(x, qs, slots, lse)
         ctx.backend = backend
         return slots
@@ -28,14 +28,14 @@ class ClusterFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, qs, slots, lse = ctx.saved_tensors
-        dx, dqs = backends.BACKENDS[ctx.backend].kernels().cluster_bwd(grad, x, qs, slots, lse)
+        dx, dqs = backends.kernels(ctx.backend).cluster_bwd(grad, x, qs, slots, lse)
         return dx, dqs, None
 
 
 class DispatchFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qs, slots, backend):
-        out, lse = backends.BACKENDS[backend].kernels().dispatch_fwd(x, qs, slots)
+        out, lse = backends.kernels(backend).dispatch_fwd(x, qs, slots)
         ctx.save_for_backward(x, qs, slots, out, lse)
         ctx.backend = backend
         return out
@@ -43,5 +43,5 @@ class DispatchFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, qs, slots, out, lse = ctx.saved_tensors
-        dx, dqs, dslots = backends.BACKENDS[ctx.backend].kernels().dispatch_bwd(grad, x, qs, slots, out, lse)
+        dx, dqs, dslots = backends.kernels(ctx.backend).dispatch_bwd(grad, x, qs, slots, out, lse)
         return dx, dqs, dslots, None

@@ -6,7 +6,7 @@ import torch
 
 from glmix_kernels.backends import BACKENDS, why_unavailable
 
-FUSED = [n for n in BACKENDS if BACKENDS[n].module is not None]
+FUSED = [n for n in BACKENDS if BACKENDS[n].load is not None]
 DEVICES = ["cpu", "cuda"]
 
 # Normwise relative tolerance (max |err| / max |expected|) per input dtype. fp16/bf16 kernels keep

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import glmix_kernels
+from glmix_kernels import backends
 from glmix_kernels.backends import BACKENDS
 
 from _helpers import (TOL, Case, assert_close_normwise, backend_params, poisoned_and_deterministic,
@@ -155,7 +156,7 @@ def test_gradcheck_fp64(backend):
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_kernels_pass_opcheck(backend, device):
     require(backend, device)
-    kernels = BACKENDS[backend].kernels()
+    kernels = backends.kernels(backend)
     B, L, C, S = 2, 33, 16, 5
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, C, L, generator=g).transpose(1, 2).to(device)

@@ -11,7 +11,6 @@ A backend supplies four kernels with one signature each (see ``_autograd.py``):
 float64 ``x``) and may have batch stride 0; ``dqs`` is in ``qs``'s dtype, the rest in ``x``'s.
 Adding a backend means one ``Backend`` line below and a module exposing those four names.
 """
-import importlib
 import os
 from dataclasses import dataclass
 
@@ -38,8 +37,19 @@ def _triton_usable(device_type):
 
 
 def _extension_usable(device_type):
+    return _load_cpp().unavailable_reason(device_type)
+
+
+# Import statements, not importlib: dynamo traces them even on first use, so a model compiled
+# with fullgraph=True before any eager call still loads its kernels.
+def _load_cpp():
     from . import cpp
-    return cpp.unavailable_reason(device_type)
+    return cpp
+
+
+def _load_triton():
+    from . import triton
+    return triton
 
 
 @dataclass(frozen=True)
@@ -49,22 +59,25 @@ class Backend:
     dtypes: tuple
     max_slots: int  # 0: no limit
     max_channels: int  # 0: no limit
-    module: object  # imported lazily, so nothing GPU-only loads with the package; None: plain autograd
+    load: object  # () -> the kernels' module, imported lazily so nothing GPU-only loads with the
+                  # package; None: the reference, plain autograd
     unavailable: object = _always  # device_type -> None, or why not
-
-    def kernels(self):
-        return importlib.import_module(self.module, __name__)
 
 
 BACKENDS = {
     b.name: b
     for b in (
         Backend("reference", ("cpu", "cuda"), _ALL_FLOATS, 0, 0, None),
-        Backend("cpu", ("cpu",), _ALL_FLOATS, 0, 0, ".cpp", _extension_usable),
-        Backend("cuda", ("cuda",), _HALF_AND_FLOAT, 256, 1024, ".cpp", _extension_usable),
-        Backend("triton", ("cpu", "cuda"), _HALF_AND_FLOAT, 256, 1024, ".triton", _triton_usable),
+        Backend("cpu", ("cpu",), _ALL_FLOATS, 0, 0, _load_cpp, _extension_usable),
+        Backend("cuda", ("cuda",), _HALF_AND_FLOAT, 256, 1024, _load_cpp, _extension_usable),
+        Backend("triton", ("cpu", "cuda"), _HALF_AND_FLOAT, 256, 1024, _load_triton, _triton_usable),
     )
 }
+
+def kernels(name):
+    """Backend ``name``'s module of four kernels."""
+    return BACKENDS[name].load()
+
 
 # Fastest first; the Triton interpreter is never picked automatically.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}

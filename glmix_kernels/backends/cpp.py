@@ -1,7 +1,10 @@
 """The compiled extension (``glmix_kernels._C``): the ``"cpu"`` and ``"cuda"`` backends.
 
 Its ops live in the ``glmix_kernels`` torch.library namespace with CPU and CUDA kernels; the
-device of the tensors picks the kernel, so both backends share these four names.
+device of the tensors picks the kernel, so both backends share these four names. Their fake
+(meta) implementations below give torch.compile and torch.library.opcheck the output shapes and
+dtypes without running a kernel: outputs are contiguous, ``lse`` and ``dqs`` in ``qs``'s dtype
+(the accumulation dtype), everything else in ``x``'s.
 """
 import torch
 
@@ -23,7 +26,27 @@ def unavailable_reason(device_type):
     return None
 
 
-def __getattr__(name):  # the four kernels, looked up only once the extension loaded
-    if name in ("cluster_fwd", "cluster_bwd", "dispatch_fwd", "dispatch_bwd"):
-        return getattr(torch.ops.glmix_kernels, name)
-    raise AttributeError(name)
+if _LOAD_ERROR is None:
+    @torch.library.register_fake("glmix_kernels::cluster_fwd")
+    def _cluster_fwd_fake(x, qs):
+        B, _, C = x.shape
+        S = qs.shape[1]
+        return x.new_empty(B, S, C), qs.new_empty(B, S)
+
+    @torch.library.register_fake("glmix_kernels::cluster_bwd")
+    def _cluster_bwd_fake(grad, x, qs, slots, lse):
+        return x.new_empty(x.shape), qs.new_empty(qs.shape)
+
+    @torch.library.register_fake("glmix_kernels::dispatch_fwd")
+    def _dispatch_fwd_fake(x, qs, slots):
+        B, L, _ = x.shape
+        return x.new_empty(x.shape), qs.new_empty(B, L)
+
+    @torch.library.register_fake("glmix_kernels::dispatch_bwd")
+    def _dispatch_bwd_fake(grad, x, qs, slots, out, lse):
+        return x.new_empty(x.shape), qs.new_empty(qs.shape), slots.new_empty(slots.shape)
+
+    cluster_fwd = torch.ops.glmix_kernels.cluster_fwd
+    cluster_bwd = torch.ops.glmix_kernels.cluster_bwd
+    dispatch_fwd = torch.ops.glmix_kernels.dispatch_fwd
+    dispatch_bwd = torch.ops.glmix_kernels.dispatch_bwd

@@ -1,0 +1,173 @@
+// Soft clustering on the CPU: slots = softmax_L(A) @ x and its backward, fused tile by tile (no
+// (B, S, L) tensor). See tile.h for the partition of L and the shared tile steps.
+#include <ATen/Dispatch.h>
+
+#include "../glmix_kernels.h"
+#include "tile.h"
+
+namespace glmix {
+namespace {
+
+using namespace cpu;
+
+template <typename scalar_t>
+void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
+  const auto acc_opts = qs.options();
+  const Splits sp(L, C, kMaxSplits);
+  const int64_t J = sp.count;
+  const Rows<scalar_t> xs(x);
+  const Operand q(qs, qs.scalar_type());
+
+  // Each split runs an online softmax over its tiles (FlashAttention style) and leaves its
+  // running max m, sum z and unnormalised slots acc; the splits are merged below.
+  Tensor m = at::empty({B, J, S}, acc_opts), z = at::empty({B, J, S}, acc_opts);
+  Tensor acc = at::empty({B, J, S, C}, acc_opts);
+  parallel_splits(B, sp, [&](int64_t b, int64_t j) {
+    PixelTile<acc_t> tile(sp.tile, C, acc_opts);
+    const Tensor A_buf = at::empty({S * sp.tile}, acc_opts);
+    const Tensor qb = q[b];
+    Tensor acc_j = acc[b][j];
+    acc_t* m_j = m.data_ptr<acc_t>() + (b * J + j) * S;
+    acc_t* z_j = z.data_ptr<acc_t>() + (b * J + j) * S;
+    std::vector<acc_t> tile_max(S), tile_sum(S), rescale(S);
+    for (int64_t l0 = sp.begin(j); l0 < sp.end(j); l0 += sp.tile) {
+      const bool first = l0 == sp.begin(j);
+      tile.load(xs, b, l0, std::min(sp.tile, sp.end(j) - l0));
+      const int64_t n = tile.n();
+      Tensor A = rows_view(A_buf, S, n);
+      tile.raw_logits(qb, A);
+      acc_t* a = A.data_ptr<acc_t>();
+      softmax_max(a, S, n, tile.rinv(), Over::Pixels, tile_max.data());
+      for (const auto s : c10::irange(S)) {
+        const acc_t new_max = first ? tile_max[s] : std::max(m_j[s], tile_max[s]);
+        rescale[s] = first ? acc_t(0) : std::exp(m_j[s] - new_max);
+        m_j[s] = new_max;
+      }
+      softmax_exp(a, S, n, tile.rinv(), m_j, Over::Pixels, tile_sum.data());  // P up to normalisation
+      for (const auto s : c10::irange(S)) z_j[s] = first ? tile_sum[s] : z_j[s] * rescale[s] + tile_sum[s];
+      if (!first) scale_rows(acc_j.data_ptr<acc_t>(), S, C, rescale.data());
+      accumulate_mm(acc_j, A, tile.x(), first);
+    }
+  });
+
+  // Merge the splits in split order: lse = M + log sum_j e^(m_j - M) z_j,
+  // slots = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) z_j.
+  const acc_t* mp = m.const_data_ptr<acc_t>();
+  const acc_t* zp = z.const_data_ptr<acc_t>();
+  const acc_t* ap = acc.const_data_ptr<acc_t>();
+  scalar_t* out = slots.data_ptr<scalar_t>();
+  acc_t* lse_p = lse.data_ptr<acc_t>();
+  // About 32K multiply-adds per task: below that, waking a thread costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (J * C));
+  at::parallel_for(0, B * S, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<acc_t> row(C);
+    for (const auto i : c10::irange(i0, i1)) {
+      const int64_t b = i / S, s = i % S;
+      acc_t M = -std::numeric_limits<acc_t>::infinity();
+      for (const auto j : c10::irange(J)) M = std::max(M, mp[(b * J + j) * S + s]);
+      acc_t Z = 0;
+      std::fill(row.begin(), row.end(), acc_t(0));
+      for (const auto j : c10::irange(J)) {
+        const int64_t bjs = (b * J + j) * S + s;
+        const acc_t w = std::exp(mp[bjs] - M);
+        Z += w * zp[bjs];
+        const acc_t* a = ap + bjs * C;
+        for (const auto c : c10::irange(C)) row[c] += w * a[c];
+      }
+      lse_p[i] = M + std::log(Z);
+      for (const auto c : c10::irange(C)) out[i * C + c] = static_cast<scalar_t>(row[c] / Z);
+    }
+  });
+}
+
+template <typename scalar_t>
+void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
+                      const Tensor& lse, Tensor& dx, Tensor& dqs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
+  const auto acc_opts = qs.options();
+  const Splits sp(L, C, kMaxSplits);
+  const Rows<scalar_t> xs(x);
+  const Operand q(qs, qs.scalar_type()), G(grad, qs.scalar_type());
+  const Tensor lse_c = lse.contiguous();
+
+  // delta = rowsum(dP * P) = rowsum(G * slots), (B, S): no (S, L) product needed.
+  Tensor delta = at::empty({B, S}, acc_opts);
+  {
+    const Tensor slots_acc = slots.to(qs.scalar_type()).contiguous();
+    const acc_t* sl = slots_acc.const_data_ptr<acc_t>();
+    acc_t* d = delta.data_ptr<acc_t>();
+    for (const auto b : c10::irange(B)) {
+      const acc_t* g = G[b].const_data_ptr<acc_t>();
+      for (const auto s : c10::irange(S)) {
+        acc_t sum = 0;
+        for (const auto c : c10::irange(C)) sum += g[s * C + c] * sl[(b * S + s) * C + c];
+        d[b * S + s] = sum;
+      }
+    }
+  }
+
+  Tensor dqs_partial = at::empty({B, sp.count, S, C}, acc_opts);
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  parallel_splits(B, sp, [&](int64_t b, int64_t j) {
+    PixelTile<acc_t> tile(sp.tile, C, acc_opts);
+    const Tensor A_buf = at::empty({S * sp.tile}, acc_opts), dA_buf = at::empty({S * sp.tile}, acc_opts);
+    const Tensor dx_buf = at::empty({sp.tile * C}, acc_opts);
+    const Tensor qb = q[b], Gb = G[b];
+    Tensor dqs_j = dqs_partial[b][j];
+    const acc_t* lse_b = lse_c.const_data_ptr<acc_t>() + b * S;
+    const acc_t* delta_b = delta.const_data_ptr<acc_t>() + b * S;
+    for (int64_t l0 = sp.begin(j); l0 < sp.end(j); l0 += sp.tile) {
+      tile.load(xs, b, l0, std::min(sp.tile, sp.end(j) - l0));
+      const int64_t n = tile.n();
+      Tensor P = rows_view(A_buf, S, n);
+      tile.raw_logits(qb, P);
+      softmax_exp(P.data_ptr<acc_t>(), S, n, tile.rinv(), lse_b, Over::Pixels, static_cast<acc_t*>(nullptr));
+      Tensor dA = rows_view(dA_buf, S, n);
+      at::cpu::mm_out(dA, Gb, tile.x().t());  // dP = G @ x^T
+      softmax_backward(P.const_data_ptr<acc_t>(), dA.data_ptr<acc_t>(), S, n, delta_b, Over::Pixels, tile.rinv());
+      Tensor dxt = rows_view(dx_buf, n, C);
+      tile.key_backward(dA, qb, dqs_j, l0 == sp.begin(j), dxt);
+      at::cpu::addmm_(dxt, P.t(), Gb);  // the value path, P^T @ G
+      store(dxt.const_data_ptr<acc_t>(), dxp + (b * L + l0) * C, n * C);
+    }
+  });
+  sum_splits<acc_t, acc_t>(dqs_partial, dqs);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> cluster_fwd_cpu(const Tensor& x, const Tensor& qs) {
+  const int64_t S = check_x_qs(x, qs);
+  const int64_t B = x.size(0), C = x.size(2);
+  TORCH_CHECK(x.size(1) >= 1, "glmix_kernels: clustering needs at least one pixel, x has shape ", x.sizes());
+  Tensor slots = at::empty({B, S, C}, x.options());
+  Tensor lse = at::empty({B, S}, qs.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix cluster_fwd_cpu",
+                                  [&] { cluster_fwd_impl<scalar_t>(x, qs, slots, lse); });
+  return {slots, lse};
+}
+
+std::tuple<Tensor, Tensor> cluster_bwd_cpu(const Tensor& grad, const Tensor& x, const Tensor& qs,
+                                           const Tensor& slots, const Tensor& lse) {
+  const int64_t S = check_x_qs(x, qs);
+  const int64_t B = x.size(0), C = x.size(2);
+  TORCH_CHECK(x.size(1) >= 1, "glmix_kernels: clustering needs at least one pixel, x has shape ", x.sizes());
+  for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{&slots, "slots"}}) {
+    check_cpu(*t, name);
+    check_shape(*t, name, {B, S, C});
+    check_dtype(*t, name, x.scalar_type());
+  }
+  check_cpu(lse, "lse");
+  check_shape(lse, "lse", {B, S});
+  check_dtype(lse, "lse", qs.scalar_type());
+  Tensor dx = at::empty(x.sizes(), x.options());
+  Tensor dqs = at::empty({B, S, C}, qs.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix cluster_bwd_cpu",
+                                  [&] { cluster_bwd_impl<scalar_t>(grad, x, qs, slots, lse, dx, dqs); });
+  return {dx, dqs};
+}
+
+}  // namespace glmix
