@@ -36,12 +36,12 @@ class DispatchFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qs, slots, backend):
         out, lse = backends.kernels(backend).dispatch_fwd(x, qs, slots)
-        ctx.save_for_backward(x, qs, slots, out, lse)
+        ctx.save_for_backward(x, qs, slots, lse)  # not out: delta' = sum_s D dD needs no output
         ctx.backend = backend
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, qs, slots, out, lse = ctx.saved_tensors
-        dx, dqs, dslots = backends.kernels(ctx.backend).dispatch_bwd(grad, x, qs, slots, out, lse)
+        x, qs, slots, lse = ctx.saved_tensors
+        dx, dqs, dslots = backends.kernels(ctx.backend).dispatch_bwd(grad, x, qs, slots, lse)
         return dx, dqs, dslots, None

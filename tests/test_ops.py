@@ -167,7 +167,7 @@ def test_kernels_pass_opcheck(backend, device):
         (kernels.cluster_fwd, (x, qs)),
         (kernels.cluster_bwd, (torch.randn_like(slots), x, qs, slots, lse)),
         (kernels.dispatch_fwd, (x, qs, slots)),
-        (kernels.dispatch_bwd, (torch.randn_like(out), x, qs, slots, out, lse_d)),
+        (kernels.dispatch_bwd, (torch.randn_like(out), x, qs, slots, lse_d)),
     ]
     for fn, args in calls:
         torch.library.opcheck(fn, args)

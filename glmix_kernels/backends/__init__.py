@@ -5,10 +5,13 @@ A backend supplies four kernels with one signature each (see ``_autograd.py``):
     cluster_fwd(x, qs)                        -> slots (B, S, C), lse (B, S) float32
     cluster_bwd(grad, x, qs, slots, lse)      -> dx (B, L, C), dqs (B, S, C)
     dispatch_fwd(x, qs, slots)                -> out (B, L, C), lse (B, L) float32
-    dispatch_bwd(grad, x, qs, slots, out, lse) -> dx, dqs, dslots
+    dispatch_bwd(grad, x, qs, slots, lse)     -> dx, dqs, dslots
 
 ``x`` comes with any strides, ``qs = scale * normalize(init_slots)`` is float32 (float64 for
-float64 ``x``) and may have batch stride 0; ``dqs`` is in ``qs``'s dtype, the rest in ``x``'s.
+float64 ``x``) and may have batch stride 0; ``dqs`` is in ``qs``'s dtype, the rest in ``x``'s. Backwards recompute the logits from ``x`` and
+``qs``; clustering's ``delta = rowsum(grad * slots)`` uses the saved output, while dispatch's
+``delta' = sum_s D dD`` is summed over the slots a pixel tile holds anyway, in fp32, so it needs no
+output (and a rounded output would bias it).
 Adding a backend means one ``Backend`` line below and a module exposing those four names.
 """
 import os

@@ -443,8 +443,9 @@ class GLNet(nn.Module):
         Runs the network up to that block and computes the maps from its input, in the model's
         current mode (call ``eval()`` first for inference statistics).
         """
+        stage = range(len(self.stages))[stage]  # normalises negative indices, raises IndexError
         blocks = self.stages[stage].blocks
-        block = range(len(blocks))[block]  # normalises negative indices, raises IndexError
+        block = range(len(blocks))[block]
         if not isinstance(blocks[block], GLMixBlock):
             glmix = [(i, j) for i, s in enumerate(self.stages) for j, b in enumerate(s.blocks)
                      if isinstance(b, GLMixBlock)]
@@ -509,8 +510,8 @@ class GLNetTokenLabeling(GLNet):
             mixed[:, :, s * r1:s * r2, s * c1:s * c2] = x.flip(0)[:, :, s * r1:s * r2, s * c1:s * c2]
             x = mixed
         x = self.stages[0](x)
-        for down, stage in zip(self.downsample_layers[1:], self.stages[1:]):
-            x = stage(down(x))
+        for i in range(1, 4):  # indexed: slicing the downsampling ModuleList would rerun its __init__
+            x = self.stages[i](self.downsample_layers[i](x))
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C)
         logits = self.head(tokens.mean(1))
         token_logits = self.tklb_aux_head(tokens)  # (B, L, classes)
