@@ -18,5 +18,5 @@ have triton || "$PY" -m pip install -q triton==3.9.0
 # numpy: the Triton interpreter needs it without declaring it. setuptools/wheel/ninja/pybind11: the
 # extension is built against the installed torch, so without build isolation.
 "$PY" -m pip install -q numpy setuptools wheel ninja pybind11
-"$PY" -m pip install -q --no-build-isolation -e ".[test]"
+"$PY" -m pip install -q --no-build-isolation -e ".[test,plot]"
 "$PY" -c "import glmix_kernels as g; print('glmix_kernels', g.__version__, '| backends on cpu:', g.available_backends('cpu'))"

@@ -240,7 +240,8 @@ class GLMixBlock(nn.Module):
         if self.use_slot_attention:
             slots = _self_attention(self.relation_mha, slots)
         mixed = soft_dispatch(pixels, init_slots, self.slot_scale, slots, backend=self.backend)
-        mixed = mixed.transpose(1, 2).reshape(y.shape) + self.feature_conv(y)
+        # (B, L, C) -> (B, C, H, W) as a strided view: the sum below reads it in place.
+        mixed = mixed.transpose(1, 2).unflatten(2, y.shape[2:]) + self.feature_conv(y)
         x = x + self.drop_path(self.ls1(mixed))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
