@@ -6,11 +6,12 @@
 //   logits, runs an online softmax over the slots per pixel and accumulates D^T @ slots in
 //   registers. Writes out and lse = logsumexp_S(A) per pixel.
 // Backward: dispatch_bwd_kernel, grid (L-chunks, B). Per pixel tile it recomputes D = exp(A - lse)
-//   and dD = slots @ grad^T per slot tile; delta'[l] = sum_s D dD (equal to <grad, out>, computed
-//   without reading out: in the same pass when all slots fit one tile, else in a first pass over
-//   the slot tiles), dA = D (dD - delta'). dx (K path through the normalisation) is local to the
-//   block; dslots = D @ grad and dqs = dA @ K are split-L partials in fp32 workspaces, summed in a
-//   fixed chunk order by reduce_chunks_kernel (bitwise deterministic).
+//   and dD = slots @ grad^T per slot tile; delta'[l] = sum_s D dD in fp32 (in the same pass when
+//   all slots fit one tile, else in a first pass over the slot tiles), dA = D (dD - delta'). Not
+//   <grad, out>: that is equal only in exact arithmetic, and a half-precision out, rounded after
+//   the softmax, would bias it. dx (K path through the normalisation) is local to the block;
+//   dslots = D @ grad and dqs = dA @ K are split-L partials in fp32 workspaces, summed in a fixed
+//   chunk order by reduce_chunks_kernel (bitwise deterministic).
 #include "../glmix_kernels.h"
 #include "tile.cuh"
 
@@ -385,7 +386,7 @@ std::tuple<Tensor, Tensor> dispatch_fwd_cuda(const Tensor& x, const Tensor& qs, 
 
 std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_cuda(const Tensor& grad, const Tensor& x,
                                                      const Tensor& qs, const Tensor& slots,
-                                                     const Tensor& out, const Tensor& lse) {
+                                                     const Tensor& lse) {
   const char* op = "glmix_kernels.dispatch_bwd (CUDA)";
   check_x(x, op);
   check_qs(qs, x, op);
@@ -393,7 +394,6 @@ std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_cuda(const Tensor& grad, const T
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   check_like(grad, x, {B, L, C}, "grad", op);
   check_like(slots, x, {B, S, C}, "slots", op);
-  check_like(out, x, {B, L, C}, "out", op);  // delta' = <grad, out> is recomputed as sum_s D dD
   check_stat(lse, x, {B, L}, op);
   auto dx = at::empty({B, L, C}, x.options());
   auto dqs = at::empty({B, S, C}, qs.options());

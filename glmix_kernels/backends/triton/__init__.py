@@ -83,7 +83,7 @@ def _dispatch_fwd_outputs(x, qs, slots):
     return x.new_empty(x.shape), x.new_empty(x.shape[:2], dtype=torch.float32)
 
 
-def _dispatch_bwd_outputs(grad, x, qs, slots, out, lse):
+def _dispatch_bwd_outputs(grad, x, qs, slots, lse):
     return (x.new_empty(x.shape), x.new_empty(qs.shape, dtype=torch.float32),
             x.new_empty(slots.shape))
 
@@ -128,7 +128,7 @@ def cluster_fwd(x: torch.Tensor, qs: torch.Tensor) -> tuple[torch.Tensor, torch.
 def cluster_bwd(grad: torch.Tensor, x: torch.Tensor, qs: torch.Tensor, slots: torch.Tensor,
                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dqs = _cluster_bwd_outputs(grad, x, qs, slots, lse)
-    _backward(True, grad, x, qs, slots, slots, lse, dx, dqs, None)
+    _backward(True, grad, x, qs, slots, lse, dx, dqs, None)
     return dx, dqs
 
 
@@ -146,24 +146,24 @@ def dispatch_fwd(x: torch.Tensor, qs: torch.Tensor, slots: torch.Tensor
 
 @_op("dispatch_bwd", _dispatch_bwd_outputs)
 def dispatch_bwd(grad: torch.Tensor, x: torch.Tensor, qs: torch.Tensor, slots: torch.Tensor,
-                 out: torch.Tensor, lse: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dqs, dslots = _dispatch_bwd_outputs(grad, x, qs, slots, out, lse)
-    _backward(False, grad, x, qs, out, slots, lse, dx, dqs, dslots)
+                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dqs, dslots = _dispatch_bwd_outputs(grad, x, qs, slots, lse)
+    _backward(False, grad, x, qs, slots, lse, dx, dqs, dslots)
     return dx, dqs, dslots
 
 
-def _backward(cluster, grad, x, qs, o, v, lse, dx, dqs, dslots):
-    """Both backwards into ``dx``, ``dqs`` (and dispatch's ``dslots``): ``o`` is the forward
-    output, ``v`` dispatch's values (clustering passes ``o`` again; the kernels ignore it).
+def _backward(cluster, grad, x, qs, slots, lse, dx, dqs, dslots):
+    """Both backwards into ``dx``, ``dqs`` (and dispatch's ``dslots``); ``slots`` is clustering's
+    output or dispatch's values.
     """
     B, L, C = x.shape
     S = qs.shape[1]
-    # dispatch's delta' = rowsum(Hg * out) per pixel, from pixel_bwd to reduce_bwd; clustering
-    # computes its per-slot delta in place and gets a dummy (any valid pointer)
+    # dispatch's delta' = sum_s D dD per pixel, from pixel_bwd (whose tile holds all S slots) to
+    # reduce_bwd; clustering computes its per-slot delta in place and gets a dummy (any valid
+    # pointer)
     delta = lse if cluster else x.new_empty((B, L), dtype=torch.float32)
-    args = (x, qs, grad, o, v, lse)
-    strides = (*x.stride(), *qs.stride(), *grad.stride(), *o.stride(), *v.stride())
+    args = (x, qs, grad, slots, lse)
+    strides = (*x.stride(), *qs.stride(), *grad.stride(), *slots.stride())
     _launch(kernels.pixel_bwd)[_pixel_grid(B, L)](
         *args, dx, delta, S, L, C, *strides,
         CLUSTER=cluster, BLOCK_S=_block(S, 256), UPCAST=_upcast(x))

@@ -141,15 +141,21 @@ def _grad_logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr,
     """Recomputed probabilities ``P = exp(A - lse)`` and ``dA = P * (dP - delta)`` of one tile.
 
     ``lse`` and ``delta`` come broadcastable to the tile: per slot ``(BS, 1)`` for clustering
-    (softmax over L), per pixel ``(1, BL)`` for dispatch (softmax over S). Padding rows and
-    columns get ``P = dA = 0``, so they add nothing to any sum over the tile.
+    (softmax over L), per pixel ``(1, BL)`` for dispatch (softmax over S). ``delta=None``, for a
+    dispatch tile holding all S slots: ``delta' = colsum(P * dD)`` of this tile in fp32, exactly
+    the sum that makes ``dA`` consistent with the ``P`` recomputed here; ``rowsum(Hg * out)`` is
+    equal only in exact arithmetic (a half-precision forward rounds ``D`` before the value
+    product). Padding rows and columns get ``P = dA = 0``, so they add nothing to any sum over
+    the tile. Returns ``A, P, dA, delta, 1/r`` and the pixel norms.
     """
     a, dp, inv_r, norm = _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c,
                                  g_ptr, sg_l, sg_c, s0, l0, S, L, C, 1 if CLUSTER else 2,
                                  BS, BL, BC, UPCAST)
     valid = (s0 + tl.arange(0, BS) < S)[:, None] & (l0 + tl.arange(0, BL) < L)[None, :]
     p = tl.where(valid, tl.exp(a - lse), 0.0)
-    return a, p, p * (dp - delta), inv_r, norm
+    if delta is None:
+        delta = tl.sum(p * dp, 0)[None, :]
+    return a, p, p * (dp - delta), delta, inv_r, norm
 
 
 @triton.jit
@@ -265,19 +271,18 @@ def dispatch_fwd(x_ptr, q_ptr, v_ptr, out_ptr, lse_ptr, S, L, C,
 
 
 @triton.jit
-def pixel_bwd(x_ptr, q_ptr, g_ptr, o_ptr, v_ptr, lse_ptr, dx_ptr, delta_ptr, S, L, C,
-              sx_b, sx_l, sx_c, sq_b, sq_s, sq_c, sg_b, sg_r, sg_c, so_b, so_r, so_c,
-              sv_b, sv_s, sv_c,
+def pixel_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, dx_ptr, delta_ptr, S, L, C,
+              sx_b, sx_l, sx_c, sq_b, sq_s, sq_c, sg_b, sg_r, sg_c, sv_b, sv_s, sv_c,
               CLUSTER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
               BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
     """``dx`` for a tile of pixels, all S slots in the tile (``dx`` is local per pixel).
 
-    ``g``: the incoming gradient, ``o``: the forward output (clustering: ``(B, S, C)`` slots,
-    dispatch: ``(B, L, C)``), ``v``: dispatch's values ``slots`` (unused for clustering).
+    ``g``: the incoming gradient (clustering: ``(B, S, C)``, dispatch: ``(B, L, C)``), ``v``: the
+    ``(B, S, C)`` slots (clustering's output, dispatch's values).
     ``dx = [P^T G] + (dK - K <K, dK>) / r`` with ``dK = dA^T qs`` and ``<K, dK> = colsum(dA * A)``
     (``A = qs K^T``), so the projection needs no second pass over C. Dispatch also writes its
-    ``delta' = rowsum(Hg * out)`` (B, L) for ``reduce_bwd``. Grid (B * pixel tiles,);
-    ``dx`` is contiguous.
+    ``delta' = colsum(D * dD)`` (B, L), summed over the tile's S slots, for ``reduce_bwd``, whose
+    slot blocks may hold only some of them. Grid (B * pixel tiles,); ``dx`` is contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     n_lt = tl.cdiv(L, BLOCK_L)
@@ -286,24 +291,23 @@ def pixel_bwd(x_ptr, q_ptr, g_ptr, o_ptr, v_ptr, lse_ptr, dx_ptr, delta_ptr, S, 
     x_ptr += b * sx_b
     q_ptr += b * sq_b
     g_ptr += b * sg_b
-    o_ptr += b * so_b
     v_ptr += b * sv_b
     s = tl.arange(0, BLOCK_S)
     pix = l0 + tl.arange(0, BLOCK_L)
 
     if CLUSTER:
-        delta = _rowdot(g_ptr, sg_r, sg_c, o_ptr, so_r, so_c, 0, S, C, BLOCK_S, BLOCK_C)[:, None]
+        delta = _rowdot(g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, 0, S, C, BLOCK_S, BLOCK_C)[:, None]
         lse = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
         y_ptr, sy_r, sy_c = g_ptr, sg_r, sg_c
     else:
-        delta_l = _rowdot(g_ptr, sg_r, sg_c, o_ptr, so_r, so_c, l0, L, C, BLOCK_L, BLOCK_C)
-        tl.store(delta_ptr + b * L + pix, delta_l, mask=pix < L)
-        delta = delta_l[None, :]
+        delta = None  # from the tile: it holds all S slots
         lse = tl.load(lse_ptr + b * L + pix, mask=pix < L, other=0.0)[None, :]
         y_ptr, sy_r, sy_c = v_ptr, sv_s, sv_c
-    a, p, da, inv_r, norm = _grad_logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c,
-                                         g_ptr, sg_r, sg_c, lse, delta, 0, l0, S, L, C, CLUSTER,
-                                         BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+    a, p, da, delta, inv_r, norm = _grad_logits(
+        q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr, sg_r, sg_c,
+        lse, delta, 0, l0, S, L, C, CLUSTER, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+    if not CLUSTER:
+        tl.store(delta_ptr + b * L + pix[None, :], delta, mask=(pix < L)[None, :])
     # F.normalize clamps the norm at eps: below it, x / eps has no projection term.
     kdk = tl.where(norm >= 1e-12, tl.sum(da * a, 0), 0.0)
 
@@ -318,10 +322,9 @@ def pixel_bwd(x_ptr, q_ptr, g_ptr, o_ptr, v_ptr, lse_ptr, dx_ptr, delta_ptr, S, 
 
 
 @triton.jit
-def reduce_bwd(x_ptr, q_ptr, g_ptr, o_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv_ptr,
+def reduce_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv_ptr,
                S, L, C, chunk_len,
-               sx_b, sx_l, sx_c, sq_b, sq_s, sq_c, sg_b, sg_r, sg_c, so_b, so_r, so_c,
-               sv_b, sv_s, sv_c,
+               sx_b, sx_l, sx_c, sq_b, sq_s, sq_c, sg_b, sg_r, sg_c, sv_b, sv_s, sv_c,
                CLUSTER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
                BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
     """One L chunk's share of the sums over pixels: ``dqs = dA @ K``, and for dispatch
@@ -340,27 +343,26 @@ def reduce_bwd(x_ptr, q_ptr, g_ptr, o_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv
     x_ptr += b * sx_b
     q_ptr += b * sq_b
     g_ptr += b * sg_b
-    o_ptr += b * so_b
     v_ptr += b * sv_b
     s = s0 + tl.arange(0, BLOCK_S)
     l_begin = chunk * chunk_len
     l_end = tl.minimum(l_begin + chunk_len, L)
 
     if CLUSTER:
-        delta_s = _rowdot(g_ptr, sg_r, sg_c, o_ptr, so_r, so_c, s0, S, C, BLOCK_S, BLOCK_C)[:, None]
+        delta_s = _rowdot(g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, s0, S, C, BLOCK_S, BLOCK_C)[:, None]
         lse_s = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
     dq = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for l0 in range(l_begin, l_end, BLOCK_L):
         if CLUSTER:
-            a, p, da, inv_r, norm = _grad_logits(
+            a, p, da, _, inv_r, norm = _grad_logits(
                 q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, g_ptr, sg_r, sg_c, g_ptr, sg_r, sg_c,
                 lse_s, delta_s, s0, l0, S, l_end, C, CLUSTER, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
         else:
             pix = l0 + tl.arange(0, BLOCK_L)
             lse_l = tl.load(lse_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
             delta_l = tl.load(delta_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
-            a, p, da, inv_r, norm = _grad_logits(
+            a, p, da, _, inv_r, norm = _grad_logits(
                 q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, v_ptr, sv_s, sv_c, g_ptr, sg_r, sg_c,
                 lse_l, delta_l, s0, l0, S, l_end, C, CLUSTER, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
             gt = _load(g_ptr, l0, c_out, l_end, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
