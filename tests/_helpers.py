@@ -72,14 +72,15 @@ class Case:
         self.slots0_base = {"contiguous": rand(Bs, S, C), "transposed": rand(Bs, C, S)}[slots_layout]
         # Learned temperatures grow well past C**-0.5; a large one makes the softmaxes peaky.
         self.scale = torch.tensor(scale if scale is not None else 4.0 + 4.0 * torch.rand((), generator=g).item())
-        self.slots = rand(B, S, C)
+        self.slots = {"contiguous": rand(B, S, C), "transposed": rand(B, C, S)}[slots_layout]  # dispatch's input
         self.grad_slots = rand(B, S, C)
         self.grad_out = rand(B, L, C)
 
     def view_x(self, base):
         return {"contiguous": base, "nchw": base.transpose(1, 2), "sliced": base[..., ::2]}[self.layout]
 
-    def view_slots0(self, base):
+    def view_slots(self, base):
+        """``init_slots`` and dispatch's ``slots`` as (B, S, C): views of (B, C, S) when transposed."""
         return base if self.slots_layout == "contiguous" else base.transpose(1, 2)
 
     def leaves(self, dtype):
@@ -93,12 +94,12 @@ class Case:
         import glmix_kernels
 
         xb, s0b, scale, slots = self.leaves(dtype)
-        x, s0 = self.view_x(xb), self.view_slots0(s0b)
+        x, s0 = self.view_x(xb), self.view_slots(s0b)
         if op == "cluster":
             out = glmix_kernels.soft_cluster(x, s0, scale, backend=backend)
             out.backward(self.grad_slots.to(self.device, dtype))
             return out.detach(), [xb.grad, s0b.grad, scale.grad]
-        out = glmix_kernels.soft_dispatch(x, s0, scale, slots, backend=backend)
+        out = glmix_kernels.soft_dispatch(x, s0, scale, self.view_slots(slots), backend=backend)
         out.backward(self.grad_out.to(self.device, dtype))
         return out.detach(), [xb.grad, s0b.grad, scale.grad, slots.grad]
 

@@ -62,7 +62,7 @@ def test_opcheck(dtype):
         (ops.cluster_fwd, (x, qs)),
         (ops.cluster_bwd, (grad_c, x, qs, slots_c, lse_c)),
         (ops.dispatch_fwd, (x, qs, slots)),
-        (ops.dispatch_bwd, (grad_d, x, qs, slots, out, lse_d)),
+        (ops.dispatch_bwd, (grad_d, x, qs, slots, lse_d)),
     ]:
         torch.library.opcheck(op, args)
 

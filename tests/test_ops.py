@@ -4,6 +4,8 @@ outputs, determinism, what is saved for backward, custom-op registration and tor
 Parametrised over (backend, device): a new backend is one line in the registry, and a backend or
 device missing on this machine skips with the reason.
 """
+import zlib
+
 import pytest
 import torch
 
@@ -24,7 +26,8 @@ SHAPES = [
     (1, 131, 384, 64, "nchw", True, "contiguous"),
     (2, 97, 64, 64, "sliced", False, "contiguous"),
     (1, 45, 1024, 24, "contiguous", False, "transposed"),
-    (3, 1, 32, 5, "nchw", True, "contiguous"),  # a single pixel
+    (3, 1, 32, 5, "nchw", True, "contiguous"),  # a single pixel, more slots than pixels
+    (2, 29, 1, 3, "sliced", False, "transposed"),  # a single channel: every key is +-1
 ]
 
 
@@ -53,7 +56,7 @@ def test_matches_reference(backend, device, op, dtype, shape):
     require(backend, device)
     B, L, C, S, layout, broadcast, slots_layout = shape
     case = Case(B, L, C, S, layout, broadcast, slots_layout, dtype=dtype, device=device,
-                seed=hash((L, C, S, op)) % 1000)
+                seed=zlib.crc32(repr((shape, op, str(dtype))).encode()))  # stable across runs
     check_against_reference(case, op, backend)
 
 
@@ -103,6 +106,35 @@ def test_zero_pixels_use_the_norm_epsilon(backend, device, op):
     check_against_reference(case, op, backend)
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_inference_mode(backend, device):
+    case = Case(2, 77, 48, 24, "nchw", broadcast=True, device=device)
+    require(backend, device)
+    x, s0 = case.view_x(case.x_base.float()), case.view_slots(case.slots0_base.float())
+    x, s0, slots = x.to(device), s0.to(device), case.slots.float().to(device)
+    with torch.inference_mode():
+        got = [glmix_kernels.soft_cluster(x, s0, case.scale, backend=backend),
+               glmix_kernels.soft_dispatch(x, s0, case.scale, slots, backend=backend)]
+    want = [glmix_kernels.reference.soft_cluster(x, s0, case.scale),
+            glmix_kernels.reference.soft_dispatch(x, s0, case.scale, slots)]
+    for g, w in zip(got, want):
+        assert_close_normwise(g, w, TOL[torch.float32], "inference mode")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_autocast_matches_reference(backend, device, dtype):
+    """fp32 inputs under autocast run the fused op in the autocast dtype, gradients back in fp32."""
+    require(backend, device)
+    case = Case(2, 77, 48, 24, "nchw", broadcast=True, dtype=dtype, device=device)
+    with torch.autocast(device, dtype=dtype):
+        out, grads = case.run("dispatch", backend, torch.float32)
+    assert out.dtype == dtype and all(g.dtype == torch.float32 for g in grads)
+    ref_out, ref_grads = case.expected("dispatch")
+    for g, w in zip([out] + grads, [ref_out] + ref_grads):
+        assert_close_normwise(g, w, TOL[dtype], "autocast")
+
+
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_backward_is_bitwise_deterministic(backend, device, op):
@@ -146,7 +178,7 @@ def test_gradcheck_fp64(backend):
     xb, s0b, scale, slots = case.leaves(torch.float64)
 
     def both(xb, s0b, scale, slots):
-        x, s0 = case.view_x(xb), case.view_slots0(s0b)
+        x, s0 = case.view_x(xb), case.view_slots(s0b)
         return (glmix_kernels.soft_cluster(x, s0, scale, backend=backend),
                 glmix_kernels.soft_dispatch(x, s0, scale, slots, backend=backend))
 
@@ -179,7 +211,7 @@ def test_compiles_fullgraph_and_matches_eager(backend, device):
     case = Case(2, 45, 32, 8, "nchw", broadcast=True, device=device)
 
     def block(xb, s0b, scale, slots):
-        x, s0 = case.view_x(xb), case.view_slots0(s0b)
+        x, s0 = case.view_x(xb), case.view_slots(s0b)
         mixed = glmix_kernels.soft_cluster(x, s0, scale, backend=backend) + slots
         return glmix_kernels.soft_dispatch(x, s0, scale, mixed, backend=backend)
 

@@ -45,7 +45,7 @@ def naive(x, init_slots, scale):
 ])
 def test_matches_naive_formula(B, L, C, S, layout, broadcast):
     case = Case(B, L, C, S, layout, broadcast, dtype=torch.float64)
-    x, s0 = case.view_x(case.x_base), case.view_slots0(case.slots0_base)
+    x, s0 = case.view_x(case.x_base), case.view_slots(case.slots0_base)
     slots, weights = naive(x, s0, case.scale)
     torch.testing.assert_close(reference.soft_cluster(x, s0, case.scale.double()), slots, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(reference.slot_assignment(x, s0, case.scale.double()), weights, rtol=1e-12, atol=1e-12)
@@ -55,7 +55,7 @@ def test_matches_naive_formula(B, L, C, S, layout, broadcast):
 
 def test_wide_channels_match_naive_formula():
     case = Case(1, 5, 1024, 2, "nchw", dtype=torch.float64)
-    x, s0 = case.view_x(case.x_base), case.view_slots0(case.slots0_base)
+    x, s0 = case.view_x(case.x_base), case.view_slots(case.slots0_base)
     slots, _ = naive(x, s0, case.scale)
     torch.testing.assert_close(reference.soft_cluster(x, s0, case.scale.double()), slots, rtol=1e-12, atol=1e-12)
 
@@ -81,7 +81,7 @@ def test_gradcheck_fp64():
     xb, s0b, scale, slots = case.leaves(torch.float64)
 
     def both(xb, s0b, scale, slots):
-        x, s0 = case.view_x(xb), case.view_slots0(s0b)
+        x, s0 = case.view_x(xb), case.view_slots(s0b)
         return reference.soft_cluster(x, s0, scale), reference.soft_dispatch(x, s0, scale, slots)
 
     assert torch.autograd.gradcheck(both, (xb, s0b, scale, slots))
