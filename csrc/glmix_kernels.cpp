@@ -23,7 +23,7 @@ TORCH_LIBRARY(glmix_kernels, m) {
   m.def("cluster_fwd(Tensor x, Tensor qs) -> (Tensor slots, Tensor lse)", tags);
   m.def("cluster_bwd(Tensor grad, Tensor x, Tensor qs, Tensor slots, Tensor lse) -> (Tensor dx, Tensor dqs)", tags);
   m.def("dispatch_fwd(Tensor x, Tensor qs, Tensor slots) -> (Tensor out, Tensor lse)", tags);
-  m.def("dispatch_bwd(Tensor grad, Tensor x, Tensor qs, Tensor slots, Tensor out, Tensor lse)"
+  m.def("dispatch_bwd(Tensor grad, Tensor x, Tensor qs, Tensor slots, Tensor lse)"
         " -> (Tensor dx, Tensor dqs, Tensor dslots)",
         tags);
 }

@@ -25,7 +25,7 @@ using at::Tensor;
                                                    const Tensor& slots);                          \
   std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_##device(                                       \
       const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,                 \
-      const Tensor& out, const Tensor& lse);
+      const Tensor& lse);
 
 GLMIX_DECLARE_KERNELS(cpu)
 GLMIX_DECLARE_KERNELS(cuda)

@@ -110,11 +110,10 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
   }
 
   Tensor dqs_partial = at::empty({B, sp.count, S, C}, acc_opts);
-  scalar_t* dxp = dx.data_ptr<scalar_t>();
   parallel_splits(B, sp, [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(sp.tile, C, acc_opts);
     const Tensor A_buf = at::empty({S * sp.tile}, acc_opts), dA_buf = at::empty({S * sp.tile}, acc_opts);
-    const Tensor dx_buf = at::empty({sp.tile * C}, acc_opts);
+    const Tensor dx_buf = result_buffer<acc_t, scalar_t>(sp.tile * C, acc_opts);
     const Tensor qb = q[b], Gb = G[b];
     Tensor dqs_j = dqs_partial[b][j];
     const acc_t* lse_b = lse_c.const_data_ptr<acc_t>() + b * S;
@@ -128,10 +127,10 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
       Tensor dA = rows_view(dA_buf, S, n);
       at::cpu::mm_out(dA, Gb, tile.x().t());  // dP = G @ x^T
       softmax_backward(P.const_data_ptr<acc_t>(), dA.data_ptr<acc_t>(), S, n, delta_b, Over::Pixels, tile.rinv());
-      Tensor dxt = rows_view(dx_buf, n, C);
+      Tensor dxt = result_rows<acc_t, scalar_t>(dx, b, l0, n, dx_buf);
       tile.key_backward(dA, qb, dqs_j, l0 == sp.begin(j), dxt);
       at::cpu::addmm_(dxt, P.t(), Gb);  // the value path, P^T @ G
-      store(dxt.const_data_ptr<acc_t>(), dxp + (b * L + l0) * C, n * C);
+      flush_rows<acc_t, scalar_t>(dxt, dx, b, l0);
     }
   });
   sum_splits<acc_t, acc_t>(dqs_partial, dqs);

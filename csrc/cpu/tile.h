@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/OpMathType.h>
@@ -104,13 +105,16 @@ void parallel_splits(int64_t B, const Splits& sp, const F& fn) {
 // row, length S) or over slots (dispatch: statistics per pixel, i.e. per column, length n).
 enum class Over { Pixels, Slots };
 
+// dst (n, C) = the transpose of src (C, n) with row stride ld: a tile of the NCHW view of x.
+void transpose(const float* src, int64_t ld, int64_t n, int64_t C, float* dst);
+
 #define GLMIX_DECLARE_TILE_KERNELS(T)                                                              \
   /* rinv[l] = 1 / max(||x_l||, eps) and the normalisation's backward coefficient proj[l] */      \
   void inverse_norms(const T* x, int64_t n, int64_t C, T* rinv, T* proj);                         \
   /* dx_l -= proj[l] <x_l, dx_l> x_l */                                                            \
   void project_out(T* dx, const T* x, int64_t n, int64_t C, const T* proj);                       \
-  /* out[l] = <a_l, b_l> */                                                                        \
-  void row_dots(const T* a, const T* b, int64_t n, int64_t C, T* out);                            \
+  /* delta[l] = sum_s p[s, l] d[s, l] / sum_s p[s, l]: dispatch's delta' for D = p normalised */ \
+  void slot_delta(const T* p, const T* d, int64_t S, int64_t n, T* delta);                        \
   /* m = max over the softmax axis of a[s, l] * rinv[l] */                                         \
   void softmax_max(const T* a, int64_t S, int64_t n, const T* rinv, Over over, T* m);             \
   /* a[s, l] = exp(a[s, l] * rinv[l] - shift), sum (if not null) = its sum over the axis */       \
@@ -127,24 +131,48 @@ GLMIX_DECLARE_TILE_KERNELS(float)
 GLMIX_DECLARE_TILE_KERNELS(double)
 #undef GLMIX_DECLARE_TILE_KERNELS
 
+// (n, C) / (S, n) views of a flat scratch buffer sized for a full tile; contiguous, so every BLAS
+// call sees the same leading dimensions. (BLAS results may depend on the alignment of the
+// operands: scratch buffers are 64-byte aligned, and the views into inputs and outputs above sit
+// at offsets fixed by the shapes, so results stay a function of the inputs.)
+inline Tensor rows_view(const Tensor& buf, int64_t rows, int64_t cols) {
+  return buf.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reading (B, L, C) tensors of any strides and dtype a tile of rows at a time.
 
 template <typename scalar_t>
 struct Rows {
+  Tensor t;
   const scalar_t* data;
   int64_t sb, sl, sc, C;
 
-  explicit Rows(const Tensor& t)
-      : data(t.const_data_ptr<scalar_t>()), sb(t.stride(0)), sl(t.stride(1)), sc(t.stride(2)), C(t.size(2)) {}
+  explicit Rows(const Tensor& t_)
+      : t(t_), data(t_.const_data_ptr<scalar_t>()), sb(t_.stride(0)), sl(t_.stride(1)), sc(t_.stride(2)),
+        C(t_.size(2)) {}
+
+  // Rows l0 .. l0 + n of batch element b as an (n, C) contiguous acc_t matrix: the tensor's own
+  // memory when it already holds such rows (float32 x in the channels-last layout GLNet passes,
+  // float64 in gradcheck), so the tile costs no copy; else gathered into buf.
+  template <typename acc_t>
+  Tensor read(int64_t b, int64_t l0, int64_t n, const Tensor& buf) const {
+    if (std::is_same_v<scalar_t, acc_t> && sc == 1 && sl == C) return t.select(0, b).narrow(0, l0, n);
+    Tensor rows = rows_view(buf, n, C);
+    gather(b, l0, n, rows.template data_ptr<acc_t>());
+    return rows;
+  }
 
   // dst (n, C) contiguous = rows l0 .. l0 + n of batch element b. Rows with contiguous channels
-  // copy as they are; any other layout (the NCHW view, strides (C*L, 1, L)) is transposed in
-  // blocks of 16 pixels, so each source cache line is read once and the 16 destination rows
-  // being filled stay in L1.
+  // copy as they are; the float32 NCHW view (strides (C*L, 1, L)) goes through transpose(); any
+  // other layout is transposed in blocks of 16 pixels, so each source cache line is read once
+  // and the 16 destination rows being filled stay in L1.
   template <typename acc_t>
   void gather(int64_t b, int64_t l0, int64_t n, acc_t* dst) const {
     const scalar_t* src = data + b * sb + l0 * sl;
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      if (sl == 1) return transpose(src, sc, n, C, dst);
+    }
     if (sc == 1) {
       for (const auto l : c10::irange(n)) {
         const scalar_t* row = src + l * sl;
@@ -181,11 +209,25 @@ void store(const acc_t* src, scalar_t* dst, int64_t n) {
   for (const auto i : c10::irange(n)) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
-// (n, C) / (S, n) views of a flat scratch buffer sized for a full tile; contiguous, so every BLAS
-// call sees the same leading dimensions and 64-byte aligned bases (BLAS results may depend on
-// alignment; these keep them reproducible).
-inline Tensor rows_view(const Tensor& buf, int64_t rows, int64_t cols) {
-  return buf.narrow(0, 0, rows * cols).view({rows, cols});
+// Where a tile writes its (n, C) rows l0 .. l0 + n of batch element b of a contiguous (B, L, C)
+// output: the output itself when it is in acc_t, else buf (from result_buffer, numel >= n * C),
+// converted by flush_rows.
+template <typename acc_t, typename scalar_t>
+Tensor result_buffer(int64_t numel, const at::TensorOptions& acc_opts) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) return Tensor();
+  return at::empty({numel}, acc_opts);
+}
+
+template <typename acc_t, typename scalar_t>
+Tensor result_rows(const Tensor& out, int64_t b, int64_t l0, int64_t n, const Tensor& buf) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) return out.select(0, b).narrow(0, l0, n);
+  return rows_view(buf, n, out.size(2));
+}
+
+template <typename acc_t, typename scalar_t>
+void flush_rows(const Tensor& rows, Tensor& out, int64_t b, int64_t l0) {
+  if constexpr (!std::is_same_v<acc_t, scalar_t>)
+    store(rows.const_data_ptr<acc_t>(), out.data_ptr<scalar_t>() + (b * out.size(1) + l0) * out.size(2), rows.numel());
 }
 
 // acc (+)= a @ b: the first contribution overwrites, so partial buffers need no zeroing.
@@ -214,10 +256,9 @@ class PixelTile {
   template <typename scalar_t>
   void load(const Rows<scalar_t>& src, int64_t b, int64_t l0, int64_t n) {
     n_ = n;
-    x_ = rows_view(x_buf_, n, C_);
-    acc_t* xp = x_.template data_ptr<acc_t>();
-    src.gather(b, l0, n, xp);
-    inverse_norms(xp, n, C_, rinv_buf_.template data_ptr<acc_t>(), proj_buf_.template data_ptr<acc_t>());
+    x_ = src.template read<acc_t>(b, l0, n, x_buf_);
+    inverse_norms(x_.template const_data_ptr<acc_t>(), n, C_, rinv_buf_.template data_ptr<acc_t>(),
+                  proj_buf_.template data_ptr<acc_t>());
   }
 
   // A (S, n) = qs_b @ x^T: the logits before the norms, which the softmax steps apply per column

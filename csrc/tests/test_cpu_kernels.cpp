@@ -173,7 +173,7 @@ std::vector<Tensor> all_outputs(const Tensor& x, const Tensor& qs, const Tensor&
   const auto [slots, lse_c] = glmix::cluster_fwd_cpu(x, qs);
   const auto [dx_c, dqs_c] = glmix::cluster_bwd_cpu(G, x, qs, slots, lse_c);
   const auto [out, lse_d] = glmix::dispatch_fwd_cpu(x, qs, V);
-  const auto [dx_d, dqs_d, dslots] = glmix::dispatch_bwd_cpu(H, x, qs, V, out, lse_d);
+  const auto [dx_d, dqs_d, dslots] = glmix::dispatch_bwd_cpu(H, x, qs, V, lse_d);
   return std::vector<Tensor>{slots, lse_c, dx_c, dqs_c, out, lse_d, dx_d, dqs_d, dslots};
 }
 

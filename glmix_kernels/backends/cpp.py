@@ -43,7 +43,7 @@ if _LOAD_ERROR is None:
         return x.new_empty(x.shape), qs.new_empty(B, L)
 
     @torch.library.register_fake("glmix_kernels::dispatch_bwd")
-    def _dispatch_bwd_fake(grad, x, qs, slots, out, lse):
+    def _dispatch_bwd_fake(grad, x, qs, slots, lse):
         return x.new_empty(x.shape), qs.new_empty(qs.shape), slots.new_empty(slots.shape)
 
     cluster_fwd = torch.ops.glmix_kernels.cluster_fwd
