@@ -28,12 +28,6 @@ namespace {
 constexpr int kFwdAcc = 32;  // P @ x accumulators per thread: TS * C <= 8192
 constexpr int kBwdAcc = 16;  // three accumulators per thread: TL * C, TS * C <= 4096
 
-struct XView {  // a (B, rows, C) tensor seen through its strides
-  int64_t sb, sr, sc;
-};
-
-inline XView view_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
-
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -45,7 +39,7 @@ inline SmemCount fwd_smem(int TL, int TS, int ld) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    cluster_fwd_kernel(const T* __restrict__ x, XView xv, const float* __restrict__ qs, XView qv,
+    cluster_fwd_kernel(const T* __restrict__ x, View xv, const float* __restrict__ qs, View qv,
                        int L, int S, int C, int TL, int TS, int ld, int64_t chunk_len,
                        int nchunks, float* __restrict__ ws_m, float* __restrict__ ws_l,
                        float* __restrict__ ws_acc) {
@@ -105,25 +99,18 @@ __global__ void __launch_bounds__(kThreads)
       }
       sum = warp_sum(sum);
       if (lane == 0) {
-        const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
-        alpha_sh[s] = alpha;
-        l_sh[s] = l_sh[s] * alpha + sum;
+        alpha_sh[s] = online_softmax_step(m_old, m_new, sum, l_sh[s]);
         m_sh[s] = m_new;
       }
     }
     __syncthreads();
     // acc[s][c] = alpha[s] * acc[s][c] + sum_l P[s][l] * x[l][c]
-#pragma unroll
-    for (int i = 0; i < kFwdAcc; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      if (idx < nacc) {
-        const int s = idx / C, c = idx - s * C;
-        const float* prow = p_sh + s * TL;
-        float a = acc[i] * alpha_sh[s];
-        for (int l = 0; l < nl; ++l) a = fmaf(prow[l], x_sh[l * ld + c], a);
-        acc[i] = a;
-      }
-    }
+    for_each_acc<kFwdAcc>(nacc, C, [&](int i, int, int s, int c) {
+      const float* prow = p_sh + s * TL;
+      float a = acc[i] * alpha_sh[s];
+      for (int l = 0; l < nl; ++l) a = fmaf(prow[l], x_sh[l * ld + c], a);
+      acc[i] = a;
+    });
   }
 
   const int64_t row0 = (b * nchunks + chunk) * S + s0;  // workspace row of slot s0
@@ -131,11 +118,7 @@ __global__ void __launch_bounds__(kThreads)
     ws_m[row0 + s] = m_sh[s];
     ws_l[row0 + s] = l_sh[s];
   }
-#pragma unroll
-  for (int i = 0; i < kFwdAcc; ++i) {
-    const int idx = threadIdx.x + i * kThreads;
-    if (idx < nacc) ws_acc[row0 * C + idx] = acc[i];
-  }
+  store_acc(nacc, ws_acc + row0 * C, acc);
 }
 
 // slots[b, s] = sum_k w_k acc_k / sum_k w_k l_k with w_k = exp(m_k - max_k m_k), chunk order fixed.
@@ -184,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
 // delta[b, s] = sum_c G[b, s, c] * slots[b, s, c]; one warp per (b, s).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    cluster_delta_kernel(const T* __restrict__ g, XView gv, const T* __restrict__ sl, XView sv,
+    cluster_delta_kernel(const T* __restrict__ g, View gv, const T* __restrict__ sl, View sv,
                          int64_t B, int S, int C, float* __restrict__ delta) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -207,8 +190,8 @@ inline SmemCount bwd_smem(int TL, int TS, int ld) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    cluster_bwd_kernel(const T* __restrict__ g, XView gv, const T* __restrict__ x, XView xv,
-                       const float* __restrict__ qs, XView qv, const float* __restrict__ lse,
+    cluster_bwd_kernel(const T* __restrict__ g, View gv, const T* __restrict__ x, View xv,
+                       const float* __restrict__ qs, View qv, const float* __restrict__ lse,
                        const float* __restrict__ delta, int L, int S, int C, int TL, int TS,
                        int ld, int nst, int64_t chunk_len, int nchunks, T* __restrict__ dx,
                        float* __restrict__ ws_dq) {
@@ -233,7 +216,6 @@ __global__ void __launch_bounds__(kThreads)
   const T* xb = x + b * xv.sb;
   const T* gb = g + b * gv.sb;
   const float* qb = qs + b * qv.sb;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   float* ws_b = ws_dq + (b * nchunks + chunk) * static_cast<int64_t>(S) * C;
 
   float dq[kBwdAcc];
@@ -256,16 +238,11 @@ __global__ void __launch_bounds__(kThreads)
 
     for (int st = 0; st < nst; ++st) {
       const int s0 = st * TS;
-      if (st != loaded) {
-        __syncthreads();  // readers of the previous slot tile are done
-        ns = min(TS, S - s0);
-        load_tile(q_sh, ld, qb, qv.sr, qv.sc, s0, ns, C);
-        load_tile(g_sh, ld, gb, gv.sr, gv.sc, s0, ns, C);
+      if (load_slot_tile(st, TS, S, C, ld, loaded, ns, q_sh, qb, qv, g_sh, gb, gv)) {
         for (int s = threadIdx.x; s < ns; s += blockDim.x) {
           lse_sh[s] = lse[b * S + s0 + s];
           dl_sh[s] = delta[b * S + s0 + s];
         }
-        loaded = st;
       }
       __syncthreads();  // tiles loaded, rnorms written, previous p_sh/da_sh readers done
       pair_dots(q_sh, ld, ns, x_sh, ld, nl, C, p_sh, TL);
@@ -279,85 +256,31 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
       // Per pixel: dx value path sum_s P[s][l] G[s][c], K path sum_s dA[s][l] qs[s][c].
-#pragma unroll
-      for (int i = 0; i < kBwdAcc; ++i) {
-        const int idx = threadIdx.x + i * kThreads;
-        if (idx < nx) {
-          const int l = idx / C, c = idx - l * C;
-          float v = dxv[i], k = dk[i];
-          for (int s = 0; s < ns; ++s) {
-            v = fmaf(p_sh[s * TL + l], g_sh[s * ld + c], v);
-            k = fmaf(da_sh[s * TL + l], q_sh[s * ld + c], k);
-          }
-          dxv[i] = v;
-          dk[i] = k;
+      for_each_acc<kBwdAcc>(nx, C, [&](int i, int, int l, int c) {
+        float v = dxv[i], k = dk[i];
+        for (int s = 0; s < ns; ++s) {
+          v = fmaf(p_sh[s * TL + l], g_sh[s * ld + c], v);
+          k = fmaf(da_sh[s * TL + l], q_sh[s * ld + c], k);
         }
-      }
+        dxv[i] = v;
+        dk[i] = k;
+      });
       // Per slot: dqs[s][c] += sum_l dA[s][l] K[l][c].
       const int nq = ns * C;
-#pragma unroll
-      for (int i = 0; i < kBwdAcc; ++i) {
-        const int idx = threadIdx.x + i * kThreads;
-        if (idx < nq) {
-          const int s = idx / C, c = idx - s * C;
-          const float* arow = da_sh + s * TL;
-          float a = dq[i];
-          for (int l = 0; l < nl; ++l) a = fmaf(arow[l] * rn_sh[l], x_sh[l * ld + c], a);
-          dq[i] = a;
-        }
-      }
-      if (nst > 1) {  // several slot tiles: flush this tile's share into the chunk's row
-#pragma unroll
-        for (int i = 0; i < kBwdAcc; ++i) {
-          const int idx = threadIdx.x + i * kThreads;
-          if (idx < nq) {
-            float* w = ws_b + static_cast<int64_t>(s0) * C + idx;
-            *w = first_tile ? dq[i] : *w + dq[i];
-          }
-          dq[i] = 0.f;
-        }
-      }
+      for_each_acc<kBwdAcc>(nq, C, [&](int i, int, int s, int c) {
+        const float* arow = da_sh + s * TL;
+        float a = dq[i];
+        for (int l = 0; l < nl; ++l) a = fmaf(arow[l] * rn_sh[l], x_sh[l * ld + c], a);
+        dq[i] = a;
+      });
+      if (nst > 1) flush_acc(nq, first_tile, ws_b + static_cast<int64_t>(s0) * C, dq);
     }
 
-    // dx = P^T G + (dK - K <K, dK>) / max(||x||, eps), the projection only where ||x|| > eps.
-#pragma unroll
-    for (int i = 0; i < kBwdAcc; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      if (idx < nx) {
-        const int l = idx / C, c = idx - l * C;
-        dk_sh[l * ld + c] = dk[i];
-      }
-    }
-    __syncthreads();
-    for (int l = warp; l < nl; l += nw) {
-      float a = 0.f;
-      for (int c = lane; c < C; c += 32) a = fmaf(x_sh[l * ld + c], dk_sh[l * ld + c], a);
-      a = warp_sum(a);
-      if (lane == 0) dot_sh[l] = a * rn_sh[l];  // <K, dK>
-    }
-    __syncthreads();
-    T* dxb = dx + (b * L + l0) * C;
-#pragma unroll
-    for (int i = 0; i < kBwdAcc; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      if (idx < nx) {
-        const int l = idx / C, c = idx - l * C;
-        const float r = rn_sh[l];
-        const float kk = x_sh[l * ld + c] * r;
-        const float v = dxv[i] + (dk[i] - live_sh[l] * kk * dot_sh[l]) * r;
-        dxb[idx] = static_cast<T>(v);
-      }
-    }
+    // dx = P^T G + (dK - K <K, dK>) / max(||x||, eps). dk_sh's readers are past the last barrier.
+    dx_epilogue(x_sh, dk_sh, ld, rn_sh, live_sh, dot_sh, nl, C, dk, dxv, dx + (b * L + l0) * C);
   }
 
-  if (nst == 1) {
-    const int nq = ns * C;
-#pragma unroll
-    for (int i = 0; i < kBwdAcc; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      if (idx < nq) ws_b[idx] = dq[i];
-    }
-  }
+  if (nst == 1) store_acc(ns * C, ws_b, dq);
 }
 
 }  // namespace

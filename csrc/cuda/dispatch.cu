@@ -26,12 +26,6 @@ constexpr int kFwdAcc = 32;  // out accumulators per thread: TL * C <= 8192
 constexpr int kBwdAcc = 16;  // three accumulators per thread: TL * C, TS * C <= 4096
 constexpr int kMaxTilesPerBlock = 8;
 
-struct View {  // a (B, rows, C) tensor seen through its strides
-  int64_t sb, sr, sc;
-};
-
-inline View view_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
-
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -82,14 +76,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kFwdAcc; ++i) acc[i] = 0.f;
 
     for (int st = 0; st < nst; ++st) {
-      const int s0 = st * TS;
-      if (st != loaded) {
-        __syncthreads();  // readers of the previous slot tile are done
-        ns = min(TS, S - s0);
-        load_tile(q_sh, ld, qb, qv.sr, qv.sc, s0, ns, C);
-        load_tile(v_sh, ld, sb, sv.sr, sv.sc, s0, ns, C);
-        loaded = st;
-      }
+      load_slot_tile(st, TS, S, C, ld, loaded, ns, q_sh, qb, qv, v_sh, sb, sv);
       __syncthreads();
       pair_dots(q_sh, ld, ns, x_sh, ld, nl, C, p_sh, TL);
       __syncthreads();
@@ -109,33 +96,21 @@ __global__ void __launch_bounds__(kThreads)
           p_sh[s * TL + l] = e;
           sum += e;
         }
-        const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
-        alpha_sh[l] = alpha;
-        l_sh[l] = l_sh[l] * alpha + sum;
+        alpha_sh[l] = online_softmax_step(m_old, m_new, sum, l_sh[l]);
         m_sh[l] = m_new;
       }
       __syncthreads();
-#pragma unroll
-      for (int i = 0; i < kFwdAcc; ++i) {
-        const int idx = threadIdx.x + i * kThreads;
-        if (idx < nx) {
-          const int l = idx / C, c = idx - l * C;
-          float a = acc[i] * alpha_sh[l];
-          for (int s = 0; s < ns; ++s) a = fmaf(p_sh[s * TL + l], v_sh[s * ld + c], a);
-          acc[i] = a;
-        }
-      }
+      for_each_acc<kFwdAcc>(nx, C, [&](int i, int, int l, int c) {
+        float a = acc[i] * alpha_sh[l];
+        for (int s = 0; s < ns; ++s) a = fmaf(p_sh[s * TL + l], v_sh[s * ld + c], a);
+        acc[i] = a;
+      });
     }
 
     T* ob = out + (b * L + l0) * C;
-#pragma unroll
-    for (int i = 0; i < kFwdAcc; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      if (idx < nx) {
-        const int l = idx / C;
-        ob[idx] = static_cast<T>(acc[i] / l_sh[l]);
-      }
-    }
+    for_each_acc<kFwdAcc>(nx, C, [&](int i, int idx, int l, int) {
+      ob[idx] = static_cast<T>(acc[i] / l_sh[l]);
+    });
     for (int l = threadIdx.x; l < nl; l += blockDim.x) lse[b * L + l0 + l] = m_sh[l] + logf(l_sh[l]);
   }
 }
@@ -179,7 +154,6 @@ __global__ void __launch_bounds__(kThreads)
   const T* gb = g + b * gv.sb;
   const float* qb = qs + b * qv.sb;
   const T* sb = sl + b * sv.sb;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int64_t ws_off = (b * nchunks + chunk) * static_cast<int64_t>(S) * C;
   float* wq = ws_dq + ws_off;
   float* wv = ws_dv + ws_off;
@@ -192,14 +166,7 @@ __global__ void __launch_bounds__(kThreads)
   // Loads slot tile st (if not already there) and fills d_sh = D, e_sh = dD for the pixel tile.
   // Starts and ends on a barrier-separated state: callers need no extra sync around it.
   auto probabilities = [&](int st, int nl) {
-    const int s0 = st * TS;
-    if (st != loaded) {
-      __syncthreads();
-      ns = min(TS, S - s0);
-      load_tile(q_sh, ld, qb, qv.sr, qv.sc, s0, ns, C);
-      load_tile(v_sh, ld, sb, sv.sr, sv.sc, s0, ns, C);
-      loaded = st;
-    }
+    load_slot_tile(st, TS, S, C, ld, loaded, ns, q_sh, qb, qv, v_sh, sb, sv);
     __syncthreads();
     pair_dots(q_sh, ld, ns, x_sh, ld, nl, C, d_sh, TL);
     pair_dots(v_sh, ld, ns, h_sh, ld, nl, C, e_sh, TL);
@@ -257,90 +224,36 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
       // Per pixel: dK[l][c] += sum_s dA[s][l] qs[s][c].
-#pragma unroll
-      for (int i = 0; i < kBwdAcc; ++i) {
-        const int idx = threadIdx.x + i * kThreads;
-        if (idx < nx) {
-          const int l = idx / C, c = idx - l * C;
-          float k = dk[i];
-          for (int s = 0; s < ns; ++s) k = fmaf(e_sh[s * TL + l], q_sh[s * ld + c], k);
-          dk[i] = k;
-        }
-      }
+      for_each_acc<kBwdAcc>(nx, C, [&](int i, int, int l, int c) {
+        float k = dk[i];
+        for (int s = 0; s < ns; ++s) k = fmaf(e_sh[s * TL + l], q_sh[s * ld + c], k);
+        dk[i] = k;
+      });
       // Per slot: dqs[s][c] += sum_l dA[s][l] K[l][c], dslots[s][c] += sum_l D[s][l] grad[l][c].
       const int nq = ns * C;
-#pragma unroll
-      for (int i = 0; i < kBwdAcc; ++i) {
-        const int idx = threadIdx.x + i * kThreads;
-        if (idx < nq) {
-          const int s = idx / C, c = idx - s * C;
-          const float* arow = e_sh + s * TL;
-          const float* drow = d_sh + s * TL;
-          float a = dq[i], v = dv[i];
-          for (int l = 0; l < nl; ++l) {
-            a = fmaf(arow[l] * rn_sh[l], x_sh[l * ld + c], a);
-            v = fmaf(drow[l], h_sh[l * ld + c], v);
-          }
-          dq[i] = a;
-          dv[i] = v;
+      for_each_acc<kBwdAcc>(nq, C, [&](int i, int, int s, int c) {
+        const float* arow = e_sh + s * TL;
+        const float* drow = d_sh + s * TL;
+        float a = dq[i], v = dv[i];
+        for (int l = 0; l < nl; ++l) {
+          a = fmaf(arow[l] * rn_sh[l], x_sh[l * ld + c], a);
+          v = fmaf(drow[l], h_sh[l * ld + c], v);
         }
-      }
-      if (nst > 1) {  // several slot tiles: flush this tile's share into the chunk's rows
-#pragma unroll
-        for (int i = 0; i < kBwdAcc; ++i) {
-          const int idx = threadIdx.x + i * kThreads;
-          if (idx < nq) {
-            const int64_t o = static_cast<int64_t>(s0) * C + idx;
-            wq[o] = first_tile ? dq[i] : wq[o] + dq[i];
-            wv[o] = first_tile ? dv[i] : wv[o] + dv[i];
-          }
-          dq[i] = dv[i] = 0.f;
-        }
+        dq[i] = a;
+        dv[i] = v;
+      });
+      if (nst > 1) {
+        const int64_t o = static_cast<int64_t>(s0) * C;
+        flush_acc(nq, first_tile, wq + o, dq, wv + o, dv);
       }
     }
 
-    // dx = (dK - K <K, dK>) / max(||x||, eps), the projection only where ||x|| > eps.
+    // dx = (dK - K <K, dK>) / max(||x||, eps): no value path.
     __syncthreads();  // every reader of h_sh (the grad tile) is done: reuse it for dK
-#pragma unroll
-    for (int i = 0; i < kBwdAcc; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      if (idx < nx) {
-        const int l = idx / C, c = idx - l * C;
-        h_sh[l * ld + c] = dk[i];
-      }
-    }
-    __syncthreads();
-    for (int l = warp; l < nl; l += nw) {
-      float a = 0.f;
-      for (int c = lane; c < C; c += 32) a = fmaf(x_sh[l * ld + c], h_sh[l * ld + c], a);
-      a = warp_sum(a);
-      if (lane == 0) dot_sh[l] = a * rn_sh[l];  // <K, dK>
-    }
-    __syncthreads();
-    T* dxb = dx + (b * L + l0) * C;
-#pragma unroll
-    for (int i = 0; i < kBwdAcc; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      if (idx < nx) {
-        const int l = idx / C, c = idx - l * C;
-        const float r = rn_sh[l];
-        const float kk = x_sh[l * ld + c] * r;
-        dxb[idx] = static_cast<T>((dk[i] - live_sh[l] * kk * dot_sh[l]) * r);
-      }
-    }
+    dx_epilogue(x_sh, h_sh, ld, rn_sh, live_sh, dot_sh, nl, C, dk, nullptr, dx + (b * L + l0) * C);
   }
 
-  if (nst == 1) {
-    const int nq = ns * C;
-#pragma unroll
-    for (int i = 0; i < kBwdAcc; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      if (idx < nq) {
-        wq[idx] = dq[i];
-        wv[idx] = dv[i];
-      }
-    }
-  }
+  if (nst == 1) store_acc(ns * C, wq, dq, wv, dv);
 }
 
 }  // namespace

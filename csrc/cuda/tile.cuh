@@ -1,6 +1,8 @@
 // Shared pieces of the CUDA kernels (cluster.cu, dispatch.cu): tile loads from strided tensors
-// into shared memory, per-pixel normalisation, the (slots x pixels) dot-product tile, the
-// fixed-order reduction of split-L partial sums, and the host-side choice of tile sizes.
+// into shared memory, per-pixel normalisation, the (slots x pixels) dot-product tile, the walk over
+// a thread's register accumulators, the backward kernels' common steps (slot-tile loads, split-L
+// partial flushes, the dx epilogue through the normalisation), the fixed-order reduction of
+// split-L partial sums, and the host-side choice of tile sizes.
 //
 // Conventions used by every kernel:
 //   - a block has kThreads threads;
@@ -12,6 +14,7 @@
 //   - every global offset is int64.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include <ATen/ATen.h>
@@ -27,6 +30,13 @@ constexpr int kThreads = 256;
 constexpr float kNormEps = 1e-12f;
 constexpr int kMaxTile = 64;     // at most 64 pixels and 64 slots per tile
 constexpr int kMaxChunks = 1024; // split-L partials per batch element
+
+// A (B, rows, C) tensor seen through its strides, as every kernel takes its operands.
+struct View {
+  int64_t sb, sr, sc;
+};
+
+inline View view_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 template <typename T>
 __device__ __forceinline__ float to_f(T v) {
@@ -153,6 +163,116 @@ __device__ __forceinline__ void pair_dots(const float* __restrict__ a, int lda, 
       }
     }
   }
+}
+
+// One online-softmax step of a row (FlashAttention style), as both forward kernels run it: the
+// running max moves from m_old (-inf before the row's first tile) to m_new and the running sum l
+// takes the tile's sum of exp(a - m_new); returns alpha = exp(m_old - m_new), the factor that
+// rescales the row's earlier accumulators.
+__device__ __forceinline__ float online_softmax_step(float m_old, float m_new, float sum, float& l) {
+  const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
+  l = l * alpha + sum;
+  return alpha;
+}
+
+// The register-accumulator layout in one place: calls f(i, idx, r, c) for each element acc[i] this
+// thread owns in a (rows x C) tile of n = rows * C elements, flat index idx = threadIdx.x + i *
+// kThreads < n, row r and column c. Fully unrolled, so acc[i] stays a register. No barrier.
+template <int ACC, typename F>
+__device__ __forceinline__ void for_each_acc(int n, int C, F&& f) {
+#pragma unroll
+  for (int i = 0; i < ACC; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    if (idx < n) {
+      const int r = idx / C;
+      f(i, idx, r, idx - r * C);
+    }
+  }
+}
+
+// A block's split-L partial sums out to its fp32 workspace row: w[idx] = acc[i] over this thread's
+// elements of an n-element tile, and w2[idx] = acc2[i] in the same pass when there is a second
+// accumulator (dispatch's dslots beside dqs). No barrier.
+template <int ACC>
+__device__ __forceinline__ void store_acc(int n, float* w, const float (&acc)[ACC],
+                                          float* w2 = nullptr, const float* acc2 = nullptr) {
+  for_each_acc<ACC>(n, 1, [&](int i, int idx, int, int) {  // rows and columns unused: any C
+    w[idx] = acc[i];
+    if (acc2 != nullptr) w2[idx] = acc2[i];
+  });
+}
+
+// The backward kernels' slot-side split-L sums (dqs; dispatch also dslots, as w2/acc2 in the same
+// pass) when S spans several slot tiles: the accumulators hold one slot tile at a time, so after
+// each (pixel tile, slot tile) step they are flushed into that slot tile's part w of the chunk's
+// workspace row (written on the chunk's first pixel tile, added to after: the order of additions
+// of one running accumulator) and zeroed. No barrier.
+template <int ACC>
+__device__ __forceinline__ void flush_acc(int n, bool first, float* w, float (&acc)[ACC],
+                                          float* w2 = nullptr, float* acc2 = nullptr) {
+#pragma unroll
+  for (int i = 0; i < ACC; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    if (idx < n) {
+      w[idx] = first ? acc[i] : w[idx] + acc[i];
+      if (acc2 != nullptr) w2[idx] = first ? acc2[i] : w2[idx] + acc2[i];
+    }
+    acc[i] = 0.f;
+    if (acc2 != nullptr) acc2[i] = 0.f;
+  }
+}
+
+// The pixel-tile kernels' loop over slot tiles: puts slot tile st of qs and of a second (S, C)
+// operand y (clustering's G, dispatch's slots) in q_sh / y_sh and sets ns to its number of slots,
+// unless `loaded` says that tile is already there (so one slot tile holding all S loads once per
+// block). Its barrier (the previous slot tile's readers are done) is taken only when it loads, a
+// block-uniform condition: every thread of the block must call it, with the same st. Returns whether
+// it loaded; the caller syncs before reading the tiles.
+template <typename T>
+__device__ __forceinline__ bool load_slot_tile(int st, int TS, int S, int C, int ld, int& loaded,
+                                               int& ns, float* q_sh, const float* qb, View qv,
+                                               float* y_sh, const T* yb, View yv) {
+  if (st == loaded) return false;
+  __syncthreads();
+  const int s0 = st * TS;
+  ns = min(TS, S - s0);
+  load_tile(q_sh, ld, qb, qv.sr, qv.sc, s0, ns, C);
+  load_tile(y_sh, ld, yb, yv.sr, yv.sc, s0, ns, C);
+  loaded = st;
+  return true;
+}
+
+// The backward kernels' dx through the normalisation (GLMIX.md section 2), for a pixel tile with
+// dK = sum_s dA[s][l] qs[s][c] in this thread's accumulators dk:
+//   dx = [value] + (dK - K <K, dK>) / max(||x||, eps),  K = x / max(||x||, eps),
+// the projection only where ||x|| > eps (live_sh). Stages dK in dk_sh (free of readers on entry),
+// takes <K, dK> per pixel (one warp per pixel, into dot_sh) and writes dx to dxb, the tile's first
+// row. value: the value path's accumulators (clustering's P^T G), or nullptr (dispatch has none).
+// Contains two __syncthreads(): every thread of the block must call it.
+template <int ACC, typename T>
+__device__ __forceinline__ void dx_epilogue(const float* x_sh, float* dk_sh, int ld,
+                                            const float* rn_sh, const float* live_sh,
+                                            float* dot_sh, int nl, int C, const float (&dk)[ACC],
+                                            const float* value, T* dxb) {
+  const int nx = nl * C;
+  for_each_acc<ACC>(nx, C, [&](int i, int, int l, int c) { dk_sh[l * ld + c] = dk[i]; });
+  __syncthreads();
+  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  for (int l = threadIdx.x >> 5; l < nl; l += nw) {
+    float a = 0.f;
+    for (int c = lane; c < C; c += 32) a = fmaf(x_sh[l * ld + c], dk_sh[l * ld + c], a);
+    a = warp_sum(a);
+    if (lane == 0) dot_sh[l] = a * rn_sh[l];  // <K, dK>
+  }
+  __syncthreads();
+  for_each_acc<ACC>(nx, C, [&](int i, int idx, int l, int c) {
+    const float r = rn_sh[l];
+    const float kk = x_sh[l * ld + c] * r;
+    if (value != nullptr)
+      dxb[idx] = static_cast<T>(value[i] + (dk[i] - live_sh[l] * kk * dot_sh[l]) * r);
+    else
+      dxb[idx] = static_cast<T>((dk[i] - live_sh[l] * kk * dot_sh[l]) * r);
+  });
 }
 
 // Partial-sum rows of a split-L reduction: ws is (B, nchunks, N) fp32 and out (B, N) contiguous;

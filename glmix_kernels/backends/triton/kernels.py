@@ -59,6 +59,27 @@ def _store(ptr, val, r0, c0, n_r, n_c, s_r, s_c, BR: tl.constexpr, BC: tl.conste
 
 
 @triton.jit
+def _batch_and_block(pid, n, BLOCK: tl.constexpr):
+    """The grid axis every kernel enumerates as (batch element, block of ``BLOCK`` along a
+    dimension of size ``n``), block fastest: the int64 batch index and the block's first index."""
+    n_blocks = tl.cdiv(n, BLOCK)
+    return (pid // n_blocks).to(tl.int64), (pid % n_blocks) * BLOCK
+
+
+@triton.jit
+def _split_l_program(S, L, chunk_len, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's place on the grid ``(B * slot blocks, chunks, C blocks)`` of the split-L
+    kernels (``cluster_fwd_partial``, ``reduce_bwd``): batch element ``b`` (int64), first slot
+    ``s0``, first output channel ``c_out``, its chunk's pixels ``[l_begin, l_end)`` and its row
+    ``b * chunks + chunk`` of the per-chunk workspaces."""
+    b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
+    chunk = tl.program_id(1)
+    l_begin = chunk * chunk_len
+    l_end = tl.minimum(l_begin + chunk_len, L)
+    return b, s0, tl.program_id(2) * BLOCK_C, l_begin, l_end, b * tl.num_programs(1) + chunk
+
+
+@triton.jit
 def _mm(a, b, DT: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` accumulated in fp32 from operands rounded to ``DT`` (``x``'s dtype).
 
@@ -171,15 +192,9 @@ def cluster_fwd_partial(x_ptr, q_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chunk_len,
     C: the accumulator of every C at once would not fit in registers.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    n_sb = tl.cdiv(S, BLOCK_S)
-    b = (tl.program_id(0) // n_sb).to(tl.int64)
-    s0 = (tl.program_id(0) % n_sb) * BLOCK_S
-    chunk = tl.program_id(1)
-    c_out = tl.program_id(2) * BLOCK_C
+    b, s0, c_out, l_begin, l_end, row = _split_l_program(S, L, chunk_len, BLOCK_S, BLOCK_C)
     x_ptr += b * sx_b
     q_ptr += b * sq_b
-    l_begin = chunk * chunk_len
-    l_end = tl.minimum(l_begin + chunk_len, L)
 
     m = tl.full([BLOCK_S], float("-inf"), tl.float32)
     tot = tl.zeros([BLOCK_S], tl.float32)
@@ -196,7 +211,6 @@ def cluster_fwd_partial(x_ptr, q_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chunk_len,
         acc = acc * alpha[:, None] + _mm(p, xt, DT, UPCAST)
         m = m_new
 
-    row = b * tl.num_programs(1) + chunk
     _store(acc_ptr + row * S * C, acc, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
     if tl.program_id(2) == 0:
         s = s0 + tl.arange(0, BLOCK_S)
@@ -211,9 +225,7 @@ def cluster_fwd_combine(m_ptr, l_ptr, acc_ptr, slots_ptr, lse_ptr, S, C, n_chunk
 
     Grid (B * slot blocks, C blocks); ``slots`` (B, S, C) and ``lse`` (B, S) are contiguous.
     """
-    n_sb = tl.cdiv(S, BLOCK_S)
-    b = (tl.program_id(0) // n_sb).to(tl.int64)
-    s0 = (tl.program_id(0) % n_sb) * BLOCK_S
+    b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
     c0 = tl.program_id(1) * BLOCK_C
     s = s0 + tl.arange(0, BLOCK_S)
 
@@ -247,9 +259,7 @@ def dispatch_fwd(x_ptr, q_ptr, v_ptr, out_ptr, lse_ptr, S, L, C,
     Grid (B * pixel tiles,); ``out`` (B, L, C) and ``lse`` (B, L) are contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    n_lt = tl.cdiv(L, BLOCK_L)
-    b = (tl.program_id(0) // n_lt).to(tl.int64)
-    l0 = (tl.program_id(0) % n_lt) * BLOCK_L
+    b, l0 = _batch_and_block(tl.program_id(0), L, BLOCK_L)
     x_ptr += b * sx_b
     q_ptr += b * sq_b
     v_ptr += b * sv_b
@@ -285,9 +295,7 @@ def pixel_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, dx_ptr, delta_ptr, S, L, C,
     slot blocks may hold only some of them. Grid (B * pixel tiles,); ``dx`` is contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    n_lt = tl.cdiv(L, BLOCK_L)
-    b = (tl.program_id(0) // n_lt).to(tl.int64)
-    l0 = (tl.program_id(0) % n_lt) * BLOCK_L
+    b, l0 = _batch_and_block(tl.program_id(0), L, BLOCK_L)
     x_ptr += b * sx_b
     q_ptr += b * sq_b
     g_ptr += b * sg_b
@@ -335,18 +343,12 @@ def reduce_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv_ptr,
     ``(B, chunks, S, C)`` that ``sum_chunks`` reduces.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    n_sb = tl.cdiv(S, BLOCK_S)
-    b = (tl.program_id(0) // n_sb).to(tl.int64)
-    s0 = (tl.program_id(0) % n_sb) * BLOCK_S
-    chunk = tl.program_id(1)
-    c_out = tl.program_id(2) * BLOCK_C
+    b, s0, c_out, l_begin, l_end, row = _split_l_program(S, L, chunk_len, BLOCK_S, BLOCK_C)
     x_ptr += b * sx_b
     q_ptr += b * sq_b
     g_ptr += b * sg_b
     v_ptr += b * sv_b
     s = s0 + tl.arange(0, BLOCK_S)
-    l_begin = chunk * chunk_len
-    l_end = tl.minimum(l_begin + chunk_len, L)
 
     if CLUSTER:
         delta_s = _rowdot(g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, s0, S, C, BLOCK_S, BLOCK_C)[:, None]
@@ -373,7 +375,6 @@ def reduce_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv_ptr,
         xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C).to(tl.float32)
         dq += _mm_fp32_a(da * (inv_r / pow2)[None, :], xt * pow2[:, None], DT, UPCAST)
 
-    row = b * tl.num_programs(1) + chunk
     _store(dq_ptr + row * S * C, dq, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
     if not CLUSTER:
         _store(dv_ptr + row * S * C, dv, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
@@ -385,9 +386,8 @@ def sum_chunks(ws_ptr, out_ptr, n_chunks, N, BLOCK: tl.constexpr):
 
     Grid (B * blocks of N,); ``out`` (B, N) contiguous.
     """
-    n_blocks = tl.cdiv(N, BLOCK)
-    b = (tl.program_id(0) // n_blocks).to(tl.int64)
-    i = (tl.program_id(0) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+    b, i0 = _batch_and_block(tl.program_id(0), N, BLOCK)
+    i = i0 + tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for k in range(0, n_chunks):
         acc += tl.load(ws_ptr + (b * n_chunks + k) * N + i, mask=i < N, other=0.0)
