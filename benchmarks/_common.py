@@ -114,7 +114,7 @@ def skip_unless_timed(backend, dtype=torch.float32, channels=1, slots=1):
 def run_benchmark(benchmark, workload, *, rounds, group, **fields):
     """Times ``workload`` and files ``fields`` (``report.record``'s) in ``benchmark.extra_info``.
 
-    The memory call is also the first warm-up (compilation happens there). On the CPU
+    The memory measurement warms up first (compilation and autotuning happen there). On the CPU
     pytest-benchmark's rounds are the timing: at least ``rounds``, more for calls short enough
     that a few rounds would be mostly scheduling noise. On a GPU the time is the CUDA-event
     median (``timing.measure``) and ``rounds`` synchronised calls only fill pytest-benchmark's

@@ -17,11 +17,12 @@ __all__ = ["soft_cluster", "soft_dispatch", "available_backends", "reference", "
 
 
 def _autocast(device_type, *tensors):
-    """Under autocast, run in the autocast dtype like a matmul would (scale keeps its own)."""
+    """Under autocast, run in the autocast dtype like a matmul would: fp64 and the scale keep theirs."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                 else t for t in tensors)
 
 
 def soft_cluster(x, init_slots, scale, *, backend="auto"):

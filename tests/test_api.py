@@ -104,12 +104,25 @@ def test_backend_without_fp64_says_so(name):
         glmix_kernels.soft_cluster(torch.randn(B, L, C).double(), torch.randn(1, S, C).double(), 2.0, backend=name)
 
 
-def test_auto_never_picks_the_interpreter_and_falls_back():
+def test_auto_never_picks_the_interpreter():
     from glmix_kernels.backends import resolve
-    x = torch.randn(B, L, C)
-    assert resolve("auto", x, S).name in ("cpu", "reference")
-    # Slots beyond every fused backend's limit still work through the fallback chain.
-    many = torch.randn(1, 300, C)
+    assert resolve("auto", torch.randn(B, L, C), S).name in ("cpu", "reference")
+
+
+def test_auto_falls_back_past_a_backend_that_cannot_take_the_inputs(monkeypatch):
+    """A fused backend whose limits the inputs exceed is skipped for the next in line."""
+    import dataclasses
+
+    from glmix_kernels import backends
+
+    if "cpu" not in glmix_kernels.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built: no fused backend to fall back from")
+    x, many = torch.randn(B, L, C), torch.randn(1, 300, C)
+    assert backends.resolve("auto", x, 300).name == "cpu"
+    monkeypatch.setitem(backends.BACKENDS, "cpu", dataclasses.replace(backends.BACKENDS["cpu"], max_slots=256))
+    assert backends.resolve("auto", x, 300).name == "reference"
+    with pytest.raises(ValueError, match="backend 'cpu' supports at most 256 slots, init_slots has 300"):
+        glmix_kernels.soft_cluster(x, many, 2.0, backend="cpu")
     torch.testing.assert_close(glmix_kernels.soft_cluster(x, many, 2.0),
                                glmix_kernels.reference.soft_cluster(x, many, torch.tensor(2.0)))
 
@@ -121,3 +134,10 @@ def test_autocast_runs_in_the_autocast_dtype(dtype):
         slots = glmix_kernels.soft_cluster(args["x"], args["init_slots"], args["scale"])
         out = glmix_kernels.soft_dispatch(args["x"], args["init_slots"], args["scale"], slots)
     assert slots.dtype == dtype and out.dtype == dtype
+
+
+def test_autocast_leaves_float64_alone():
+    """Like PyTorch's own autocast, which casts only lower-precision-eligible (not fp64) inputs."""
+    args = {k: v.double() for k, v in good().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert glmix_kernels.soft_cluster(args["x"], args["init_slots"], args["scale"]).dtype == torch.float64

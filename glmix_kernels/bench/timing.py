@@ -61,13 +61,14 @@ def saved_bytes(fn):
 
 
 def peak_memory(run, make_inputs, device):
-    """Memory of one call ``run(*make_inputs())``: on a GPU the peak allocated over the call
-    (its inputs, already resident, included); on the CPU the bytes saved for backward while the
+    """Memory of one call ``run(*make_inputs())``: on a GPU the peak allocated over a call after a
+    warm-up call (its inputs, already resident, included); on the CPU the bytes saved for backward while the
     inputs are made and the call runs (a recorded forward among the inputs counts)."""
     device = torch.device(device)
     if device.type != "cuda":
         return saved_bytes(lambda: run(*make_inputs()))[1]
-    args = make_inputs()
+    run(*make_inputs())  # warm-up: compilation and Triton's autotuning allocate memory the call never needs
+    args = make_inputs()  # fresh: a backward-only call consumes its recorded forward
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     run(*args)
