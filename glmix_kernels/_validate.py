@@ -9,6 +9,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_tensor(name, t, ndim, what):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {what}, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOATS:

@@ -30,6 +30,7 @@ BAD = [  # (argument, bad value, exception, words the message must hold)
     ("x", torch.randint(0, 5, (B, L, C)), TypeError, "floating"),
     ("x", torch.randn(B, L, C, dtype=torch.float64), TypeError, "same dtype"),  # init_slots is fp32
     ("x", torch.randn(0, L, C), ValueError, "B >= 1"),
+    ("x", torch.randn(B, L, C).to_sparse(), ValueError, "dense (strided)"),
     ("init_slots", torch.randn(S, C), ValueError, "(B, S, C)"),
     ("init_slots", torch.randn(3, S, C), ValueError, "init_slots must have shape"),
     ("init_slots", torch.randn(1, S, C + 1), ValueError, "init_slots must have shape"),
