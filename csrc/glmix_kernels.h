@@ -6,7 +6,10 @@
 //          (batch stride 0 when the slots are broadcast)
 //   lse    float32 (float64 for float64 x) log-sum-exp statistics: (B, S) over pixels for
 //          clustering, (B, L) over slots for dispatch
-// Outputs are contiguous; dqs in qs's dtype, everything else in x's dtype.
+//   slots  clustering: cluster_fwd's result in qs's dtype, which cluster_bwd reads back for
+//          delta = rowsum(grad * slots) (terms that cancel: a rounded output would bias it);
+//          dispatch: its (B, S, C) values, in x's dtype, any strides
+// Outputs are contiguous; lse, dqs and clustering's slots in qs's dtype, everything else in x's.
 #pragma once
 #include <tuple>
 

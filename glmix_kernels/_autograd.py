@@ -13,17 +13,22 @@ from . import backends
 def scaled_queries(init_slots, scale, batch):
     """``scale * normalize(init_slots)`` in the kernels' accumulation dtype, expanded to ``batch``."""
     acc = torch.float64 if init_slots.dtype == torch.float64 else torch.float32
-    qs = scale.to(acc) * F.normalize(init_slots.to(acc), dim=-1)
-    return qs.expand(batch, -1, -1)
+    # Normalised in fp64 (an (S, C) tensor: free): its backward, (dq - q <q, dq>) / r, cancels
+    # and is amplified by 1 / r, so in fp32 a short slot's gradient would be mostly rounding.
+    q = F.normalize(init_slots.to(torch.float64), dim=-1).to(acc)
+    return (scale.to(acc) * q).expand(batch, -1, -1)
 
 
 class ClusterFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qs, backend):
         slots, lse = backends.kernels(backend).cluster_fwd(x, qs)
+        # The accumulation-precision slots, not the rounded output: delta = rowsum(grad * slots)
+        # sums terms that cancel (softmax gradients sum to zero), so a bf16 output biased dscale.
         ctx.save_for_backward(x, qs, slots, lse)
         ctx.backend = backend
-        return slots
+        return slots.to(x.dtype, copy=True)  # a copy even in fp32: the saved slots must not be
+        # the tensor a caller may modify in place
 
     @staticmethod
     def backward(ctx, grad):

@@ -49,12 +49,13 @@ def _op_inputs(dtype, B=2, L=37, S=3, C=8):
 
 
 @needs_extension
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(dtype):
     """Schemas, fake (meta) implementations and dispatcher registration of the four ops."""
     ops = torch.ops.glmix_kernels
     x, qs, slots, g = _op_inputs(dtype)
     slots_c, lse_c = ops.cluster_fwd(x, qs)
+    assert slots_c.dtype == qs.dtype  # the accumulation dtype, which cluster_bwd reads back
     out, lse_d = ops.dispatch_fwd(x, qs, slots)
     grad_c = torch.randn(slots_c.shape, dtype=dtype, generator=g)
     grad_d = torch.randn(out.shape, dtype=dtype, generator=g)

@@ -64,13 +64,16 @@ def _assert_close_to_reference(got, x, s0, scale, slots, rtol):
         assert err < rtol, f"{name}: max error {err:.2e} relative to its largest entry"
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(dtype):
     tb = _ops()
-    x, s0, scale, slots = _inputs(2, 19, 24, 5, torch.float32)
+    x, s0, scale, slots = _inputs(2, 19, 24, 5, dtype)
     qs = scaled_queries(s0, scale, 2)
     c, c_lse = tb.cluster_fwd(x, qs)
+    assert c.dtype == torch.float32  # unrounded, for cluster_bwd's delta
     d, d_lse = tb.dispatch_fwd(x, qs, slots)
-    grad_c, grad_d = torch.randn_like(c), torch.randn_like(d).transpose(1, 2).contiguous().transpose(1, 2)
+    grad_c = torch.randn(c.shape, device=DEVICE).to(dtype)
+    grad_d = torch.randn_like(d).transpose(1, 2).contiguous().transpose(1, 2)
     for op, args in [(tb.cluster_fwd, (x, qs)),
                      (tb.cluster_bwd, (grad_c, x, qs, c, c_lse)),
                      (tb.dispatch_fwd, (x, qs, slots)),

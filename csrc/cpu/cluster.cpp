@@ -53,11 +53,11 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
   });
 
   // Merge the splits in split order: lse = M + log sum_j e^(m_j - M) z_j,
-  // slots = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) z_j.
+  // slots = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) z_j, left in acc_t for the backward's delta.
   const acc_t* mp = m.const_data_ptr<acc_t>();
   const acc_t* zp = z.const_data_ptr<acc_t>();
   const acc_t* ap = acc.const_data_ptr<acc_t>();
-  scalar_t* out = slots.data_ptr<scalar_t>();
+  acc_t* out = slots.data_ptr<acc_t>();
   acc_t* lse_p = lse.data_ptr<acc_t>();
   // About 32K multiply-adds per task: below that, waking a thread costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, 32768 / (J * C));
@@ -77,7 +77,7 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
         for (const auto c : c10::irange(C)) row[c] += w * a[c];
       }
       lse_p[i] = M + std::log(Z);
-      for (const auto c : c10::irange(C)) out[i * C + c] = static_cast<scalar_t>(row[c] / Z);
+      for (const auto c : c10::irange(C)) out[i * C + c] = row[c] / Z;
     }
   });
 }
@@ -93,10 +93,11 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
   const Operand q(qs, qs.scalar_type()), G(grad, qs.scalar_type());
   const Tensor lse_c = lse.contiguous();
 
-  // delta = rowsum(dP * P) = rowsum(G * slots), (B, S): no (S, L) product needed.
+  // delta = rowsum(dP * P) = rowsum(G * slots), (B, S): no (S, L) product needed. The slots are
+  // the forward's, in acc_t: the terms cancel, so rounded slots would bias delta.
   Tensor delta = at::empty({B, S}, acc_opts);
   {
-    const Tensor slots_acc = slots.to(qs.scalar_type()).contiguous();
+    const Tensor slots_acc = slots.contiguous();
     const acc_t* sl = slots_acc.const_data_ptr<acc_t>();
     acc_t* d = delta.data_ptr<acc_t>();
     for (const auto b : c10::irange(B)) {
@@ -142,7 +143,7 @@ std::tuple<Tensor, Tensor> cluster_fwd_cpu(const Tensor& x, const Tensor& qs) {
   const int64_t S = check_x_qs(x, qs);
   const int64_t B = x.size(0), C = x.size(2);
   TORCH_CHECK(x.size(1) >= 1, "glmix_kernels: clustering needs at least one pixel, x has shape ", x.sizes());
-  Tensor slots = at::empty({B, S, C}, x.options());
+  Tensor slots = at::empty({B, S, C}, qs.options());
   Tensor lse = at::empty({B, S}, qs.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix cluster_fwd_cpu",
                                   [&] { cluster_fwd_impl<scalar_t>(x, qs, slots, lse); });
@@ -154,10 +155,11 @@ std::tuple<Tensor, Tensor> cluster_bwd_cpu(const Tensor& grad, const Tensor& x, 
   const int64_t S = check_x_qs(x, qs);
   const int64_t B = x.size(0), C = x.size(2);
   TORCH_CHECK(x.size(1) >= 1, "glmix_kernels: clustering needs at least one pixel, x has shape ", x.sizes());
-  for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{&slots, "slots"}}) {
+  for (const auto& [t, name, dtype] : {std::tuple{&grad, "grad", x.scalar_type()},
+                                       std::tuple{&slots, "slots", qs.scalar_type()}}) {
     check_cpu(*t, name);
     check_shape(*t, name, {B, S, C});
-    check_dtype(*t, name, x.scalar_type());
+    check_dtype(*t, name, dtype);
   }
   check_cpu(lse, "lse");
   check_shape(lse, "lse", {B, S});

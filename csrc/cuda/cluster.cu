@@ -7,9 +7,9 @@
 //                        P @ x in registers; it writes the partial (max, sum, acc) of its chunk to
 //                        fp32 workspaces.
 //   cluster_combine_kernel  grid (S, B): merges the chunks by log-sum-exp in chunk order,
-//                        writes slots and lse.
+//                        writes slots (float32: the backward's delta needs them unrounded) and lse.
 // Backward:
-//   cluster_delta_kernel delta[b, s] = <G[b, s], slots[b, s]>.
+//   cluster_delta_kernel delta[b, s] = <G[b, s], slots[b, s]>, from the forward's float32 slots.
 //   cluster_bwd_kernel   grid (L-chunks, B). Per pixel tile, loops over slot tiles, recomputes
 //                        P = exp(A - lse) and dA = P * (G x^T - delta), accumulates
 //                        dx (value path P^T G and K path dA^T qs through the normalisation) in
@@ -122,11 +122,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // slots[b, s] = sum_k w_k acc_k / sum_k w_k l_k with w_k = exp(m_k - max_k m_k), chunk order fixed.
-template <typename T>
 __global__ void __launch_bounds__(kThreads)
     cluster_combine_kernel(const float* __restrict__ ws_m, const float* __restrict__ ws_l,
                            const float* __restrict__ ws_acc, int S, int C, int nchunks,
-                           T* __restrict__ slots, float* __restrict__ lse) {
+                           float* __restrict__ slots, float* __restrict__ lse) {
   __shared__ float w_sh[kMaxChunks];
   __shared__ float stat_sh[2];
   const int s = blockIdx.x;
@@ -157,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     float a = 0.f;
     for (int k = 0; k < nchunks; ++k) a = fmaf(w_sh[k], ws_acc[(base + static_cast<int64_t>(k) * S) * C + c], a);
-    slots[(b * S + s) * C + c] = static_cast<T>(a);
+    slots[(b * S + s) * C + c] = a;
   }
 }
 
@@ -167,16 +166,16 @@ __global__ void __launch_bounds__(kThreads)
 // delta[b, s] = sum_c G[b, s, c] * slots[b, s, c]; one warp per (b, s).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    cluster_delta_kernel(const T* __restrict__ g, View gv, const T* __restrict__ sl, View sv,
+    cluster_delta_kernel(const T* __restrict__ g, View gv, const float* __restrict__ sl, View sv,
                          int64_t B, int S, int C, float* __restrict__ delta) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= B * S) return;  // whole warps leave together
   const int64_t b = row / S, s = row - b * S;
   const T* gp = g + b * gv.sb + s * gv.sr;
-  const T* sp = sl + b * sv.sb + s * sv.sr;
+  const float* sp = sl + b * sv.sb + s * sv.sr;
   float a = 0.f;
-  for (int c = lane; c < C; c += 32) a = fmaf(to_f(gp[c * gv.sc]), to_f(sp[c * sv.sc]), a);
+  for (int c = lane; c < C; c += 32) a = fmaf(to_f(gp[c * gv.sc]), sp[c * sv.sc], a);
   a = warp_sum(a);
   if (lane == 0) delta[row] = a;
 }
@@ -295,7 +294,7 @@ std::tuple<Tensor, Tensor> cluster_fwd_cuda(const Tensor& x, const Tensor& qs) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   TORCH_CHECK(L >= 1, op, ": clustering needs at least one pixel");
-  auto slots = at::empty({B, S, C}, x.options());
+  auto slots = at::empty({B, S, C}, x.options().dtype(at::kFloat));
   auto lse = at::empty({B, S}, x.options().dtype(at::kFloat));
   if (B == 0) return {slots, lse};
 
@@ -319,12 +318,11 @@ std::tuple<Tensor, Tensor> cluster_fwd_cuda(const Tensor& x, const Tensor& qs) {
         static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld, ch.len,
         ch.n, ws_m.data_ptr<float>(), ws_l.data_ptr<float>(), ws_acc.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cluster_combine_kernel<scalar_t><<<dim3(S, B), kThreads, 0, stream>>>(
-        ws_m.data_ptr<float>(), ws_l.data_ptr<float>(), ws_acc.data_ptr<float>(),
-        static_cast<int>(S), static_cast<int>(C), ch.n, slots.data_ptr<scalar_t>(),
-        lse.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  cluster_combine_kernel<<<dim3(S, B), kThreads, 0, stream>>>(
+      ws_m.data_ptr<float>(), ws_l.data_ptr<float>(), ws_acc.data_ptr<float>(),
+      static_cast<int>(S), static_cast<int>(C), ch.n, slots.data_ptr<float>(), lse.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {slots, lse};
 }
 
@@ -337,8 +335,8 @@ std::tuple<Tensor, Tensor> cluster_bwd_cuda(const Tensor& grad, const Tensor& x,
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   TORCH_CHECK(L >= 1, op, ": clustering needs at least one pixel");
   check_like(grad, x, {B, S, C}, "grad", op);
-  check_like(slots, x, {B, S, C}, "slots", op);
-  check_stat(lse, x, {B, S}, op);
+  check_stat(slots, x, {B, S, C}, "slots", op);
+  check_stat(lse, x, {B, S}, "lse", op);
   auto dx = at::empty({B, L, C}, x.options());
   auto dqs = at::empty({B, S, C}, qs.options());
   if (B == 0) return {dx, dqs};
@@ -358,7 +356,7 @@ std::tuple<Tensor, Tensor> cluster_bwd_cuda(const Tensor& grad, const Tensor& x,
     const int64_t rows = B * S, warps = kThreads / 32;
     cluster_delta_kernel<scalar_t><<<static_cast<unsigned>((rows + warps - 1) / warps), kThreads, 0,
                                      stream>>>(grad.data_ptr<scalar_t>(), view_of(grad),
-                                               slots.data_ptr<scalar_t>(), view_of(slots), B,
+                                               slots.data_ptr<float>(), view_of(slots), B,
                                                static_cast<int>(S), static_cast<int>(C),
                                                delta.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -6,7 +6,7 @@
 //   logits, runs an online softmax over the slots per pixel and accumulates D^T @ slots in
 //   registers. Writes out and lse = logsumexp_S(A) per pixel.
 // Backward: dispatch_bwd_kernel, grid (L-chunks, B). Per pixel tile it recomputes D = exp(A - lse)
-//   and dD = slots @ grad^T per slot tile; delta'[l] = sum_s D dD in fp32 (in the same pass when
+//   and dD = slots @ grad^T per slot tile; delta'[l] = sum_s D dD / sum_s D in fp32 (in the same pass when
 //   all slots fit one tile, else in a first pass over the slot tiles), dA = D (dD - delta'). Not
 //   <grad, out>: that is equal only in exact arithmetic, and a half-precision out, rounded after
 //   the softmax, would bias it. dx (K path through the normalisation) is local to the block;
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
 inline SmemCount bwd_smem(int TL, int TS, int ld) {
   SmemCount s;
   s.take(TL * ld).take(TL * ld).take(TS * ld).take(TS * ld).take(TS * TL).take(TS * TL);
-  s.take(5 * TL);
+  s.take(6 * TL);
   return s;
 }
 
@@ -144,6 +144,7 @@ __global__ void __launch_bounds__(kThreads)
   float* live_sh = carve.take(TL);
   float* lse_sh = carve.take(TL);
   float* dl_sh = carve.take(TL);  // delta'
+  float* ds_sh = carve.take(TL);  // sum_s D, to normalise delta' (several slot tiles)
   float* dot_sh = carve.take(TL);
 
   const int chunk = blockIdx.x;
@@ -188,20 +189,27 @@ __global__ void __launch_bounds__(kThreads)
     for (int l = threadIdx.x; l < nl; l += blockDim.x) {
       lse_sh[l] = lse[b * L + l0 + l];
       dl_sh[l] = 0.f;
+      ds_sh[l] = 0.f;
     }
     __syncthreads();
     row_rnorms(x_sh, ld, nl, C, rn_sh, live_sh);
 
-    // delta'[l] = sum_s D[s][l] dD[s][l]
+    // delta'[l] = sum_s D dD / sum_s D. The recomputed D sums to 1 only up to lse's rounding
+    // (about |A| * 2^-24, visible at large temperatures); dividing keeps sum_s dA = 0 exactly.
     if (nst > 1) {
       for (int st = 0; st < nst; ++st) {
         probabilities(st, nl);
         for (int l = threadIdx.x; l < nl; l += blockDim.x) {
-          float a = dl_sh[l];
-          for (int s = 0; s < ns; ++s) a = fmaf(d_sh[s * TL + l], e_sh[s * TL + l], a);
+          float a = dl_sh[l], p = ds_sh[l];
+          for (int s = 0; s < ns; ++s) {
+            a = fmaf(d_sh[s * TL + l], e_sh[s * TL + l], a);
+            p += d_sh[s * TL + l];
+          }
           dl_sh[l] = a;
+          ds_sh[l] = p;
         }
       }
+      for (int l = threadIdx.x; l < nl; l += blockDim.x) dl_sh[l] /= ds_sh[l];  // same thread's l
     }
 
     float dk[kBwdAcc];
@@ -212,9 +220,12 @@ __global__ void __launch_bounds__(kThreads)
       probabilities(st, nl);
       if (nst == 1) {
         for (int l = threadIdx.x; l < nl; l += blockDim.x) {
-          float a = 0.f;
-          for (int s = 0; s < ns; ++s) a = fmaf(d_sh[s * TL + l], e_sh[s * TL + l], a);
-          dl_sh[l] = a;
+          float a = 0.f, p = 0.f;
+          for (int s = 0; s < ns; ++s) {
+            a = fmaf(d_sh[s * TL + l], e_sh[s * TL + l], a);
+            p += d_sh[s * TL + l];
+          }
+          dl_sh[l] = a / p;
         }
         __syncthreads();
       }
@@ -307,7 +318,7 @@ std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_cuda(const Tensor& grad, const T
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   check_like(grad, x, {B, L, C}, "grad", op);
   check_like(slots, x, {B, S, C}, "slots", op);
-  check_stat(lse, x, {B, L}, op);
+  check_stat(lse, x, {B, L}, "lse", op);
   auto dx = at::empty({B, L, C}, x.options());
   auto dqs = at::empty({B, S, C}, qs.options());
   auto dslots = at::empty({B, S, C}, x.options());

@@ -385,11 +385,12 @@ inline void check_like(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
+// A float32 tensor the forward produced for the backward: lse, clustering's slots.
 inline void check_stat(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
-                       const char* op) {
-  TORCH_CHECK(t.device() == x.device(), op, ": lse must be on x's device");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": lse must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": lse must have shape ", shape, ", got ", t.sizes());
+                       const char* name, const char* op) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
 }  // namespace cuda_detail

@@ -2,16 +2,19 @@
 
 A backend supplies four kernels with one signature each (see ``_autograd.py``):
 
-    cluster_fwd(x, qs)                        -> slots (B, S, C), lse (B, S) float32
+    cluster_fwd(x, qs)                        -> slots (B, S, C) in qs's dtype, lse (B, S)
     cluster_bwd(grad, x, qs, slots, lse)      -> dx (B, L, C), dqs (B, S, C)
-    dispatch_fwd(x, qs, slots)                -> out (B, L, C), lse (B, L) float32
+    dispatch_fwd(x, qs, slots)                -> out (B, L, C), lse (B, L)
     dispatch_bwd(grad, x, qs, slots, lse)     -> dx, dqs, dslots
 
 ``x`` comes with any strides, ``qs = scale * normalize(init_slots)`` is float32 (float64 for
-float64 ``x``) and may have batch stride 0; ``dqs`` is in ``qs``'s dtype, the rest in ``x``'s. Backwards recompute the logits from ``x`` and
-``qs``; clustering's ``delta = rowsum(grad * slots)`` uses the saved output, while dispatch's
-``delta' = sum_s D dD`` is summed over the slots a pixel tile holds anyway, in fp32, so it needs no
-output (and a rounded output would bias it).
+float64 ``x``: the accumulation dtype) and may have batch stride 0. ``lse``, ``dqs`` and
+clustering's ``slots`` are in ``qs``'s dtype, the rest in ``x``'s. Backwards recompute the logits
+from ``x`` and ``qs``. Clustering's ``delta = rowsum(grad * slots)`` reads the forward's slots in
+the accumulation dtype (the autograd Function returns them rounded to ``x``'s dtype and saves
+them as they are): its terms cancel, and a rounded output would bias it. Dispatch's
+``delta' = sum_s D dD`` is summed over the slots a pixel tile holds anyway, in fp32, so it needs
+no output at all.
 Adding a backend means one ``Backend`` line below and a module exposing those four names.
 """
 import os
@@ -62,6 +65,7 @@ class Backend:
     dtypes: tuple
     max_slots: int  # 0: no limit
     max_channels: int  # 0: no limit
+    max_batch: int  # 0: no limit
     load: object  # () -> the kernels' module, imported lazily so nothing GPU-only loads with the
                   # package; None: the reference, plain autograd
     unavailable: object = _always  # device_type -> None, or why not
@@ -70,10 +74,10 @@ class Backend:
 BACKENDS = {
     b.name: b
     for b in (
-        Backend("reference", ("cpu", "cuda"), _ALL_FLOATS, 0, 0, None),
-        Backend("cpu", ("cpu",), _ALL_FLOATS, 0, 0, _load_cpp, _extension_usable),
-        Backend("cuda", ("cuda",), _HALF_AND_FLOAT, 256, 1024, _load_cpp, _extension_usable),
-        Backend("triton", ("cpu", "cuda"), _HALF_AND_FLOAT, 256, 1024, _load_triton, _triton_usable),
+        Backend("reference", ("cpu", "cuda"), _ALL_FLOATS, 0, 0, 0, None),
+        Backend("cpu", ("cpu",), _ALL_FLOATS, 0, 0, 0, _load_cpp, _extension_usable),
+        Backend("cuda", ("cuda",), _HALF_AND_FLOAT, 256, 1024, 65535, _load_cpp, _extension_usable),
+        Backend("triton", ("cpu", "cuda"), _HALF_AND_FLOAT, 256, 1024, 0, _load_triton, _triton_usable),
     )
 }
 
@@ -82,8 +86,10 @@ def kernels(name):
     return BACKENDS[name].load()
 
 
-# Fastest first; the Triton interpreter is never picked automatically.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# Preferred first; the Triton interpreter is never picked automatically. On CUDA, Triton leads
+# until the GPU benchmarks say otherwise: its kernels' logic has run (under the interpreter)
+# through the whole test suite, the CUDA kernels' only on the GPU, which they have yet to see.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
 def why_unavailable(name, device="cpu"):
@@ -108,6 +114,8 @@ def _unsupported(b, x, num_slots):
                           f"(it supports {', '.join(str(d) for d in b.dtypes)})"
     if b.max_slots and num_slots > b.max_slots:
         return ValueError, f"backend {b.name!r} supports at most {b.max_slots} slots, init_slots has {num_slots}"
+    if b.max_batch and x.shape[0] > b.max_batch:  # CUDA's grid: the batch is a grid dimension
+        return ValueError, f"backend {b.name!r} supports at most {b.max_batch} batch elements, x has {x.shape[0]}"
     if b.max_channels and x.shape[-1] > b.max_channels:
         return ValueError, f"backend {b.name!r} supports at most {b.max_channels} channels, x has {x.shape[-1]}"
     return None

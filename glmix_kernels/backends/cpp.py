@@ -3,8 +3,8 @@
 Its ops live in the ``glmix_kernels`` torch.library namespace with CPU and CUDA kernels; the
 device of the tensors picks the kernel, so both backends share these four names. Their fake
 (meta) implementations below give torch.compile and torch.library.opcheck the output shapes and
-dtypes without running a kernel: outputs are contiguous, ``lse`` and ``dqs`` in ``qs``'s dtype
-(the accumulation dtype), everything else in ``x``'s.
+dtypes without running a kernel: outputs are contiguous, ``lse``, ``dqs`` and clustering's
+``slots`` in ``qs``'s dtype (the accumulation dtype), everything else in ``x``'s.
 """
 import torch
 
@@ -31,7 +31,7 @@ if _LOAD_ERROR is None:
     def _cluster_fwd_fake(x, qs):
         B, _, C = x.shape
         S = qs.shape[1]
-        return x.new_empty(B, S, C), qs.new_empty(B, S)
+        return qs.new_empty(B, S, C), qs.new_empty(B, S)
 
     @torch.library.register_fake("glmix_kernels::cluster_bwd")
     def _cluster_bwd_fake(grad, x, qs, slots, lse):

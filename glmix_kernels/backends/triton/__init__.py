@@ -3,7 +3,8 @@
 Launch plan (kernels in ``kernels.py``):
 
 - ``cluster_fwd``: ``cluster_fwd_partial`` over (batch x slot block, L chunk, C block) writes
-  per-chunk online-softmax partials, ``cluster_fwd_combine`` merges them by log-sum-exp.
+  per-chunk online-softmax partials, ``cluster_fwd_combine`` merges them by log-sum-exp into fp32
+  slots (the autograd Function rounds them to x's dtype; ``cluster_bwd`` reads them as they are).
 - ``dispatch_fwd``: ``dispatch_fwd`` over (batch x pixel tile); a tile holds all S slots.
 - ``*_bwd``: ``pixel_bwd`` writes ``dx`` per pixel tile; ``reduce_bwd`` writes per-chunk partial
   sums over L of ``dqs`` (and ``dslots``), which ``sum_chunks`` adds up in chunk order, so results
@@ -72,7 +73,7 @@ def _sum_chunks(ws, out):
 def _cluster_fwd_outputs(x, qs):
     B, _, C = x.shape
     S = qs.shape[1]
-    return x.new_empty((B, S, C)), x.new_empty((B, S), dtype=torch.float32)
+    return x.new_empty((B, S, C), dtype=torch.float32), x.new_empty((B, S), dtype=torch.float32)
 
 
 def _cluster_bwd_outputs(grad, x, qs, slots, lse):
@@ -154,7 +155,7 @@ def dispatch_bwd(grad: torch.Tensor, x: torch.Tensor, qs: torch.Tensor, slots: t
 
 def _backward(cluster, grad, x, qs, slots, lse, dx, dqs, dslots):
     """Both backwards into ``dx``, ``dqs`` (and dispatch's ``dslots``); ``slots`` is clustering's
-    output or dispatch's values.
+    fp32 forward result or dispatch's values.
     """
     B, L, C = x.shape
     S = qs.shape[1]

@@ -103,15 +103,23 @@ def _mm_fp32_a(a, b, DT: tl.constexpr, UPCAST: tl.constexpr):
     Two half-precision dots of ``a``'s high and low parts keep about 16 bits of ``a`` on tensor
     cores. Needed for the logits ``qs @ x^T``: rounding ``qs`` to bf16 puts an error of
     ``scale * 2**-9`` on every logit, which the softmax turns into that relative error on every
-    probability; and for ``dqs = dA @ K``: ``dscale = <dqs, q>`` sums terms that nearly cancel
-    (softmax gradients sum to zero), so a bf16 ``dA`` left it several percent off.
+    probability; for ``dqs = dA @ K``: ``dscale = <dqs, q>`` sums terms that nearly cancel
+    (softmax gradients sum to zero), so a bf16 ``dA`` left it several percent off; and for the
+    slots ``P @ x``, for the same sum through clustering's ``delta`` (``cluster_fwd_partial``).
     """
     if DT == tl.float32:
         out = _mm(a, b, DT, UPCAST)
     else:
-        a_hi = a.to(DT)
-        out = _mm(a_hi, b, DT, UPCAST) + _mm(a - a_hi.to(tl.float32), b, DT, UPCAST)
+        a_hi, a_lo = _split(a, DT)
+        out = _mm(a_hi, b, DT, UPCAST) + _mm(a_lo, b, DT, UPCAST)
     return out
+
+
+@triton.jit
+def _split(a, DT: tl.constexpr):
+    """An fp32 ``a`` as ``hi + lo``: ``hi`` is ``a`` rounded to ``DT``, ``lo`` the fp32 rest."""
+    hi = a.to(DT)
+    return hi, a - hi.to(tl.float32)
 
 
 @triton.jit
@@ -132,19 +140,28 @@ def _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr, sg_l
             BS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, UPCAST: tl.constexpr):
     """One ``(BS, BL)`` tile of logits ``A`` over the whole of C, plus what shares its C loop.
 
-    Returns ``A``, a second score (``SECOND`` 0: none; 1: ``y @ x^T``, clustering's
-    ``dP = G x^T``; 2: ``y @ g^T``, dispatch's ``dD = slots Hg^T``), ``1/r`` and the pixel norms.
-    Pixels ``>= L`` load as zeros.
+    Returns ``A`` (``_mm_fp32_a``'s logits, the high and low parts summed over C separately),
+    ``A_hi`` (the logits of ``qs`` rounded to x's dtype, the ``qs`` that ``pixel_bwd``'s dots
+    for ``dK = dA^T qs`` see; ``A`` itself for fp32), a second score (``SECOND`` 0: none;
+    1: ``y @ x^T``, clustering's ``dP = G x^T``; 2: ``y @ g^T``, dispatch's ``dD = slots Hg^T``),
+    ``1/r`` and the pixel norms. Pixels ``>= L`` load as zeros.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    a = tl.zeros([BS, BL], tl.float32)
+    a_hi = tl.zeros([BS, BL], tl.float32)
+    a_lo = tl.zeros([BS, BL], tl.float32)
     second = tl.zeros([BS, BL], tl.float32)
     sumsq = tl.zeros([BL], tl.float32)
     for c0 in range(0, C, BC):
         xt = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BL, BC)
         xf = xt.to(tl.float32)
         sumsq += tl.sum(xf * xf, 1)
-        a += _mm_fp32_a(_load(q_ptr, s0, c0, S, C, sq_s, sq_c, BS, BC), tl.trans(xt), DT, UPCAST)
+        qt = _load(q_ptr, s0, c0, S, C, sq_s, sq_c, BS, BC)
+        if DT == tl.float32:
+            a_hi += _mm(qt, tl.trans(xt), DT, UPCAST)
+        else:
+            q_hi, q_lo = _split(qt, DT)
+            a_hi += _mm(q_hi, tl.trans(xt), DT, UPCAST)
+            a_lo += _mm(q_lo, tl.trans(xt), DT, UPCAST)
         if SECOND == 1:
             second += _mm(_load(y_ptr, s0, c0, S, C, sy_r, sy_c, BS, BC), tl.trans(xt), DT, UPCAST)
         if SECOND == 2:
@@ -152,7 +169,10 @@ def _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr, sg_l
             second += _mm(_load(y_ptr, s0, c0, S, C, sy_r, sy_c, BS, BC), tl.trans(gt), DT, UPCAST)
     norm = tl.sqrt(sumsq)
     inv_r = 1.0 / tl.maximum(norm, 1e-12)
-    return a * inv_r[None, :], second, inv_r, norm
+    a = a_hi
+    if DT != tl.float32:
+        a += a_lo
+    return a * inv_r[None, :], a_hi * inv_r[None, :], second, inv_r, norm
 
 
 @triton.jit
@@ -167,16 +187,20 @@ def _grad_logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr,
     the sum that makes ``dA`` consistent with the ``P`` recomputed here; ``rowsum(Hg * out)`` is
     equal only in exact arithmetic (a half-precision forward rounds ``D`` before the value
     product). Padding rows and columns get ``P = dA = 0``, so they add nothing to any sum over
-    the tile. Returns ``A, P, dA, delta, 1/r`` and the pixel norms.
+    the tile. Returns ``A_hi`` (see ``_logits``), ``P, dA, delta, 1/r`` and the pixel norms.
     """
-    a, dp, inv_r, norm = _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c,
-                                 g_ptr, sg_l, sg_c, s0, l0, S, L, C, 1 if CLUSTER else 2,
-                                 BS, BL, BC, UPCAST)
+    a, a_hi, dp, inv_r, norm = _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c,
+                                       g_ptr, sg_l, sg_c, s0, l0, S, L, C, 1 if CLUSTER else 2,
+                                       BS, BL, BC, UPCAST)
     valid = (s0 + tl.arange(0, BS) < S)[:, None] & (l0 + tl.arange(0, BL) < L)[None, :]
     p = tl.where(valid, tl.exp(a - lse), 0.0)
     if delta is None:
-        delta = tl.sum(p * dp, 0)[None, :]
-    return a, p, p * (dp - delta), delta, inv_r, norm
+        # Dispatch: sum_s D dD / sum_s D. The recomputed D sums to 1 only up to lse's rounding
+        # (about |A| * 2^-24, visible at large temperatures); dividing keeps sum_s dA = 0 exactly.
+        # Padding pixels have no D at all: divide by 1 there.
+        psum = tl.sum(p, 0)
+        delta = (tl.sum(p * dp, 0) / tl.where(psum > 0, psum, 1.0))[None, :]
+    return a_hi, p, p * (dp - delta), delta, inv_r, norm
 
 
 @triton.jit
@@ -189,7 +213,10 @@ def cluster_fwd_partial(x_ptr, q_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chunk_len,
 
     Grid (B * slot blocks, chunks, C blocks); the workspaces are contiguous fp32
     ``(B, chunks, S)`` and ``(B, chunks, S, C)``. Each C block recomputes the logits over all of
-    C: the accumulator of every C at once would not fit in registers.
+    C: the accumulator of every C at once would not fit in registers. ``P @ x`` keeps about 16
+    bits of ``P`` (``_mm_fp32_a``): the backward's ``delta = rowsum(G * slots)`` must equal
+    ``rowsum(P * dP)`` over the fp32 ``P`` it recomputes, and slots from a bf16-rounded ``P``
+    biased ``dscale`` by up to a few percent.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b, s0, c_out, l_begin, l_end, row = _split_l_program(S, L, chunk_len, BLOCK_S, BLOCK_C)
@@ -200,15 +227,15 @@ def cluster_fwd_partial(x_ptr, q_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chunk_len,
     tot = tl.zeros([BLOCK_S], tl.float32)
     acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for l0 in range(l_begin, l_end, BLOCK_L):
-        a, _, _, _ = _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, q_ptr, 0, 0, x_ptr, 0, 0,
-                             s0, l0, S, l_end, C, 0, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+        a, _, _, _, _ = _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, q_ptr, 0, 0, x_ptr, 0, 0,
+                                s0, l0, S, l_end, C, 0, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
         a = tl.where((l0 + tl.arange(0, BLOCK_L) < l_end)[None, :], a, float("-inf"))
         m_new = tl.maximum(m, tl.max(a, 1))  # finite: every tile has a pixel < l_end
         alpha = tl.exp(m - m_new)
         p = tl.exp(a - m_new[:, None])
         tot = tot * alpha + tl.sum(p, 1)
         xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
-        acc = acc * alpha[:, None] + _mm(p, xt, DT, UPCAST)
+        acc = acc * alpha[:, None] + _mm_fp32_a(p, xt, DT, UPCAST)
         m = m_new
 
     _store(acc_ptr + row * S * C, acc, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
@@ -223,7 +250,8 @@ def cluster_fwd_combine(m_ptr, l_ptr, acc_ptr, slots_ptr, lse_ptr, S, C, n_chunk
                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges the chunks' partials by log-sum-exp, in chunk order (bitwise deterministic).
 
-    Grid (B * slot blocks, C blocks); ``slots`` (B, S, C) and ``lse`` (B, S) are contiguous.
+    Grid (B * slot blocks, C blocks); ``slots`` (B, S, C) and ``lse`` (B, S) are contiguous
+    fp32: the backward's ``delta = rowsum(G * slots)`` needs them unrounded.
     """
     b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
     c0 = tl.program_id(1) * BLOCK_C
@@ -264,8 +292,8 @@ def dispatch_fwd(x_ptr, q_ptr, v_ptr, out_ptr, lse_ptr, S, L, C,
     q_ptr += b * sq_b
     v_ptr += b * sv_b
 
-    a, _, _, _ = _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, q_ptr, 0, 0, x_ptr, 0, 0,
-                         0, l0, S, L, C, 0, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+    a, _, _, _, _ = _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, q_ptr, 0, 0, x_ptr, 0, 0,
+                            0, l0, S, L, C, 0, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
     a = tl.where((tl.arange(0, BLOCK_S) < S)[:, None], a, float("-inf"))
     m = tl.max(a, 0)
     e = tl.exp(a - m[None, :])
@@ -288,9 +316,13 @@ def pixel_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, dx_ptr, delta_ptr, S, L, C,
     """``dx`` for a tile of pixels, all S slots in the tile (``dx`` is local per pixel).
 
     ``g``: the incoming gradient (clustering: ``(B, S, C)``, dispatch: ``(B, L, C)``), ``v``: the
-    ``(B, S, C)`` slots (clustering's output, dispatch's values).
+    ``(B, S, C)`` slots (clustering's fp32 forward result, dispatch's values).
     ``dx = [P^T G] + (dK - K <K, dK>) / r`` with ``dK = dA^T qs`` and ``<K, dK> = colsum(dA * A)``
-    (``A = qs K^T``), so the projection needs no second pass over C. Dispatch also writes its
+    (``A = qs K^T``), so the projection needs no second pass over C. ``<K, dK>`` is that of the
+    ``dK`` the dots compute: from ``dA`` rounded to x's dtype and ``A_hi``, the logits of the
+    rounded ``qs``. The projection then removes the along-``K`` part of ``dK``'s rounding error,
+    which the accurate ``A`` would leave in, amplified by ``1/r`` at small ``||x||`` (with C = 1
+    the key path is all along ``K``: it must come out zero). Dispatch also writes its
     ``delta' = colsum(D * dD)`` (B, L), summed over the tile's S slots, for ``reduce_bwd``, whose
     slot blocks may hold only some of them. Grid (B * pixel tiles,); ``dx`` is contiguous.
     """
@@ -311,13 +343,13 @@ def pixel_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, dx_ptr, delta_ptr, S, L, C,
         delta = None  # from the tile: it holds all S slots
         lse = tl.load(lse_ptr + b * L + pix, mask=pix < L, other=0.0)[None, :]
         y_ptr, sy_r, sy_c = v_ptr, sv_s, sv_c
-    a, p, da, delta, inv_r, norm = _grad_logits(
+    a_hi, p, da, delta, inv_r, norm = _grad_logits(
         q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr, sg_r, sg_c,
         lse, delta, 0, l0, S, L, C, CLUSTER, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
     if not CLUSTER:
         tl.store(delta_ptr + b * L + pix[None, :], delta, mask=(pix < L)[None, :])
     # F.normalize clamps the norm at eps: below it, x / eps has no projection term.
-    kdk = tl.where(norm >= 1e-12, tl.sum(da * a, 0), 0.0)
+    kdk = tl.where(norm >= 1e-12, tl.sum(da.to(DT).to(tl.float32) * a_hi, 0), 0.0)
 
     for c0 in range(0, C, BLOCK_C):
         qt = _load(q_ptr, 0, c0, S, C, sq_s, sq_c, BLOCK_S, BLOCK_C)
@@ -357,14 +389,14 @@ def reduce_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv_ptr,
     dv = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for l0 in range(l_begin, l_end, BLOCK_L):
         if CLUSTER:
-            a, p, da, _, inv_r, norm = _grad_logits(
+            _, p, da, _, inv_r, norm = _grad_logits(
                 q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, g_ptr, sg_r, sg_c, g_ptr, sg_r, sg_c,
                 lse_s, delta_s, s0, l0, S, l_end, C, CLUSTER, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
         else:
             pix = l0 + tl.arange(0, BLOCK_L)
             lse_l = tl.load(lse_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
             delta_l = tl.load(delta_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
-            a, p, da, _, inv_r, norm = _grad_logits(
+            _, p, da, _, inv_r, norm = _grad_logits(
                 q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, v_ptr, sv_s, sv_c, g_ptr, sg_r, sg_c,
                 lse_l, delta_l, s0, l0, S, l_end, C, CLUSTER, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
             gt = _load(g_ptr, l0, c_out, l_end, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
