@@ -39,8 +39,9 @@ def _programs_wanted(device):
 def split_plan(B, S, L, device):
     """``(BLOCK_S, slot blocks, chunk_len, chunks)`` of the reduction kernels.
 
-    Depends only on the shape and device (not on the autotuned config), so the partial sums and
-    their order, hence the bits of the result, are fixed for a shape.
+    Depends only on the shape and device (not on the autotuned config), so the chunks and their
+    order are fixed for a shape; the rounding inside a chunk follows the autotuned tile sizes,
+    which a new process may choose differently on a GPU.
     """
     block_s = _block(S, _MAX_BLOCK_S)
     n_sb = triton.cdiv(S, block_s)
