@@ -164,3 +164,23 @@ def test_quick_comparison_flags_a_wrong_fused_backend(monkeypatch):
                                     backends=["reference", "sdpa"] + fused, modes=())
     # The baselines are shown, not judged; each fused backend fails.
     assert [f.split("'")[1] for f in failures] == fused
+
+
+def test_model_check_catches_a_wrong_backend(monkeypatch):
+    """The main job's model check fails when a backend's ops are wrong, and passes when right."""
+    from glmix_kernels.bench import quick, workloads
+    from glmix_kernels.models import glnet
+
+    monkeypatch.setattr(workloads, "model_backends", lambda device: ["reference", "auto"])
+    assert quick.check_model("cpu", torch.float32, batch=1, resolution=64) == []
+    right = glnet.soft_dispatch
+    calls = iter(range(10**6))
+
+    def wrong_on_second_pass(*args, **kwargs):  # the second model pass plays the broken backend
+        out = right(*args, **kwargs)
+        return out * 1.5 if next(calls) >= len(DISPATCHING_BLOCKS) else out
+
+    DISPATCHING_BLOCKS = [m for m in quick.create_model("glnet_4g").modules() if isinstance(m, glnet.GLMixBlock)]
+    monkeypatch.setattr(glnet, "soft_dispatch", wrong_on_second_pass)
+    failures = quick.check_model("cpu", torch.float32, batch=1, resolution=64)
+    assert len(failures) == 1 and "eval logits differ" in failures[0]
