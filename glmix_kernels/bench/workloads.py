@@ -252,22 +252,6 @@ MIXER_SKELETON = "glnet_stl"
 MIXER_ATTENTION, MIXER_LOCAL = "mha_nchw", "local"
 
 
-class LocalOnlyGLMixBlock(GLMixBlock):
-    """A GLMix block with its global branch (clustering, slot attention, dispatch) removed.
-
-    The models package has no switch for this, so ``build_mixer_model`` swaps each block's class
-    for this subclass, which adds no state and rewrites only ``forward`` (``GLMixBlock.forward``,
-    GLMIX.md section 4, with ``g = local(y)``); the unused global-branch parameters get no
-    gradient and AdamW leaves them alone.
-    """
-
-    def forward(self, x):
-        if self.with_conv_pos_emb:
-            x = x + self.pos_conv(x)
-        x = x + self.drop_path(self.ls1(self.feature_conv(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
-
-
 def build_mixer_model(variant, **kwargs):
     """The ``MIXER_SKELETON`` GLNet with its GLMix stages run as ``variant``: a backend name (GLMix
     on those ops), ``"mha_nchw"`` (full attention) or ``"local"`` (the local branch alone)."""
@@ -276,7 +260,7 @@ def build_mixer_model(variant, **kwargs):
     if variant == MIXER_LOCAL:
         model = create_model(MIXER_SKELETON, backend="reference", **kwargs)
         for block in model.modules():
-            if type(block) is GLMixBlock:
-                block.__class__ = LocalOnlyGLMixBlock
+            if isinstance(block, GLMixBlock):
+                block.use_global_branch = False
         return model
     return create_model(MIXER_SKELETON, backend=variant, **kwargs)

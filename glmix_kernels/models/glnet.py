@@ -169,6 +169,8 @@ class GLMixBlock(nn.Module):
     The global branch runs on ``glmix_kernels.soft_cluster`` / ``soft_dispatch`` with the block's
     ``backend`` (changeable at any time). ``slot_scale`` is the temperature: a learnable 0-d
     parameter initialised to ``embed_dim ** -0.5``, or a buffer with ``scale_mode="const"``.
+    Setting ``use_global_branch = False`` leaves the local branch alone (for mixer comparisons;
+    the global branch's parameters stay, so checkpoints still load).
     """
 
     def __init__(self, embed_dim, num_heads, num_slots=64, slot_init="ada_avgpool", slot_scale=None,
@@ -185,6 +187,7 @@ class GLMixBlock(nn.Module):
         self.slot_init = slot_init
         self.use_slot_attention = use_slot_attention
         self.backend = _check_backend(backend)
+        self.use_global_branch = True
 
         scale = torch.tensor(embed_dim ** -0.5 if slot_scale is None else float(slot_scale))
         if scale_mode == "learnable":
@@ -236,12 +239,14 @@ class GLMixBlock(nn.Module):
 
     def forward(self, x):
         x, y, pixels, init_slots = self._mixer_inputs(x)
-        slots = soft_cluster(pixels, init_slots, self.slot_scale, backend=self.backend)
-        if self.use_slot_attention:
-            slots = _self_attention(self.relation_mha, slots)
-        mixed = soft_dispatch(pixels, init_slots, self.slot_scale, slots, backend=self.backend)
-        # (B, L, C) -> (B, C, H, W) as a strided view: the sum below reads it in place.
-        mixed = mixed.transpose(1, 2).unflatten(2, y.shape[2:]) + self.feature_conv(y)
+        mixed = self.feature_conv(y)
+        if self.use_global_branch:
+            slots = soft_cluster(pixels, init_slots, self.slot_scale, backend=self.backend)
+            if self.use_slot_attention:
+                slots = _self_attention(self.relation_mha, slots)
+            dispatched = soft_dispatch(pixels, init_slots, self.slot_scale, slots, backend=self.backend)
+            # (B, L, C) -> (B, C, H, W) as a strided view: the sum reads it in place.
+            mixed = dispatched.transpose(1, 2).unflatten(2, y.shape[2:]) + mixed
         x = x + self.drop_path(self.ls1(mixed))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
