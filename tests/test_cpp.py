@@ -21,6 +21,14 @@ needs_extension = pytest.mark.skipif("cpu" not in glmix_kernels.available_backen
                                      reason=f"{cpp.unavailable_reason('cpu')}")
 
 
+def test_extension_loads():
+    """Every "cpu" test skips when the extension cannot load, so a built but broken extension (an
+    unresolved symbol, say) must fail here instead. Only a pure-Python install may lack it."""
+    if os.environ.get("GLMIX_SKIP_EXT") == "1":
+        pytest.skip("GLMIX_SKIP_EXT is set: a pure-Python install")
+    assert cpp.unavailable_reason("cpu") is None, cpp.unavailable_reason("cpu")
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 def test_cmake_build_and_ctest(tmp_path):
     """Configure and build CMakeLists.txt (library + C++ test), then run ctest."""

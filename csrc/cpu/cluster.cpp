@@ -18,7 +18,7 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
   const Splits sp(L, C, kMaxSplits);
   const int64_t J = sp.count;
   const Rows<scalar_t> xs(x);
-  const Operand q(qs, qs.scalar_type());
+  const Operand qT(qs.transpose(1, 2), qs.scalar_type());
 
   // Each split runs an online softmax over its tiles (FlashAttention style) and leaves its
   // running max m, sum z and unnormalised slots acc; the splits are merged below.
@@ -26,9 +26,9 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
   Tensor acc = at::empty({B, J, S, C}, acc_opts);
   parallel_splits(B, sp, [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(sp.tile, C, acc_opts);
-    const Tensor A_buf = at::empty({S * sp.tile}, acc_opts);
-    const Tensor qb = q[b];
-    Tensor acc_j = acc[b][j];
+    const Tensor A_buf = at::empty({sp.tile * S}, acc_opts);
+    acc_t* a = A_buf.data_ptr<acc_t>();
+    acc_t* acc_j = acc.data_ptr<acc_t>() + (b * J + j) * S * C;
     acc_t* m_j = m.data_ptr<acc_t>() + (b * J + j) * S;
     acc_t* z_j = z.data_ptr<acc_t>() + (b * J + j) * S;
     std::vector<acc_t> tile_max(S), tile_sum(S), rescale(S);
@@ -36,19 +36,17 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
       const bool first = l0 == sp.begin(j);
       tile.load(xs, b, l0, std::min(sp.tile, sp.end(j) - l0));
       const int64_t n = tile.n();
-      Tensor A = rows_view(A_buf, S, n);
-      tile.raw_logits(qb, A);
-      acc_t* a = A.data_ptr<acc_t>();
-      softmax_max(a, S, n, tile.rinv(), Over::Pixels, tile_max.data());
+      tile.times(qT.at<acc_t>(b), S, a);
+      column_max(a, n, S, S, tile.rinv(), tile_max.data());
       for (const auto s : c10::irange(S)) {
         const acc_t new_max = first ? tile_max[s] : std::max(m_j[s], tile_max[s]);
         rescale[s] = first ? acc_t(0) : std::exp(m_j[s] - new_max);
         m_j[s] = new_max;
       }
-      softmax_exp(a, S, n, tile.rinv(), m_j, Over::Pixels, tile_sum.data());  // P up to normalisation
+      exp_columns(a, n, S, S, tile.rinv(), m_j, tile_sum.data());  // P up to normalisation
       for (const auto s : c10::irange(S)) z_j[s] = first ? tile_sum[s] : z_j[s] * rescale[s] + tile_sum[s];
-      if (!first) scale_rows(acc_j.data_ptr<acc_t>(), S, C, rescale.data());
-      accumulate_mm(acc_j, A, tile.x(), first);
+      if (!first) scale_rows(acc_j, S, C, rescale.data());
+      gemm_tn(S, C, n, a, S, tile.x(), C, acc_j, C, !first);  // acc += P^T @ x
     }
   });
 
@@ -90,7 +88,7 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
   const auto acc_opts = qs.options();
   const Splits sp(L, C, kMaxSplits);
   const Rows<scalar_t> xs(x);
-  const Operand q(qs, qs.scalar_type()), G(grad, qs.scalar_type());
+  const Tensor G_acc = grad.to(qs.scalar_type()).contiguous();
   const Tensor lse_c = lse.contiguous();
 
   // delta = rowsum(dP * P) = rowsum(G * slots), (B, S): no (S, L) product needed. The slots are
@@ -101,7 +99,7 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
     const acc_t* sl = slots_acc.const_data_ptr<acc_t>();
     acc_t* d = delta.data_ptr<acc_t>();
     for (const auto b : c10::irange(B)) {
-      const acc_t* g = G[b].const_data_ptr<acc_t>();
+      const acc_t* g = G_acc.const_data_ptr<acc_t>() + b * S * C;
       for (const auto s : c10::irange(S)) {
         acc_t sum = 0;
         for (const auto c : c10::irange(C)) sum += g[s * C + c] * sl[(b * S + s) * C + c];
@@ -110,27 +108,28 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
     }
   }
 
+  // One product with x gives the raw logits and dP = x @ G^T side by side, (n, 2S), which the
+  // softmax steps turn into [P | dA_r].
+  const Operand q(qs, qs.scalar_type()), G(G_acc, qs.scalar_type());
+  const Operand qgT(at::cat({qs, G_acc}, 1).transpose(1, 2), qs.scalar_type());
   Tensor dqs_partial = at::empty({B, sp.count, S, C}, acc_opts);
   parallel_splits(B, sp, [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(sp.tile, C, acc_opts);
-    const Tensor A_buf = at::empty({S * sp.tile}, acc_opts), dA_buf = at::empty({S * sp.tile}, acc_opts);
+    const Tensor PD_buf = at::empty({sp.tile * 2 * S}, acc_opts);
     const Tensor dx_buf = result_buffer<acc_t, scalar_t>(sp.tile * C, acc_opts);
-    const Tensor qb = q[b], Gb = G[b];
-    Tensor dqs_j = dqs_partial[b][j];
+    acc_t* pd = PD_buf.data_ptr<acc_t>();
+    acc_t* dqs_j = dqs_partial.data_ptr<acc_t>() + (b * sp.count + j) * S * C;
     const acc_t* lse_b = lse_c.const_data_ptr<acc_t>() + b * S;
     const acc_t* delta_b = delta.const_data_ptr<acc_t>() + b * S;
     for (int64_t l0 = sp.begin(j); l0 < sp.end(j); l0 += sp.tile) {
       tile.load(xs, b, l0, std::min(sp.tile, sp.end(j) - l0));
       const int64_t n = tile.n();
-      Tensor P = rows_view(A_buf, S, n);
-      tile.raw_logits(qb, P);
-      softmax_exp(P.data_ptr<acc_t>(), S, n, tile.rinv(), lse_b, Over::Pixels, static_cast<acc_t*>(nullptr));
-      Tensor dA = rows_view(dA_buf, S, n);
-      at::cpu::mm_out(dA, Gb, tile.x().t());  // dP = G @ x^T
-      softmax_backward(P.const_data_ptr<acc_t>(), dA.data_ptr<acc_t>(), S, n, delta_b, Over::Pixels, tile.rinv());
+      tile.times(qgT.at<acc_t>(b), 2 * S, pd);
+      softmax_backward(pd, 2 * S, pd + S, 2 * S, n, S, tile.rinv(), lse_b, delta_b, Over::Pixels);
       Tensor dxt = result_rows<acc_t, scalar_t>(dx, b, l0, n, dx_buf);
-      tile.key_backward(dA, qb, dqs_j, l0 == sp.begin(j), dxt);
-      at::cpu::addmm_(dxt, P.t(), Gb);  // the value path, P^T @ G
+      acc_t* dxp = dxt.data_ptr<acc_t>();
+      tile.key_backward(pd + S, 2 * S, S, q.at<acc_t>(b), dqs_j, l0 == sp.begin(j), dxp);
+      gemm_nn(n, C, S, pd, 2 * S, G.at<acc_t>(b), C, dxp, C, true);  // the value path, P @ G
       flush_rows<acc_t, scalar_t>(dxt, dx, b, l0);
     }
   });

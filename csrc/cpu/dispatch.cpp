@@ -18,25 +18,18 @@ void dispatch_fwd_impl(const Tensor& x, const Tensor& qs, const Tensor& slots, T
   const auto acc_opts = qs.options();
   const Splits sp(L, C, /*max_splits=*/std::max<int64_t>(L, 1));  // one tile per task
   const Rows<scalar_t> xs(x);
-  const Operand q(qs, qs.scalar_type()), V(slots, qs.scalar_type());
+  const Operand qT(qs.transpose(1, 2), qs.scalar_type()), V(slots, qs.scalar_type());
   acc_t* lse_p = lse.data_ptr<acc_t>();
   parallel_splits(B, sp, [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(sp.tile, C, acc_opts);
     tile.load(xs, b, sp.begin(j), sp.end(j) - sp.begin(j));
     const int64_t n = tile.n(), l0 = sp.begin(j);
-    Tensor D = at::empty({S, n}, acc_opts);
-    tile.raw_logits(q[b], D);
+    const Tensor D = at::empty({n * S}, acc_opts);
     acc_t* d = D.data_ptr<acc_t>();
-    std::vector<acc_t> col_max(n), col_sum(n);
-    softmax_max(d, S, n, tile.rinv(), Over::Slots, col_max.data());
-    softmax_exp(d, S, n, tile.rinv(), col_max.data(), Over::Slots, col_sum.data());
-    for (const auto l : c10::irange(n)) {
-      lse_p[b * L + l0 + l] = col_max[l] + std::log(col_sum[l]);
-      col_sum[l] = acc_t(1) / col_sum[l];
-    }
-    scale_columns(d, S, n, col_sum.data());
+    tile.times(qT.at<acc_t>(b), S, d);
+    softmax_rows(d, n, S, S, tile.rinv(), lse_p + b * L + l0);
     Tensor ot = result_rows<acc_t, scalar_t>(out, b, l0, n, result_buffer<acc_t, scalar_t>(n * C, acc_opts));
-    at::cpu::mm_out(ot, D.t(), V[b]);
+    gemm_nn(n, C, S, d, S, V.at<acc_t>(b), C, ot.data_ptr<acc_t>(), C, false);
     flush_rows<acc_t, scalar_t>(ot, out, b, l0);
   });
 }
@@ -49,36 +42,34 @@ void dispatch_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, co
   const auto acc_opts = qs.options();
   const Splits sp(L, C, kMaxSplits);
   const Rows<scalar_t> xs(x), gs(grad);
-  const Operand q(qs, qs.scalar_type()), V(slots, qs.scalar_type());
+  const Operand q(qs, qs.scalar_type()), qT(qs.transpose(1, 2), qs.scalar_type());
+  const Operand VT(slots.transpose(1, 2), qs.scalar_type());
   const Tensor lse_c = lse.contiguous();
+  const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
   Tensor dqs_partial = at::empty({B, sp.count, S, C}, acc_opts);
   Tensor dslots_partial = at::empty({B, sp.count, S, C}, acc_opts);
   parallel_splits(B, sp, [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(sp.tile, C, acc_opts);
-    const Tensor D_buf = at::empty({S * sp.tile}, acc_opts), dA_buf = at::empty({S * sp.tile}, acc_opts);
+    const Tensor D_buf = at::empty({sp.tile * S}, acc_opts), dD_buf = at::empty({sp.tile * S}, acc_opts);
     const Tensor g_buf = at::empty({sp.tile * C}, acc_opts), dx_buf = result_buffer<acc_t, scalar_t>(sp.tile * C, acc_opts);
-    std::vector<acc_t> delta(sp.tile);
-    const Tensor qb = q[b], Vb = V[b];
-    Tensor dqs_j = dqs_partial[b][j], dslots_j = dslots_partial[b][j];
+    acc_t* D = D_buf.data_ptr<acc_t>();
+    acc_t* dD = dD_buf.data_ptr<acc_t>();
+    acc_t* dqs_j = dqs_partial.data_ptr<acc_t>() + (b * sp.count + j) * S * C;
+    acc_t* dslots_j = dslots_partial.data_ptr<acc_t>() + (b * sp.count + j) * S * C;
     for (int64_t l0 = sp.begin(j); l0 < sp.end(j); l0 += sp.tile) {
       const bool first = l0 == sp.begin(j);
       tile.load(xs, b, l0, std::min(sp.tile, sp.end(j) - l0));
       const int64_t n = tile.n();
-      const Tensor g = gs.template read<acc_t>(b, l0, n, g_buf);
-      Tensor dxt = result_rows<acc_t, scalar_t>(dx, b, l0, n, dx_buf);
-      Tensor D = rows_view(D_buf, S, n);
-      tile.raw_logits(qb, D);
-      softmax_exp(D.data_ptr<acc_t>(), S, n, tile.rinv(), lse_c.const_data_ptr<acc_t>() + b * L + l0, Over::Slots,
-                  static_cast<acc_t*>(nullptr));
-      Tensor dA = rows_view(dA_buf, S, n);
-      at::cpu::mm_out(dA, Vb, g.t());  // dD = slots @ grad^T
+      const acc_t* g = gs.template read<acc_t>(b, l0, n, g_buf).template const_data_ptr<acc_t>();
+      tile.times(qT.at<acc_t>(b), S, D);
+      gemm_nn(n, S, C, g, C, VT.at<acc_t>(b), S, dD, S, false);  // dD = grad @ slots^T
       // delta' = sum_s D dD per pixel, from the tile in acc_t: exact, where rowsum(grad * out)
       // would use the output rounded to x's dtype.
-      slot_delta(D.const_data_ptr<acc_t>(), dA.const_data_ptr<acc_t>(), S, n, delta.data());
-      softmax_backward(D.const_data_ptr<acc_t>(), dA.data_ptr<acc_t>(), S, n, delta.data(), Over::Slots,
-                       tile.rinv());
-      accumulate_mm(dslots_j, D, g, first);  // dslots = D @ grad
-      tile.key_backward(dA, qb, dqs_j, first, dxt);
+      softmax_backward(D, S, dD, S, n, S, tile.rinv(), lse_p + b * L + l0, nullptr, Over::Slots);
+      gemm_tn(S, C, n, D, S, g, C, dslots_j, C, !first);  // dslots += D^T @ grad
+      Tensor dxt = result_rows<acc_t, scalar_t>(dx, b, l0, n, dx_buf);
+      acc_t* dxp = dxt.data_ptr<acc_t>();
+      tile.key_backward(dD, S, S, q.at<acc_t>(b), dqs_j, first, dxp);
       flush_rows<acc_t, scalar_t>(dxt, dx, b, l0);
     }
   });

@@ -115,100 +115,85 @@ C10_ALWAYS_INLINE void project_out_impl(T* dx, const T* x, int64_t n, int64_t C,
   }
 }
 
-// Dividing by sum_s p makes sum_s dA = 0 (the softmax's shift invariance) however far
-// p = exp(A - lse) is from summing to 1: with large temperatures lse carries an absolute error
-// of |A| * eps, and without the division that error would reach dA as (1 - sum_s p) dD.
 template <typename T>
-C10_ALWAYS_INLINE void slot_delta_impl(const T* p, const T* d, int64_t S, int64_t n, T* delta) {
-  constexpr int64_t kChunk = 64;  // the column sums stay in registers / L1
-  T pd[kChunk], psum[kChunk];
-  for (int64_t l0 = 0; l0 < n; l0 += kChunk) {
-    const int64_t m = std::min(kChunk, n - l0);
-    std::fill(pd, pd + m, T(0));
-    std::fill(psum, psum + m, T(0));
+C10_ALWAYS_INLINE void column_max_impl(const T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* m) {
+  std::fill(m, m + S, -std::numeric_limits<T>::infinity());
+  for (int64_t l = 0; l < n; ++l) {
+    const T* row = a + l * ld;
+    const T r = rinv[l];
+    // A select on values, not std::max's reference: this form vectorises.
+#pragma omp simd
     for (int64_t s = 0; s < S; ++s) {
-      const T* pr = p + s * n + l0;
-      const T* dr = d + s * n + l0;
-#pragma omp simd
-      for (int64_t l = 0; l < m; ++l) {
-        pd[l] += pr[l] * dr[l];
-        psum[l] += pr[l];
-      }
-    }
-    for (int64_t l = 0; l < m; ++l) delta[l0 + l] = pd[l] / psum[l];
-  }
-}
-
-template <typename T>
-C10_ALWAYS_INLINE void softmax_max_impl(const T* a, int64_t S, int64_t n, const T* rinv, Over over, T* m) {
-  if (over == Over::Slots) std::fill(m, m + n, -std::numeric_limits<T>::infinity());
-  for (int64_t s = 0; s < S; ++s) {
-    const T* row = a + s * n;
-    if (over == Over::Pixels) {
-      T rmax = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : rmax)
-      for (int64_t l = 0; l < n; ++l) rmax = std::max(rmax, row[l] * rinv[l]);
-      m[s] = rmax;
-    } else {
-      // A select on values, not std::max's reference: this form vectorises.
-#pragma omp simd
-      for (int64_t l = 0; l < n; ++l) {
-        const T v = row[l] * rinv[l];
-        m[l] = m[l] < v ? v : m[l];
-      }
+      const T v = row[s] * r;
+      m[s] = m[s] < v ? v : m[s];
     }
   }
 }
 
 template <typename T>
-C10_ALWAYS_INLINE void softmax_exp_impl(T* a, int64_t S, int64_t n, const T* rinv, const T* shift, Over over,
+C10_ALWAYS_INLINE void exp_columns_impl(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, const T* shift,
                                         T* sum) {
-  if (sum != nullptr && over == Over::Slots) std::fill(sum, sum + n, T(0));
-  for (int64_t s = 0; s < S; ++s) {
-    T* row = a + s * n;
-    if (over == Over::Pixels) {
-      const T m = shift[s];
-      T rsum = 0;
-#pragma omp simd reduction(+ : rsum)
-      for (int64_t l = 0; l < n; ++l) {
-        row[l] = exp_approx(row[l] * rinv[l] - m);
-        rsum += row[l];
-      }
-      if (sum != nullptr) sum[s] = rsum;
-    } else {
+  std::fill(sum, sum + S, T(0));
+  for (int64_t l = 0; l < n; ++l) {
+    T* row = a + l * ld;
+    const T r = rinv[l];
 #pragma omp simd
-      for (int64_t l = 0; l < n; ++l) row[l] = exp_approx(row[l] * rinv[l] - shift[l]);
-      if (sum != nullptr) {
-#pragma omp simd
-        for (int64_t l = 0; l < n; ++l) sum[l] += row[l];
-      }
+    for (int64_t s = 0; s < S; ++s) {
+      row[s] = exp_approx(row[s] * r - shift[s]);
+      sum[s] += row[s];
     }
   }
 }
 
 template <typename T>
-C10_ALWAYS_INLINE void softmax_backward_impl(const T* p, T* d, int64_t S, int64_t n, const T* delta, Over over,
-                                             const T* rinv) {
-  for (int64_t s = 0; s < S; ++s) {
-    const T* prow = p + s * n;
-    T* drow = d + s * n;
-    if (over == Over::Pixels) {
-      const T ds = delta[s];
-#pragma omp simd
-      for (int64_t l = 0; l < n; ++l) drow[l] = prow[l] * (drow[l] - ds) * rinv[l];
-    } else {
-#pragma omp simd
-      for (int64_t l = 0; l < n; ++l) drow[l] = prow[l] * (drow[l] - delta[l]) * rinv[l];
+C10_ALWAYS_INLINE void softmax_rows_impl(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* lse) {
+  for (int64_t l = 0; l < n; ++l) {
+    T* row = a + l * ld;
+    const T r = rinv[l];
+    T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t s = 0; s < S; ++s) m = std::max(m, row[s] * r);
+    T z = 0;
+#pragma omp simd reduction(+ : z)
+    for (int64_t s = 0; s < S; ++s) {
+      row[s] = exp_approx(row[s] * r - m);
+      z += row[s];
     }
+    const T zinv = T(1) / z;
+#pragma omp simd
+    for (int64_t s = 0; s < S; ++s) row[s] *= zinv;
+    lse[l] = m + std::log(z);
   }
 }
 
+// Over::Slots divides by sum_s P, which makes sum_s dA = 0 (the softmax's shift invariance)
+// however far P = exp(A - lse) is from summing to 1: with large temperatures lse carries an
+// absolute error of |A| eps, and without the division that error would reach dA as (1 - sum_s P) dD.
 template <typename T>
-C10_ALWAYS_INLINE void scale_columns_impl(T* a, int64_t S, int64_t n, const T* w) {
-  for (int64_t s = 0; s < S; ++s) {
-    T* row = a + s * n;
+C10_ALWAYS_INLINE void softmax_backward_impl(T* a, int64_t lda, T* d, int64_t ldd, int64_t n, int64_t S,
+                                             const T* rinv, const T* lse, const T* delta, Over over) {
+  for (int64_t l = 0; l < n; ++l) {
+    T* p = a + l * lda;
+    T* dr = d + l * ldd;
+    const T r = rinv[l];
+    if (over == Over::Pixels) {
 #pragma omp simd
-    for (int64_t l = 0; l < n; ++l) row[l] *= w[l];
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = exp_approx(p[s] * r - lse[s]);
+        dr[s] = p[s] * (dr[s] - delta[s]) * r;
+      }
+    } else {
+      T pd = 0, psum = 0;
+#pragma omp simd reduction(+ : pd, psum)
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = exp_approx(p[s] * r - lse[l]);
+        pd += p[s] * dr[s];
+        psum += p[s];
+      }
+      const T dl = pd / psum;
+#pragma omp simd
+      for (int64_t s = 0; s < S; ++s) dr[s] = p[s] * (dr[s] - dl) * r;
+    }
   }
 }
 
@@ -229,32 +214,29 @@ GLMIX_CLONES void transpose(const float* src, int64_t ld, int64_t n, int64_t C, 
   transpose_impl(src, ld, n, C, dst);
 }
 
-#define GLMIX_DEFINE_TILE_KERNELS(T)                                                                      \
-  GLMIX_CLONES void inverse_norms(const T* x, int64_t n, int64_t C, T* rinv, T* proj) {                  \
-    inverse_norms_impl(x, n, C, rinv, proj);                                                             \
-  }                                                                                                      \
-  GLMIX_CLONES void project_out(T* dx, const T* x, int64_t n, int64_t C, const T* proj) {                \
-    project_out_impl(dx, x, n, C, proj);                                                                 \
-  }                                                                                                      \
-  GLMIX_CLONES void slot_delta(const T* p, const T* d, int64_t S, int64_t n, T* delta) {                 \
-    slot_delta_impl(p, d, S, n, delta);                                                                  \
-  }                                                                                                      \
-  GLMIX_CLONES void softmax_max(const T* a, int64_t S, int64_t n, const T* rinv, Over over, T* m) {      \
-    softmax_max_impl(a, S, n, rinv, over, m);                                                            \
-  }                                                                                                      \
-  GLMIX_CLONES void softmax_exp(T* a, int64_t S, int64_t n, const T* rinv, const T* shift, Over over,    \
-                                T* sum) {                                                                \
-    softmax_exp_impl(a, S, n, rinv, shift, over, sum);                                                   \
-  }                                                                                                      \
-  GLMIX_CLONES void softmax_backward(const T* p, T* d, int64_t S, int64_t n, const T* delta, Over over, \
-                                     const T* rinv) {                                                    \
-    softmax_backward_impl(p, d, S, n, delta, over, rinv);                                                \
-  }                                                                                                      \
-  GLMIX_CLONES void scale_columns(T* a, int64_t S, int64_t n, const T* w) {                              \
-    scale_columns_impl(a, S, n, w);                                                                      \
-  }                                                                                                      \
-  GLMIX_CLONES void scale_rows(T* a, int64_t S, int64_t C, const T* w) {                                 \
-    scale_rows_impl(a, S, C, w);                                                                         \
+#define GLMIX_DEFINE_TILE_KERNELS(T)                                                                         \
+  GLMIX_CLONES void inverse_norms(const T* x, int64_t n, int64_t C, T* rinv, T* proj) {                     \
+    inverse_norms_impl(x, n, C, rinv, proj);                                                                \
+  }                                                                                                         \
+  GLMIX_CLONES void project_out(T* dx, const T* x, int64_t n, int64_t C, const T* proj) {                   \
+    project_out_impl(dx, x, n, C, proj);                                                                    \
+  }                                                                                                         \
+  GLMIX_CLONES void column_max(const T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* m) {         \
+    column_max_impl(a, n, S, ld, rinv, m);                                                                  \
+  }                                                                                                         \
+  GLMIX_CLONES void exp_columns(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, const T* shift,      \
+                                T* sum) {                                                                   \
+    exp_columns_impl(a, n, S, ld, rinv, shift, sum);                                                        \
+  }                                                                                                         \
+  GLMIX_CLONES void softmax_rows(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* lse) {           \
+    softmax_rows_impl(a, n, S, ld, rinv, lse);                                                              \
+  }                                                                                                         \
+  GLMIX_CLONES void softmax_backward(T* a, int64_t lda, T* d, int64_t ldd, int64_t n, int64_t S,            \
+                                     const T* rinv, const T* lse, const T* delta, Over over) {              \
+    softmax_backward_impl(a, lda, d, ldd, n, S, rinv, lse, delta, over);                                    \
+  }                                                                                                         \
+  GLMIX_CLONES void scale_rows(T* a, int64_t S, int64_t C, const T* w) {                                    \
+    scale_rows_impl(a, S, C, w);                                                                            \
   }
 
 GLMIX_DEFINE_TILE_KERNELS(float)

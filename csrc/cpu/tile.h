@@ -1,11 +1,16 @@
 // What the CPU clustering and dispatch kernels share: input checks, the split of L into tiles,
-// one tile of pixels with its norms and logits, the softmax steps on an (S, n) tile of logits, the
-// backward pass through the normalisation, and the fixed-order sum of per-split partial results.
+// one tile of pixels with its norms, the products on tiles, the softmax steps on an (n, S) tile of
+// logits, the backward pass through the normalisation, and the fixed-order sum of per-split
+// partial results.
 //
-// Products run as BLAS calls on small contiguous tile tensors (at::cpu::mm_out / addmm_, which
-// skip the dispatcher); the elementwise passes over a tile are the functions declared at the end,
-// defined in tile.cpp and compiled per ISA. Everything is computed in acc_t = float for
-// float16/bfloat16/float32 inputs and double for float64.
+// Logits tiles are pixel-major, (n, S): then every product whose result is per pixel (logits,
+// dispatch's output, dx) reads both operands row-major as they lie, and runs as a oneDNN brgemm
+// micro-kernel (through ATen) that multiplies in place. MKL's sgemm packed both operands of every
+// tile product first, and at these sizes (K = C or S, about 64) the packing and its zeroing of the
+// output cost a quarter of the multiply-adds. Only the sums over pixels (slots, dqs, dslots) read
+// a tile transposed; they stay with ATen's BLAS gemm. The elementwise passes over a tile are the
+// functions declared below, defined in tile.cpp and compiled per ISA. Everything is computed in
+// acc_t = float for float16/bfloat16/float32 inputs and double for float64.
 #pragma once
 
 #include <algorithm>
@@ -18,8 +23,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <c10/util/irange.h>
 
@@ -99,44 +107,93 @@ void parallel_splits(int64_t B, const Splits& sp, const F& fn) {
 
 // ---------------------------------------------------------------------------------------------
 // Elementwise passes, for T = float and double (tile.cpp). Tiles are row-major: x and dx (n, C),
-// logits and their gradients (S, n).
+// logits and their gradients (n, S) with row stride ld (two (n, S) blocks may share the rows of
+// one (n, 2S) buffer).
 
 // The softmax axis of a tile of logits: over pixels (clustering: statistics per slot, i.e. per
-// row, length S) or over slots (dispatch: statistics per pixel, i.e. per column, length n).
+// column) or over slots (dispatch: statistics per pixel, i.e. per row).
 enum class Over { Pixels, Slots };
 
 // dst (n, C) = the transpose of src (C, n) with row stride ld: a tile of the NCHW view of x.
 void transpose(const float* src, int64_t ld, int64_t n, int64_t C, float* dst);
 
-#define GLMIX_DECLARE_TILE_KERNELS(T)                                                              \
-  /* rinv[l] = 1 / max(||x_l||, eps) and the normalisation's backward coefficient proj[l] */      \
-  void inverse_norms(const T* x, int64_t n, int64_t C, T* rinv, T* proj);                         \
-  /* dx_l -= proj[l] <x_l, dx_l> x_l */                                                            \
-  void project_out(T* dx, const T* x, int64_t n, int64_t C, const T* proj);                       \
-  /* delta[l] = sum_s p[s, l] d[s, l] / sum_s p[s, l]: dispatch's delta' for D = p normalised */ \
-  void slot_delta(const T* p, const T* d, int64_t S, int64_t n, T* delta);                        \
-  /* m = max over the softmax axis of a[s, l] * rinv[l] */                                         \
-  void softmax_max(const T* a, int64_t S, int64_t n, const T* rinv, Over over, T* m);             \
-  /* a[s, l] = exp(a[s, l] * rinv[l] - shift), sum (if not null) = its sum over the axis */       \
-  void softmax_exp(T* a, int64_t S, int64_t n, const T* rinv, const T* shift, Over over, T* sum); \
-  /* d = p * (d - delta) * rinv: dA / r from dP, delta = rowsum(dP * P) along the axis */          \
-  void softmax_backward(const T* p, T* d, int64_t S, int64_t n, const T* delta, Over over,        \
-                        const T* rinv);                                                            \
-  /* a[s, l] *= w[l] */                                                                            \
-  void scale_columns(T* a, int64_t S, int64_t n, const T* w);                                     \
-  /* a[s, c] *= w[s] */                                                                            \
+#define GLMIX_DECLARE_TILE_KERNELS(T)                                                               \
+  /* rinv[l] = 1 / max(||x_l||, eps) and the normalisation's backward coefficient proj[l] */       \
+  void inverse_norms(const T* x, int64_t n, int64_t C, T* rinv, T* proj);                          \
+  /* dx_l -= proj[l] <x_l, dx_l> x_l */                                                             \
+  void project_out(T* dx, const T* x, int64_t n, int64_t C, const T* proj);                        \
+  /* clustering, per tile: m[s] = max_l a[l, s] rinv[l]; then a[l, s] = exp(a[l, s] rinv[l] -     \
+     shift[s]) and sum[s] = its sum over the tile's pixels */                                       \
+  void column_max(const T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* m);              \
+  void exp_columns(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, const T* shift, T* sum); \
+  /* dispatch: each row of a a[l, :] rinv[l] replaced by its softmax; lse[l] its log-sum-exp */    \
+  void softmax_rows(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* lse);                \
+  /* Both backwards, from raw logits a (before the norms) and dP in d: a becomes                   \
+     P = exp(a rinv - lse) and d becomes dA / r = P (dP - delta) rinv. Over::Pixels: lse and delta \
+     per slot (delta given); Over::Slots: per pixel, delta = sum_s P dP / sum_s P computed here. */ \
+  void softmax_backward(T* a, int64_t lda, T* d, int64_t ldd, int64_t n, int64_t S, const T* rinv, \
+                        const T* lse, const T* delta, Over over);                                  \
+  /* a[s, c] *= w[s] */                                                                             \
   void scale_rows(T* a, int64_t S, int64_t C, const T* w);
 
 GLMIX_DECLARE_TILE_KERNELS(float)
 GLMIX_DECLARE_TILE_KERNELS(double)
 #undef GLMIX_DECLARE_TILE_KERNELS
 
-// (n, C) / (S, n) views of a flat scratch buffer sized for a full tile; contiguous, so every BLAS
-// call sees the same leading dimensions. (BLAS results may depend on the alignment of the
-// operands: scratch buffers are 64-byte aligned, and the views into inputs and outputs above sit
-// at offsets fixed by the shapes, so results stay a function of the inputs.)
+// (rows, cols) contiguous view of a flat scratch buffer sized for a full tile. (BLAS results may
+// depend on the alignment of the operands: scratch buffers are 64-byte aligned, and the views
+// into inputs and outputs sit at offsets fixed by the shapes, so results stay a function of the
+// inputs.)
 inline Tensor rows_view(const Tensor& buf, int64_t rows, int64_t cols) {
   return buf.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Products on row-major pointers with leading dimensions; the first contribution to an
+// accumulator overwrites it (accumulate = false), so no buffer needs zeroing. What brgemm does
+// not cover goes through ATen's CPU mm on views of the same memory (its BLAS entry points are
+// not exported).
+
+template <typename T>
+Tensor matrix(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+inline void mm(const Tensor& a, const Tensor& b, Tensor c, bool accumulate) {
+  if (accumulate)
+    at::cpu::addmm_(c, a, b);
+  else
+    at::cpu::mm_out(c, a, b);
+}
+
+// c (m, n) (+)= a (m, k) @ b (k, n)
+template <typename T>
+void gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+             bool accumulate) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<T, float>) {
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+    return;
+  }
+#endif
+  mm(matrix(a, m, k, lda), matrix(b, k, n, ldb), matrix(c, m, n, ldc), accumulate);
+}
+
+// c (m, n) (+)= a^T @ b for a (k, m), b (k, n): a sum over the k pixels of a tile. In float, a
+// goes through a transpose into per-thread scratch (cheap: the tile is in L2) and then brgemm.
+template <typename T>
+void gemm_tn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+             bool accumulate) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<T, float>) {
+    thread_local std::vector<float> at_buf;
+    at_buf.resize(std::max<size_t>(at_buf.size(), m * k));
+    transpose(a, lda, m, k, at_buf.data());  // (m, k) = a^T
+    return gemm_nn(m, n, k, at_buf.data(), k, b, ldb, c, ldc, accumulate);
+  }
+#endif
+  mm(matrix(a, k, m, lda).t(), matrix(b, k, n, ldb), matrix(c, m, n, ldc), accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -191,13 +248,17 @@ struct Rows {
   }
 };
 
-// A small (B, S, C) operand (queries, slots, their gradient) as contiguous acc_t rows, converted
-// once up front; a batch broadcast (batch stride 0) stays a single copy.
+// A small (B, R, K) operand (queries, slots, their gradient, transposed or stacked) as
+// contiguous acc_t rows, converted once up front; a batch broadcast (batch stride 0) stays a
+// single copy.
 class Operand {
  public:
   Operand(const Tensor& t, at::ScalarType acc)
       : t_((t.size(0) > 1 && t.stride(0) == 0 ? t.narrow(0, 0, 1) : t).to(acc).contiguous()) {}
-  Tensor operator[](int64_t b) const { return t_.select(0, t_.size(0) == 1 ? 0 : b); }  // (S, C)
+  template <typename T>
+  const T* at(int64_t b) const {  // (R, K), row stride K
+    return t_.const_data_ptr<T>() + (t_.size(0) == 1 ? 0 : b) * t_.size(1) * t_.size(2);
+  }
 
  private:
   Tensor t_;
@@ -230,14 +291,6 @@ void flush_rows(const Tensor& rows, Tensor& out, int64_t b, int64_t l0) {
     store(rows.const_data_ptr<acc_t>(), out.data_ptr<scalar_t>() + (b * out.size(1) + l0) * out.size(2), rows.numel());
 }
 
-// acc (+)= a @ b: the first contribution overwrites, so partial buffers need no zeroing.
-inline void accumulate_mm(Tensor& acc, const Tensor& a, const Tensor& b, bool first) {
-  if (first)
-    at::cpu::mm_out(acc, a, b);
-  else
-    at::cpu::addmm_(acc, a, b);
-}
-
 // ---------------------------------------------------------------------------------------------
 // One tile of pixels: x itself (the values, and the keys up to their norms) in acc_t, and per
 // pixel 1 / max(||x_l||, eps) and the normalisation's backward coefficient.
@@ -246,39 +299,42 @@ template <typename acc_t>
 class PixelTile {
  public:
   PixelTile(int64_t T, int64_t C, const at::TensorOptions& acc_opts)
-      : C_(C), x_buf_(at::empty({T * C}, acc_opts)), rinv_buf_(at::empty({T}, acc_opts)),
-        proj_buf_(at::empty({T}, acc_opts)) {}
+      : C_(C), x_buf_(at::empty({T * C}, acc_opts)), stats_(at::empty({2, T}, acc_opts)) {}
 
   int64_t n() const { return n_; }
-  const Tensor& x() const { return x_; }  // (n, C)
-  const acc_t* rinv() const { return rinv_buf_.template const_data_ptr<acc_t>(); }
+  const acc_t* x() const { return x_; }  // (n, C)
+  const acc_t* rinv() const { return stats_.template const_data_ptr<acc_t>(); }
 
   template <typename scalar_t>
   void load(const Rows<scalar_t>& src, int64_t b, int64_t l0, int64_t n) {
     n_ = n;
-    x_ = src.template read<acc_t>(b, l0, n, x_buf_);
-    inverse_norms(x_.template const_data_ptr<acc_t>(), n, C_, rinv_buf_.template data_ptr<acc_t>(),
-                  proj_buf_.template data_ptr<acc_t>());
+    x_view_ = src.template read<acc_t>(b, l0, n, x_buf_);
+    x_ = x_view_.template const_data_ptr<acc_t>();
+    acc_t* stats = stats_.template data_ptr<acc_t>();
+    inverse_norms(x_, n, C_, stats, stats + stats_.size(1));
   }
 
-  // A (S, n) = qs_b @ x^T: the logits before the norms, which the softmax steps apply per column
-  // (rinv()) in their own pass over the tile.
-  void raw_logits(const Tensor& qs_b, Tensor& A) const { at::cpu::mm_out(A, qs_b, x_.t()); }
+  // out (n, N) = x @ w for w (C, N): the logits before the norms for w = qs^T (the softmax steps
+  // apply the norms per row), and beside them any other product with x (dP, for w = [qs^T | G^T]).
+  void times(const acc_t* w, int64_t N, acc_t* out) const { gemm_nn(n_, N, C_, x_, C_, w, N, out, N, false); }
 
   // The key path of the backward pass, shared by clustering and dispatch. Takes
-  // dA_r[s, l] = dA[s, l] / max(||x_l||, eps) (S, n); accumulates dqs (S, C) += dA_r @ x = dA @ K,
-  // and writes dx (n, C) = the gradient of x through K = normalize(x):
-  //   u = dA_r^T @ qs = dK / r,   dx = (dK - K <K, dK>) / r = u - x <x, u> / r^2   (GLMIX.md s. 2).
-  void key_backward(const Tensor& dA_r, const Tensor& qs_b, Tensor& dqs, bool first, Tensor& dx) const {
-    accumulate_mm(dqs, dA_r, x_, first);
-    at::cpu::mm_out(dx, dA_r.t(), qs_b);
-    project_out(dx.template data_ptr<acc_t>(), x_.template const_data_ptr<acc_t>(), n_, C_,
-                proj_buf_.template const_data_ptr<acc_t>());
+  // dA_r = dA / max(||x_l||, eps) (n, S) with row stride ld (softmax_backward); accumulates
+  // dqs (S, C) += dA_r^T @ x = dA^T @ K and writes dx (n, C) = the gradient of x through
+  // K = normalize(x):  u = dA_r @ qs = dK / r,  dx = (dK - K <K, dK>) / r = u - x <x, u> / r^2
+  // (GLMIX.md s. 2), with <x, u> taken from the rounded u, so that what cancels (all of it
+  // for C = 1) cancels to rounding.
+  void key_backward(const acc_t* dA_r, int64_t ld, int64_t S, const acc_t* qs_b, acc_t* dqs, bool first,
+                    acc_t* dx) const {
+    gemm_tn(S, C_, n_, dA_r, ld, x_, C_, dqs, C_, !first);
+    gemm_nn(n_, C_, S, dA_r, ld, qs_b, C_, dx, C_, false);
+    project_out(dx, x_, n_, C_, rinv() + stats_.size(1));
   }
 
  private:
   int64_t C_, n_ = 0;
-  Tensor x_buf_, rinv_buf_, proj_buf_, x_;
+  Tensor x_buf_, stats_, x_view_;  // stats_: rinv, proj
+  const acc_t* x_ = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------
