@@ -5,12 +5,13 @@
 //
 // Logits tiles are pixel-major, (n, S): then every product whose result is per pixel (logits,
 // dispatch's output, dx) reads both operands row-major as they lie, and runs as a oneDNN brgemm
-// micro-kernel (through ATen) that multiplies in place. MKL's sgemm packed both operands of every
-// tile product first, and at these sizes (K = C or S, about 64) the packing and its zeroing of the
-// output cost a quarter of the multiply-adds. Only the sums over pixels (slots, dqs, dslots) read
-// a tile transposed; they stay with ATen's BLAS gemm. The elementwise passes over a tile are the
-// functions declared below, defined in tile.cpp and compiled per ISA. Everything is computed in
-// acc_t = float for float16/bfloat16/float32 inputs and double for float64.
+// micro-kernel (through ATen) that multiplies in place. MKL's sgemm packs both operands of every
+// call first, and at these sizes (K = C or S, about 64) the packing and its zeroing of the output
+// cost about a quarter of the multiply-adds. The sums over pixels (slots, dqs, dslots) read a
+// logits tile transposed: it is transposed once in L2, then multiplied the same way. float64 (the
+// gradcheck dtype) goes through ATen's mm. The elementwise passes over a tile are the functions
+// declared below, defined in tile.cpp and compiled per ISA. Everything is computed in acc_t =
+// float for float16/bfloat16/float32 inputs and double for float64.
 #pragma once
 
 #include <algorithm>
