@@ -111,7 +111,7 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
   // One product with x gives the raw logits and dP = x @ G^T side by side, (n, 2S), which the
   // softmax steps turn into [P | dA_r].
   const Operand q(qs, qs.scalar_type()), G(G_acc, qs.scalar_type());
-  const Operand qgT(at::cat({qs, G_acc}, 1).transpose(1, 2), qs.scalar_type());
+  const Operand qgT(at::cat({qs.transpose(1, 2), G_acc.transpose(1, 2)}, 2), qs.scalar_type());  // (B, C, 2S)
   Tensor dqs_partial = at::empty({B, sp.count, S, C}, acc_opts);
   parallel_splits(B, sp, [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(sp.tile, C, acc_opts);

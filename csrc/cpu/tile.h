@@ -306,6 +306,7 @@ class PixelTile {
   int64_t n() const { return n_; }
   const acc_t* x() const { return x_; }  // (n, C)
   const acc_t* rinv() const { return stats_.template const_data_ptr<acc_t>(); }
+  const acc_t* proj() const { return rinv() + stats_.size(1); }
 
   template <typename scalar_t>
   void load(const Rows<scalar_t>& src, int64_t b, int64_t l0, int64_t n) {
@@ -330,7 +331,7 @@ class PixelTile {
                     acc_t* dx) const {
     gemm_tn(S, C_, n_, dA_r, ld, x_, C_, dqs, C_, !first);
     gemm_nn(n_, C_, S, dA_r, ld, qs_b, C_, dx, C_, false);
-    project_out(dx, x_, n_, C_, rinv() + stats_.size(1));
+    project_out(dx, x_, n_, C_, proj());
   }
 
  private:
