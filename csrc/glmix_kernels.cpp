@@ -18,25 +18,37 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 #endif
 
-TORCH_LIBRARY(glmix_kernels, m) {
-  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
-  m.def("cluster_fwd(Tensor x, Tensor qs) -> (Tensor slots, Tensor lse)", tags);
-  m.def("cluster_bwd(Tensor grad, Tensor x, Tensor qs, Tensor slots, Tensor lse) -> (Tensor dx, Tensor dqs)", tags);
-  m.def("dispatch_fwd(Tensor x, Tensor qs, Tensor slots) -> (Tensor out, Tensor lse)", tags);
-  m.def("dispatch_bwd(Tensor grad, Tensor x, Tensor qs, Tensor slots, Tensor lse)"
-        " -> (Tensor dx, Tensor dqs, Tensor dslots)",
-        tags);
-}
+// The four schemas, for the glmix_kernels namespace and the emulation's glmix_emulated.
+#define GLMIX_DEFINE_OPS(ns)                                                                            \
+  TORCH_LIBRARY(ns, m) {                                                                                \
+    const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};                                        \
+    m.def("cluster_fwd(Tensor x, Tensor qs) -> (Tensor slots, Tensor lse)", tags);                      \
+    m.def("cluster_bwd(Tensor grad, Tensor x, Tensor qs, Tensor slots, Tensor lse) -> (Tensor dx, Tensor dqs)", \
+          tags);                                                                                        \
+    m.def("dispatch_fwd(Tensor x, Tensor qs, Tensor slots) -> (Tensor out, Tensor lse)", tags);         \
+    m.def("dispatch_bwd(Tensor grad, Tensor x, Tensor qs, Tensor slots, Tensor lse)"                    \
+          " -> (Tensor dx, Tensor dqs, Tensor dslots)",                                                 \
+          tags);                                                                                        \
+  }
 
-#define GLMIX_REGISTER_KERNELS(key, device)              \
-  TORCH_LIBRARY_IMPL(glmix_kernels, key, m) {            \
+GLMIX_DEFINE_OPS(glmix_kernels)
+#ifdef WITH_CUDA_EMULATION
+GLMIX_DEFINE_OPS(glmix_emulated)
+#endif
+
+#define GLMIX_REGISTER_KERNELS(ns, key, device)          \
+  TORCH_LIBRARY_IMPL(ns, key, m) {                       \
     m.impl("cluster_fwd", &glmix::cluster_fwd_##device);   \
     m.impl("cluster_bwd", &glmix::cluster_bwd_##device);   \
     m.impl("dispatch_fwd", &glmix::dispatch_fwd_##device); \
     m.impl("dispatch_bwd", &glmix::dispatch_bwd_##device); \
   }
 
-GLMIX_REGISTER_KERNELS(CPU, cpu)
+GLMIX_REGISTER_KERNELS(glmix_kernels, CPU, cpu)
 #ifdef WITH_CUDA
-GLMIX_REGISTER_KERNELS(CUDA, cuda)
+GLMIX_REGISTER_KERNELS(glmix_kernels, CUDA, cuda)
+#endif
+#ifdef WITH_CUDA_EMULATION
+// The CUDA kernels run on CPU tensors under the host emulation (docs/emulation.md).
+GLMIX_REGISTER_KERNELS(glmix_emulated, CPU, cuda_emulated)
 #endif

@@ -72,6 +72,14 @@ def test_glnet_stage_shapes_on_gpu(backend, device, op, shape):
 
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
 @pytest.mark.parametrize("backend,device", backend_params())
+def test_most_slots(backend, device, op):
+    """S = 256, the CUDA and Triton limit: several slot tiles whichever tile sizes a backend picks."""
+    require(backend, device)
+    check_against_reference(Case(2, 19, 8, 256, "nchw", broadcast=True, device=device), op, backend)
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_tiny_scale(backend, device, op):
     """A temperature near zero makes the softmaxes uniform."""
     require(backend, device)

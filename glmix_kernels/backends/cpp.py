@@ -26,26 +26,31 @@ def unavailable_reason(device_type):
     return None
 
 
-if _LOAD_ERROR is None:
-    @torch.library.register_fake("glmix_kernels::cluster_fwd")
+def register_fakes(ns):
+    """The fake (meta) kernels of the four ops of torch.library namespace ``ns``."""
+
+    @torch.library.register_fake(f"{ns}::cluster_fwd")
     def _cluster_fwd_fake(x, qs):
         B, _, C = x.shape
         S = qs.shape[1]
         return qs.new_empty(B, S, C), qs.new_empty(B, S)
 
-    @torch.library.register_fake("glmix_kernels::cluster_bwd")
+    @torch.library.register_fake(f"{ns}::cluster_bwd")
     def _cluster_bwd_fake(grad, x, qs, slots, lse):
         return x.new_empty(x.shape), qs.new_empty(qs.shape)
 
-    @torch.library.register_fake("glmix_kernels::dispatch_fwd")
+    @torch.library.register_fake(f"{ns}::dispatch_fwd")
     def _dispatch_fwd_fake(x, qs, slots):
         B, L, _ = x.shape
         return x.new_empty(x.shape), qs.new_empty(B, L)
 
-    @torch.library.register_fake("glmix_kernels::dispatch_bwd")
+    @torch.library.register_fake(f"{ns}::dispatch_bwd")
     def _dispatch_bwd_fake(grad, x, qs, slots, lse):
         return x.new_empty(x.shape), qs.new_empty(qs.shape), slots.new_empty(slots.shape)
 
+
+if _LOAD_ERROR is None:
+    register_fakes("glmix_kernels")
     cluster_fwd = torch.ops.glmix_kernels.cluster_fwd
     cluster_bwd = torch.ops.glmix_kernels.cluster_bwd
     dispatch_fwd = torch.ops.glmix_kernels.dispatch_fwd

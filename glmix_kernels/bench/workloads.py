@@ -58,6 +58,8 @@ def skip_reason(backend, device, dtype=torch.float32, channels=1, slots=1):
         return why
     if backend == "triton" and device_type == "cpu":
         return "Triton on CPU tensors is the interpreter: a correctness tool, not timed"
+    if backend == "cuda_emulated":
+        return "the CUDA emulation on CPU tensors is a correctness tool, not timed"
     try:  # the registry's own dtype and size limits, checked on an empty tensor of the right kind
         resolve(backend, torch.empty((0, 0, channels), dtype=dtype, device=device), slots)
     except (TypeError, ValueError) as e:
