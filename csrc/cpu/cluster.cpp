@@ -1,5 +1,5 @@
 // Soft clustering on the CPU: slots = softmax_L(A) @ x and its backward, fused tile by tile (no
-// (B, S, L) tensor). See tile.h for the partition of L and the shared tile steps.
+// (B, S, L) tensor). See plan.h for the partition of L and tile.h for the shared tile steps.
 #include <ATen/Dispatch.h>
 
 #include "../glmix_kernels.h"
@@ -11,7 +11,7 @@ namespace {
 using namespace cpu;
 
 template <typename scalar_t>
-void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& lse) {
+void cluster_fwd(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   const auto acc_opts = qs.options();
@@ -21,10 +21,10 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
   const Operand qT(qs.transpose(1, 2), qs.scalar_type());
 
   // Each chunk runs an online softmax over its tiles (FlashAttention style) and leaves its
-  // running max m, sum z and unnormalised slots acc; the chunks are merged below.
+  // running max m, sum z and unnormalised slots acc; cluster_fwd_combine merges the chunks.
   Tensor m = at::empty({B, J, S}, acc_opts), z = at::empty({B, J, S}, acc_opts);
   Tensor acc = at::empty({B, J, S, C}, acc_opts);
-  parallel_chunks(B, ch, [&](int64_t b, int64_t j) {
+  const auto cluster_fwd_chunk = [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(ch.tile, C, acc_opts);
     const Tensor A_buf = at::empty({ch.tile * S}, acc_opts);
     acc_t* a = A_buf.data_ptr<acc_t>();
@@ -48,9 +48,10 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
       if (!first) scale_rows(acc_j, S, C, rescale.data());
       gemm_tn(S, C, n, a, S, tile.x(), C, acc_j, C, !first);  // acc += P^T @ x
     }
-  });
+  };
+  parallel_chunks(B, ch, cluster_fwd_chunk);
 
-  // Merge the chunks in chunk order: lse = M + log sum_j e^(m_j - M) z_j,
+  // cluster_fwd_combine: the chunks merged in chunk order, lse = M + log sum_j e^(m_j - M) z_j,
   // slots = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) z_j, left in acc_t for the backward's delta.
   const acc_t* mp = m.const_data_ptr<acc_t>();
   const acc_t* zp = z.const_data_ptr<acc_t>();
@@ -81,7 +82,7 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
 }
 
 template <typename scalar_t>
-void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
+void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
                       const Tensor& lse, Tensor& dx, Tensor& dqs) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
@@ -113,7 +114,8 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
   const Operand q(qs, qs.scalar_type()), G(G_acc, qs.scalar_type());
   const Operand qgT(at::cat({qs.transpose(1, 2), G_acc.transpose(1, 2)}, 2), qs.scalar_type());  // (B, C, 2S)
   Tensor dqs_partial = at::empty({B, ch.n, S, C}, acc_opts);
-  parallel_chunks(B, ch, [&](int64_t b, int64_t j) {
+  // Per chunk, tile by tile: dx (pixel_bwd) and the chunk's partial dqs (slot_bwd).
+  const auto cluster_bwd_chunk = [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(ch.tile, C, acc_opts);
     const Tensor PD_buf = at::empty({ch.tile * 2 * S}, acc_opts);
     const Tensor dx_buf = result_buffer<acc_t, scalar_t>(ch.tile * C, acc_opts);
@@ -132,7 +134,8 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
       gemm_nn(n, C, S, pd, 2 * S, G.at<acc_t>(b), C, dxp, C, true);  // the value path, P @ G
       flush_rows<acc_t, scalar_t>(dxt, dx, b, l0);
     }
-  });
+  };
+  parallel_chunks(B, ch, cluster_bwd_chunk);
   sum_chunks<acc_t, acc_t>(dqs_partial, dqs);
 }
 
@@ -146,7 +149,7 @@ std::tuple<Tensor, Tensor> cluster_fwd_cpu(const Tensor& x, const Tensor& qs) {
   Tensor slots = at::empty({B, S, C}, qs.options());
   Tensor lse = at::empty({B, S}, qs.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix cluster_fwd_cpu",
-                                  [&] { cluster_fwd_impl<scalar_t>(x, qs, slots, lse); });
+                                  [&] { cluster_fwd<scalar_t>(x, qs, slots, lse); });
   return {slots, lse};
 }
 
@@ -162,7 +165,7 @@ std::tuple<Tensor, Tensor> cluster_bwd_cpu(const Tensor& grad, const Tensor& x, 
   Tensor dx = at::empty(x.sizes(), x.options());
   Tensor dqs = at::empty({B, S, C}, qs.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix cluster_bwd_cpu",
-                                  [&] { cluster_bwd_impl<scalar_t>(grad, x, qs, slots, lse, dx, dqs); });
+                                  [&] { cluster_bwd<scalar_t>(grad, x, qs, slots, lse, dx, dqs); });
   return {dx, dqs};
 }
 

@@ -12,7 +12,7 @@ namespace {
 using namespace cpu;
 
 template <typename scalar_t>
-void dispatch_fwd_impl(const Tensor& x, const Tensor& qs, const Tensor& slots, Tensor& out, Tensor& lse) {
+void dispatch_fwd(const Tensor& x, const Tensor& qs, const Tensor& slots, Tensor& out, Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   const auto acc_opts = qs.options();
@@ -20,7 +20,7 @@ void dispatch_fwd_impl(const Tensor& x, const Tensor& qs, const Tensor& slots, T
   const Rows<scalar_t> xs(x);
   const Operand qT(qs.transpose(1, 2), qs.scalar_type()), V(slots, qs.scalar_type());
   acc_t* lse_p = lse.data_ptr<acc_t>();
-  parallel_chunks(B, ch, [&](int64_t b, int64_t j) {
+  const auto dispatch_fwd_chunk = [&](int64_t b, int64_t j) {  // a chunk of one tile
     PixelTile<acc_t> tile(ch.tile, C, acc_opts);
     tile.load(xs, b, ch.begin(j), ch.end(j) - ch.begin(j));
     const int64_t n = tile.n(), l0 = ch.begin(j);
@@ -31,11 +31,12 @@ void dispatch_fwd_impl(const Tensor& x, const Tensor& qs, const Tensor& slots, T
     Tensor ot = result_rows<acc_t, scalar_t>(out, b, l0, n, result_buffer<acc_t, scalar_t>(n * C, acc_opts));
     gemm_nn(n, C, S, d, S, V.at<acc_t>(b), C, ot.data_ptr<acc_t>(), C, false);
     flush_rows<acc_t, scalar_t>(ot, out, b, l0);
-  });
+  };
+  parallel_chunks(B, ch, dispatch_fwd_chunk);
 }
 
 template <typename scalar_t>
-void dispatch_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
+void dispatch_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
                        const Tensor& lse, Tensor& dx, Tensor& dqs, Tensor& dslots) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
@@ -48,7 +49,8 @@ void dispatch_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, co
   const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
   Tensor dqs_partial = at::empty({B, ch.n, S, C}, acc_opts);
   Tensor dslots_partial = at::empty({B, ch.n, S, C}, acc_opts);
-  parallel_chunks(B, ch, [&](int64_t b, int64_t j) {
+  // Per chunk, tile by tile: dx and delta' (pixel_bwd), the chunk's partial dqs and dslots (slot_bwd).
+  const auto dispatch_bwd_chunk = [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(ch.tile, C, acc_opts);
     const Tensor D_buf = at::empty({ch.tile * S}, acc_opts), dD_buf = at::empty({ch.tile * S}, acc_opts);
     const Tensor g_buf = at::empty({ch.tile * C}, acc_opts), dx_buf = result_buffer<acc_t, scalar_t>(ch.tile * C, acc_opts);
@@ -72,7 +74,8 @@ void dispatch_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, co
       tile.key_backward(dD, S, S, q.at<acc_t>(b), dqs_j, first, dxp);
       flush_rows<acc_t, scalar_t>(dxt, dx, b, l0);
     }
-  });
+  };
+  parallel_chunks(B, ch, dispatch_bwd_chunk);
   sum_chunks<acc_t, acc_t>(dqs_partial, dqs);
   sum_chunks<acc_t, scalar_t>(dslots_partial, dslots);
 }
@@ -87,7 +90,7 @@ std::tuple<Tensor, Tensor> dispatch_fwd_cpu(const Tensor& x, const Tensor& qs, c
   Tensor out = at::empty({B, L, C}, x.options());
   Tensor lse = at::empty({B, L}, qs.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix dispatch_fwd_cpu",
-                                  [&] { dispatch_fwd_impl<scalar_t>(x, qs, slots, out, lse); });
+                                  [&] { dispatch_fwd<scalar_t>(x, qs, slots, out, lse); });
   return {out, lse};
 }
 
@@ -103,7 +106,7 @@ std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_cpu(const Tensor& grad, const Te
   Tensor dqs = at::empty({B, S, C}, qs.options());
   Tensor dslots = at::empty({B, S, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix dispatch_bwd_cpu", [&] {
-    dispatch_bwd_impl<scalar_t>(grad, x, qs, slots, lse, dx, dqs, dslots);
+    dispatch_bwd<scalar_t>(grad, x, qs, slots, lse, dx, dqs, dslots);
   });
   return {dx, dqs, dslots};
 }
