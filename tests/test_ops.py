@@ -109,6 +109,17 @@ def test_scale_in_the_inputs_dtype(backend, device, op):
 
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
 @pytest.mark.parametrize("backend,device", backend_params())
+def test_short_slots(backend, device, op):
+    """Slots of norm 1e-3 beside unit ones: their gradients, amplified by 1 / r through the
+    normalisation's backward (dq - q <q, dq>) / r, are as accurate as the others'."""
+    require(backend, device)
+    case = Case(2, 41, 32, 8, "nchw", broadcast=True, slots_layout="transposed", device=device)
+    case.slots0_base[..., ::2] *= 1e-3  # every other slot (the last axis of the transposed base)
+    check_against_reference(case, op, backend)
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_zero_pixels_use_the_norm_epsilon(backend, device, op):
     require(backend, device)
     case = Case(2, 41, 32, 8, "nchw", device=device)
