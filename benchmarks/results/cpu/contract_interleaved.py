@@ -82,7 +82,8 @@ def main(before_tree, threads):
         cpu, old = med[("after", "cpu")], med[("before", "cpu")]
         print(f"{name}: cpu {cpu:.3f}, cpu before {old:.3f}, reference {med[('after', 'reference')]:.3f}, "
               f"compile {med[('after', 'compile')]:.3f} | before/after {old / cpu:.2f}x, "
-              f"reference/cpu {med[('after', 'reference')] / cpu:.2f}x, compile/cpu {med[('after', 'compile')] / cpu:.2f}x, "
+              f"reference/cpu {med[('after', 'reference')] / cpu:.2f}x, "
+              f"compile/cpu {med[('after', 'compile')] / cpu:.2f}x, "
               f"reference before/after workers {med[('before', 'reference')] / med[('after', 'reference')]:.2f}x",
               flush=True)
         print("  fastest calls: " + ", ".join(f"{t} {b} {v:.3f}" for (t, b), v in fastest.items()), flush=True)
