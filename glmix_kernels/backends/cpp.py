@@ -2,11 +2,12 @@
 
 Its ops live in the ``glmix_kernels`` torch.library namespace with CPU and CUDA kernels; the
 device of the tensors picks the kernel, so both backends share these four names. Their fake
-(meta) implementations below give torch.compile and torch.library.opcheck the output shapes and
-dtypes without running a kernel: outputs are contiguous, ``lse``, ``dqs`` and clustering's
-``slots`` in ``qs``'s dtype (the accumulation dtype), everything else in ``x``'s.
+(meta) implementations, for torch.compile and torch.library.opcheck, are the output allocations
+of ``contract.py``.
 """
 import torch
+
+from . import contract
 
 try:
     from .. import _C  # noqa: F401  (registers torch.ops.glmix_kernels.*)
@@ -27,26 +28,9 @@ def unavailable_reason(device_type):
 
 
 def register_fakes(ns):
-    """The fake (meta) kernels of the four ops of torch.library namespace ``ns``."""
-
-    @torch.library.register_fake(f"{ns}::cluster_fwd")
-    def _cluster_fwd_fake(x, qs):
-        B, _, C = x.shape
-        S = qs.shape[1]
-        return qs.new_empty(B, S, C), qs.new_empty(B, S)
-
-    @torch.library.register_fake(f"{ns}::cluster_bwd")
-    def _cluster_bwd_fake(grad, x, qs, slots, lse):
-        return x.new_empty(x.shape), qs.new_empty(qs.shape)
-
-    @torch.library.register_fake(f"{ns}::dispatch_fwd")
-    def _dispatch_fwd_fake(x, qs, slots):
-        B, L, _ = x.shape
-        return x.new_empty(x.shape), qs.new_empty(B, L)
-
-    @torch.library.register_fake(f"{ns}::dispatch_bwd")
-    def _dispatch_bwd_fake(grad, x, qs, slots, lse):
-        return x.new_empty(x.shape), qs.new_empty(qs.shape), slots.new_empty(slots.shape)
+    """The fake (meta) kernels of the four ops of torch.library namespace ``ns``: the contract's outputs."""
+    for op in ("cluster_fwd", "cluster_bwd", "dispatch_fwd", "dispatch_bwd"):
+        torch.library.register_fake(f"{ns}::{op}", getattr(contract, f"{op}_outputs"))
 
 
 if _LOAD_ERROR is None:
