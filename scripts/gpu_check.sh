@@ -17,12 +17,11 @@ PY=${PYTHON:-python3}
 
 usage() { echo "usage: bash scripts/gpu_check.sh [--dry-run] [--time-limit S] [--steps a,b] [--full-tests] OUT_DIR" >&2; exit 2; }
 
-args=() out="" limit="" dry=0
+args=() out=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --dry-run) dry=1; args+=("$1") ;;
-    --full-tests) args+=("$1") ;;
-    --time-limit|--steps) [ $# -ge 2 ] || usage; [ "$1" = --time-limit ] && limit=$2; args+=("$1" "$2"); shift ;;
+    --dry-run|--full-tests) args+=("$1") ;;
+    --time-limit|--steps) [ $# -ge 2 ] || usage; args+=("$1" "$2"); shift ;;
     -h|--help) usage ;;
     -*) echo "gpu_check: unknown option $1" >&2; usage ;;
     *) [ -z "$out" ] || usage; out=$1 ;;
@@ -30,20 +29,14 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -n "$out" ] || usage
+# The total limit these options give (the steps' budgets unless --time-limit says otherwise).
+limit=$("$PY" -m glmix_kernels.bench.gpu_check limit "${args[@]}") || exit 2
 mkdir -p "$out" || exit 2
-
-if [ -z "$limit" ]; then
-  # The steps' budgets: what the Python driver takes by default.
-  limit=$("$PY" -c "
-import sys; from glmix_kernels.bench import gpu_check as g
-print(int(g.default_time_limit(g.STEPS, dry_run=$dry)))") || { echo "gpu_check: cannot import the driver" >&2; exit 1; }
-  args+=(--time-limit "$limit")
-fi
 grace=30
-echo "gpu_check: $([ $dry = 1 ] && echo 'dry run' || echo 'GPU run') into $out, at most ${limit%.*} s (+${grace} s to stop)"
+echo "gpu_check: into $out, at most $limit s (+$grace s to stop)"
 
-PYTHONUNBUFFERED=1 timeout --kill-after=10 $(( ${limit%.*} + grace )) \
-  "$PY" -m glmix_kernels.bench.gpu_check run "$out" "${args[@]}"
+PYTHONUNBUFFERED=1 timeout --kill-after=10 $(( limit + grace )) \
+  "$PY" -m glmix_kernels.bench.gpu_check run "$out" "${args[@]}" --time-limit "$limit"
 rc=$?
 if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
   # The driver itself overran: say so in the summary it may not have finished.

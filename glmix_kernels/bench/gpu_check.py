@@ -64,8 +64,10 @@ class Step:
     dry_budget_s: int
     what: str
 
-    def budget(self, dry_run):
-        return self.dry_budget_s if dry_run else self.gpu_budget_s
+    def budget(self, settings):
+        seconds = self.dry_budget_s if settings.dry_run else self.gpu_budget_s
+        # The whole suite: about three times the CUDA-tensor tests.
+        return 3 * seconds if self.name == "tests" and settings.full_tests else seconds
 
 
 # In the order they run. GPU budgets sum to 460 s: with the report's reserve, under 8 minutes.
@@ -80,15 +82,15 @@ STEPS = (
 STEP_NAMES = tuple(s.name for s in STEPS)
 
 
-def default_time_limit(steps, dry_run):
-    return sum(s.budget(dry_run) for s in steps) + REPORT_RESERVE_S
+def default_time_limit(steps, settings):
+    return sum(s.budget(settings) for s in steps) + REPORT_RESERVE_S
 
 
-def step_deadlines(steps, start, limit, dry_run):
+def step_deadlines(steps, start, limit, settings):
     """Each step's deadline (seconds since the epoch): the end of the run, less the report's
     reserve, less the budgets of the steps after it. Budgets are scaled down together when they
     do not fit in ``limit``."""
-    budgets = [s.budget(dry_run) for s in steps]
+    budgets = [s.budget(settings) for s in steps]
     scale = min(1.0, max(limit - REPORT_RESERVE_S, 0) / max(sum(budgets), 1))
     end = start + limit - REPORT_RESERVE_S
     return [end - scale * sum(budgets[i + 1:]) for i in range(len(steps))]
@@ -126,9 +128,13 @@ class Settings:
         return 64 if self.dry_run else 224
 
     @property
-    def model_depth(self):
-        # The dry run keeps every stage kind, one or two blocks each (as the CPU benchmarks do).
-        return (1, 1, 2, 1) if self.dry_run else None
+    def model_kwargs(self):
+        """glnet_4g as it is, or for the dry run every stage kind at one block."""
+        return dict(depth=[1, 1, 1, 1]) if self.dry_run else {}
+
+    @property
+    def model_name(self):
+        return f"{TRAIN_MODEL}[depth 1-1-1-1]" if self.dry_run else TRAIN_MODEL
 
     def stage_shape(self, stage):
         """(C, L) of ``stage``; the dry run keeps C and takes a 16th of the pixels."""
@@ -138,11 +144,13 @@ class Settings:
 
 
 def step_env(dry_run):
-    """The environment of every step process: the dry run hides any GPU and runs Triton under its
-    interpreter; the GPU run makes sure Triton compiles."""
+    """The environment of every step process: the dry run hides any GPU, runs Triton under its
+    interpreter, and keeps to one thread (tiny shapes gain nothing from threads, and on busy
+    shared cores each OpenMP barrier can wait out another process's time slice); the GPU run
+    makes sure Triton compiles."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if dry_run:
-        env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+        env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     else:
         env.pop("TRITON_INTERPRET", None)
     return env
@@ -594,9 +602,7 @@ def train(settings, deadline, results_path):
 
     from . import report, timing, workloads
     device, dtype = settings.device, settings.dtype
-    B, res = settings.batch, settings.resolution
-    depth = settings.model_depth
-    name = TRAIN_MODEL if depth is None else f"{TRAIN_MODEL}[depth {'-'.join(map(str, depth))}]"
+    B, res, name = settings.batch, settings.resolution, settings.model_name
     result = {"records": [], "skipped": [], "failures": []}
     for backend in BACKENDS:
         why = workloads.skip_reason(backend, device)
@@ -611,7 +617,7 @@ def train(settings, deadline, results_path):
                       shape=dict(B=B, H=res, W=res))
         try:
             torch.manual_seed(0)
-            model = create_model(TRAIN_MODEL, backend=backend, **({} if depth is None else {"depth": list(depth)}))
+            model = create_model(TRAIN_MODEL, backend=backend, **settings.model_kwargs)
             w = workloads.model_workload(model, "train", B, res, dtype, device)
             memory = timing.peak_memory(w.run, w.make_inputs, device)
             t = timing.measure(w.run, w.feed(device), device, target_s=5 * settings.target_s, min_reps=2,
@@ -684,11 +690,11 @@ class Run:
         self.current = None
 
     def execute(self):
-        deadlines = step_deadlines(self.steps, self.start, self.limit, self.settings.dry_run)
+        deadlines = step_deadlines(self.steps, self.start, self.limit, self.settings)
         for step, deadline in zip(self.steps, deadlines):
             self.run_one(step, deadline)
             self.write()
-        self.finish()
+        return self.finish()
 
     def run_one(self, step, deadline):
         entry = self.summary["steps"][step.name]
@@ -906,12 +912,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="every step, into OUT_DIR")
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--dry-run", action="store_true", help="CPU tensors, tiny sizes")
+    options.add_argument("--full-tests", action="store_true", help="the whole test suite, not the CUDA-tensor tests")
+    options.add_argument("--steps", type=_steps, default=list(STEPS), help=f"a subset of {','.join(STEP_NAMES)}")
+    options.add_argument("--time-limit", type=float, help="total seconds (default: the steps' budgets, 470 on a GPU)")
+    run = commands.add_parser("run", parents=[options], help="the steps, into OUT_DIR")
     run.add_argument("out", metavar="OUT_DIR")
-    run.add_argument("--dry-run", action="store_true", help="CPU tensors, tiny sizes")
-    run.add_argument("--time-limit", type=float, help="total seconds (default: the steps' budgets, 470 on a GPU)")
-    run.add_argument("--steps", type=_steps, default=list(STEPS), help=f"a subset of {','.join(STEP_NAMES)}")
-    run.add_argument("--full-tests", action="store_true", help="the whole test suite, not the CUDA-tensor tests")
+    commands.add_parser("limit", parents=[options], help="print the total time limit these options give")
     one = commands.add_parser("step", help="one step (what run starts, in its own process)")
     one.add_argument("name", choices=STEP_NAMES)
     one.add_argument("work")
@@ -925,20 +933,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "kernels":
-        failures = kernel_calls(args.device, args.backends.split(","), args.tiny)
-        return 1 if failures else 0
+        return 1 if kernel_calls(args.device, args.backends.split(","), args.tiny) else 0
     settings = Settings(args.dry_run, args.full_tests)
     if args.command == "step":
         return run_step(args.name, args.work, settings, args.deadline)
+    limit = args.time_limit or default_time_limit(args.steps, settings)
+    if args.command == "limit":
+        print(int(limit))
+        return 0
     os.makedirs(args.out, exist_ok=True)
-    limit = args.time_limit or default_time_limit(args.steps, args.dry_run)
     check = Run(os.path.abspath(args.out), settings, args.steps, limit)
     signal.signal(signal.SIGTERM, check.interrupt)
     signal.signal(signal.SIGINT, check.interrupt)
-    check.execute()
+    status = check.execute()
     print(f"[gpu_check] {check.summary['status']} in {check.summary['wall_s']:.0f} s; "
           f"results in {args.out}: {', '.join(OUT_FILES)}")
-    return 0 if check.summary["status"] == "ok" else 1
+    return status
 
 
 if __name__ == "__main__":
