@@ -177,3 +177,34 @@ def test_long_logs_are_cut_in_the_archive(tmp_path, monkeypatch):
         big = tar.extractfile("logs/big.log").read()
         assert tar.extractfile("logs/small.log").read() == b"ok"
     assert big.startswith(b"a" * 500) and big.endswith(b"c" * 500) and b"bytes cut" in big and len(big) < 1100
+
+
+FAKE_SANITIZER = """#!/usr/bin/env bash
+# Stands in for compute-sanitizer: records its arguments, prints the summary it is told to.
+echo "$@" >> "$CALLS"
+case "$*" in
+  *racecheck*) echo "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)" ;;
+  *) echo "========= ERROR SUMMARY: $ERRORS errors"; [ "$ERRORS" = 0 ] || exit 3 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("errors", [0, 2])
+def test_sanitizer_runs_both_tools_over_the_kernel_calls(tmp_path, monkeypatch, errors):
+    # The GPU branch of the step, with a stand-in for the tool: what it runs, how it judges.
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text(FAKE_SANITIZER)
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls"))
+    monkeypatch.setenv("ERRORS", str(errors))
+    import time
+    result = gpu_check.sanitizer(gpu_check.Settings(dry_run=False), time.time() + 60)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split()[1] for c in calls] == ["memcheck", "racecheck"]
+    assert all(c.endswith(f"-m {gpu_check.MODULE} kernels --device cuda --backends cuda") for c in calls)
+    assert result["racecheck"] == {"rc": 0, "errors": 0}
+    if errors:
+        assert result["memcheck"] == {"rc": 3, "errors": 2} and result["failures"] == ["memcheck: exit 3, errors 2"]
+    else:
+        assert result["memcheck"] == {"rc": 0, "errors": 0} and result["failures"] == []
