@@ -15,7 +15,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-usage() { echo "usage: bash scripts/gpu_check.sh [--dry-run] [--time-limit S] [--steps a,b] [--full-tests] OUT_DIR" >&2; exit 2; }
+usage() {
+  echo "usage: bash scripts/gpu_check.sh [--dry-run] [--time-limit S] [--steps a,b] [--full-tests] OUT_DIR" >&2
+  exit 2
+}
 
 args=() out=""
 while [ $# -gt 0 ]; do

@@ -34,8 +34,8 @@ import tarfile
 import tempfile
 import time
 import traceback
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
+from xml.etree import ElementTree
 
 MODULE = "glmix_kernels.bench.gpu_check"  # what each step process runs
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -243,7 +243,7 @@ def _extra_cuda_include():
         return None
     import sysconfig
     found = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include", "cublas_v2.h"))
-    return os.path.dirname(sorted(found)[-1]) if found else None
+    return os.path.dirname(max(found)) if found else None
 
 
 def install(settings, deadline):
@@ -268,7 +268,7 @@ def install(settings, deadline):
     result.update(pip_rc=rc, pip_s=round(time.time() - started, 1))
     failures = [] if rc == 0 else [f"pip install exited with {rc}" if rc is not None else "pip install timed out"]
 
-    probe = "import json, glmix_kernels as g; print(json.dumps(g.available_backends(%r)))" % settings.device
+    probe = f"import json, glmix_kernels as g; print(json.dumps(g.available_backends({settings.device!r})))"
     rc, out = _run([sys.executable, "-c", probe], timeout=max(deadline - time.time(), 1), env=env, capture=True)
     print(out)
     backends = json.loads(out.strip().splitlines()[-1]) if rc == 0 else []
@@ -314,7 +314,6 @@ def environment(settings, deadline):
     """Versions, the GPU (name, capability, memory, clocks, driver), the tools, the commit."""
     import torch
 
-    import glmix_kernels
     from glmix_kernels.backends import BACKENDS, why_unavailable
 
     from . import timing
@@ -324,7 +323,8 @@ def environment(settings, deadline):
         "date": _now(), "host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(),
         "python": sys.version.split()[0], "versions": timing.versions(), "torch_cuda": torch.version.cuda,
         "commit": commit.strip() if rc == 0 else None, "dirty": bool(dirty.strip()),
-        "nvcc": _version_line("nvcc", "--version"), "compute-sanitizer": _version_line("compute-sanitizer", "--version"),
+        "nvcc": _version_line("nvcc", "--version"),
+        "compute-sanitizer": _version_line("compute-sanitizer", "--version"),
         "backends": {n: why_unavailable(n, settings.device) or "available" for n in BACKENDS},
         "gpu": gpu_state(),
     }
@@ -537,8 +537,6 @@ def bench(settings, deadline, results_path):
     """cluster+dispatch, fwd and full, at glnet_4g stages 1 and 3 for every op-level backend,
     each checked against the float32 reference (``quick.compare_ops``) and timed with
     ``timing.measure``; the copy bandwidth before and after. Results are saved after each backend."""
-    import torch
-
     from . import quick, workloads
     device, dtype = settings.device, settings.dtype
     result = {"records": [], "skipped": [], "failures": []}
