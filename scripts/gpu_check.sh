@@ -33,13 +33,13 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$out" ] || usage
 # The total limit these options give (the steps' budgets unless --time-limit says otherwise).
-limit=$("$PY" -m glmix_kernels.bench.gpu_check limit "${args[@]}") || exit 2
+limit=$("$PY" -m glmix_kernels.bench.gpu_check limit ${args[@]+"${args[@]}"}) || exit 2
 mkdir -p "$out" || exit 2
 grace=30
 echo "gpu_check: into $out, at most $limit s (+$grace s to stop)"
 
 PYTHONUNBUFFERED=1 timeout --kill-after=10 $(( limit + grace )) \
-  "$PY" -m glmix_kernels.bench.gpu_check run "$out" "${args[@]}" --time-limit "$limit"
+  "$PY" -m glmix_kernels.bench.gpu_check run "$out" ${args[@]+"${args[@]}"} --time-limit "$limit"
 rc=$?
 if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
   # The driver itself overran: say so in the summary it may not have finished.

@@ -110,6 +110,9 @@ def test_the_time_limit_stops_a_step(tmp_path):
     assert proc.returncode == 1
     assert summary["steps"]["tests"]["status"] == "timeout" and summary["wall_s"] < 12 + 5
     check_out_dir(tmp_path / "out", ["tests"])
+    # pytest (its own process group, its JUnit file in the run's work folder) was stopped too.
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert summary["work_dir"] not in ps
 
 
 def test_usage_errors(tmp_path):

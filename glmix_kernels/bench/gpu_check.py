@@ -165,10 +165,10 @@ def fused_backends(device):
 
 # ------------------------------------------------------------------ small helpers
 
-def _run(cmd, *, timeout=None, env=None, capture=False):
+def _run(cmd, *, timeout=None, env=None, capture=False, first_signal=signal.SIGTERM):
     """Runs ``cmd`` from the repository root in its own process group; returns ``(rc, output)``.
     Output goes to this process's stdout (the step's log) unless captured. rc is None when it was
-    killed at ``timeout``; 127 when the program is missing."""
+    stopped at ``timeout`` (``first_signal``, then harder ones); 127 when the program is missing."""
     print(f"$ {' '.join(cmd)}", flush=True)
     try:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, text=True,
@@ -176,18 +176,34 @@ def _run(cmd, *, timeout=None, env=None, capture=False):
     except FileNotFoundError as e:
         print(e, flush=True)
         return 127, str(e)
+    _CHILDREN.add(proc)
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out or ""
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        print(f"killed after {timeout:.0f} s", flush=True)
+        print(f"stopping it after {timeout:.0f} s", flush=True)
+        _kill_group(proc, first_signal)
         return None, ""
+    finally:
+        _CHILDREN.discard(proc)
 
 
-def _kill_group(proc):
-    """Ends ``proc`` and every process it started (its own process group)."""
-    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+# The programs a step process is running: each in its own process group, out of reach of a
+# signal to the step's group, so the step ends them itself when it is stopped.
+_CHILDREN = set()
+
+
+def _stop_children(signum, frame):
+    for proc in list(_CHILDREN):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    sys.exit(128 + signum)
+
+
+def _kill_group(proc, first_signal=signal.SIGTERM):
+    """Ends ``proc`` and every process it started (its own process group): ``first_signal``, then
+    SIGTERM, then SIGKILL, each after the last had a few seconds."""
+    for sig, wait_s in ((first_signal, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         try:
@@ -392,7 +408,10 @@ def tests(settings, deadline, logs):
     if not settings.dry_run and _importable("xdist"):
         # Triton compiles on the host: the cores compile in parallel what one process would in turn.
         cmd += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
-    rc, _ = _run(cmd, timeout=deadline - time.time(), env=step_env(settings.dry_run))
+    # Past its time pytest gets SIGINT, as from Ctrl-C: it stops and still writes the JUnit XML of
+    # the tests it ran, in the seconds kept back here.
+    rc, _ = _run(cmd, timeout=deadline - time.time() - 15, env=step_env(settings.dry_run),
+                 first_signal=signal.SIGINT)
     result = {"command": cmd, "rc": rc, "backends": backends}
     failures = [] if rc == 0 else ["pytest timed out" if rc is None else f"pytest exited with {rc}"]
     if os.path.exists(junit):
@@ -705,6 +724,8 @@ class Run:
         cmd += ["--dry-run"] * self.settings.dry_run + ["--full-tests"] * self.settings.full_tests
         log_path = os.path.join(self.work, "logs", f"{step.name}.log")
         started = time.time()
+        entry["status"] = "running"
+        self.write()  # should the machine go away now, the summary names the step it was in
         print(f"[gpu_check] {step.name}: {step.what} (at most {deadline - started:.0f} s)", flush=True)
         with open(log_path, "w") as log:
             self.current = subprocess.Popen(cmd, cwd=ROOT, env=step_env(self.settings.dry_run), stdout=log,
@@ -730,8 +751,11 @@ class Run:
               + (f" ({entry['reason']})" if entry.get("reason") else ""), flush=True)
 
     def finish(self, interrupted=None):
-        for entry in self.summary["steps"].values():
-            if entry["status"] == "pending":
+        for name, entry in self.summary["steps"].items():
+            if entry["status"] == "running":  # stopped with the run: what it saved so far
+                result = _read_json(os.path.join(self.work, "results", f"{name}.json")) or {}
+                entry.update(status="timeout", reason=interrupted, result=result, failures=result.get("failures", []))
+            elif entry["status"] == "pending":
                 entry.update(status="skipped", reason=interrupted or "not reached")
         bad = [n for n, e in self.summary["steps"].items() if e["status"] in ("failed", "timeout")]
         self.summary.update(finished=_now(), wall_s=round(time.time() - self.start, 1),
@@ -937,6 +961,7 @@ def main(argv=None):
         return 1 if kernel_calls(args.device, args.backends.split(","), args.tiny) else 0
     settings = Settings(args.dry_run, args.full_tests)
     if args.command == "step":
+        signal.signal(signal.SIGTERM, _stop_children)
         return run_step(args.name, args.work, settings, args.deadline)
     limit = args.time_limit or default_time_limit(args.steps, settings)
     if args.command == "limit":
