@@ -656,7 +656,7 @@ def train(settings, deadline, results_path):
         except Exception as e:  # noqa: BLE001 - recorded; the next backend still runs
             traceback.print_exc()
             oom = timing.is_out_of_memory(e)
-            record = report.record(peak_mem_bytes=None, oom=oom, error=str(e).splitlines()[0], **fields)
+            record = report.record(peak_mem_bytes=None, time_s=None, oom=oom, error=str(e).splitlines()[0], **fields)
             if not oom:
                 result["failures"].append(f"{name} {backend}: {type(e).__name__}: {str(e).splitlines()[0]}")
         model = w = None
