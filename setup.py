@@ -24,7 +24,7 @@ Environment knobs:
   GLMIX_EXTRA_INCLUDE     extra include directories, separated by os.pathsep, searched after
                           the compilers' own (-idirafter for the C++ compiler, and for nvcc's host
                           compiler through -Xcompiler); e.g. a pip wheel's nvidia/cu13/include
-                          when the local toolkit lacks headers torch includes (ENVIRONMENT.md)
+                          when the local toolkit lacks headers torch includes (docs/building.md)
 """
 import glob
 import os

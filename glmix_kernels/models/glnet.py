@@ -164,7 +164,7 @@ class MHSANCHWBlock(nn.Module):
 
 class GLMixBlock(nn.Module):
     """The GLMix block: soft-clustered global attention plus a depthwise-conv local branch, then a
-    conv MLP (GLMIX.md section 4).
+    conv MLP (docs/math.md#glmix-block).
 
     The global branch runs on ``glmix_kernels.soft_cluster`` / ``soft_dispatch`` with the block's
     ``backend`` (changeable at any time). ``slot_scale`` is the temperature: a learnable 0-d
