@@ -18,6 +18,7 @@ no output at all.
 Adding a backend means one ``Backend`` line below and a module exposing those four names.
 """
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -121,14 +122,39 @@ def _unsupported(b, x, num_slots):
     return None
 
 
+class GLMixFallbackWarning(UserWarning):
+    """``backend="auto"`` ran the reference, which materialises ``(B, S, L)`` tensors, because the
+    fused backends present cannot take the inputs' shape or dtype. Filter it with ``warnings``."""
+
+
+_warned = set()  # the fallback reasons already warned about: each is said once per process
+
+
+# Run as it is at trace time under torch.compile (a traced warnings.warn would break the graph):
+# the backend is chosen at trace time too, so the warning comes once, with the choice.
+@torch.compiler.assume_constant_result
+def _warn_fallback(reasons):
+    msg = "backend='auto' runs the reference, which materialises (B, S, L) tensors: " + "; ".join(reasons)
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, GLMixFallbackWarning, stacklevel=4)  # points at the caller of soft_cluster/dispatch
+
+
 def resolve(backend, x, num_slots):
     """The backend to run for these inputs: ``backend`` itself, checked, or the fastest that fits."""
     device_type = x.device.type
     if backend == "auto":
+        refused = []  # why the fused backends that are there cannot take these inputs
         for name in _AUTO_ORDER.get(device_type, ("reference",)):
             b = BACKENDS[name]
-            if why_unavailable(name, device_type) is None and _unsupported(b, x, num_slots) is None:
+            if why_unavailable(name, device_type) is not None:
+                continue
+            problem = _unsupported(b, x, num_slots)
+            if problem is None:
+                if b.load is None and refused:
+                    _warn_fallback(refused)
                 return b
+            refused.append(problem[1])
         return BACKENDS["reference"]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}; "
