@@ -93,6 +93,19 @@ def kernels(name):
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
+def auto_order(device_type):
+    """The backends ``auto`` tries for tensors on ``device_type``, preferred first."""
+    return _AUTO_ORDER.get(device_type, ("reference",))
+
+
+def check_name(name, device_type=None):
+    """``name`` if it is ``"auto"`` or a registered backend, else a ValueError that lists them."""
+    if name != "auto" and name not in BACKENDS:
+        where = f"; available for {device_type}: {available_backends(device_type)}" if device_type else ""
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}{where}")
+    return name
+
+
 def why_unavailable(name, device="cpu"):
     """None if backend ``name`` can run on tensors on ``device``, else the reason."""
     b = BACKENDS[name]
@@ -145,7 +158,7 @@ def resolve(backend, x, num_slots):
     device_type = x.device.type
     if backend == "auto":
         refused = []  # why the fused backends that are there cannot take these inputs
-        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        for name in auto_order(device_type):
             b = BACKENDS[name]
             if why_unavailable(name, device_type) is not None:
                 continue
@@ -156,9 +169,7 @@ def resolve(backend, x, num_slots):
                 return b
             refused.append(problem[1])
         return BACKENDS["reference"]
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}; "
-                         f"available for {device_type}: {available_backends(device_type)}")
+    check_name(backend, device_type)
     b = BACKENDS[backend]
     why = why_unavailable(backend, device_type)
     if why is not None:
