@@ -108,18 +108,11 @@ def _extensions():
 
 ext_modules, cmdclass, torch_requirement = _extensions()
 
+# The metadata is in pyproject.toml's [project] table; the two fields it leaves dynamic come from here.
 setup(
-    name="glmix-kernels",
     version=_version(),
-    description="Fused soft clustering and dispatch kernels for GLMix / GLNet (NeurIPS 2024)",
     packages=find_packages(include=["glmix_kernels", "glmix_kernels.*"]),
-    python_requires=">=3.9",
     install_requires=[torch_requirement],
-    extras_require={
-        "timm": ["timm"],
-        "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
-    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

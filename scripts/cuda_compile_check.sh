@@ -27,6 +27,7 @@ ARCH=${GLMIX_CUDA_ARCH:-9.0}
 start=$(date +%s)
 
 say() { echo "cuda_compile_check: $*"; }
+"$PY_BASE" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { say "Python 3.10 or newer needed" >&2; exit 1; }
 
 if ! [ -x "$CUDA_HOME/bin/nvcc" ]; then
   if command -v nvcc >/dev/null 2>&1; then
