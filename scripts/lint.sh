@@ -24,5 +24,10 @@ status=0
 ruff check . || status=1
 ruff format --check . || status=1
 clang-format --dry-run -Werror "${cxx[@]}" || status=1
+# The repository stands alone: no pointers to files outside it or to tracker issue numbers.
+if git grep -nIiE "shared/|GLMIX\.md|ENVIRONMENT\.md|issue[ -]?#?[0-9]" -- . ':!scripts/lint.sh'; then
+  echo "lint: the lines above point outside the repository (write it in docs/ instead)" >&2
+  status=1
+fi
 [ "$status" = 0 ] && echo "lint: clean" || echo "lint: findings above" >&2
 exit "$status"
