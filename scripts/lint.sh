@@ -25,7 +25,7 @@ ruff check . || status=1
 ruff format --check . || status=1
 clang-format --dry-run -Werror "${cxx[@]}" || status=1
 # The repository stands alone: no pointers to files outside it or to tracker issue numbers.
-if git grep -nIiE "shared/|GLMIX\.md|ENVIRONMENT\.md|issue[ -]?#?[0-9]" -- . ':!scripts/lint.sh'; then
+if git grep -nIiE "share[d]/|GLMI[X]\.md|ENVIRONMEN[T]\.md|issue[ -]?#?[0-9]"; then
   echo "lint: the lines above point outside the repository (write it in docs/ instead)" >&2
   status=1
 fi
