@@ -1,5 +1,6 @@
 """scripts/gpu_check.sh: its dry run writes every file with each step's status, a failing step is
 recorded and the next one runs, the time limit holds, and the pieces the GPU run depends on."""
+
 import json
 import os
 import subprocess
@@ -18,8 +19,9 @@ MAX_FILE_BYTES = 16 << 20
 
 def run_script(out, *args, env=None, timeout=300):
     env = dict(os.environ, **(env or {}), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", SCRIPT, *args, str(out)], cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", SCRIPT, *args, str(out)], cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True
+    )
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
     return proc, summary
 
@@ -49,8 +51,14 @@ def test_dry_run_writes_every_file_and_step_status(dry_run):
     assert summary["dry_run"] and summary["status"] == "ok" and summary["finished"]
     assert summary["wall_s"] < summary["time_limit_s"]
     statuses = {name: step["status"] for name, step in summary["steps"].items()}
-    assert statuses == {"install": "ok", "env": "ok", "tests": "ok", "sanitizer": "skipped", "bench": "ok",
-                        "train": "ok"}
+    assert statuses == {
+        "install": "ok",
+        "env": "ok",
+        "tests": "ok",
+        "sanitizer": "skipped",
+        "bench": "ok",
+        "train": "ok",
+    }
     # No GPU: the sanitizer says so, and the kernel calls it would check ran.
     sanitizer = summary["steps"]["sanitizer"]
     assert "compute-sanitizer needs a GPU" in sanitizer["reason"] and sanitizer["result"]["calls_rc"] == 0
@@ -86,15 +94,22 @@ def test_dry_run_benchmarks_every_timed_backend_against_the_floor(dry_run):
     records, _ = report.load([str(out / "bench.json")])
     assert len(records) == len(bench["records"]) + len(train["records"])
     text = (out / "report.md").read_text()
-    for heading in ("## Steps", "## Machine", "## Tests", "## compute-sanitizer", "### Fraction of the HBM floor",
-                    "## Training step"):
+    for heading in (
+        "## Steps",
+        "## Machine",
+        "## Tests",
+        "## compute-sanitizer",
+        "### Fraction of the HBM floor",
+        "## Training step",
+    ):
         assert heading in text
 
 
 def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
     # pip cannot open the constraints file: install fails; env, after it, still runs.
-    proc, summary = run_script(tmp_path / "out", "--dry-run", "--steps", "install,env",
-                               env={"PIP_CONSTRAINT": str(tmp_path / "missing.txt")})
+    proc, summary = run_script(
+        tmp_path / "out", "--dry-run", "--steps", "install,env", env={"PIP_CONSTRAINT": str(tmp_path / "missing.txt")}
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert summary["status"] == "failed" and summary["failed_steps"] == ["install"]
     install = summary["steps"]["install"]
@@ -161,8 +176,13 @@ def test_gpu_test_selection_finds_tests_of_both_backends():
     # would otherwise first show it selects nothing on the GPU.
     paths, keyword, backends = gpu_check.test_selection(gpu_check.Settings(dry_run=False))
     assert backends == ["triton", "cuda"]
-    proc = subprocess.run([sys.executable, "-m", "pytest", *paths, "--collect-only", "-q", "-p", "no:cacheprovider",
-                           "-k", keyword], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *paths, "--collect-only", "-q", "-p", "no:cacheprovider", "-k", keyword],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     ids = [line for line in proc.stdout.splitlines() if "::" in line]
     for backend in backends:
         assert sum(f"{backend}-cuda" in i for i in ids) >= 20, proc.stdout[-2000:]
@@ -203,6 +223,7 @@ def test_sanitizer_runs_both_tools_over_the_kernel_calls(tmp_path, monkeypatch, 
     monkeypatch.setenv("CALLS", str(tmp_path / "calls"))
     monkeypatch.setenv("ERRORS", str(errors))
     import time
+
     result = gpu_check.sanitizer(gpu_check.Settings(dry_run=False), time.time() + 60)
     calls = (tmp_path / "calls").read_text().splitlines()
     assert [c.split()[1] for c in calls] == ["memcheck", "racecheck"]

@@ -15,6 +15,7 @@ steps done so far.
 ``--dry-run`` runs the same steps on CPU tensors at tiny sizes (Triton under its interpreter), so
 the script is known to work before it first meets a GPU.
 """
+
 import argparse
 import contextlib
 import datetime
@@ -46,7 +47,7 @@ LOG_CAP_BYTES = 2 << 20
 # Seconds kept back from the steps for the report and the archive.
 REPORT_RESERVE_S = 10
 
-# What the issue asks the GPU run to cover.
+# What the GPU run covers.
 GPU_TEST_BACKENDS = ("triton", "cuda")
 GPU_BENCH_BACKENDS = ("triton", "cuda", "reference", "compile", "sdpa")
 SANITIZER_BACKENDS = ("cuda",)
@@ -97,14 +98,16 @@ def step_deadlines(steps, start, limit, settings):
     budgets = [s.budget(settings) for s in steps]
     scale = min(1.0, max(limit - REPORT_RESERVE_S, 0) / max(sum(budgets), 1))
     end = start + limit - REPORT_RESERVE_S
-    return [end - scale * sum(budgets[i + 1:]) for i in range(len(steps))]
+    return [end - scale * sum(budgets[i + 1 :]) for i in range(len(steps))]
 
 
 # ------------------------------------------------------------------ settings per mode
 
+
 @dataclass(frozen=True)
 class Settings:
     """What the steps run: the GPU run's sizes, or the dry run's tiny ones on CPU tensors."""
+
     dry_run: bool
     full_tests: bool = False
 
@@ -120,6 +123,7 @@ class Settings:
     def dtype(self):
         # bf16 as GLNet trains on a GPU; the CPU runs float32 (as the quick job does there).
         import torch
+
         return torch.float32 if self.dry_run else torch.bfloat16
 
     @property
@@ -143,6 +147,7 @@ class Settings:
     def stage_shape(self, stage):
         """(C, L) of ``stage``; the dry run keeps C and takes a 16th of the pixels."""
         from . import workloads
+
         C, L = workloads.STAGE_SHAPES[stage]
         return (C, max(L // 16, 7)) if self.dry_run else (C, L)
 
@@ -163,10 +168,12 @@ def step_env(dry_run):
 def fused_backends(device):
     """Registry backends with kernels (not the reference) that can run on ``device`` here."""
     import glmix_kernels
+
     return [b for b in glmix_kernels.available_backends(device) if b != "reference"]
 
 
 # ------------------------------------------------------------------ small helpers
+
 
 def _run(cmd, *, timeout=None, env=None, capture=False, first_signal=signal.SIGTERM):
     """Runs ``cmd`` from the repository root in its own process group; returns ``(rc, output)``.
@@ -174,8 +181,15 @@ def _run(cmd, *, timeout=None, env=None, capture=False, first_signal=signal.SIGT
     stopped at ``timeout`` (``first_signal``, then harder ones); 127 when the program is missing."""
     print(f"$ {' '.join(cmd)}", flush=True)
     try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, text=True,
-                                stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+            text=True,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.STDOUT,
+        )
     except FileNotFoundError as e:
         print(e, flush=True)
         return 127, str(e)
@@ -249,18 +263,22 @@ def _read_json(path):
 
 # ------------------------------------------------------------------ step: install
 
+
 def _cuda_capability():
     import torch
+
     return "{}.{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
 
 
 def _extra_cuda_include():
     """The CUDA wheels' headers, when the local toolkit lacks the cuBLAS ones torch includes."""
     from torch.utils import cpp_extension
+
     home = cpp_extension.CUDA_HOME
     if home and os.path.exists(os.path.join(home, "include", "cublas_v2.h")):
         return None
     import sysconfig
+
     found = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include", "cublas_v2.h"))
     return os.path.dirname(max(found)) if found else None
 
@@ -303,9 +321,23 @@ def install(settings, deadline):
 # ------------------------------------------------------------------ step: env
 
 # nvidia-smi fields, one query each so that a field an older driver lacks costs only itself.
-SMI_FIELDS = ("name", "driver_version", "pci.bus_id", "memory.total", "pstate", "clocks.sm", "clocks.mem",
-              "clocks.max.sm", "clocks.max.mem", "clocks.applications.graphics", "power.draw", "power.limit",
-              "temperature.gpu", "persistence_mode", "compute_mode")
+SMI_FIELDS = (
+    "name",
+    "driver_version",
+    "pci.bus_id",
+    "memory.total",
+    "pstate",
+    "clocks.sm",
+    "clocks.mem",
+    "clocks.max.sm",
+    "clocks.max.mem",
+    "clocks.applications.graphics",
+    "power.draw",
+    "power.limit",
+    "temperature.gpu",
+    "persistence_mode",
+    "compute_mode",
+)
 
 
 def gpu_state():
@@ -336,12 +368,19 @@ def environment(settings, deadline):
     from glmix_kernels.backends import BACKENDS, why_unavailable
 
     from . import timing
+
     rc, commit = _run(["git", "rev-parse", "HEAD"], timeout=10, capture=True)
     _, dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], timeout=10, capture=True)
     result = {
-        "date": _now(), "host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(),
-        "python": sys.version.split()[0], "versions": timing.versions(), "torch_cuda": torch.version.cuda,
-        "commit": commit.strip() if rc == 0 else None, "dirty": bool(dirty.strip()),
+        "date": _now(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "versions": timing.versions(),
+        "torch_cuda": torch.version.cuda,
+        "commit": commit.strip() if rc == 0 else None,
+        "dirty": bool(dirty.strip()),
         "nvcc": _version_line("nvcc", "--version"),
         "compute-sanitizer": _version_line("compute-sanitizer", "--version"),
         "backends": {n: why_unavailable(n, settings.device) or "available" for n in BACKENDS},
@@ -349,9 +388,13 @@ def environment(settings, deadline):
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        result["device"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_bytes": p.total_memory,
-                            "multiprocessors": p.multi_processor_count,
-                            "l2_bytes": getattr(p, "L2_cache_size", None)}
+        result["device"] = {
+            "name": p.name,
+            "capability": f"{p.major}.{p.minor}",
+            "memory_bytes": p.total_memory,
+            "multiprocessors": p.multi_processor_count,
+            "l2_bytes": getattr(p, "L2_cache_size", None),
+        }
     else:
         result["device"] = {"name": "cpu", "threads": torch.get_num_threads()}
     if shutil.which("nvidia-smi"):
@@ -362,6 +405,7 @@ def environment(settings, deadline):
 
 
 # ------------------------------------------------------------------ step: tests
+
 
 def test_selection(settings):
     """``(paths, -k expression, backends)`` of the tests to run. GPU: every test of a fused
@@ -397,15 +441,26 @@ def junit_counts(path, backends, device):
             counts["passed"] += 1
             for b in backends:
                 passed_per_backend[b] += f"{b}-{device}" in name
-    return dict(counts=counts, failed_tests=failed[:50], skip_reasons=skip_reasons,
-                passed_per_backend=passed_per_backend)
+    return dict(
+        counts=counts, failed_tests=failed[:50], skip_reasons=skip_reasons, passed_per_backend=passed_per_backend
+    )
 
 
 def tests(settings, deadline, logs):
     paths, keyword, backends = test_selection(settings)
     junit = os.path.join(logs, "tests.xml")
-    cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-rfEs", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors", f"--junitxml={junit}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *paths,
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        f"--junitxml={junit}",
+    ]
     if keyword:
         cmd += ["-k", keyword]
     if not settings.dry_run and _importable("xdist"):
@@ -413,14 +468,16 @@ def tests(settings, deadline, logs):
         cmd += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
     # Past its time pytest gets SIGINT, as from Ctrl-C: it stops and still writes the JUnit XML of
     # the tests it ran, in the seconds kept back here.
-    rc, _ = _run(cmd, timeout=deadline - time.time() - 15, env=step_env(settings.dry_run),
-                 first_signal=signal.SIGINT)
+    rc, _ = _run(cmd, timeout=deadline - time.time() - 15, env=step_env(settings.dry_run), first_signal=signal.SIGINT)
     result = {"command": cmd, "rc": rc, "backends": backends}
     failures = [] if rc == 0 else ["pytest timed out" if rc is None else f"pytest exited with {rc}"]
     if os.path.exists(junit):
         result.update(junit_counts(junit, backends, settings.device))
-        failures += [f"no test of backend {b!r} passed on {settings.device} tensors"
-                     for b, n in result["passed_per_backend"].items() if n == 0]
+        failures += [
+            f"no test of backend {b!r} passed on {settings.device} tensors"
+            for b, n in result["passed_per_backend"].items()
+            if n == 0
+        ]
     else:
         failures.append("pytest wrote no JUnit XML")
     result["failures"] = failures
@@ -429,6 +486,7 @@ def tests(settings, deadline, logs):
 
 def _importable(module):
     import importlib.util
+
     return importlib.util.find_spec(module) is not None
 
 
@@ -445,6 +503,7 @@ def kernel_calls(device, backends, tiny=False):
     import torch
 
     import glmix_kernels
+
     torch.manual_seed(0)
     failures = []
     shapes = KERNEL_SHAPES[:1] if tiny else KERNEL_SHAPES
@@ -497,10 +556,16 @@ def sanitizer(settings, deadline):
     result = {"backends": backends, "tool": tool}
     if settings.dry_run or not tool:
         rc, _ = _run(calls, timeout=deadline - time.time(), env=env)
-        result.update(status="skipped", calls_rc=rc,
-                      reason=("dry run: compute-sanitizer needs a GPU" if settings.dry_run
-                              else "compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)")
-                      + f"; the kernel calls ran without it: {'ok' if rc == 0 else 'FAILED'}")
+        result.update(
+            status="skipped",
+            calls_rc=rc,
+            reason=(
+                "dry run: compute-sanitizer needs a GPU"
+                if settings.dry_run
+                else "compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)"
+            )
+            + f"; the kernel calls ran without it: {'ok' if rc == 0 else 'FAILED'}",
+        )
         result["failures"] = [] if rc == 0 else [f"kernel calls exited with {rc}"]
         return result
     # One cudaMalloc per tensor: inside the caching allocator's blocks an overrun is invisible.
@@ -548,6 +613,7 @@ def copy_bandwidth(device, nbytes):
     import torch
 
     from . import timing
+
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     t = timing.measure(lambda: dst.copy_(src), itertools.repeat(()), device, target_s=0.2)
@@ -559,6 +625,7 @@ def bench(settings, deadline, results_path):
     each checked against the float32 reference (``quick.compare_ops``) and timed with
     ``timing.measure``; the copy bandwidth before and after. Results are saved after each backend."""
     from . import quick, workloads
+
     device, dtype = settings.device, settings.dtype
     result = {"records": [], "skipped": [], "failures": []}
     copy_bytes = (64 << 20) if settings.dry_run else (1 << 30)
@@ -575,9 +642,18 @@ def bench(settings, deadline, results_path):
                 result["failures"].append(f"{stage} {backend}: not run ({why})")
             continue
         try:
-            records, failures = quick.compare_ops(device, B=settings.batch, L=L, C=C, S=workloads.NUM_SLOTS,
-                                                  dtype=dtype, backends=[backend], op=BENCH_OP, modes=BENCH_MODES,
-                                                  target_s=settings.target_s)
+            records, failures = quick.compare_ops(
+                device,
+                B=settings.batch,
+                L=L,
+                C=C,
+                S=workloads.NUM_SLOTS,
+                dtype=dtype,
+                backends=[backend],
+                op=BENCH_OP,
+                modes=BENCH_MODES,
+                target_s=settings.target_s,
+            )
         except Exception as e:  # noqa: BLE001 - one backend's failure leaves the others to run
             traceback.print_exc()
             records, failures = [], [f"{stage} {backend}: {type(e).__name__}: {str(e).splitlines()[0]}"]
@@ -617,6 +693,7 @@ def add_floors(result):
 
 # ------------------------------------------------------------------ step: train
 
+
 def train(settings, deadline, results_path):
     """One glnet_4g training step (forward, cross-entropy, backward, AdamW; bf16 autocast on the
     GPU) per registry backend: the median step time, images per second and the peak memory."""
@@ -628,6 +705,7 @@ def train(settings, deadline, results_path):
     from glmix_kernels.models import create_model
 
     from . import report, timing, workloads
+
     device, dtype = settings.device, settings.dtype
     B, res, name = settings.batch, settings.resolution, settings.model_name
     result = {"records": [], "skipped": [], "failures": []}
@@ -640,19 +718,35 @@ def train(settings, deadline, results_path):
             if not settings.dry_run and backend in ("reference",) + GPU_TEST_BACKENDS:
                 result["failures"].append(f"{name} {backend}: not run ({why})")
             continue
-        fields = dict(op=name, backend=backend, mode="train", dtype=workloads.DTYPE_NAMES[dtype], device=device,
-                      shape=dict(B=B, H=res, W=res))
+        fields = dict(
+            op=name,
+            backend=backend,
+            mode="train",
+            dtype=workloads.DTYPE_NAMES[dtype],
+            device=device,
+            shape=dict(B=B, H=res, W=res),
+        )
         try:
             torch.manual_seed(0)
             model = create_model(TRAIN_MODEL, backend=backend, **settings.model_kwargs)
             w = workloads.model_workload(model, "train", B, res, dtype, device)
             memory = timing.peak_memory(w.run, w.make_inputs, device)
-            t = timing.measure(w.run, w.feed(device), device, target_s=5 * settings.target_s, min_reps=2,
-                               max_reps=20, warmup=0 if settings.dry_run else 1)
+            t = timing.measure(
+                w.run,
+                w.feed(device),
+                device,
+                target_s=5 * settings.target_s,
+                min_reps=2,
+                max_reps=20,
+                warmup=0 if settings.dry_run else 1,
+            )
             record = report.record(peak_mem_bytes=memory, time_s=t["median_s"], reps=t["reps"], **fields)
             record["images_per_s"] = B / t["median_s"]
-            print(f"{name} train {backend}: {t['median_s'] * 1e3:.1f} ms, {record['images_per_s']:.1f} images/s, "
-                  f"peak memory {memory / 1e6:.1f} MB", flush=True)
+            print(
+                f"{name} train {backend}: {t['median_s'] * 1e3:.1f} ms, {record['images_per_s']:.1f} images/s, "
+                f"peak memory {memory / 1e6:.1f} MB",
+                flush=True,
+            )
         except Exception as e:  # noqa: BLE001 - recorded; the next backend still runs
             traceback.print_exc()
             oom = timing.is_out_of_memory(e)
@@ -669,6 +763,7 @@ def train(settings, deadline, results_path):
 
 
 # ------------------------------------------------------------------ one step, in its own process
+
 
 def run_step(name, work, settings, deadline):
     """Runs step ``name``; its result goes to ``work/results/<name>.json``. Exit status 1 when
@@ -701,6 +796,7 @@ def run_step(name, work, settings, deadline):
 
 # ------------------------------------------------------------------ the driver
 
+
 class Run:
     """One check: its steps, their statuses, and the files in ``out``."""
 
@@ -710,10 +806,19 @@ class Run:
         for sub in ("logs", "results"):
             os.makedirs(os.path.join(self.work, sub))
         self.start = time.time()
-        self.summary = {"dry_run": settings.dry_run, "device": settings.device, "full_tests": settings.full_tests,
-                        "started": _now(), "finished": None, "time_limit_s": time_limit, "wall_s": None,
-                        "status": "running", "work_dir": self.work, "files": list(OUT_FILES),
-                        "steps": {s.name: {"status": "pending", "what": s.what} for s in steps}}
+        self.summary = {
+            "dry_run": settings.dry_run,
+            "device": settings.device,
+            "full_tests": settings.full_tests,
+            "started": _now(),
+            "finished": None,
+            "time_limit_s": time_limit,
+            "wall_s": None,
+            "status": "running",
+            "work_dir": self.work,
+            "files": list(OUT_FILES),
+            "steps": {s.name: {"status": "pending", "what": s.what} for s in steps},
+        }
         self.current = None
 
     def execute(self):
@@ -736,8 +841,14 @@ class Run:
         self.write()  # should the machine go away now, the summary names the step it was in
         print(f"[gpu_check] {step.name}: {step.what} (at most {deadline - started:.0f} s)", flush=True)
         with open(log_path, "w") as log:
-            self.current = subprocess.Popen(cmd, cwd=ROOT, env=step_env(self.settings.dry_run), stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.current = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=step_env(self.settings.dry_run),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 rc = self.current.wait(timeout=max(deadline - time.time(), 0))
             except subprocess.TimeoutExpired:
@@ -745,18 +856,24 @@ class Run:
                 rc = None
             self.current = None
         result = _read_json(os.path.join(self.work, "results", f"{step.name}.json")) or {}
-        entry.update(seconds=round(time.time() - started, 1), rc=rc, result=result,
-                     failures=result.get("failures", []))
+        entry.update(seconds=round(time.time() - started, 1), rc=rc, result=result, failures=result.get("failures", []))
         if rc is None:
-            entry.update(status="timeout", reason=f"killed at its deadline after {entry['seconds']:.0f} s",
-                         log_tail=_tail(log_path))
+            entry.update(
+                status="timeout",
+                reason=f"killed at its deadline after {entry['seconds']:.0f} s",
+                log_tail=_tail(log_path),
+            )
         elif rc != 0:
-            entry.update(status="failed", reason="; ".join(entry["failures"]) or f"exited with {rc}",
-                         log_tail=_tail(log_path))
+            entry.update(
+                status="failed", reason="; ".join(entry["failures"]) or f"exited with {rc}", log_tail=_tail(log_path)
+            )
         else:
             entry.update(status=result.get("status", "ok"), reason=result.get("reason"))
-        print(f"[gpu_check] {step.name}: {entry['status']} in {entry['seconds']:.0f} s"
-              + (f" ({entry['reason']})" if entry.get("reason") else ""), flush=True)
+        print(
+            f"[gpu_check] {step.name}: {entry['status']} in {entry['seconds']:.0f} s"
+            + (f" ({entry['reason']})" if entry.get("reason") else ""),
+            flush=True,
+        )
 
     def finish(self, interrupted=None):
         for name, entry in self.summary["steps"].items():
@@ -766,8 +883,12 @@ class Run:
             elif entry["status"] == "pending":
                 entry.update(status="skipped", reason=interrupted or "not reached")
         bad = [n for n, e in self.summary["steps"].items() if e["status"] in ("failed", "timeout")]
-        self.summary.update(finished=_now(), wall_s=round(time.time() - self.start, 1),
-                            status="interrupted" if interrupted else ("failed" if bad else "ok"), failed_steps=bad)
+        self.summary.update(
+            finished=_now(),
+            wall_s=round(time.time() - self.start, 1),
+            status="interrupted" if interrupted else ("failed" if bad else "ok"),
+            failed_steps=bad,
+        )
         self.write()
         shutil.rmtree(self.work, ignore_errors=True)
         return 0 if self.summary["status"] == "ok" else 1
@@ -826,25 +947,44 @@ def bench_json(results):
     (pytest-benchmark's: ``benchmarks[].extra_info`` and ``stats.median``), with the copy bandwidth."""
     env = results.get("env", {})
     records = results.get("bench", {}).get("records", []) + results.get("train", {}).get("records", [])
-    benchmarks = [{"name": "-".join(str(r.get(k)) for k in ("op", "mode", "backend", "stage", "dtype")),
-                   "stats": {"median": r.get("time_s")}, "extra_info": r} for r in records]
-    return {"datetime": env.get("date", _now()), "commit": env.get("commit"),
-            "machine_info": {"node": env.get("host"), "gpu": env.get("device", {}).get("name")},
-            "copy_bandwidth": results.get("bench", {}).get("copy_bandwidth"), "benchmarks": benchmarks}
+    benchmarks = [
+        {
+            "name": "-".join(str(r.get(k)) for k in ("op", "mode", "backend", "stage", "dtype")),
+            "stats": {"median": r.get("time_s")},
+            "extra_info": r,
+        }
+        for r in records
+    ]
+    return {
+        "datetime": env.get("date", _now()),
+        "commit": env.get("commit"),
+        "machine_info": {"node": env.get("host"), "gpu": env.get("device", {}).get("name")},
+        "copy_bandwidth": results.get("bench", {}).get("copy_bandwidth"),
+        "benchmarks": benchmarks,
+    }
 
 
 # ------------------------------------------------------------------ report.md
 
+
 def render_report(summary, results):
     from . import report
+
     env = results.get("env", {})
     device = env.get("device", {}).get("name", summary["device"])
     mode = "dry run (CPU tensors, tiny sizes)" if summary["dry_run"] else "GPU run"
-    lines = [f"# GPU check: {device}, {summary['started']}", "",
-             f"{mode}; status **{summary['status']}**; wall {summary['wall_s'] or '-'} s of a "
-             f"{summary['time_limit_s']} s limit; commit {env.get('commit', '?')}"
-             + (" (with local changes)" if env.get("dirty") else ""), "",
-             "## Steps", "", "| step | status | seconds | note |", "|---|---|---|---|"]
+    lines = [
+        f"# GPU check: {device}, {summary['started']}",
+        "",
+        f"{mode}; status **{summary['status']}**; wall {summary['wall_s'] or '-'} s of a "
+        f"{summary['time_limit_s']} s limit; commit {env.get('commit', '?')}"
+        + (" (with local changes)" if env.get("dirty") else ""),
+        "",
+        "## Steps",
+        "",
+        "| step | status | seconds | note |",
+        "|---|---|---|---|",
+    ]
     for name, e in summary["steps"].items():
         note = (e.get("reason") or "").replace("|", "/").replace("\n", " ")
         lines.append(f"| {name} | {e['status']} | {e.get('seconds', '-')} | {note} |")
@@ -857,8 +997,12 @@ def render_report(summary, results):
     lines += _skipped_section("Ops", bench)
     trained = results.get("train", {})
     if trained.get("records"):
-        lines += ["", "## Training step (forward, backward, AdamW; autocast in the dtype shown)", "",
-                  report.markdown(trained["records"])]
+        lines += [
+            "",
+            "## Training step (forward, backward, AdamW; autocast in the dtype shown)",
+            "",
+            report.markdown(trained["records"]),
+        ]
     lines += _skipped_section("Training step", trained)
     failures = [(n, f) for n, e in summary["steps"].items() for f in e.get("failures", [])]
     if failures:
@@ -870,13 +1014,18 @@ def _env_section(env):
     if not env:
         return []
     v = env.get("versions", {})
-    lines = ["", "## Machine", "",
-             f"- device: {json.dumps(env.get('device'))}",
-             f"- versions: python {env.get('python')}, torch {v.get('torch')} (CUDA {env.get('torch_cuda')}), "
-             f"triton {v.get('triton')}, glmix_kernels {v.get('glmix_kernels')}",
-             f"- nvcc: {env.get('nvcc')}", f"- compute-sanitizer: {env.get('compute-sanitizer')}",
-             f"- host: {env.get('host')}, {env.get('cpus')} CPUs, {env.get('platform')}",
-             f"- backends: {', '.join(f'{k}: {w}' for k, w in env.get('backends', {}).items())}"]
+    lines = [
+        "",
+        "## Machine",
+        "",
+        f"- device: {json.dumps(env.get('device'))}",
+        f"- versions: python {env.get('python')}, torch {v.get('torch')} (CUDA {env.get('torch_cuda')}), "
+        f"triton {v.get('triton')}, glmix_kernels {v.get('glmix_kernels')}",
+        f"- nvcc: {env.get('nvcc')}",
+        f"- compute-sanitizer: {env.get('compute-sanitizer')}",
+        f"- host: {env.get('host')}, {env.get('cpus')} CPUs, {env.get('platform')}",
+        f"- backends: {', '.join(f'{k}: {w}' for k, w in env.get('backends', {}).items())}",
+    ]
     gpu = env.get("gpu", {})
     lines.append("- nvidia-smi: " + ", ".join(f"{k} {w}" for k, w in gpu.items()))
     return lines
@@ -886,9 +1035,15 @@ def _tests_section(t):
     if not t:
         return []
     c = t.get("counts", {})
-    lines = ["", "## Tests", "", f"`{' '.join(t.get('command', [])[1:])}`", "",
-             f"passed {c.get('passed', '-')}, failed {c.get('failed', '-')}, errors {c.get('errors', '-')}, "
-             f"skipped {c.get('skipped', '-')}; passed per backend: {t.get('passed_per_backend')}"]
+    lines = [
+        "",
+        "## Tests",
+        "",
+        f"`{' '.join(t.get('command', [])[1:])}`",
+        "",
+        f"passed {c.get('passed', '-')}, failed {c.get('failed', '-')}, errors {c.get('errors', '-')}, "
+        f"skipped {c.get('skipped', '-')}; passed per backend: {t.get('passed_per_backend')}",
+    ]
     lines += [f"- failed: {name}" for name in t.get("failed_tests", [])]
     lines += [f"- skipped ({n}): {reason}" for reason, n in t.get("skip_reasons", {}).items()]
     return lines
@@ -906,20 +1061,28 @@ def _sanitizer_section(s):
 
 def _floor_section(bench):
     from .report import format_bytes, format_time
+
     bw = bench.get("copy_bandwidth", {})
     gb = {k: f"{v / 1e9:.0f} GB/s" if v else "-" for k, v in bw.items() if k.endswith("Bps")}
-    lines = ["", "### Fraction of the HBM floor", "",
-             f"Copy bandwidth (device-to-device copy of {format_bytes(bw.get('bytes'))}, read + write): "
-             f"{gb.get('before_Bps', '-')} before the ops, {gb.get('after_Bps', '-')} after; the floor uses the "
-             f"better. Floor bytes per call, with P = B*L*C, Q = B*S*C, I = init_slots' elements, e bytes per "
-             f"element: fwd (3P + 2Q + 2I) e, full (8P + 6Q + 6I) e: each tensor the ops read or write, once. "
-             f"Fraction = floor time / time (1 = at the floor).", "",
-             "| stage | mode | backend | time | floor bytes | floor time | fraction of floor |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "### Fraction of the HBM floor",
+        "",
+        f"Copy bandwidth (device-to-device copy of {format_bytes(bw.get('bytes'))}, read + write): "
+        f"{gb.get('before_Bps', '-')} before the ops, {gb.get('after_Bps', '-')} after; the floor uses the "
+        f"better. Floor bytes per call, with P = B*L*C, Q = B*S*C, I = init_slots' elements, e bytes per "
+        f"element: fwd (3P + 2Q + 2I) e, full (8P + 6Q + 6I) e: each tensor the ops read or write, once. "
+        f"Fraction = floor time / time (1 = at the floor).",
+        "",
+        "| stage | mode | backend | time | floor bytes | floor time | fraction of floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in bench["records"]:
         fraction = f"{r['floor_fraction']:.3g}" if r.get("floor_fraction") else "-"
-        lines.append(f"| {r.get('stage')} | {r['mode']} | {r['backend']} | {format_time(r.get('time_s'))} "
-                     f"| {format_bytes(r.get('floor_bytes'))} | {format_time(r.get('floor_s'))} | {fraction} |")
+        lines.append(
+            f"| {r.get('stage')} | {r['mode']} | {r['backend']} | {format_time(r.get('time_s'))} "
+            f"| {format_bytes(r.get('floor_bytes'))} | {format_time(r.get('floor_s'))} | {fraction} |"
+        )
     return lines
 
 
@@ -928,10 +1091,12 @@ def _skipped_section(title, result):
     if not skipped:
         return []
     return ["", f"{title}, not run:", ""] + [
-        f"- {' '.join(str(s[k]) for k in ('stage', 'backend') if k in s)}: {s['reason']}" for s in skipped]
+        f"- {' '.join(str(s[k]) for k in ('stage', 'backend') if k in s)}: {s['reason']}" for s in skipped
+    ]
 
 
 # ------------------------------------------------------------------ command line
+
 
 def _steps(text):
     names = [n for n in text.split(",") if n]
@@ -942,8 +1107,9 @@ def _steps(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--dry-run", action="store_true", help="CPU tensors, tiny sizes")
@@ -980,8 +1146,10 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, check.interrupt)
     signal.signal(signal.SIGINT, check.interrupt)
     status = check.execute()
-    print(f"[gpu_check] {check.summary['status']} in {check.summary['wall_s']:.0f} s; "
-          f"results in {args.out}: {', '.join(OUT_FILES)}")
+    print(
+        f"[gpu_check] {check.summary['status']} in {check.summary['wall_s']:.0f} s; "
+        f"results in {args.out}: {', '.join(OUT_FILES)}"
+    )
     return status
 
 
