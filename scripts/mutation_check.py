@@ -12,6 +12,7 @@ deleted; no rebuild), and the emulated tests must fail. The tail mask: the sourc
 extension rebuilt, the tests run, and the source restored and rebuilt. Exit status 0 when every
 mutant is caught.
 """
+
 import os
 import re
 import subprocess
@@ -23,9 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ["tests/test_emulation.py", "tests/test_ops.py", "-k", "emulated or kernels_are or read_nothing"]
 # (file, the text, its off-by-one replacement; the first occurrence is replaced): in
 # cluster_fwd_chunk the last pixel tile of a chunk reads and counts one pixel too many.
-TAIL_MUTANT = ("csrc/cuda/cluster_kernels.cuh",
-               "const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);",
-               "const int64_t l_end = min(static_cast<int64_t>(L) + 1, l_begin + chunk_len);")
+TAIL_MUTANT = (
+    "csrc/cuda/cluster_kernels.cuh",
+    "const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);",
+    "const int64_t l_end = min(static_cast<int64_t>(L) + 1, l_begin + chunk_len);",
+)
 
 
 def barrier_sites():
@@ -59,8 +62,9 @@ def check_barrier(site):
 
 def build():
     env = dict(os.environ, GLMIX_CUDA_EMULATION="1")
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, env=env, check=True, capture_output=True
+    )
 
 
 def check_tail_mask():
@@ -85,7 +89,7 @@ def main():
     rc, first = run_tests({})
     assert rc == 0, f"the emulated tests fail without any mutation: {first}"
     results = []
-    for site in ([] if "--tail-only" in sys.argv else barrier_sites()):
+    for site in [] if "--tail-only" in sys.argv else barrier_sites():
         t0 = time.time()
         verdict, first = check_barrier(site)
         results.append(verdict)

@@ -2,16 +2,15 @@
 kernel, and the CUDA kernels put through them: results bitwise identical whichever order the
 emulated threads run in, inputs inside NaN margins. The generic suite (test_ops.py) runs the
 kernels over the "cuda_emulated" backend as over any other."""
+
 import pytest
 import torch
 
 import glmix_kernels
-
 from _helpers import Case, require
 
 BACKEND = "cuda_emulated"
 ORDERS = [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)]
-
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +20,7 @@ def _emulation_built():
 
 def thread_order(order, seed):
     from glmix_kernels.backends import cuda_emulated
+
     return cuda_emulated.thread_order(order, seed)
 
 
@@ -54,12 +54,15 @@ def test_shared_memory_starts_as_nan():
     assert torch.isnan(selftest("uninitialised")).all()
 
 
-@pytest.mark.parametrize("name,message", [
-    ("early_exit", r"reached by 32 of 64 threads; the other 32 have exited"),
-    ("split_barrier", r"threads wait at different barriers"),
-    ("partial_mask", r"only full-warp shuffles"),
-    ("divergent_warp", r"divergent warp"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("early_exit", r"reached by 32 of 64 threads; the other 32 have exited"),
+        ("split_barrier", r"threads wait at different barriers"),
+        ("partial_mask", r"only full-warp shuffles"),
+        ("divergent_warp", r"divergent warp"),
+    ],
+)
 def test_barrier_and_shuffle_misuse_stops_with_a_message(name, message):
     with pytest.raises(RuntimeError, match=message):
         selftest(name)
@@ -102,7 +105,7 @@ def test_kernels_are_bitwise_identical_in_every_thread_order(op, shape):
 def in_nan_margins(t):
     """t's values in the middle of a NaN buffer, with t's strides."""
     flat = torch.full((t.numel() + 2 * 97,), float("nan"), dtype=t.dtype)
-    inner = flat[97:97 + t.numel()].view(t.shape)
+    inner = flat[97 : 97 + t.numel()].view(t.shape)
     inner.copy_(t)
     return inner
 
@@ -112,8 +115,12 @@ def test_kernels_read_nothing_outside_their_inputs(op):
     """Inputs inside NaN margins give the same bits as plain ones: no read strays outside."""
     B, L, C, S = 2, 70, 20, 9
     g = torch.Generator().manual_seed(5)
-    values = [torch.randn(B, L, C, generator=g), torch.randn(1, S, C, generator=g), torch.randn(B, S, C, generator=g),
-              torch.randn((B, S, C) if op == "cluster" else (B, L, C), generator=g)]
+    values = [
+        torch.randn(B, L, C, generator=g),
+        torch.randn(1, S, C, generator=g),
+        torch.randn(B, S, C, generator=g),
+        torch.randn((B, S, C) if op == "cluster" else (B, L, C), generator=g),
+    ]
 
     def run(place):
         leaves = [t.clone().requires_grad_() for t in values[:3]]

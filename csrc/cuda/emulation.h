@@ -66,9 +66,6 @@ void run(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* ar
 // ---------------------------------------------------------------------------------------------
 // The CUDA spellings the kernels use.
 
-// The kernels' `#pragma unroll` is nvcc's; the host compiler may unroll as it likes.
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"
-
 #define __global__
 #define __device__
 #define __host__

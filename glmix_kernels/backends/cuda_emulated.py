@@ -4,16 +4,17 @@ emulation of the CUDA execution model (``docs/emulation.md``), for testing them 
 Built into the extension only with ``GLMIX_CUDA_EMULATION=1`` at install; its ops live in the
 ``glmix_emulated`` torch.library namespace (CPU kernels), beside the ``glmix_kernels`` ones.
 """
+
 import contextlib
 
 import torch
 
 from . import cpp
 
-
 # Looked up once at import: torch.compile traces unavailable_reason, but not the dispatcher query.
 _BUILT = cpp.unavailable_reason("cpu") is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "glmix_emulated::cluster_fwd", "CPU")
+    "glmix_emulated::cluster_fwd", "CPU"
+)
 
 
 def unavailable_reason(device_type):
