@@ -1,0 +1,187 @@
+"""The tensor-core fragment functions of csrc/cuda/mma.cuh, run on the CPU under the emulation.
+
+A one-warp test kernel (csrc/tests/mma_test_kernels.cuh) multiplies a 16x16 by a 16x8 tile through
+the fragment loads and products and records every lane's fragment registers; a small host runner
+(csrc/tests/mma_harness.cpp: 32 threads, shuffles through an exchange array) executes it. The
+layouts are checked against the PTX ISA's formulas, written out again here, and the products
+against torch.matmul. The GPU build of the same functions (ldmatrix, mma.sync) is compiled by
+scripts/cuda_compile_check.sh; only a GPU run can check that it agrees.
+"""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CXX = os.environ.get("CXX", "c++")
+DT16 = {"bf16": torch.bfloat16, "f16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    if shutil.which(CXX) is None:
+        pytest.skip(f"no C++ compiler ({CXX})")
+    exe = str(tmp_path_factory.mktemp("mma") / "mma_harness")
+    r = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-o", exe,
+                        os.path.join(ROOT, "csrc", "tests", "mma_harness.cpp")], capture_output=True, text=True)
+    assert r.returncode == 0, f"building the mma harness failed:\n{r.stderr[-4000:]}"
+
+    def run(kind, *arrays):
+        data = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+        p = subprocess.run([exe, kind], input=data, capture_output=True, timeout=120)
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+        return p.stdout
+
+    return run
+
+
+def split(buf, *parts):
+    """Cut the runner's output into arrays of (dtype, count)."""
+    out, off = [], 0
+    for dtype, n in parts:
+        a = np.frombuffer(buf, dtype=dtype, count=n, offset=off).copy()
+        out.append(a)
+        off += a.nbytes
+    assert off == len(buf), f"runner wrote {len(buf)} bytes, expected {off}"
+    return out
+
+
+# The PTX ISA's fragment layouts (groupID g = lane >> 2, threadID_in_group t = lane % 4), for
+# mma.m16n8k16 with .f16/.bf16 and mma.m16n8k8 with .tf32: (row, col) of element i.
+def a16(lane, i):
+    g, t = lane >> 2, lane % 4
+    return (g if i in (0, 1, 4, 5) else g + 8), t * 2 + (i & 1) + (8 if i >= 4 else 0)
+
+
+def b16(lane, i):
+    g, t = lane >> 2, lane % 4
+    return t * 2 + (i & 1) + (8 if i >= 2 else 0), g
+
+
+def c_rc(lane, i):
+    g, t = lane >> 2, lane % 4
+    return (g if i < 2 else g + 8), t * 2 + (i & 1)
+
+
+def a_tf32(lane, i):
+    g, t = lane >> 2, lane % 4
+    return (g if i in (0, 2) else g + 8), (t if i < 2 else t + 4)
+
+
+def b_tf32(lane, i):
+    g, t = lane >> 2, lane % 4
+    return (t if i == 0 else t + 4), g
+
+
+def bits16(t):
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def halves(word):
+    return [int(word) & 0xFFFF, int(word) >> 16]
+
+
+def tf32_rna(x):
+    """Round fp32 to tf32, nearest with ties away from zero (cvt.rna), as bit patterns."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x1000) & 0xFFFFE000).astype(np.uint32)
+
+
+def normwise(actual, expected):
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f16"])
+def test_fragment_layout_16bit(harness, kind):
+    """Element (r, c) holds the value 16 r + c (exact in both types): every lane's registers must
+    hold exactly the elements the PTX ISA assigns it, through ldmatrix-style "n" and "t" loads."""
+    dt = DT16[kind]
+    idx = torch.arange(256, dtype=torch.float32).reshape(16, 16)
+    out = harness(kind, bits16(idx.to(dt)), bits16(idx.to(dt)), bits16(idx[:, :8].to(dt)),
+                  np.zeros(128, np.float32))
+    *_, frag = split(out, (np.float32, 128), (np.float32, 128), (np.float32, 128), (np.uint32, 32 * 12))
+    frag = frag.reshape(32, 12)
+    value = {bits16(torch.tensor(float(v)).to(dt)).item(): v for v in range(256)}
+    for lane in range(32):
+        for base in (0, 6):  # "n" loads, then "t" loads
+            a = [value[h] for w in frag[lane, base:base + 4] for h in halves(w)]
+            b = [value[h] for w in frag[lane, base + 4:base + 6] for h in halves(w)]
+            assert a == [16 * r + c for r, c in (a16(lane, i) for i in range(8))], (lane, base, "A")
+            # B[k][n] = 16 k + n
+            assert b == [16 * k + n for k, n in (b16(lane, i) for i in range(4))], (lane, base, "B")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kind", ["bf16", "f16"])
+def test_tile_product_16bit(harness, kind, seed):
+    """D = A B + C for both load orders, and the accumulators fed back as an A operand, against
+    torch.matmul on the same rounded operands. The 16-bit products are exact in fp32; only the
+    fp32 sums round, so the bound is a few fp32 ulps, far below any layout error."""
+    dt = DT16[kind]
+    g = torch.Generator().manual_seed(seed)
+    a, b, b3 = (torch.randn(*s, generator=g).to(dt) for s in ((16, 16), (16, 16), (16, 8)))
+    c = torch.randn(16, 8, generator=g)
+    out = harness(kind, bits16(a), bits16(b), bits16(b3), c.numpy())
+    d_n, d_t, d_chain, _ = split(out, (np.float32, 128), (np.float32, 128), (np.float32, 128), (np.uint32, 32 * 12))
+    expected = a.double() @ b[:, :8].double() + c.double()
+    assert normwise(d_n.reshape(16, 8), expected) < 1e-6
+    assert normwise(d_t.reshape(16, 8), expected) < 1e-6
+    p = torch.matmul(a.float(), b.float()).to(dt)  # the intermediate rounds to the operand type
+    chained = p.double() @ b3.double()
+    # An fp32 sum that lands on the other side of a rounding boundary moves one element of p by an
+    # ulp of dt: allow two ulps normwise.
+    assert normwise(d_chain.reshape(16, 8), chained) < 2 * torch.finfo(dt).eps
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tile_product_3xtf32(harness, seed):
+    """fp32 on tensor cores through the hi/lo split keeps fp32 accuracy (well inside the suite's
+    5e-5), where a single TF32 product does not: the split is what makes fp32 pass."""
+    g = torch.Generator().manual_seed(seed)
+    a, b, c = torch.randn(16, 16, generator=g), torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    out = harness("f32", a.numpy(), b.numpy(), c.numpy())
+    d_n, d_t, d_1x, frag = split(out, (np.float32, 128), (np.float32, 128), (np.float32, 128), (np.uint32, 32 * 6))
+    expected = a.double() @ b.double() + c.double()
+    assert normwise(d_n.reshape(16, 8), expected) < 2e-6
+    assert normwise(d_t.reshape(16, 8), expected) < 2e-6
+    assert normwise(d_1x.reshape(16, 8), expected) > 5e-5  # one TF32 pass: outside the fp32 tolerance
+    # Layout of the tf32 fragments (first k step): the hi parts are cvt.rna of the documented elements.
+    frag = frag.reshape(32, 6)
+    a_bits, b_bits = tf32_rna(a.numpy()), tf32_rna(b.numpy())
+    for lane in range(32):
+        assert list(frag[lane, :4]) == [a_bits[r, c] for r, c in (a_tf32(lane, i) for i in range(4))], lane
+        assert list(frag[lane, 4:]) == [b_bits[k, n] for k, n in (b_tf32(lane, i) for i in range(2))], lane
+
+
+def test_accumulator_layout_is_the_documented_one():
+    """The runner's C loads/stores go through c_rc; the products above pass only if it is right.
+    This pins the Python copy of the formula the tests use for C to the PTX ISA's table."""
+    assert [c_rc(5, i) for i in range(4)] == [(1, 2), (1, 3), (9, 2), (9, 3)]
+    assert [a16(5, i) for i in range(8)] == [(1, 2), (1, 3), (9, 2), (9, 3), (1, 10), (1, 11), (9, 10), (9, 11)]
+    assert [b16(5, i) for i in range(4)] == [(2, 1), (3, 1), (10, 1), (11, 1)]
+
+
+def test_conversions(harness):
+    """The emulation's fp32 -> bf16/fp16 (round to nearest even) and fp16 -> fp32 conversions agree
+    bit for bit with torch, on every fp16 pattern and on random and edge-case floats."""
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 6.1e-5, 6.0e-5, 5.96e-8,
+                            2.98e-8, 2.99e-8, 1e-10, float("inf"), -float("inf"), 3.4e38, 1.17e-38, 1e-40])
+    v = torch.cat([special, torch.randn(4000, generator=g) * torch.logspace(-9, 6, 4000).float()])
+    one = 0x3F800000 + torch.arange(0, 1 << 23, 1 << 13, dtype=torch.int64)  # floats in [1, 2)
+    ties = torch.cat([one + 0x8000, one + 0x1000]).to(torch.int32)  # bf16, fp16 halfway
+    v = torch.cat([v, ties.view(torch.float32), -ties.view(torch.float32)])
+    n = v.numel()
+    out = harness("convert", np.array([n], np.uint32), v.numpy())
+    bf, hf, tf, from16 = split(out, (np.uint16, n), (np.uint16, n), (np.uint32, n), (np.float32, 65536))
+    np.testing.assert_array_equal(bf, bits16(v.to(torch.bfloat16)))
+    np.testing.assert_array_equal(hf, bits16(v.to(torch.float16)))
+    np.testing.assert_array_equal(tf, tf32_rna(v.numpy()))
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float().numpy()
+    nan = np.isnan(every)
+    np.testing.assert_array_equal(from16[~nan].view(np.uint32), every[~nan].view(np.uint32))
+    assert np.isnan(from16[nan]).all()
