@@ -106,7 +106,9 @@ __host__ __device__ constexpr RC b_rc(int lane, int i) {
                            : RC{(lane & 3) + i * 4, lane >> 2};
 }
 // C/D (i < 4): row g for c0, c1, else g + 8; column 2t + (i & 1).
-__host__ __device__ constexpr RC c_rc(int lane, int i) { return {(lane >> 2) + (i >> 1) * 8, (lane & 3) * 2 + (i & 1)}; }
+__host__ __device__ constexpr RC c_rc(int lane, int i) {
+  return {(lane >> 2) + (i >> 1) * 8, (lane & 3) * 2 + (i & 1)};
+}
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
 
@@ -159,8 +161,10 @@ inline uint32_t to_tf32(float v) {
 // What the tensor core reads of a tf32 register: the top 19 bits.
 inline float tf32_value(uint32_t r) { return float_of(r & 0xffffe000u); }
 
-inline uint32_t pack2(float lo, float hi, Bf16 e) { return to_bits(lo, e) | (static_cast<uint32_t>(to_bits(hi, e)) << 16); }
-inline uint32_t pack2(float lo, float hi, F16 e) { return to_bits(lo, e) | (static_cast<uint32_t>(to_bits(hi, e)) << 16); }
+template <class E>
+inline uint32_t pack2(float lo, float hi, E e) {
+  return to_bits(lo, e) | (static_cast<uint32_t>(to_bits(hi, e)) << 16);
+}
 
 #else  // nvcc
 

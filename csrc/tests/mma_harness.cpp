@@ -23,6 +23,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(n)
 #define __shared__ static  // one block runs at a time: a function-local static is its shared memory
 
 struct Dim3 {

@@ -34,8 +34,9 @@ __device__ inline void record(const Frag& f, uint32_t* out) {
 // staged in shared memory in the storage order that load reads), d_chain = E(A [B1 | B2]) B3
 // with the accumulators turned into an A operand in registers, and frag[lane * kFragWords + j].
 template <class E>
-__global__ void mma_tile_test(const uint16_t* a, const uint16_t* b, const uint16_t* b3, const float* c,
-                              float* d_n, float* d_t, float* d_chain, uint32_t* frag) {
+__global__ void __launch_bounds__(32)
+    mma_tile_test(const uint16_t* a, const uint16_t* b, const uint16_t* b3, const float* c, float* d_n, float* d_t,
+                  float* d_chain, uint32_t* frag) {
   alignas(16) __shared__ uint16_t a_n[16 * kLd16], a_t[16 * kLd16], b_n[16 * kLd16], b_t[16 * kLd16];
   alignas(16) __shared__ uint16_t b3_t[16 * kLd16];
   const int lane = lane_id();
@@ -85,8 +86,9 @@ __global__ void mma_tile_test(const uint16_t* a, const uint16_t* b, const uint16
 // b[k * 8 + n]), c: C. Writes d_n (the "n" loads), d_t (the "t" loads), d_1x (one TF32 product
 // per step, hi parts only: what the split avoids), and per lane the hi parts of the first step's
 // fragments, frag[lane * 6 + j]: A (4), B (2).
-__global__ void mma3_tile_test(const float* a, const float* b, const float* c, float* d_n, float* d_t, float* d_1x,
-                               uint32_t* frag) {
+__global__ void __launch_bounds__(32)
+    mma3_tile_test(const float* a, const float* b, const float* c, float* d_n, float* d_t, float* d_1x,
+                   uint32_t* frag) {
   __shared__ float a_n[16 * kLd32], a_t[16 * kLd32], b_n[8 * kLd32], b_t[16 * kLd32];
   const int lane = lane_id();
   for (int i = lane; i < 256; i += 32) {
