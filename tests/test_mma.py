@@ -5,7 +5,8 @@ the fragment loads and products and records every lane's fragment registers; a s
 (csrc/tests/mma_harness.cpp: 32 threads, shuffles through an exchange array) executes it. The
 layouts are checked against the PTX ISA's formulas, written out again here, and the products
 against torch.matmul. The GPU build of the same functions (ldmatrix, mma.sync) is compiled by
-scripts/cuda_compile_check.sh; only a GPU run can check that it agrees.
+scripts/cuda_compile_check.sh; its ldmatrix addressing is checked here against a model of the
+instruction, and only a GPU run can check the rest.
 """
 import os
 import shutil
@@ -155,6 +156,36 @@ def test_tile_product_3xtf32(harness, seed):
     for lane in range(32):
         assert list(frag[lane, :4]) == [a_bits[r, c] for r, c in (a_tf32(lane, i) for i in range(4))], lane
         assert list(frag[lane, 4:]) == [b_bits[k, n] for k, n in (b_tf32(lane, i) for i in range(2))], lane
+
+
+def ldmatrix(addr, nmat, trans):
+    """The PTX ISA's ldmatrix .m8n8 .b16: lanes 8 j .. 8 j + 7 give the row addresses of matrix j;
+    lane l receives in register j the elements (l / 4, 2 (l % 4) + h) of that matrix, h = 0, 1,
+    or (2 (l % 4) + h, l / 4) with .trans. Returns [lane][j][h] = (row, col) in the stored tile."""
+    def elem(j, r, c):
+        row, col = addr[8 * j + r]
+        return row, col + c
+    return [[[elem(j, l % 4 * 2 + h, l // 4) if trans else elem(j, l // 4, l % 4 * 2 + h) for h in (0, 1)]
+             for j in range(nmat)] for l in range(32)]
+
+
+def test_gpu_loads_match_the_documented_layout(harness):
+    """The GPU build loads fragments with ldmatrix from row addresses the lanes compute
+    (ldsm_a_row, ldsm_b_row); what ldmatrix then hands each lane must be the mma layout. Checked
+    through a model of ldmatrix, since no GPU runs here."""
+    out = np.frombuffer(harness("ldsm"), dtype=np.int32).reshape(4, 32, 2)
+    addr = {name: [tuple(map(int, rc)) for rc in out[i]] for i, name in enumerate(["a_n", "a_t", "b_n", "b_t"])}
+    for name, nmat, trans in [("a_n", 4, False), ("a_t", 4, True), ("b_n", 2, False), ("b_t", 2, True)]:
+        got = ldmatrix(addr[name], nmat, trans)
+        for lane in range(32):
+            for j in range(nmat):
+                for h in (0, 1):
+                    row, col = got[lane][j][h]
+                    i = 2 * j + h
+                    # stored order: A "n" [m][k], A "t" [k][m], B "n" [n][k], B "t" [k][n]
+                    want = {"a_n": a16(lane, i), "a_t": a16(lane, i)[::-1],
+                            "b_n": b16(lane, i)[::-1], "b_t": b16(lane, i)}[name]
+                    assert (row, col) == want, (name, lane, j, h)
 
 
 def test_accumulator_layout_is_the_documented_one():

@@ -305,52 +305,61 @@ __device__ inline void load_b16(FragB<E>& b, const uint16_t* tile, int ld) {
   }
 }
 
-#else  // nvcc: ldmatrix; each of the 8x8 matrices it loads is one register of the fragment
+#endif
+
+// ldmatrix loads 8x8 matrices of 16-bit elements; for matrix j, lanes 8j..8j+7 give the addresses
+// of its 8 rows, and lane l receives register j = elements (l / 4, 2 (l % 4) + h), h = 0, 1 (with
+// .trans: (2 (l % 4) + h, l / 4)). The row start lane l supplies, as (row, col) in the stored tile:
+//   A "n": matrices (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) are a0a1,
+//          a2a3, a4a5, a6a7: row m = l % 16, column k = 8 (l / 16);
+//   A "t" (.trans, stored k-major): the same matrices: row k = l % 8 + 8 (l / 16),
+//          column m = 8 ((l / 8) % 2);
+//   B "n" (.x2, stored n-major): matrices (n 0-7, k 0-7), (n 0-7, k 8-15) are b0b1, b2b3:
+//          row n = l % 8, column k = 8 ((l / 8) % 2) (lanes 16-31 are ignored);
+//   B "t" (.x2.trans, stored k-major): row k = l % 16, column 0.
+// tests/test_mma.py checks these against a model of ldmatrix and the mma layouts above.
+__host__ __device__ constexpr RC ldsm_a_row(int lane, bool trans) {
+  return trans ? RC{(lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8} : RC{lane & 15, (lane >> 4) * 8};
+}
+__host__ __device__ constexpr RC ldsm_b_row(int lane, bool trans) {
+  return trans ? RC{lane & 15, 0} : RC{lane & 7, ((lane >> 3) & 1) * 8};
+}
+
+#ifndef GLMIX_CUDA_EMULATION
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// A 16x16 "n": matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15,
-// k 8-15) are a0a1, a2a3, a4a5, a6a7; lane l gives the address of row l % 16, column 8 (l / 16).
-// "t" (.trans): the same matrices read from the transposed storage: k row (l % 8) + 8 (l / 16),
-// m column 8 ((l / 8) % 2).
 template <class E, bool kTrans>
 __device__ __forceinline__ void load_a16(FragA<E>& a, const uint16_t* tile, int ld) {
-  const int lane = lane_id();
-  if (kTrans) {
-    const uint16_t* p = tile + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+  const RC rc = ldsm_a_row(lane_id(), kTrans);
+  const uint32_t p = smem_u32(tile + rc.row * ld + rc.col);
+  if (kTrans)
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3])
-                 : "r"(smem_u32(p))
+                 : "r"(p)
                  : "memory");
-  } else {
-    const uint16_t* p = tile + (lane & 15) * ld + (lane >> 4) * 8;
+  else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3])
-                 : "r"(smem_u32(p))
+                 : "r"(p)
                  : "memory");
-  }
 }
-// B 16x8 "n" (stored n-major): matrices (n 0-7, k 0-7), (n 0-7, k 8-15) are b0b1, b2b3; lane l
-// (l < 16 used) gives row n = l % 8, column k = 8 ((l / 8) % 2). "t" (stored k-major, .trans):
-// row k = l % 16, column 0.
 template <class E, bool kTrans>
 __device__ __forceinline__ void load_b16(FragB<E>& b, const uint16_t* tile, int ld) {
-  const int lane = lane_id();
-  if (kTrans) {
-    const uint16_t* p = tile + (lane & 15) * ld;
+  const RC rc = ldsm_b_row(lane_id(), kTrans);
+  const uint32_t p = smem_u32(tile + rc.row * ld + rc.col);
+  if (kTrans)
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
                  : "=r"(b.r[0]), "=r"(b.r[1])
-                 : "r"(smem_u32(p))
+                 : "r"(p)
                  : "memory");
-  } else {
-    const uint16_t* p = tile + (lane & 7) * ld + ((lane >> 3) & 1) * 8;
+  else
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
                  : "=r"(b.r[0]), "=r"(b.r[1])
-                 : "r"(smem_u32(p))
+                 : "r"(p)
                  : "memory");
-  }
 }
 
 #endif

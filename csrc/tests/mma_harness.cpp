@@ -10,6 +10,8 @@
 //   mma_harness convert    stdin: n, then n f32
 //                          stdout: bf16 and f16 bits (n u16 each), tf32 bits (n u32), and the
 //                          65536 f16 bit patterns as f32
+//   mma_harness ldsm       stdout: the row addresses of the GPU build's ldmatrix loads, per lane
+//                          (i32 row, col): A "n", A "t", B "n", B "t" (32 x 2 each)
 #include <barrier>
 #include <cstdint>
 #include <cstdio>
@@ -126,6 +128,19 @@ void convert() {
   write(bf), write(hf), write(tf), write(from);
 }
 
+void ldsm() {
+  namespace m = glmix::cuda_detail::mma;
+  std::vector<int32_t> out;
+  for (int which = 0; which < 4; ++which)
+    for (int lane = 0; lane < 32; ++lane) {
+      const bool trans = which & 1;
+      const m::RC rc = which < 2 ? m::ldsm_a_row(lane, trans) : m::ldsm_b_row(lane, trans);
+      out.push_back(rc.row);
+      out.push_back(rc.col);
+    }
+  write(out);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -138,8 +153,10 @@ int main(int argc, char** argv) {
     tile32();
   else if (kind == "convert")
     convert();
+  else if (kind == "ldsm")
+    ldsm();
   else {
-    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert\n");
+    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm\n");
     return 2;
   }
   return 0;
