@@ -12,7 +12,10 @@
 //                          65536 f16 bit patterns as f32
 //   mma_harness ldsm       stdout: the row addresses of the GPU build's ldmatrix loads, per lane
 //                          (i32 row, col): A "n", A "t", B "n", B "t" (32 x 2 each)
+#include <algorithm>
 #include <barrier>
+#include <iterator>
+#include <limits>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -26,7 +29,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(n)
-#define __shared__ static  // one block runs at a time: a function-local static is its shared memory
+// Dynamic shared memory: one buffer, refilled with NaN before each launch.
+alignas(16) float g_smem[4096];
+#define GLMIX_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(g_smem)
 
 struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -61,10 +66,13 @@ T __shfl_xor_sync(unsigned mask, T v, int m) {
 
 #include "mma_test_kernels.cuh"
 
+static_assert(glmix::mma_test::kSmem16 <= sizeof(g_smem) && glmix::mma_test::kSmem32 <= sizeof(g_smem));
+
 namespace {
 
 template <class F>
 void run_warp(F&& kernel) {
+  std::fill(std::begin(g_smem), std::end(g_smem), std::numeric_limits<float>::quiet_NaN());
   std::barrier<> bar(32);
   warp::bar = &bar;
   std::vector<std::thread> lanes;

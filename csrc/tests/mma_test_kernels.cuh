@@ -6,6 +6,11 @@
 
 #include "../cuda/mma.cuh"
 
+// All shared memory is dynamic (the emulation refills it with NaN before each block).
+#ifndef GLMIX_DYNAMIC_SMEM
+#define GLMIX_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 namespace glmix {
 namespace mma_test {
 
@@ -14,6 +19,10 @@ using namespace cuda_detail::mma;
 constexpr int kLd16 = 24;  // 16-bit tiles: ld % 16 == 8 (conflict-free ldmatrix)
 constexpr int kLd32 = 20;  // fp32 tiles: ld % 8 == 4 (conflict-free row-major fragment reads)
 constexpr int kFragWords = 12;  // per lane: A "n" (4), B "n" (2), A "t" (4), B "t" (2)
+constexpr int kTile16 = 16 * kLd16;  // elements of one 16-row 16-bit tile
+constexpr int kTile32 = 16 * kLd32;
+constexpr int kSmem16 = 5 * kTile16 * 2;  // dynamic shared memory bytes of mma_tile_test
+constexpr int kSmem32 = 4 * kTile32 * 4;  // and of mma3_tile_test
 
 __device__ inline void load_c(FragC& d, const float* c) {  // c: 16 x 8 row-major
   for (int i = 0; i < 4; ++i) {
@@ -37,8 +46,12 @@ template <class E>
 __global__ void __launch_bounds__(32)
     mma_tile_test(const uint16_t* a, const uint16_t* b, const uint16_t* b3, const float* c, float* d_n, float* d_t,
                   float* d_chain, uint32_t* frag) {
-  alignas(16) __shared__ uint16_t a_n[16 * kLd16], a_t[16 * kLd16], b_n[16 * kLd16], b_t[16 * kLd16];
-  alignas(16) __shared__ uint16_t b3_t[16 * kLd16];
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  uint16_t* a_n = reinterpret_cast<uint16_t*>(smem);  // 16-byte aligned rows: kLd16 * 2 = 48 bytes
+  uint16_t* a_t = a_n + kTile16;
+  uint16_t* b_n = a_t + kTile16;
+  uint16_t* b_t = b_n + kTile16;
+  uint16_t* b3_t = b_t + kTile16;
   const int lane = lane_id();
   for (int i = lane; i < 256; i += 32) {
     const int r = i / 16, k = i % 16;
@@ -89,7 +102,11 @@ __global__ void __launch_bounds__(32)
 __global__ void __launch_bounds__(32)
     mma3_tile_test(const float* a, const float* b, const float* c, float* d_n, float* d_t, float* d_1x,
                    uint32_t* frag) {
-  __shared__ float a_n[16 * kLd32], a_t[16 * kLd32], b_n[8 * kLd32], b_t[16 * kLd32];
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  float* a_n = smem;
+  float* a_t = a_n + kTile32;
+  float* b_n = a_t + kTile32;  // 8 rows used
+  float* b_t = b_n + kTile32;
   const int lane = lane_id();
   for (int i = lane; i < 256; i += 32) {
     const int r = i / 16, k = i % 16;
