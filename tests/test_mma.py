@@ -216,3 +216,47 @@ def test_conversions(harness):
     nan = np.isnan(every)
     np.testing.assert_array_equal(from16[~nan].view(np.uint32), every[~nan].view(np.uint32))
     assert np.isnan(from16[nan]).all()
+
+
+def cluster_partials_reference(x, qs, chunk_len):
+    """Per chunk of pixels: running max m, sum l and acc = exp(A - m) x of each slot (float64)."""
+    B, L, C = x.shape
+    k = torch.nn.functional.normalize(x, dim=-1)
+    out = []
+    for l0 in range(0, L, chunk_len):
+        a = qs @ k[:, l0:l0 + chunk_len].transpose(1, 2)
+        m = a.amax(-1)
+        e = torch.exp(a - m[..., None])
+        out.append((m, e.sum(-1), e @ x[:, l0:l0 + chunk_len]))
+    return [torch.stack(t, 1) for t in zip(*out)]  # (B, nchunks, S[, C])
+
+
+@pytest.mark.parametrize("kind,B,L,C,S,chunk_len,layout", [
+    ("bf16", 2, 70, 40, 20, 64, "contiguous"),  # tails in pixels, channels and slots; two chunks
+    ("f16", 1, 150, 16, 70, 128, "nchw"),  # two slot tiles, two pixel tiles per chunk, NCHW strides
+])
+def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
+    """The tensor-core clustering forward's per-chunk partials against float64 torch: the running
+    max (fp32 logits: qs split hi/lo), and the slots they combine to (P and x in the 16-bit type)."""
+    dt = DT16[kind]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, C, generator=g).to(dt) if layout == "contiguous" else \
+        torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
+    qs = 6.0 * torch.nn.functional.normalize(torch.randn(B, S, C, generator=g, dtype=torch.float64), dim=-1).float()
+    storage = x.contiguous() if layout == "contiguous" else x.transpose(1, 2).contiguous()
+    strides = x.stride() if layout == "contiguous" else (C * L, 1, L)
+    head = np.array([B, L, C, S, chunk_len, *strides, storage.numel()], np.int64)
+    nch = -(-L // chunk_len)
+    out = harness(f"cluster_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy())
+    m, lsum, acc = split(out, (np.float32, B * nch * S), (np.float32, B * nch * S), (np.float32, B * nch * S * C))
+    m, lsum = torch.from_numpy(m).view(B, nch, S), torch.from_numpy(lsum).view(B, nch, S)
+    acc = torch.from_numpy(acc).view(B, nch, S, C)
+    rm, rl, racc = cluster_partials_reference(x.double(), qs.double(), chunk_len)
+    assert (m.double() - rm).abs().max() < 1e-5 * rm.abs().max()  # logits at fp32 accuracy
+    w = torch.exp(m.double() - m.double().amax(1, keepdim=True))
+    slots = (w[..., None] * acc.double()).sum(1) / (w * lsum.double()).sum(1)[..., None]
+    rw = torch.exp(rm - rm.amax(1, keepdim=True))
+    ref = (rw[..., None] * racc).sum(1) / (rw * rl).sum(1)[..., None]
+    tol = {"bf16": 2.5e-2, "f16": 4e-3}[kind]  # the suite's tolerances for these dtypes
+    assert normwise(slots, ref) < tol
+    assert normwise(lsum.double(), rl) < tol

@@ -220,23 +220,25 @@ __device__ inline void mma(FragC& d, const FragA<E>& a, const FragB<E>& b) {
   constexpr int K = Shape<E>::K, P = Shape<E>::kPerReg;
   const int lane = lane_id(), g = lane >> 2, t = lane & 3;
   float arow[2][K], bcol[2][K];
+  // Two registers per shuffle (64-bit shuffles are CUDA's too).
   for (int q = 0; q < 4; ++q) {
     const int src = 4 * g + q;
-    for (int r = 0; r < 4; ++r) {
-      const uint32_t v = __shfl_sync(0xffffffffu, a.r[r], src);
-      for (int h = 0; h < P; ++h) {
-        const RC rc = a_rc<E>(src, r * P + h);
-        arow[rc.row == g ? 0 : 1][rc.col] = element(v, h, E{});
-      }
+    for (int r = 0; r < 4; r += 2) {
+      const uint64_t v2 = __shfl_sync(0xffffffffu, a.r[r] | (static_cast<uint64_t>(a.r[r + 1]) << 32), src);
+      for (int rr = 0; rr < 2; ++rr)
+        for (int h = 0; h < P; ++h) {
+          const RC rc = a_rc<E>(src, (r + rr) * P + h);
+          arow[rc.row == g ? 0 : 1][rc.col] = element(static_cast<uint32_t>(v2 >> (32 * rr)), h, E{});
+        }
     }
   }
   for (int j = 0; j < 2; ++j) {
     for (int q = 0; q < 4; ++q) {
       const int src = 4 * (2 * t + j) + q;
-      for (int r = 0; r < 2; ++r) {
-        const uint32_t v = __shfl_sync(0xffffffffu, b.r[r], src);
-        for (int h = 0; h < P; ++h) bcol[j][b_rc<E>(src, r * P + h).row] = element(v, h, E{});
-      }
+      const uint64_t v2 = __shfl_sync(0xffffffffu, b.r[0] | (static_cast<uint64_t>(b.r[1]) << 32), src);
+      for (int rr = 0; rr < 2; ++rr)
+        for (int h = 0; h < P; ++h)
+          bcol[j][b_rc<E>(src, rr * P + h).row] = element(static_cast<uint32_t>(v2 >> (32 * rr)), h, E{});
     }
   }
   for (int i = 0; i < 4; ++i) {

@@ -1,7 +1,8 @@
-// Host runner for csrc/tests/mma_test_kernels.cuh under GLMIX_CUDA_EMULATION: one warp as 32
-// std::threads, __shfl_sync through an exchange array between two barriers, __syncthreads a
-// barrier. Just enough of the CUDA execution model for one-warp kernels; tests/test_mma.py builds
-// and drives it.
+// Host runner for the tensor-core device code under GLMIX_CUDA_EMULATION (the mma test kernels of
+// mma_test_kernels.cuh, cluster_fwd_chunk_mma): each CUDA thread a std::thread, blocks one after
+// another, __syncthreads a block barrier, __shfl_sync through a per-warp exchange array between
+// two warp barriers, dynamic shared memory one buffer refilled with NaN per block. Just enough of
+// the CUDA execution model for these kernels; tests/test_mma.py builds and drives it.
 //
 //   mma_harness bf16|f16   stdin: a (256 u16), b (256 u16), b3 (128 u16), c (128 f32)
 //                          stdout: d_n, d_t, d_chain (128 f32 each), frag (32 x 12 u32)
@@ -10,17 +11,21 @@
 //   mma_harness convert    stdin: n, then n f32
 //                          stdout: bf16 and f16 bits (n u16 each), tf32 bits (n u32), and the
 //                          65536 f16 bit patterns as f32
+//   mma_harness cluster_fwd_bf16|cluster_fwd_f16   cluster_fwd_chunk_mma (see cluster_fwd below)
 //   mma_harness ldsm       stdout: the row addresses of the GPU build's ldmatrix loads, per lane
 //                          (i32 row, col): A "n", A "t", B "n", B "t" (32 x 2 each)
 #include <algorithm>
+#include <array>
 #include <barrier>
+#include <memory>
 #include <iterator>
 #include <limits>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
-#include <thread>
+#include <type_traits>
+#include <ucontext.h>
 #include <vector>
 
 #define GLMIX_CUDA_EMULATION 1
@@ -30,58 +35,129 @@
 #define __forceinline__ inline
 #define __launch_bounds__(n)
 // Dynamic shared memory: one buffer, refilled with NaN before each launch.
-alignas(16) float g_smem[4096];
+alignas(16) float g_smem[16384];
 #define GLMIX_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(g_smem)
 
 struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
-thread_local Dim3 threadIdx;
+Dim3 threadIdx, blockIdx;
+Dim3 blockDim, gridDim;
+using std::max;
+using std::min;
 
-namespace warp {
-std::barrier<>* bar = nullptr;
-uint32_t exchange[32];
-}  // namespace warp
+// Fibers: every CUDA thread of a block is a ucontext fiber, resumed round-robin by run_grid. A
+// fiber yields only at a barrier (__syncthreads, and the two warp barriers of a shuffle), where it
+// waits until every participant has arrived.
+namespace fiber {
+ucontext_t scheduler;
+std::vector<ucontext_t> ctx;
+std::vector<char> finished;
+unsigned current = 0;
+unsigned long progress = 0;  // arrivals, releases and finished fibers: a round without any is a deadlock
+void (*body)(void*) = nullptr;
+void* body_arg = nullptr;
+void yield() { swapcontext(&ctx[current], &scheduler); }
+void entry() {
+  body(body_arg);
+  finished[current] = 1;  // then back to the scheduler through uc_link
+  ++progress;
+}
 
-inline void __syncthreads() { warp::bar->arrive_and_wait(); }
+struct Barrier {
+  unsigned n = 0, arrived = 0, generation = 0;
+  void wait() {
+    const unsigned gen = generation;
+    ++progress;
+    if (++arrived == n) {
+      arrived = 0;
+      ++generation;
+      return;
+    }
+    while (generation == gen) yield();
+  }
+};
+Barrier block_bar;
+std::vector<Barrier> warp_bars;
+std::vector<std::array<uint64_t, 32>> exchange;
+}  // namespace fiber
+
+inline void __syncthreads() { fiber::block_bar.wait(); }
 
 template <class T>
 T __shfl_sync(unsigned mask, T v, int src) {
-  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
   if (mask != 0xffffffffu) {
     std::fprintf(stderr, "mma_harness: partial shuffle mask\n");
     std::abort();
   }
-  std::memcpy(&warp::exchange[threadIdx.x], &v, 4);
-  warp::bar->arrive_and_wait();
+  const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  fiber::exchange[w][lane] = bits;
+  fiber::warp_bars[w].wait();
+  bits = fiber::exchange[w][src & 31];
+  fiber::warp_bars[w].wait();
   T r;
-  std::memcpy(&r, &warp::exchange[src & 31], 4);
-  warp::bar->arrive_and_wait();
+  std::memcpy(&r, &bits, sizeof(T));
   return r;
 }
 template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int m) {
-  return __shfl_sync(mask, v, static_cast<int>(threadIdx.x) ^ m);
+  return __shfl_sync(mask, v, static_cast<int>(threadIdx.x % 32) ^ m);
 }
 
 #include "mma_test_kernels.cuh"
+#include "../cuda/cluster_mma_kernels.cuh"
 
 static_assert(glmix::mma_test::kSmem16 <= sizeof(g_smem) && glmix::mma_test::kSmem32 <= sizeof(g_smem));
 
 namespace {
 
+// Runs kernel() as every thread of every block (blocks one after another); threads a multiple of 32.
+template <class F>
+void run_grid(Dim3 grid, unsigned threads, F&& kernel) {
+  fiber::body = [](void* k) { (*static_cast<std::remove_reference_t<F>*>(k))(); };
+  fiber::body_arg = &kernel;
+  gridDim = grid;
+  blockDim = {threads, 1, 1};
+  std::vector<std::vector<char>> stacks(threads, std::vector<char>(256 * 1024));
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        std::fill(std::begin(g_smem), std::end(g_smem), std::numeric_limits<float>::quiet_NaN());
+        fiber::block_bar = {threads, 0, 0};
+        fiber::warp_bars.assign(threads / 32, {32, 0, 0});
+        fiber::exchange.assign(threads / 32, {});
+        fiber::ctx.assign(threads, {});
+        fiber::finished.assign(threads, 0);
+        for (unsigned t = 0; t < threads; ++t) {
+          getcontext(&fiber::ctx[t]);
+          fiber::ctx[t].uc_stack.ss_sp = stacks[t].data();
+          fiber::ctx[t].uc_stack.ss_size = stacks[t].size();
+          fiber::ctx[t].uc_link = &fiber::scheduler;
+          makecontext(&fiber::ctx[t], fiber::entry, 0);
+        }
+        for (unsigned left = threads; left > 0;) {
+          const unsigned long before = fiber::progress;
+          for (unsigned t = 0; t < threads; ++t) {
+            if (fiber::finished[t]) continue;
+            fiber::current = t;
+            threadIdx = {t, 0, 0};
+            blockIdx = {x, y, z};
+            swapcontext(&fiber::scheduler, &fiber::ctx[t]);
+            left -= fiber::finished[t];
+          }
+          if (left > 0 && fiber::progress == before) {
+            std::fprintf(stderr, "mma_harness: deadlock (threads wait at barriers that never fill)\n");
+            std::abort();
+          }
+        }
+      }
+}
 template <class F>
 void run_warp(F&& kernel) {
-  std::fill(std::begin(g_smem), std::end(g_smem), std::numeric_limits<float>::quiet_NaN());
-  std::barrier<> bar(32);
-  warp::bar = &bar;
-  std::vector<std::thread> lanes;
-  for (unsigned l = 0; l < 32; ++l)
-    lanes.emplace_back([&, l] {
-      threadIdx.x = l;
-      kernel();
-    });
-  for (auto& t : lanes) t.join();
+  run_grid({1, 1, 1}, 32, kernel);
 }
 
 template <class T>
@@ -136,6 +212,39 @@ void convert() {
   write(bf), write(hf), write(tf), write(from);
 }
 
+// stdin: B, L, C, S, chunk_len, x strides (b, l, c), x storage elements (int64 each), x storage
+// (u16), qs (B, S, C f32). stdout: ws_m, ws_l (B x nchunks x S f32), ws_acc (B x nchunks x S x C).
+template <class E, int CP>
+void cluster_fwd_cp(const std::vector<int64_t>& h, const std::vector<uint16_t>& x, const std::vector<float>& qs) {
+  namespace k = glmix::cuda_mma;
+  const int64_t B = h[0], L = h[1], C = h[2], S = h[3], len = h[4];
+  const int nch = static_cast<int>((L + len - 1) / len);
+  std::vector<float> m(B * nch * S), l(B * nch * S), acc(B * nch * S * C);
+  if (k::cluster_fwd_mma_smem(CP) > sizeof(g_smem)) std::abort();
+  const Dim3 grid{static_cast<unsigned>((S + k::kMmaTS - 1) / k::kMmaTS), static_cast<unsigned>(nch),
+                  static_cast<unsigned>(B)};
+  run_grid(grid, k::kMmaThreads, [&] {
+    k::cluster_fwd_chunk_mma<E, CP>(x.data(), h[5], h[6], h[7], qs.data(), S * C, C, 1, static_cast<int>(L),
+                                    static_cast<int>(S), static_cast<int>(C), len, nch, m.data(), l.data(),
+                                    acc.data());
+  });
+  write(m), write(l), write(acc);
+}
+
+template <class E>
+void cluster_fwd() {
+  const auto h = read<int64_t>(9);
+  const auto x = read<uint16_t>(h[8]);
+  const auto qs = read<float>(h[0] * h[3] * h[2]);
+  switch (glmix::cuda_mma::padded_channels(static_cast<int>(h[2]))) {
+    case 16: return cluster_fwd_cp<E, 16>(h, x, qs);
+    case 32: return cluster_fwd_cp<E, 32>(h, x, qs);
+    case 64: return cluster_fwd_cp<E, 64>(h, x, qs);
+    case 128: return cluster_fwd_cp<E, 128>(h, x, qs);
+    default: std::fprintf(stderr, "mma_harness: C above 128\n"); std::exit(2);
+  }
+}
+
 void ldsm() {
   namespace m = glmix::cuda_detail::mma;
   std::vector<int32_t> out;
@@ -163,8 +272,12 @@ int main(int argc, char** argv) {
     convert();
   else if (kind == "ldsm")
     ldsm();
+  else if (kind == "cluster_fwd_bf16")
+    cluster_fwd<glmix::cuda_detail::mma::Bf16>();
+  else if (kind == "cluster_fwd_f16")
+    cluster_fwd<glmix::cuda_detail::mma::F16>();
   else {
-    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm\n");
+    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm|cluster_fwd_bf16|cluster_fwd_f16\n");
     return 2;
   }
   return 0;
