@@ -20,7 +20,7 @@ import sys
 from collections import defaultdict
 
 # Kernels whose products must run on tensor cores (base names, without template arguments).
-TENSOR_CORE_KERNELS = {"mma_tile_test", "mma3_tile_test", "cluster_fwd_chunk_mma"}
+TENSOR_CORE_KERNELS = {"mma_tile_test", "mma3_tile_test", "cluster_fwd_chunk_mma", "dispatch_fwd_mma"}
 
 # Per-SM limits (registers, threads, blocks, shared memory per SM and reserved per block, bytes).
 SM_LIMITS = {80: (65536, 2048, 32, 167936, 1024), 86: (65536, 1536, 16, 102400, 1024),

@@ -30,11 +30,18 @@ def harness(tmp_path_factory):
                         os.path.join(ROOT, "csrc", "tests", "mma_harness.cpp")], capture_output=True, text=True)
     assert r.returncode == 0, f"building the mma harness failed:\n{r.stderr[-4000:]}"
 
-    def run(kind, *arrays):
+    def run(kind, *arrays, orders=(0,)):
+        """The runner's output; with several thread orders, checks they agree bit for bit (a race
+        between barriers shows as a difference)."""
         data = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
-        p = subprocess.run([exe, kind], input=data, capture_output=True, timeout=120)
-        assert p.returncode == 0, p.stderr.decode()[-2000:]
-        return p.stdout
+        outs = []
+        for order in orders:
+            p = subprocess.run([exe, kind], input=data, capture_output=True, timeout=300,
+                               env=dict(os.environ, MMA_HARNESS_ORDER=str(order)))
+            assert p.returncode == 0, p.stderr.decode()[-2000:]
+            outs.append(p.stdout)
+        assert all(o == outs[0] for o in outs), f"{kind}: the result depends on the thread order (a race)"
+        return outs[0]
 
     return run
 
@@ -247,7 +254,7 @@ def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
     strides = x.stride() if layout == "contiguous" else (C * L, 1, L)
     head = np.array([B, L, C, S, chunk_len, *strides, storage.numel()], np.int64)
     nch = -(-L // chunk_len)
-    out = harness(f"cluster_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy())
+    out = harness(f"cluster_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy(), orders=(2, 3, 4))
     m, lsum, acc = split(out, (np.float32, B * nch * S), (np.float32, B * nch * S), (np.float32, B * nch * S * C))
     m, lsum = torch.from_numpy(m).view(B, nch, S), torch.from_numpy(lsum).view(B, nch, S)
     acc = torch.from_numpy(acc).view(B, nch, S, C)
@@ -260,3 +267,29 @@ def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
     tol = {"bf16": 2.5e-2, "f16": 4e-3}[kind]  # the suite's tolerances for these dtypes
     assert normwise(slots, ref) < tol
     assert normwise(lsum.double(), rl) < tol
+
+
+@pytest.mark.parametrize("kind,B,L,C,S,tiles_per_block,layout", [
+    ("bf16", 2, 150, 40, 20, 2, "nchw"),  # tails in pixels, channels and slots; two tiles in a block
+    ("f16", 1, 70, 16, 70, 1, "contiguous"),  # two slot tiles (online softmax across them)
+])
+def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
+    """The tensor-core dispatch forward against float64 torch: out = softmax_S(A)^T slots (rounded
+    to the 16-bit type) within the suite's tolerance, lse at fp32 accuracy."""
+    dt = DT16[kind]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, L, C, generator=g).to(dt) if layout == "contiguous" else \
+        torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
+    qs = 6.0 * torch.nn.functional.normalize(torch.randn(B, S, C, generator=g, dtype=torch.float64), dim=-1).float()
+    sl = torch.randn(B, S, C, generator=g).to(dt)
+    storage = x.contiguous() if layout == "contiguous" else x.transpose(1, 2).contiguous()
+    strides = x.stride() if layout == "contiguous" else (C * L, 1, L)
+    head = np.array([B, L, C, S, tiles_per_block, *strides, storage.numel()], np.int64)
+    out = harness(f"dispatch_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy(), bits16(sl), orders=(2, 3, 4))
+    o, lse = split(out, (np.uint16, B * L * C), (np.float32, B * L))
+    o = torch.from_numpy(o.view(np.int16)).view(dt).view(B, L, C)
+    a = qs.double() @ torch.nn.functional.normalize(x.double(), dim=-1).transpose(1, 2)  # (B, S, L)
+    ref = torch.softmax(a, 1).transpose(1, 2) @ sl.double()
+    assert normwise(o, ref) < {"bf16": 2.5e-2, "f16": 4e-3}[kind]
+    ref_lse = torch.logsumexp(a, 1)
+    assert (torch.from_numpy(lse).view(B, L).double() - ref_lse).abs().max() < 1e-5 * ref_lse.abs().max()

@@ -11,7 +11,8 @@
 //   mma_harness convert    stdin: n, then n f32
 //                          stdout: bf16 and f16 bits (n u16 each), tf32 bits (n u32), and the
 //                          65536 f16 bit patterns as f32
-//   mma_harness cluster_fwd_bf16|cluster_fwd_f16   cluster_fwd_chunk_mma (see cluster_fwd below)
+//   mma_harness {cluster,dispatch}_fwd_{bf16,f16}   the forward kernels of mma_kernels.cuh (see below)
+// MMA_HARNESS_ORDER=0..4 sets the order fibers resume in (fiber::order).
 //   mma_harness ldsm       stdout: the row addresses of the GPU build's ldmatrix loads, per lane
 //                          (i32 row, col): A "n", A "t", B "n", B "t" (32 x 2 each)
 #include <algorithm>
@@ -21,9 +22,12 @@
 #include <iterator>
 #include <limits>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <numeric>
+#include <random>
 #include <type_traits>
 #include <ucontext.h>
 #include <vector>
@@ -33,7 +37,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 // Dynamic shared memory: one buffer, refilled with NaN before each launch.
 alignas(16) float g_smem[16384];
 #define GLMIX_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(g_smem)
@@ -57,6 +61,13 @@ unsigned current = 0;
 unsigned long progress = 0;  // arrivals, releases and finished fibers: a round without any is a deadlock
 void (*body)(void*) = nullptr;
 void* body_arg = nullptr;
+// The order fibers resume in, every round: 0 forward, 1 alternately reverse and forward, 2 random
+// (seeded); 3 and 4 run one warp at a time (lowest, highest first) until all its threads wait at
+// __syncthreads, so a warp runs far ahead of the others, as a missing block barrier needs to show.
+// A kernel whose result depends on the order has a race.
+int order = 0;
+std::vector<char> at_block_barrier;
+std::mt19937 rng(0);
 void yield() { swapcontext(&ctx[current], &scheduler); }
 void entry() {
   body(body_arg);
@@ -82,7 +93,11 @@ std::vector<Barrier> warp_bars;
 std::vector<std::array<uint64_t, 32>> exchange;
 }  // namespace fiber
 
-inline void __syncthreads() { fiber::block_bar.wait(); }
+inline void __syncthreads() {
+  fiber::at_block_barrier[threadIdx.x] = 1;
+  fiber::block_bar.wait();
+  fiber::at_block_barrier[threadIdx.x] = 0;
+}
 
 template <class T>
 T __shfl_sync(unsigned mask, T v, int src) {
@@ -108,7 +123,7 @@ T __shfl_xor_sync(unsigned mask, T v, int m) {
 }
 
 #include "mma_test_kernels.cuh"
-#include "../cuda/cluster_mma_kernels.cuh"
+#include "../cuda/mma_kernels.cuh"
 
 static_assert(glmix::mma_test::kSmem16 <= sizeof(g_smem) && glmix::mma_test::kSmem32 <= sizeof(g_smem));
 
@@ -122,6 +137,8 @@ void run_grid(Dim3 grid, unsigned threads, F&& kernel) {
   gridDim = grid;
   blockDim = {threads, 1, 1};
   std::vector<std::vector<char>> stacks(threads, std::vector<char>(256 * 1024));
+  std::vector<unsigned> order(threads);
+  std::iota(order.begin(), order.end(), 0u);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -131,6 +148,7 @@ void run_grid(Dim3 grid, unsigned threads, F&& kernel) {
         fiber::exchange.assign(threads / 32, {});
         fiber::ctx.assign(threads, {});
         fiber::finished.assign(threads, 0);
+        fiber::at_block_barrier.assign(threads, 0);
         for (unsigned t = 0; t < threads; ++t) {
           getcontext(&fiber::ctx[t]);
           fiber::ctx[t].uc_stack.ss_sp = stacks[t].data();
@@ -140,8 +158,17 @@ void run_grid(Dim3 grid, unsigned threads, F&& kernel) {
         }
         for (unsigned left = threads; left > 0;) {
           const unsigned long before = fiber::progress;
-          for (unsigned t = 0; t < threads; ++t) {
-            if (fiber::finished[t]) continue;
+          if (fiber::order == 1) std::reverse(order.begin(), order.end());
+          if (fiber::order == 2) std::shuffle(order.begin(), order.end(), fiber::rng);
+          int only_warp = -1;  // orders 3 and 4: the first warp (in their order) with a thread to run
+          if (fiber::order >= 3)
+            for (unsigned i = 0; i < threads / 32 && only_warp < 0; ++i) {
+              const unsigned w = fiber::order == 3 ? i : threads / 32 - 1 - i;
+              for (unsigned t = 32 * w; t < 32 * w + 32; ++t)
+                if (!fiber::finished[t] && !fiber::at_block_barrier[t]) only_warp = static_cast<int>(w);
+            }
+          for (unsigned t : order) {
+            if (fiber::finished[t] || (only_warp >= 0 && t / 32 != static_cast<unsigned>(only_warp))) continue;
             fiber::current = t;
             threadIdx = {t, 0, 0};
             blockIdx = {x, y, z};
@@ -221,7 +248,7 @@ void cluster_fwd_cp(const std::vector<int64_t>& h, const std::vector<uint16_t>& 
   const int nch = static_cast<int>((L + len - 1) / len);
   std::vector<float> m(B * nch * S), l(B * nch * S), acc(B * nch * S * C);
   if (k::cluster_fwd_mma_smem(CP) > sizeof(g_smem)) std::abort();
-  const Dim3 grid{static_cast<unsigned>((S + k::kMmaTS - 1) / k::kMmaTS), static_cast<unsigned>(nch),
+  const Dim3 grid{static_cast<unsigned>((S + k::kMmaRows - 1) / k::kMmaRows), static_cast<unsigned>(nch),
                   static_cast<unsigned>(B)};
   run_grid(grid, k::kMmaThreads, [&] {
     k::cluster_fwd_chunk_mma<E, CP>(x.data(), h[5], h[6], h[7], qs.data(), S * C, C, 1, static_cast<int>(L),
@@ -245,6 +272,41 @@ void cluster_fwd() {
   }
 }
 
+// stdin: B, L, C, S, tiles_per_block, x strides (3), x storage elements (int64 each), x storage
+// (u16), qs (B, S, C f32), slots (B, S, C u16). stdout: out (B, L, C u16), lse (B, L f32).
+template <class E, int CP>
+void dispatch_fwd_cp(const std::vector<int64_t>& h, const std::vector<uint16_t>& x, const std::vector<float>& qs,
+                     const std::vector<uint16_t>& sl) {
+  namespace k = glmix::cuda_mma;
+  const int64_t B = h[0], L = h[1], C = h[2], S = h[3], tpb = h[4];
+  std::vector<uint16_t> out(B * L * C);
+  std::vector<float> lse(B * L);
+  if (k::dispatch_fwd_mma_smem(CP) > sizeof(g_smem)) std::abort();
+  const int64_t ntiles = (L + 63) / 64;
+  const Dim3 grid{static_cast<unsigned>((ntiles + tpb - 1) / tpb), static_cast<unsigned>(B), 1};
+  run_grid(grid, k::kMmaThreads, [&] {
+    k::dispatch_fwd_mma<E, CP>(x.data(), h[5], h[6], h[7], qs.data(), S * C, C, 1, sl.data(), S * C, C, 1, L,
+                               static_cast<int>(S), static_cast<int>(C), static_cast<int>(tpb), out.data(),
+                               lse.data());
+  });
+  write(out), write(lse);
+}
+
+template <class E>
+void dispatch_fwd() {
+  const auto h = read<int64_t>(9);
+  const auto x = read<uint16_t>(h[8]);
+  const auto qs = read<float>(h[0] * h[3] * h[2]);
+  const auto sl = read<uint16_t>(h[0] * h[3] * h[2]);
+  switch (glmix::cuda_mma::padded_channels(static_cast<int>(h[2]))) {
+    case 16: return dispatch_fwd_cp<E, 16>(h, x, qs, sl);
+    case 32: return dispatch_fwd_cp<E, 32>(h, x, qs, sl);
+    case 64: return dispatch_fwd_cp<E, 64>(h, x, qs, sl);
+    case 128: return dispatch_fwd_cp<E, 128>(h, x, qs, sl);
+    default: std::fprintf(stderr, "mma_harness: C above 128\n"); std::exit(2);
+  }
+}
+
 void ldsm() {
   namespace m = glmix::cuda_detail::mma;
   std::vector<int32_t> out;
@@ -262,6 +324,7 @@ void ldsm() {
 
 int main(int argc, char** argv) {
   const std::string kind = argc > 1 ? argv[1] : "";
+  if (const char* o = std::getenv("MMA_HARNESS_ORDER")) fiber::order = std::atoi(o);
   if (kind == "bf16")
     tile16<glmix::cuda_detail::mma::Bf16>();
   else if (kind == "f16")
@@ -276,8 +339,12 @@ int main(int argc, char** argv) {
     cluster_fwd<glmix::cuda_detail::mma::Bf16>();
   else if (kind == "cluster_fwd_f16")
     cluster_fwd<glmix::cuda_detail::mma::F16>();
+  else if (kind == "dispatch_fwd_bf16")
+    dispatch_fwd<glmix::cuda_detail::mma::Bf16>();
+  else if (kind == "dispatch_fwd_f16")
+    dispatch_fwd<glmix::cuda_detail::mma::F16>();
   else {
-    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm|cluster_fwd_bf16|cluster_fwd_f16\n");
+    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm|{cluster,dispatch}_fwd_{bf16,f16}\n");
     return 2;
   }
   return 0;

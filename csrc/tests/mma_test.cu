@@ -1,9 +1,9 @@
 // The tensor-core kernels for the GPU, outside the extension: the mma test kernels, and the
-// tensor-core clustering forward until the backend launches it. scripts/cuda_compile_check.sh
+// tensor-core forward kernels until the backend launches them. scripts/cuda_compile_check.sh
 // compiles this file for each architecture it checks and reports each kernel's resources and
 // tensor-core instructions.
 #include "mma_test_kernels.cuh"
-#include "../cuda/cluster_mma_kernels.cuh"
+#include "../cuda/mma_kernels.cuh"
 
 namespace glmix {
 namespace mma_test {
@@ -28,5 +28,17 @@ GLMIX_INSTANTIATE_CLUSTER_FWD_MMA(F16, 16)
 GLMIX_INSTANTIATE_CLUSTER_FWD_MMA(F16, 32)
 GLMIX_INSTANTIATE_CLUSTER_FWD_MMA(F16, 64)
 GLMIX_INSTANTIATE_CLUSTER_FWD_MMA(F16, 128)
+#define GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(E, CP)                                                                 \
+  template __global__ void dispatch_fwd_mma<E, CP>(const uint16_t*, int64_t, int64_t, int64_t, const float*, int64_t, \
+                                                   int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t,      \
+                                                   int64_t, int, int, int, uint16_t*, float*);
+GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(Bf16, 16)
+GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(Bf16, 32)
+GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(Bf16, 64)
+GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(Bf16, 128)
+GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(F16, 16)
+GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(F16, 32)
+GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(F16, 64)
+GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(F16, 128)
 }  // namespace cuda_mma
 }  // namespace glmix
