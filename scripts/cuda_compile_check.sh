@@ -17,8 +17,9 @@
 #     the toolkit, else the copy Triton bundles). Printed as a table; fails on any spill and on a
 #     tensor-core kernel without HMMA (scripts/cuda_resource_report.py says which kernels).
 #     `--report FILE` also writes it as JSON.
-#   - Two architectures, sm_80 and sm_90, compile each kernel twice: about 2.5 minutes on 2 cores
-#     for the whole check (one architecture: about 1.5).
+#   - Two architectures, sm_80 and sm_90, compile each kernel twice: measured 3.6 minutes of CPU
+#     time for the whole check with MAX_JOBS=1 (11 minutes wall on a busy shared 2-core machine);
+#     GLMIX_CUDA_ARCH=9.0 halves the device-code part.
 #
 # Usage: cuda_compile_check.sh [--report FILE]
 # Knobs: GLMIX_CUDA_VENV, CUDA_HOME (default /usr/local/cuda), GLMIX_CUDA_ARCH (default "8.0;9.0"),
