@@ -41,8 +41,17 @@
 #include <cstring>
 #endif
 
+// Each build in its own namespace, so a library holding both cannot mix their definitions.
+#ifndef GLMIX_CUDA_NS
+#ifdef GLMIX_CUDA_EMULATION
+#define GLMIX_CUDA_NS cuda_emulated_detail
+#else
+#define GLMIX_CUDA_NS cuda_detail
+#endif
+#endif
+
 namespace glmix {
-namespace cuda_detail {
+namespace GLMIX_CUDA_NS {
 namespace mma {
 
 // Operand element types (tags).
@@ -441,5 +450,5 @@ __device__ __forceinline__ float row_max(float v) {
 }
 
 }  // namespace mma
-}  // namespace cuda_detail
+}  // namespace GLMIX_CUDA_NS
 }  // namespace glmix

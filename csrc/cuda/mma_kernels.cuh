@@ -28,9 +28,10 @@
 #endif
 
 namespace glmix {
-namespace cuda_mma {
+namespace GLMIX_CUDA_NS {
+namespace tc {
 
-using namespace cuda_detail::mma;
+using namespace mma;
 
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
@@ -118,12 +119,12 @@ __device__ __forceinline__ void logits(FragC (&a)[kMmaNB], const uint16_t* a_hi,
     for (int j = 0; j < kMmaNB; ++j) {
       FragB<E> bh, bl;
       load_b(bh, b_hi + 8 * j * ld + k0, ld);  // B[c][n] = b[n][c]: stored n-major
-      if (kSplitA) mma(a[j], al, bh);
+      if (kSplitA) mma::mma(a[j], al, bh);
       if (kSplitB) {
         load_b(bl, b_lo + 8 * j * ld + k0, ld);
-        mma(a[j], ah, bl);
+        mma::mma(a[j], ah, bl);
       }
-      mma(a[j], ah, bh);
+      mma::mma(a[j], ah, bh);
     }
   }
 }
@@ -175,7 +176,7 @@ __device__ inline void value_product(FragC (&acc)[CP / 8], const FragC (&p)[kMma
     for (int j = 0; j < CP / 8; ++j) {
       FragB<E> vf;
       load_b_t(vf, v + 16 * kk * ld + 8 * j, ld);
-      mma(acc[j], pa, vf);
+      mma::mma(acc[j], pa, vf);
     }
   }
 }
@@ -339,5 +340,6 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   }
 }
 
-}  // namespace cuda_mma
+}  // namespace tc
+}  // namespace GLMIX_CUDA_NS
 }  // namespace glmix

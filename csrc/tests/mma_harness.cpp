@@ -224,7 +224,7 @@ void tile32() {
 }
 
 void convert() {
-  namespace m = glmix::cuda_detail::mma;
+  namespace m = glmix::GLMIX_CUDA_NS::mma;
   const auto n = read<uint32_t>(1)[0];
   const auto v = read<float>(n);
   std::vector<uint16_t> bf(n), hf(n);
@@ -243,7 +243,7 @@ void convert() {
 // (u16), qs (B, S, C f32). stdout: ws_m, ws_l (B x nchunks x S f32), ws_acc (B x nchunks x S x C).
 template <class E, int CP>
 void cluster_fwd_cp(const std::vector<int64_t>& h, const std::vector<uint16_t>& x, const std::vector<float>& qs) {
-  namespace k = glmix::cuda_mma;
+  namespace k = glmix::GLMIX_CUDA_NS::tc;
   const int64_t B = h[0], L = h[1], C = h[2], S = h[3], len = h[4];
   const int nch = static_cast<int>((L + len - 1) / len);
   std::vector<float> m(B * nch * S), l(B * nch * S), acc(B * nch * S * C);
@@ -263,7 +263,7 @@ void cluster_fwd() {
   const auto h = read<int64_t>(9);
   const auto x = read<uint16_t>(h[8]);
   const auto qs = read<float>(h[0] * h[3] * h[2]);
-  switch (glmix::cuda_mma::padded_channels(static_cast<int>(h[2]))) {
+  switch (glmix::GLMIX_CUDA_NS::tc::padded_channels(static_cast<int>(h[2]))) {
     case 16: return cluster_fwd_cp<E, 16>(h, x, qs);
     case 32: return cluster_fwd_cp<E, 32>(h, x, qs);
     case 64: return cluster_fwd_cp<E, 64>(h, x, qs);
@@ -277,7 +277,7 @@ void cluster_fwd() {
 template <class E, int CP>
 void dispatch_fwd_cp(const std::vector<int64_t>& h, const std::vector<uint16_t>& x, const std::vector<float>& qs,
                      const std::vector<uint16_t>& sl) {
-  namespace k = glmix::cuda_mma;
+  namespace k = glmix::GLMIX_CUDA_NS::tc;
   const int64_t B = h[0], L = h[1], C = h[2], S = h[3], tpb = h[4];
   std::vector<uint16_t> out(B * L * C);
   std::vector<float> lse(B * L);
@@ -298,7 +298,7 @@ void dispatch_fwd() {
   const auto x = read<uint16_t>(h[8]);
   const auto qs = read<float>(h[0] * h[3] * h[2]);
   const auto sl = read<uint16_t>(h[0] * h[3] * h[2]);
-  switch (glmix::cuda_mma::padded_channels(static_cast<int>(h[2]))) {
+  switch (glmix::GLMIX_CUDA_NS::tc::padded_channels(static_cast<int>(h[2]))) {
     case 16: return dispatch_fwd_cp<E, 16>(h, x, qs, sl);
     case 32: return dispatch_fwd_cp<E, 32>(h, x, qs, sl);
     case 64: return dispatch_fwd_cp<E, 64>(h, x, qs, sl);
@@ -308,7 +308,7 @@ void dispatch_fwd() {
 }
 
 void ldsm() {
-  namespace m = glmix::cuda_detail::mma;
+  namespace m = glmix::GLMIX_CUDA_NS::mma;
   std::vector<int32_t> out;
   for (int which = 0; which < 4; ++which)
     for (int lane = 0; lane < 32; ++lane) {
@@ -326,9 +326,9 @@ int main(int argc, char** argv) {
   const std::string kind = argc > 1 ? argv[1] : "";
   if (const char* o = std::getenv("MMA_HARNESS_ORDER")) fiber::order = std::atoi(o);
   if (kind == "bf16")
-    tile16<glmix::cuda_detail::mma::Bf16>();
+    tile16<glmix::GLMIX_CUDA_NS::mma::Bf16>();
   else if (kind == "f16")
-    tile16<glmix::cuda_detail::mma::F16>();
+    tile16<glmix::GLMIX_CUDA_NS::mma::F16>();
   else if (kind == "f32")
     tile32();
   else if (kind == "convert")
@@ -336,13 +336,13 @@ int main(int argc, char** argv) {
   else if (kind == "ldsm")
     ldsm();
   else if (kind == "cluster_fwd_bf16")
-    cluster_fwd<glmix::cuda_detail::mma::Bf16>();
+    cluster_fwd<glmix::GLMIX_CUDA_NS::mma::Bf16>();
   else if (kind == "cluster_fwd_f16")
-    cluster_fwd<glmix::cuda_detail::mma::F16>();
+    cluster_fwd<glmix::GLMIX_CUDA_NS::mma::F16>();
   else if (kind == "dispatch_fwd_bf16")
-    dispatch_fwd<glmix::cuda_detail::mma::Bf16>();
+    dispatch_fwd<glmix::GLMIX_CUDA_NS::mma::Bf16>();
   else if (kind == "dispatch_fwd_f16")
-    dispatch_fwd<glmix::cuda_detail::mma::F16>();
+    dispatch_fwd<glmix::GLMIX_CUDA_NS::mma::F16>();
   else {
     std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm|{cluster,dispatch}_fwd_{bf16,f16}\n");
     return 2;

@@ -15,7 +15,8 @@ template __global__ void mma_tile_test<F16>(const uint16_t*, const uint16_t*, co
 }  // namespace glmix
 
 namespace glmix {
-namespace cuda_mma {
+namespace GLMIX_CUDA_NS {
+namespace tc {
 #define GLMIX_INSTANTIATE_CLUSTER_FWD_MMA(E, CP)                                                                 \
   template __global__ void cluster_fwd_chunk_mma<E, CP>(const uint16_t*, int64_t, int64_t, int64_t, const float*, \
                                                         int64_t, int64_t, int64_t, int, int, int, int64_t, int,    \
@@ -40,5 +41,6 @@ GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(F16, 16)
 GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(F16, 32)
 GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(F16, 64)
 GLMIX_INSTANTIATE_DISPATCH_FWD_MMA(F16, 128)
-}  // namespace cuda_mma
+}  // namespace tc
+}  // namespace GLMIX_CUDA_NS
 }  // namespace glmix

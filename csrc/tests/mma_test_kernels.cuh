@@ -14,7 +14,7 @@
 namespace glmix {
 namespace mma_test {
 
-using namespace cuda_detail::mma;
+using namespace GLMIX_CUDA_NS::mma;
 
 constexpr int kLd16 = 24;  // 16-bit tiles: ld % 16 == 8 (conflict-free ldmatrix)
 constexpr int kLd32 = 20;  // fp32 tiles: ld % 8 == 4 (conflict-free row-major fragment reads)
