@@ -4,7 +4,7 @@
 // A block has kMmaWarps warps; each warp owns 16 rows of the logits (clustering: slots; dispatch:
 // pixels) and all their columns in a tile of 64 (pixels; slots) as accumulator fragments:
 //   - x's pixel tile goes to shared memory as 16-bit values (channels padded with zeros to CP, a
-//     power of two from 16 to 128), with 1 / ||x|| per pixel beside it; so do the S x C operands
+//     power of two from 16 to 256), with 1 / ||x|| per pixel beside it; so do the S x C operands
 //     (qs, split as qs_hi + qs_lo in the 16-bit type: two products keep qs's fp32 accuracy, as on
 //     the other backends; dispatch's slots);
 //   - logits = the product, scaled by 1 / ||x|| once per pixel afterwards (not per product);
@@ -40,7 +40,8 @@ constexpr int kMmaCols = 64;              // logit columns per tile: pixels (clu
 constexpr int kMmaNB = kMmaCols / 8;      // accumulator blocks of a warp's logits
 constexpr float kMmaNormEps = 1e-12f;
 
-// Channels padded for the products: CP in {16, 32, 64, 128}, the smallest holding C.
+// Channels padded for the products: CP in {16, 32, 64, 128, 256}, the smallest holding C. A warp's
+// accumulators take CP / 2 registers per lane: 256 fits (about 230 registers, no spill), 512 not.
 inline int padded_channels(int C) {
   int cp = 16;
   while (cp < C) cp <<= 1;

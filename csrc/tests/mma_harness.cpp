@@ -39,7 +39,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 // Dynamic shared memory: one buffer, refilled with NaN before each launch.
-alignas(16) float g_smem[16384];
+alignas(16) float g_smem[65536];
 #define GLMIX_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(g_smem)
 
 struct Dim3 {
@@ -268,7 +268,8 @@ void cluster_fwd() {
     case 32: return cluster_fwd_cp<E, 32>(h, x, qs);
     case 64: return cluster_fwd_cp<E, 64>(h, x, qs);
     case 128: return cluster_fwd_cp<E, 128>(h, x, qs);
-    default: std::fprintf(stderr, "mma_harness: C above 128\n"); std::exit(2);
+    case 256: return cluster_fwd_cp<E, 256>(h, x, qs);
+    default: std::fprintf(stderr, "mma_harness: C above 256\n"); std::exit(2);
   }
 }
 
@@ -303,7 +304,8 @@ void dispatch_fwd() {
     case 32: return dispatch_fwd_cp<E, 32>(h, x, qs, sl);
     case 64: return dispatch_fwd_cp<E, 64>(h, x, qs, sl);
     case 128: return dispatch_fwd_cp<E, 128>(h, x, qs, sl);
-    default: std::fprintf(stderr, "mma_harness: C above 128\n"); std::exit(2);
+    case 256: return dispatch_fwd_cp<E, 256>(h, x, qs, sl);
+    default: std::fprintf(stderr, "mma_harness: C above 256\n"); std::exit(2);
   }
 }
 
