@@ -12,6 +12,7 @@ of tensor-core instructions (HMMA) in its SASS. Prints a table; writes the recor
 Exits non-zero when a kernel spills, when a kernel named in TENSOR_CORE_KERNELS has no HMMA on
 some architecture, or when a kernel has no ptxas record (so a parsing failure cannot pass).
 """
+
 import argparse
 import json
 import re
@@ -23,8 +24,12 @@ from collections import defaultdict
 TENSOR_CORE_KERNELS = {"mma_tile_test", "mma3_tile_test", "cluster_fwd_chunk_mma", "dispatch_fwd_mma"}
 
 # Per-SM limits (registers, threads, blocks, shared memory per SM and reserved per block, bytes).
-SM_LIMITS = {80: (65536, 2048, 32, 167936, 1024), 86: (65536, 1536, 16, 102400, 1024),
-             89: (65536, 1536, 24, 102400, 1024), 90: (65536, 2048, 32, 233472, 1024)}
+SM_LIMITS = {
+    80: (65536, 2048, 32, 167936, 1024),
+    86: (65536, 1536, 16, 102400, 1024),
+    89: (65536, 1536, 24, 102400, 1024),
+    90: (65536, 2048, 32, 233472, 1024),
+}
 
 
 def demangle(names):
@@ -54,15 +59,22 @@ def parse_binary(cuobjdump, binary, rec):
     for arch, text in cuobjdump_sections(cuobjdump, binary, "-res-usage"):
         for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text):
             r = rec[(m.group(1), arch)]
-            r.update(registers=int(m.group(2)), stack_bytes=int(m.group(3)), shared_bytes=int(m.group(4)),
-                     local_bytes=int(m.group(5)))
+            r.update(
+                registers=int(m.group(2)),
+                stack_bytes=int(m.group(3)),
+                shared_bytes=int(m.group(4)),
+                local_bytes=int(m.group(5)),
+            )
     for arch, text in cuobjdump_sections(cuobjdump, binary, "-sass"):
         for m in re.finditer(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", text, flags=re.S):
             rec[(m.group(1), arch)]["tensor_core_instructions"] = len(re.findall(r"\bHMMA\.", m.group(2)))
     for arch, text in cuobjdump_sections(cuobjdump, binary, "-elf"):
         for m in re.finditer(r"^\.nv\.info\.(\S+)\n(.*?)(?=^\.|\Z)", text, flags=re.S | re.M):
-            t = re.search(r"EIATTR_MAX_THREADS\s*\n\s*Format:\s*\S+\s*\n\s*Value:\s*(0x[0-9a-f]+) (0x[0-9a-f]+) "
-                          r"(0x[0-9a-f]+)", m.group(2))
+            t = re.search(
+                r"EIATTR_MAX_THREADS\s*\n\s*Format:\s*\S+\s*\n\s*Value:\s*(0x[0-9a-f]+) (0x[0-9a-f]+) "
+                r"(0x[0-9a-f]+)",
+                m.group(2),
+            )
             if t and (m.group(1), arch) in rec:
                 rec[(m.group(1), arch)]["max_threads"] = int(t.group(1), 16) * int(t.group(2), 16) * int(t.group(3), 16)
 
@@ -119,9 +131,17 @@ def main():
         kernel = short_name(names[mangled])
         if "registers" not in r:
             continue  # SASS of a function that is not a kernel
-        out = dict(kernel=kernel, arch=f"sm_{arch}", registers=r["registers"], spill_bytes=spills.get((mangled, arch)),
-                   shared_bytes=r["shared_bytes"], tensor_core_instructions=r.get("tensor_core_instructions", 0),
-                   stack_bytes=r["stack_bytes"], max_threads=r.get("max_threads"), blocks_per_sm=blocks_per_sm(r, arch))
+        out = dict(
+            kernel=kernel,
+            arch=f"sm_{arch}",
+            registers=r["registers"],
+            spill_bytes=spills.get((mangled, arch)),
+            shared_bytes=r["shared_bytes"],
+            tensor_core_instructions=r.get("tensor_core_instructions", 0),
+            stack_bytes=r["stack_bytes"],
+            max_threads=r.get("max_threads"),
+            blocks_per_sm=blocks_per_sm(r, arch),
+        )
         records.append(out)
         if out["spill_bytes"] is None:
             errors.append(f"{kernel} sm_{arch}: no ptxas -v record in {args.ptxas_log}")
@@ -132,8 +152,17 @@ def main():
     if not records:
         errors.append("no kernels found in " + " ".join(args.binaries))
 
-    cols = ["kernel", "arch", "registers", "spill_bytes", "stack_bytes", "shared_bytes", "max_threads",
-            "blocks_per_sm", "tensor_core_instructions"]
+    cols = [
+        "kernel",
+        "arch",
+        "registers",
+        "spill_bytes",
+        "stack_bytes",
+        "shared_bytes",
+        "max_threads",
+        "blocks_per_sm",
+        "tensor_core_instructions",
+    ]
     heads = ["kernel", "arch", "regs", "spill", "stack", "static smem", "threads", "blocks/SM", "HMMA"]
     width = [max(len(h), *(len(str(r[c])) for r in records)) for h, c in zip(heads, cols)] if records else []
     print("  ".join(h.ljust(w) for h, w in zip(heads, width)))

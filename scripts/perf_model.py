@@ -3,6 +3,7 @@ times at glnet_4g stages 1, 3 and 4 (B = 128, bf16) on an H100 and an H200, for 
 CUDA-core kernels and for the tensor-core design. docs/performance.md explains every figure;
 `python3 scripts/perf_model.py [--f-tc 0.5]` prints its table (markdown).
 """
+
 import math
 
 B, S, E = 128, 64, 2  # batch, slots, bytes per bf16 element
@@ -26,17 +27,33 @@ def kernels(L, C):
     x, sc, stat_l, stat_s = B * L * C * E, B * S * C * E, B * L * 4, B * S * 4
     return {
         # reads x, init_slots; writes fp32 slots and lse
-        "cluster_fwd": dict(bytes=x + sc + 2 * sc + stat_s, products=2, alu=6, alu_lc=2, mufu=1, launches=1,
-                            lds_per_mac=1 + 2),
+        "cluster_fwd": dict(
+            bytes=x + sc + 2 * sc + stat_s, products=2, alu=6, alu_lc=2, mufu=1, launches=1, lds_per_mac=1 + 2
+        ),
         # reads x, init_slots, slots; writes out, lse
-        "dispatch_fwd": dict(bytes=2 * x + 2 * sc + stat_l, products=2, alu=6, alu_lc=2, mufu=1, launches=1,
-                             lds_per_mac=1 + 2),
+        "dispatch_fwd": dict(
+            bytes=2 * x + 2 * sc + stat_l, products=2, alu=6, alu_lc=2, mufu=1, launches=1, lds_per_mac=1 + 2
+        ),
         # reads G, x, init_slots, fp32 slots, lse; writes dx, d_init_slots
-        "cluster_bwd": dict(bytes=2 * x + 3 * sc + 2 * sc + stat_s, products=5, alu=8, alu_lc=6, mufu=1, launches=2,
-                            lds_per_mac=1 + 1 + 2 + 2 + 3),
+        "cluster_bwd": dict(
+            bytes=2 * x + 3 * sc + 2 * sc + stat_s,
+            products=5,
+            alu=8,
+            alu_lc=6,
+            mufu=1,
+            launches=2,
+            lds_per_mac=1 + 1 + 2 + 2 + 3,
+        ),
         # reads grad, x, init_slots, slots, lse; writes dx, d_init_slots, dslots
-        "dispatch_bwd": dict(bytes=3 * x + 4 * sc + stat_l, products=5, alu=9, alu_lc=6, mufu=1, launches=2,
-                             lds_per_mac=1 + 1 + 2 + 2.5 + 2.5),
+        "dispatch_bwd": dict(
+            bytes=3 * x + 4 * sc + stat_l,
+            products=5,
+            alu=9,
+            alu_lc=6,
+            mufu=1,
+            launches=2,
+            lds_per_mac=1 + 1 + 2 + 2.5 + 2.5,
+        ),
     }
 
 
@@ -46,8 +63,9 @@ def design_time(k, L, C, bw):
     pad = math.ceil(L / 16) * 16 / L  # m16n8k16 tiles over a pixel count that is not a multiple of 16
     flops = k["products"] * 2 * B * S * L * C * pad
     t_tc = flops / (F_TC * TC_PEAK)
-    t_cc = max((k["alu"] * B * S * L + k["alu_lc"] * B * L * C) / (F_CC * ALU_PEAK),
-               k["mufu"] * B * S * L / (F_CC * MUFU_PEAK))
+    t_cc = max(
+        (k["alu"] * B * S * L + k["alu_lc"] * B * L * C) / (F_CC * ALU_PEAK), k["mufu"] * B * S * L / (F_CC * MUFU_PEAK)
+    )
     waves = SMS / min(B, SMS)
     t_mem = k["bytes"] / (F_MEM * bw)
     return max(t_mem, (t_tc + t_cc) * waves) + k["launches"] * T_LAUNCH, flops, t_mem, (t_tc + t_cc) * waves
@@ -70,8 +88,10 @@ def main():
     ap = argparse.ArgumentParser(description="print the model's table (markdown)")
     ap.add_argument("--f-tc", type=float, default=F_TC, help="fraction of the dense tensor-core peak reached")
     F_TC = ap.parse_args().f_tc
-    print("| stage | kernel | min MB | tensor-core GFLOP | CUDA-core Mop | floor H100 / H200 (us) "
-          "| current H100 (us) | design H100 / H200 (us) | design, fraction of floor H100 / H200 |")
+    print(
+        "| stage | kernel | min MB | tensor-core GFLOP | CUDA-core Mop | floor H100 / H200 (us) "
+        "| current H100 (us) | design H100 / H200 (us) | design, fraction of floor H100 / H200 |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for st, (L, C) in STAGES.items():
         tot = dict(floor={g: 0.0 for g in GPUS}, cur=0.0, des={g: 0.0 for g in GPUS}, mb=0.0, gf=0.0, mop=0.0)
@@ -82,9 +102,11 @@ def main():
             mop = (k["alu"] * B * S * L + k["alu_lc"] * B * L * C + k["mufu"] * B * S * L) / 1e6
             cur = current_time(k, L, C, GPUS["H100"])
             frac = " / ".join(f"{floor[g] / des[g]:.0%}" for g in GPUS)
-            print(f"| {st} | {name} | {k['bytes'] / 1e6:.1f} | {flops / 1e9:.2f} | {mop:.0f} | "
-                  f"{us(floor['H100'])} / {us(floor['H200'])} | {us(cur)} | {us(des['H100'])} / {us(des['H200'])} "
-                  f"| {frac} |")
+            print(
+                f"| {st} | {name} | {k['bytes'] / 1e6:.1f} | {flops / 1e9:.2f} | {mop:.0f} | "
+                f"{us(floor['H100'])} / {us(floor['H200'])} | {us(cur)} | {us(des['H100'])} / {us(des['H200'])} "
+                f"| {frac} |"
+            )
             for g in GPUS:
                 tot["floor"][g] += floor[g]
                 tot["des"][g] += des[g]
@@ -93,9 +115,11 @@ def main():
             tot["gf"] += flops / 1e9
             tot["mop"] += mop
         frac = " / ".join(f"{tot['floor'][g] / tot['des'][g]:.0%}" for g in GPUS)
-        print(f"| {st} | **block fwd+bwd** | {tot['mb']:.0f} | {tot['gf']:.1f} | {tot['mop']:.0f} | "
-              f"{us(tot['floor']['H100'])} / {us(tot['floor']['H200'])} | {us(tot['cur'])} | "
-              f"{us(tot['des']['H100'])} / {us(tot['des']['H200'])} | {frac} |")
+        print(
+            f"| {st} | **block fwd+bwd** | {tot['mb']:.0f} | {tot['gf']:.1f} | {tot['mop']:.0f} | "
+            f"{us(tot['floor']['H100'])} / {us(tot['floor']['H200'])} | {us(tot['cur'])} | "
+            f"{us(tot['des']['H100'])} / {us(tot['des']['H200'])} | {frac} |"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ against torch.matmul. The GPU build of the same functions (ldmatrix, mma.sync) i
 scripts/cuda_compile_check.sh; its ldmatrix addressing is checked here against a model of the
 instruction, and only a GPU run can check the rest.
 """
+
 import os
 import shutil
 import subprocess
@@ -26,8 +27,21 @@ def harness(tmp_path_factory):
     if shutil.which(CXX) is None:
         pytest.skip(f"no C++ compiler ({CXX})")
     exe = str(tmp_path_factory.mktemp("mma") / "mma_harness")
-    r = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-o", exe,
-                        os.path.join(ROOT, "csrc", "tests", "mma_harness.cpp")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            CXX,
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            "-o",
+            exe,
+            os.path.join(ROOT, "csrc", "tests", "mma_harness.cpp"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, f"building the mma harness failed:\n{r.stderr[-4000:]}"
 
     def run(kind, *arrays, orders=(0,)):
@@ -36,8 +50,13 @@ def harness(tmp_path_factory):
         data = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
         outs = []
         for order in orders:
-            p = subprocess.run([exe, kind], input=data, capture_output=True, timeout=300,
-                               env=dict(os.environ, MMA_HARNESS_ORDER=str(order)))
+            p = subprocess.run(
+                [exe, kind],
+                input=data,
+                capture_output=True,
+                timeout=300,
+                env=dict(os.environ, MMA_HARNESS_ORDER=str(order)),
+            )
             assert p.returncode == 0, p.stderr.decode()[-2000:]
             outs.append(p.stdout)
         assert all(o == outs[0] for o in outs), f"{kind}: the result depends on the thread order (a race)"
@@ -109,15 +128,14 @@ def test_fragment_layout_16bit(harness, kind):
     hold exactly the elements the PTX ISA assigns it, through ldmatrix-style "n" and "t" loads."""
     dt = DT16[kind]
     idx = torch.arange(256, dtype=torch.float32).reshape(16, 16)
-    out = harness(kind, bits16(idx.to(dt)), bits16(idx.to(dt)), bits16(idx[:, :8].to(dt)),
-                  np.zeros(128, np.float32))
+    out = harness(kind, bits16(idx.to(dt)), bits16(idx.to(dt)), bits16(idx[:, :8].to(dt)), np.zeros(128, np.float32))
     *_, frag = split(out, (np.float32, 128), (np.float32, 128), (np.float32, 128), (np.uint32, 32 * 12))
     frag = frag.reshape(32, 12)
     value = {bits16(torch.tensor(float(v)).to(dt)).item(): v for v in range(256)}
     for lane in range(32):
         for base in (0, 6):  # "n" loads, then "t" loads
-            a = [value[h] for w in frag[lane, base:base + 4] for h in halves(w)]
-            b = [value[h] for w in frag[lane, base + 4:base + 6] for h in halves(w)]
+            a = [value[h] for w in frag[lane, base : base + 4] for h in halves(w)]
+            b = [value[h] for w in frag[lane, base + 4 : base + 6] for h in halves(w)]
             assert a == [16 * r + c for r, c in (a16(lane, i) for i in range(8))], (lane, base, "A")
             # B[k][n] = 16 k + n
             assert b == [16 * k + n for k, n in (b16(lane, i) for i in range(4))], (lane, base, "B")
@@ -169,11 +187,18 @@ def ldmatrix(addr, nmat, trans):
     """The PTX ISA's ldmatrix .m8n8 .b16: lanes 8 j .. 8 j + 7 give the row addresses of matrix j;
     lane l receives in register j the elements (l / 4, 2 (l % 4) + h) of that matrix, h = 0, 1,
     or (2 (l % 4) + h, l / 4) with .trans. Returns [lane][j][h] = (row, col) in the stored tile."""
+
     def elem(j, r, c):
         row, col = addr[8 * j + r]
         return row, col + c
-    return [[[elem(j, l % 4 * 2 + h, l // 4) if trans else elem(j, l // 4, l % 4 * 2 + h) for h in (0, 1)]
-             for j in range(nmat)] for l in range(32)]
+
+    return [
+        [
+            [elem(j, l % 4 * 2 + h, l // 4) if trans else elem(j, l // 4, l % 4 * 2 + h) for h in (0, 1)]
+            for j in range(nmat)
+        ]
+        for l in range(32)
+    ]
 
 
 def test_gpu_loads_match_the_documented_layout(harness):
@@ -190,8 +215,12 @@ def test_gpu_loads_match_the_documented_layout(harness):
                     row, col = got[lane][j][h]
                     i = 2 * j + h
                     # stored order: A "n" [m][k], A "t" [k][m], B "n" [n][k], B "t" [k][n]
-                    want = {"a_n": a16(lane, i), "a_t": a16(lane, i)[::-1],
-                            "b_n": b16(lane, i)[::-1], "b_t": b16(lane, i)}[name]
+                    want = {
+                        "a_n": a16(lane, i),
+                        "a_t": a16(lane, i)[::-1],
+                        "b_n": b16(lane, i)[::-1],
+                        "b_t": b16(lane, i),
+                    }[name]
                     assert (row, col) == want, (name, lane, j, h)
 
 
@@ -207,8 +236,29 @@ def test_conversions(harness):
     """The emulation's fp32 -> bf16/fp16 (round to nearest even) and fp16 -> fp32 conversions agree
     bit for bit with torch, on every fp16 pattern and on random and edge-case floats."""
     g = torch.Generator().manual_seed(0)
-    special = torch.tensor([0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 6.1e-5, 6.0e-5, 5.96e-8,
-                            2.98e-8, 2.99e-8, 1e-10, float("inf"), -float("inf"), 3.4e38, 1.17e-38, 1e-40])
+    special = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            65504.0,
+            65519.0,
+            65520.0,
+            1e6,
+            -1e6,
+            6.1e-5,
+            6.0e-5,
+            5.96e-8,
+            2.98e-8,
+            2.99e-8,
+            1e-10,
+            float("inf"),
+            -float("inf"),
+            3.4e38,
+            1.17e-38,
+            1e-40,
+        ]
+    )
     v = torch.cat([special, torch.randn(4000, generator=g) * torch.logspace(-9, 6, 4000).float()])
     one = 0x3F800000 + torch.arange(0, 1 << 23, 1 << 13, dtype=torch.int64)  # floats in [1, 2)
     ties = torch.cat([one + 0x8000, one + 0x1000]).to(torch.int32)  # bf16, fp16 halfway
@@ -231,25 +281,31 @@ def cluster_partials_reference(x, qs, chunk_len):
     k = torch.nn.functional.normalize(x, dim=-1)
     out = []
     for l0 in range(0, L, chunk_len):
-        a = qs @ k[:, l0:l0 + chunk_len].transpose(1, 2)
+        a = qs @ k[:, l0 : l0 + chunk_len].transpose(1, 2)
         m = a.amax(-1)
         e = torch.exp(a - m[..., None])
-        out.append((m, e.sum(-1), e @ x[:, l0:l0 + chunk_len]))
+        out.append((m, e.sum(-1), e @ x[:, l0 : l0 + chunk_len]))
     return [torch.stack(t, 1) for t in zip(*out)]  # (B, nchunks, S[, C])
 
 
-@pytest.mark.parametrize("kind,B,L,C,S,chunk_len,layout", [
-    ("bf16", 2, 70, 40, 20, 64, "contiguous"),  # tails in pixels, channels and slots; two chunks
-    ("f16", 1, 150, 16, 70, 128, "nchw"),  # two slot tiles, two pixel tiles per chunk, NCHW strides
-    ("bf16", 1, 20, 200, 9, 64, "contiguous"),  # the widest channel padding, 256
-])
+@pytest.mark.parametrize(
+    "kind,B,L,C,S,chunk_len,layout",
+    [
+        ("bf16", 2, 70, 40, 20, 64, "contiguous"),  # tails in pixels, channels and slots; two chunks
+        ("f16", 1, 150, 16, 70, 128, "nchw"),  # two slot tiles, two pixel tiles per chunk, NCHW strides
+        ("bf16", 1, 20, 200, 9, 64, "contiguous"),  # the widest channel padding, 256
+    ],
+)
 def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
     """The tensor-core clustering forward's per-chunk partials against float64 torch: the running
     max (fp32 logits: qs split hi/lo), and the slots they combine to (P and x in the 16-bit type)."""
     dt = DT16[kind]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, L, C, generator=g).to(dt) if layout == "contiguous" else \
-        torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
+    x = (
+        torch.randn(B, L, C, generator=g).to(dt)
+        if layout == "contiguous"
+        else torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
+    )
     qs = 6.0 * torch.nn.functional.normalize(torch.randn(B, S, C, generator=g, dtype=torch.float64), dim=-1).float()
     storage = x.contiguous() if layout == "contiguous" else x.transpose(1, 2).contiguous()
     strides = x.stride() if layout == "contiguous" else (C * L, 1, L)
@@ -270,18 +326,24 @@ def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
     assert normwise(lsum.double(), rl) < tol
 
 
-@pytest.mark.parametrize("kind,B,L,C,S,tiles_per_block,layout", [
-    ("bf16", 2, 150, 40, 20, 2, "nchw"),  # tails in pixels, channels and slots; two tiles in a block
-    ("f16", 1, 70, 16, 70, 1, "contiguous"),  # two slot tiles (online softmax across them)
-    ("f16", 1, 20, 200, 9, 1, "nchw"),  # the widest channel padding, 256
-])
+@pytest.mark.parametrize(
+    "kind,B,L,C,S,tiles_per_block,layout",
+    [
+        ("bf16", 2, 150, 40, 20, 2, "nchw"),  # tails in pixels, channels and slots; two tiles in a block
+        ("f16", 1, 70, 16, 70, 1, "contiguous"),  # two slot tiles (online softmax across them)
+        ("f16", 1, 20, 200, 9, 1, "nchw"),  # the widest channel padding, 256
+    ],
+)
 def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
     """The tensor-core dispatch forward against float64 torch: out = softmax_S(A)^T slots (rounded
     to the 16-bit type) within the suite's tolerance, lse at fp32 accuracy."""
     dt = DT16[kind]
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, L, C, generator=g).to(dt) if layout == "contiguous" else \
-        torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
+    x = (
+        torch.randn(B, L, C, generator=g).to(dt)
+        if layout == "contiguous"
+        else torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
+    )
     qs = 6.0 * torch.nn.functional.normalize(torch.randn(B, S, C, generator=g, dtype=torch.float64), dim=-1).float()
     sl = torch.randn(B, S, C, generator=g).to(dt)
     storage = x.contiguous() if layout == "contiguous" else x.transpose(1, 2).contiguous()

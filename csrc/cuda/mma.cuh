@@ -111,8 +111,7 @@ __host__ __device__ constexpr RC a_rc(int lane, int i) {
 // B, 16-bit (i < 4): row 2t + (i & 1), + 8 for i >= 2; column g. B, tf32 (i < 2): row t + 4 i; column g.
 template <class E>
 __host__ __device__ constexpr RC b_rc(int lane, int i) {
-  return Shape<E>::K == 16 ? RC{(lane & 3) * 2 + (i & 1) + (i >> 1) * 8, lane >> 2}
-                           : RC{(lane & 3) + i * 4, lane >> 2};
+  return Shape<E>::K == 16 ? RC{(lane & 3) * 2 + (i & 1) + (i >> 1) * 8, lane >> 2} : RC{(lane & 3) + i * 4, lane >> 2};
 }
 // C/D (i < 4): row g for c0, c1, else g + 8; column 2t + (i & 1).
 __host__ __device__ constexpr RC c_rc(int lane, int i) {
@@ -148,7 +147,7 @@ inline float from_bits(uint16_t h, Bf16) { return float_of(static_cast<uint32_t>
 inline uint16_t to_bits(float v, F16) {
   const uint32_t u = bits_of(v);
   const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
   if (a < 0x38800000u)  // below 2^-14: a subnormal in steps of 2^-24 (exact scaling, then RNE)
     return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(float_of(a) * 16777216.0f)));
@@ -376,13 +375,21 @@ __device__ __forceinline__ void load_b16(FragB<E>& b, const uint16_t* tile, int 
 #endif
 
 template <class E>
-__device__ __forceinline__ void load_a(FragA<E>& a, const uint16_t* tile, int ld) { load_a16<E, false>(a, tile, ld); }
+__device__ __forceinline__ void load_a(FragA<E>& a, const uint16_t* tile, int ld) {
+  load_a16<E, false>(a, tile, ld);
+}
 template <class E>
-__device__ __forceinline__ void load_a_t(FragA<E>& a, const uint16_t* tile, int ld) { load_a16<E, true>(a, tile, ld); }
+__device__ __forceinline__ void load_a_t(FragA<E>& a, const uint16_t* tile, int ld) {
+  load_a16<E, true>(a, tile, ld);
+}
 template <class E>
-__device__ __forceinline__ void load_b(FragB<E>& b, const uint16_t* tile, int ld) { load_b16<E, false>(b, tile, ld); }
+__device__ __forceinline__ void load_b(FragB<E>& b, const uint16_t* tile, int ld) {
+  load_b16<E, false>(b, tile, ld);
+}
 template <class E>
-__device__ __forceinline__ void load_b_t(FragB<E>& b, const uint16_t* tile, int ld) { load_b16<E, true>(b, tile, ld); }
+__device__ __forceinline__ void load_b_t(FragB<E>& b, const uint16_t* tile, int ld) {
+  load_b16<E, true>(b, tile, ld);
+}
 
 // fp32 operands (16 x 8 A, 8 x 8 B), split for 3xTF32 as they are loaded; plain loads on both builds.
 template <bool kTrans>

@@ -15,21 +15,21 @@
 // MMA_HARNESS_ORDER=0..4 sets the order fibers resume in (fiber::order).
 //   mma_harness ldsm       stdout: the row addresses of the GPU build's ldmatrix loads, per lane
 //                          (i32 row, col): A "n", A "t", B "n", B "t" (32 x 2 each)
+#include <ucontext.h>
 #include <algorithm>
 #include <array>
 #include <barrier>
-#include <memory>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <limits>
-#include <cstdint>
-#include <cstdlib>
-#include <cstdio>
-#include <cstring>
-#include <string>
+#include <memory>
 #include <numeric>
 #include <random>
+#include <string>
 #include <type_traits>
-#include <ucontext.h>
 #include <vector>
 
 #define GLMIX_CUDA_EMULATION 1
@@ -122,8 +122,8 @@ T __shfl_xor_sync(unsigned mask, T v, int m) {
   return __shfl_sync(mask, v, static_cast<int>(threadIdx.x % 32) ^ m);
 }
 
-#include "mma_test_kernels.cuh"
 #include "../cuda/mma_kernels.cuh"
+#include "mma_test_kernels.cuh"
 
 static_assert(glmix::mma_test::kSmem16 <= sizeof(g_smem) && glmix::mma_test::kSmem32 <= sizeof(g_smem));
 
@@ -218,8 +218,9 @@ void tile32() {
   auto a = read<float>(256), b = read<float>(128), c = read<float>(128);
   std::vector<float> dn(128), dt(128), d1(128);
   std::vector<uint32_t> frag(32 * 6);
-  run_warp([&] { glmix::mma_test::mma3_tile_test(a.data(), b.data(), c.data(), dn.data(), dt.data(), d1.data(),
-                                                 frag.data()); });
+  run_warp([&] {
+    glmix::mma_test::mma3_tile_test(a.data(), b.data(), c.data(), dn.data(), dt.data(), d1.data(), frag.data());
+  });
   write(dn), write(dt), write(d1), write(frag);
 }
 
@@ -252,8 +253,7 @@ void cluster_fwd_cp(const std::vector<int64_t>& h, const std::vector<uint16_t>& 
                   static_cast<unsigned>(B)};
   run_grid(grid, k::kMmaThreads, [&] {
     k::cluster_fwd_chunk_mma<E, CP>(x.data(), h[5], h[6], h[7], qs.data(), S * C, C, 1, static_cast<int>(L),
-                                    static_cast<int>(S), static_cast<int>(C), len, nch, m.data(), l.data(),
-                                    acc.data());
+                                    static_cast<int>(S), static_cast<int>(C), len, nch, m.data(), l.data(), acc.data());
   });
   write(m), write(l), write(acc);
 }
@@ -264,12 +264,19 @@ void cluster_fwd() {
   const auto x = read<uint16_t>(h[8]);
   const auto qs = read<float>(h[0] * h[3] * h[2]);
   switch (glmix::GLMIX_CUDA_NS::tc::padded_channels(static_cast<int>(h[2]))) {
-    case 16: return cluster_fwd_cp<E, 16>(h, x, qs);
-    case 32: return cluster_fwd_cp<E, 32>(h, x, qs);
-    case 64: return cluster_fwd_cp<E, 64>(h, x, qs);
-    case 128: return cluster_fwd_cp<E, 128>(h, x, qs);
-    case 256: return cluster_fwd_cp<E, 256>(h, x, qs);
-    default: std::fprintf(stderr, "mma_harness: C above 256\n"); std::exit(2);
+    case 16:
+      return cluster_fwd_cp<E, 16>(h, x, qs);
+    case 32:
+      return cluster_fwd_cp<E, 32>(h, x, qs);
+    case 64:
+      return cluster_fwd_cp<E, 64>(h, x, qs);
+    case 128:
+      return cluster_fwd_cp<E, 128>(h, x, qs);
+    case 256:
+      return cluster_fwd_cp<E, 256>(h, x, qs);
+    default:
+      std::fprintf(stderr, "mma_harness: C above 256\n");
+      std::exit(2);
   }
 }
 
@@ -287,8 +294,7 @@ void dispatch_fwd_cp(const std::vector<int64_t>& h, const std::vector<uint16_t>&
   const Dim3 grid{static_cast<unsigned>((ntiles + tpb - 1) / tpb), static_cast<unsigned>(B), 1};
   run_grid(grid, k::kMmaThreads, [&] {
     k::dispatch_fwd_mma<E, CP>(x.data(), h[5], h[6], h[7], qs.data(), S * C, C, 1, sl.data(), S * C, C, 1, L,
-                               static_cast<int>(S), static_cast<int>(C), static_cast<int>(tpb), out.data(),
-                               lse.data());
+                               static_cast<int>(S), static_cast<int>(C), static_cast<int>(tpb), out.data(), lse.data());
   });
   write(out), write(lse);
 }
@@ -300,12 +306,19 @@ void dispatch_fwd() {
   const auto qs = read<float>(h[0] * h[3] * h[2]);
   const auto sl = read<uint16_t>(h[0] * h[3] * h[2]);
   switch (glmix::GLMIX_CUDA_NS::tc::padded_channels(static_cast<int>(h[2]))) {
-    case 16: return dispatch_fwd_cp<E, 16>(h, x, qs, sl);
-    case 32: return dispatch_fwd_cp<E, 32>(h, x, qs, sl);
-    case 64: return dispatch_fwd_cp<E, 64>(h, x, qs, sl);
-    case 128: return dispatch_fwd_cp<E, 128>(h, x, qs, sl);
-    case 256: return dispatch_fwd_cp<E, 256>(h, x, qs, sl);
-    default: std::fprintf(stderr, "mma_harness: C above 256\n"); std::exit(2);
+    case 16:
+      return dispatch_fwd_cp<E, 16>(h, x, qs, sl);
+    case 32:
+      return dispatch_fwd_cp<E, 32>(h, x, qs, sl);
+    case 64:
+      return dispatch_fwd_cp<E, 64>(h, x, qs, sl);
+    case 128:
+      return dispatch_fwd_cp<E, 128>(h, x, qs, sl);
+    case 256:
+      return dispatch_fwd_cp<E, 256>(h, x, qs, sl);
+    default:
+      std::fprintf(stderr, "mma_harness: C above 256\n");
+      std::exit(2);
   }
 }
 

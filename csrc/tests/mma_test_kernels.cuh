@@ -16,9 +16,9 @@ namespace mma_test {
 
 using namespace GLMIX_CUDA_NS::mma;
 
-constexpr int kLd16 = 24;  // 16-bit tiles: ld % 16 == 8 (conflict-free ldmatrix)
-constexpr int kLd32 = 20;  // fp32 tiles: ld % 8 == 4 (conflict-free row-major fragment reads)
-constexpr int kFragWords = 12;  // per lane: A "n" (4), B "n" (2), A "t" (4), B "t" (2)
+constexpr int kLd16 = 24;            // 16-bit tiles: ld % 16 == 8 (conflict-free ldmatrix)
+constexpr int kLd32 = 20;            // fp32 tiles: ld % 8 == 4 (conflict-free row-major fragment reads)
+constexpr int kFragWords = 12;       // per lane: A "n" (4), B "n" (2), A "t" (4), B "t" (2)
 constexpr int kTile16 = 16 * kLd16;  // elements of one 16-row 16-bit tile
 constexpr int kTile32 = 16 * kLd32;
 constexpr int kSmem16 = 5 * kTile16 * 2;  // dynamic shared memory bytes of mma_tile_test
@@ -99,9 +99,8 @@ __global__ void __launch_bounds__(32)
 // b[k * 8 + n]), c: C. Writes d_n (the "n" loads), d_t (the "t" loads), d_1x (one TF32 product
 // per step, hi parts only: what the split avoids), and per lane the hi parts of the first step's
 // fragments, frag[lane * 6 + j]: A (4), B (2).
-__global__ void __launch_bounds__(32)
-    mma3_tile_test(const float* a, const float* b, const float* c, float* d_n, float* d_t, float* d_1x,
-                   uint32_t* frag) {
+__global__ void __launch_bounds__(32) mma3_tile_test(const float* a, const float* b, const float* c, float* d_n,
+                                                     float* d_t, float* d_1x, uint32_t* frag) {
   GLMIX_DYNAMIC_SMEM(float, smem);
   float* a_n = smem;
   float* a_t = a_n + kTile32;
