@@ -6,7 +6,11 @@ device of the tensors picks the kernel, so both backends share these four names.
 dtypes without running a kernel: outputs are contiguous, ``lse``, ``dqs`` and clustering's
 ``slots`` in ``qs``'s dtype (the accumulation dtype), everything else in ``x``'s.
 """
+import sys
+
 import torch
+
+from . import registrations
 
 try:
     from .. import _C  # noqa: F401  (registers torch.ops.glmix_kernels.*)
@@ -50,3 +54,5 @@ if _LOAD_ERROR is None:
     cluster_bwd = torch.ops.glmix_kernels.cluster_bwd
     dispatch_fwd = torch.ops.glmix_kernels.dispatch_fwd
     dispatch_bwd = torch.ops.glmix_kernels.dispatch_bwd
+
+    registrations.register(sys.modules[__name__])

@@ -14,10 +14,12 @@ No ``(B, S, L)`` tensor exists anywhere; the workspaces are ``O(B * chunks * S *
 On CPU tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
 import functools
+import sys
 
 import torch
 import triton
 
+from .. import registrations
 from . import kernels
 
 # Slot rows per program of the reduction kernels (they keep a (BLOCK_S, BLOCK_C) accumulator).
@@ -179,3 +181,6 @@ def _backward(cluster, grad, x, qs, slots, lse, dx, dqs, dslots):
     _sum_chunks(dq_ws, dqs)
     if not cluster:
         _sum_chunks(dv_ws, dslots)
+
+
+registrations.register(sys.modules[__name__])
