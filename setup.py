@@ -116,7 +116,9 @@ setup(
     python_requires=">=3.9",
     install_requires=[torch_requirement],
     extras_require={
-        "timm": ["timm"],
+        # Pinned so CI is reproducible; timm also needs the torchvision built for your torch.
+        "timm": ["timm==1.0.31"],
+        "export": ["onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2"],
         "plot": ["matplotlib"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
     },

@@ -1,0 +1,173 @@
+"""The fused ops under the tools people measure and ship models with: FLOP counting, the profiler,
+torch.export (and its decomposition to core ATen), ONNX through onnxruntime, and a check that no
+op reads a tensor's value on the host."""
+import copy
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import glmix_kernels
+from glmix_kernels.backends import BACKENDS, why_unavailable
+from glmix_kernels.backends.registrations import core_aten_decompositions
+from glmix_kernels.models import GLMixBlock, create_model
+from _helpers import FUSED
+from test_models import tiny
+
+FUSED_CPU = [n for n in FUSED if "cpu" in BACKENDS[n].device_types]
+
+
+def require_cpu(backend):
+    why = why_unavailable(backend, "cpu")
+    if why is not None:
+        pytest.skip(f"backend {backend!r} on cpu: {why}")
+
+
+def op_inputs(B=2, L=37, C=24, S=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, C, generator=g, requires_grad=True)
+    init_slots = torch.randn(1, S, C, generator=g, requires_grad=True)
+    scale = torch.tensor(3.0, requires_grad=True)
+    return x, init_slots, scale
+
+
+def both_ops(backend, x, init_slots, scale):
+    slots = glmix_kernels.soft_cluster(x, init_slots, scale, backend=backend)
+    return glmix_kernels.soft_dispatch(x, init_slots, scale, slots, backend=backend)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_op_flops_equal_the_references(backend):
+    require_cpu(backend)
+    x, init_slots, scale = op_inputs()
+    want = count_flops(lambda: both_ops("reference", x, init_slots, scale).sum().backward())
+    got = count_flops(lambda: both_ops(backend, x, init_slots, scale).sum().backward())
+    assert want == got == 3 * 8 * 2 * 9 * 37 * 24  # forward 4 + backward 8 per op, per B*S*L*C
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "forward+backward"])
+def test_glnet_flops_equal_the_references(backend, train):
+    """glnet_4g at 224x224 on fake tensors: the counts need shapes only, so every registered
+    backend is counted here, including those without their device."""
+    if BACKENDS[backend].load is None or why_unavailable(backend, "cpu") is not None:
+        pytest.skip(f"backend {backend!r} cannot be loaded here: {why_unavailable(backend, 'cpu')}")
+    counts = {}
+    for name in ("reference", backend):
+        with FakeTensorMode():
+            model = create_model("glnet_4g", backend=name).train(train)
+            x = torch.randn(2, 3, 224, 224)
+            counts[name] = count_flops(lambda: model(x).sum().backward() if train else model(x))
+    assert counts[backend] == counts["reference"]
+    assert counts["reference"] > 2 * 8.7e9 * (3 if train else 1) * 0.9  # not an empty count
+
+
+# ---------------------------------------------------------------- profiler
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_ops_show_in_the_profiler_under_their_names(backend):
+    require_cpu(backend)
+    x, init_slots, scale = op_inputs()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        both_ops(backend, x, init_slots, scale).sum().backward()
+    names = {e.name for e in prof.events()}
+    module = BACKENDS[backend].load()
+    for op in ("cluster_fwd", "cluster_bwd", "dispatch_fwd", "dispatch_bwd"):
+        qualname = _qualname(getattr(module, op))
+        assert qualname in names, f"{qualname} not among the profiled events"
+
+
+def _qualname(op):
+    overload = op.default if isinstance(op, torch._ops.OpOverloadPacket) else op._opoverload
+    return overload._schema.name  # e.g. "glmix_kernels::cluster_fwd"
+
+
+# ---------------------------------------------------------------- no host synchronisation
+
+# Operators that copy a tensor's value to the host (on a GPU: a synchronisation, which also
+# breaks CUDA graph capture).
+HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero",
+              "aten::masked_select", "aten::equal", "aten::allclose", "aten::_unique2", "aten::unique_dim",
+              "aten::unique_consecutive", "aten::tolist"}
+
+
+def host_reads(fn):
+    """The host-reading operators ``fn`` dispatches, nested ones included (the profiler records
+    every operator the dispatcher runs, also those a C++ kernel calls)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted({e.name for e in prof.events()} & HOST_READS)
+
+
+def test_host_read_check_catches_a_read():
+    x = torch.randn(4)
+    assert host_reads(lambda: x.sum().item()) == ["aten::_local_scalar_dense", "aten::item"]
+    assert "aten::is_nonzero" in host_reads(lambda: bool(x.sum() > 0))
+    assert host_reads(lambda: x * 2) == []
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_ops_never_read_tensor_values_on_the_host(backend):
+    require_cpu(backend)
+    x, init_slots, scale = op_inputs()
+    module = BACKENDS[backend].load()
+    # Warm up outside the check: the first call may load kernels.
+    both_ops(backend, x, init_slots, scale).sum().backward()
+    slots = glmix_kernels.soft_cluster(x, init_slots, scale, backend=backend).detach().requires_grad_()
+    out = glmix_kernels.soft_dispatch(x, init_slots, scale, slots, backend=backend)
+    assert module is not None
+    for what, fn in [
+        ("cluster forward", lambda: glmix_kernels.soft_cluster(x, init_slots, scale, backend=backend)),
+        ("dispatch forward", lambda: glmix_kernels.soft_dispatch(x, init_slots, scale, slots, backend=backend)),
+        ("dispatch backward", lambda: out.sum().backward(retain_graph=True)),
+        ("both, forward and backward", lambda: both_ops(backend, x, init_slots, scale).sum().backward()),
+    ]:
+        assert host_reads(fn) == [], f"{backend} {what} reads tensor values on the host"
+
+
+# ---------------------------------------------------------------- torch.export
+
+def fused_op_names():
+    names = set()
+    for b in FUSED:
+        if why_unavailable(b, "cpu") is None:
+            module = BACKENDS[b].load()
+            names |= {_qualname(getattr(module, op)) for op in ("cluster_fwd", "dispatch_fwd")}
+    return {n.replace("::", ".") + ".default" for n in names}
+
+
+def call_targets(ep):
+    return [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_export_keeps_the_ops_as_single_nodes_and_decomposes_to_core_aten(backend):
+    require_cpu(backend)
+    model = tiny("hybrid").eval()
+    reference = copy.deepcopy(model).set_backend("reference")
+    model.set_backend(backend)
+    x = torch.randn(2, 3, 45, 61)
+    ep = torch.export.export(model, (x,))
+    n_glmix = sum(isinstance(m, GLMixBlock) for m in model.modules())
+    fused = [t for t in call_targets(ep) if t in fused_op_names()]
+    assert len(fused) == 2 * n_glmix, call_targets(ep)  # one clustering and one dispatch per block
+    with torch.no_grad():
+        want = reference(x)
+        torch.testing.assert_close(ep.module()(x), want, rtol=1e-4, atol=1e-5)
+
+    core = ep.run_decompositions(core_aten_decompositions())
+    for node in core.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            assert torch.Tag.core in node.target.tags, f"{node.target} is not core ATen"
+    assert not set(call_targets(core)) & fused_op_names()
+    with torch.no_grad():
+        torch.testing.assert_close(core.module()(x), want, rtol=1e-4, atol=1e-5)
