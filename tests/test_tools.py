@@ -57,18 +57,20 @@ def test_op_flops_equal_the_references(backend):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "forward+backward"])
 def test_glnet_flops_equal_the_references(backend, train):
-    """glnet_4g at 224x224 on fake tensors: the counts need shapes only, so every registered
-    backend is counted here, including those without their device."""
+    """glnet_4g (one or two blocks of each kind) at 224x224 on fake tensors: the counts need
+    shapes only."""
     if BACKENDS[backend].load is None or why_unavailable(backend, "cpu") is not None:
         pytest.skip(f"backend {backend!r} cannot be loaded here: {why_unavailable(backend, 'cpu')}")
     counts = {}
+    model = create_model("glnet_4g", depth=[1, 1, 2, 1]).train(train)
     for name in ("reference", backend):
-        with FakeTensorMode():
-            model = create_model("glnet_4g", backend=name).train(train)
-            x = torch.randn(2, 3, 224, 224)
+        model.set_backend(name)
+        with FakeTensorMode(allow_non_fake_inputs=True):  # the parameters become fake on use
+            x = torch.randn(1, 3, 224, 224)
             counts[name] = count_flops(lambda: model(x).sum().backward() if train else model(x))
     assert counts[backend] == counts["reference"]
-    assert counts["reference"] > 2 * 8.7e9 * (3 if train else 1) * 0.9  # not an empty count
+    glmix = 4 * 2 * 64 * (2 * 3136 * 64 + 784 * 128 + 196 * 256)  # the GLMix blocks' forward products
+    assert counts["reference"] > glmix * (3 if train else 1)
 
 
 # ---------------------------------------------------------------- profiler
@@ -164,10 +166,15 @@ def test_export_keeps_the_ops_as_single_nodes_and_decomposes_to_core_aten(backen
         want = reference(x)
         torch.testing.assert_close(ep.module()(x), want, rtol=1e-4, atol=1e-5)
 
-    core = ep.run_decompositions(core_aten_decompositions())
+    table = core_aten_decompositions()
+    core = ep.run_decompositions(table)
     for node in core.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            assert torch.Tag.core in node.target.tags, f"{node.target} is not core ATen"
+            # Core ATen, or an op torch's own decomposition keeps (linalg_vector_norm, the
+            # exported program's runtime assertions).
+            assert torch.Tag.core in node.target.tags or node.target not in table, \
+                f"{node.target} should have been decomposed"
+            assert node.target.namespace == "aten", f"{node.target} is not an ATen op"
     assert not set(call_targets(core)) & fused_op_names()
     with torch.no_grad():
         torch.testing.assert_close(core.module()(x), want, rtol=1e-4, atol=1e-5)
