@@ -178,3 +178,49 @@ def test_export_keeps_the_ops_as_single_nodes_and_decomposes_to_core_aten(backen
     assert not set(call_targets(core)) & fused_op_names()
     with torch.no_grad():
         torch.testing.assert_close(core.module()(x), want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- ONNX
+
+# onnxruntime's logits against the reference backend's eager ones: normwise (max |err| / max |logit|).
+ONNX_TOL = 1e-4
+
+
+def onnx_modules():
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
+    except ImportError as e:
+        pytest.skip(f"ONNX export needs onnx, onnxruntime and onnxscript ({e}); `pip install -e .[export]`")
+    return onnx, onnxruntime
+
+
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    onnx, onnxruntime = onnx_modules()
+    require_cpu("cpu")
+    # glnet_4g with one or two blocks of each kind (the full depth only repeats them; exporting it
+    # takes minutes).
+    model = create_model("glnet_4g", depth=[1, 1, 2, 1], backend="cpu").eval()
+    reference = copy.deepcopy(model).set_backend("reference")
+    dims = {0: torch.export.Dim("batch", min=1, max=256), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    ep = torch.export.export(model, (torch.randn(2, 3, 160, 224),), dynamic_shapes=(dims,))
+    program = torch.onnx.export(ep.run_decompositions(core_aten_decompositions()), dynamo=True)
+    path = tmp_path / "glnet_4g.onnx"
+    program.save(str(path))
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    domains = {n.domain for n in proto.graph.node} | {f.domain for f in proto.functions}
+    assert domains <= {"", "ai.onnx"}, f"non-standard operator domains: {domains}"
+    shape = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(shape[0], str) and isinstance(shape[2], str) and isinstance(shape[3], str), shape
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for size in [(2, 3, 160, 224), (1, 3, 97, 131), (3, 3, 256, 200)]:
+        x = torch.randn(size, generator=torch.Generator().manual_seed(sum(size)))
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            want = reference(x)
+        err = ((torch.from_numpy(got) - want).abs().max() / want.abs().max()).item()
+        assert err < ONNX_TOL, f"{size}: normwise error {err:.2e}"
