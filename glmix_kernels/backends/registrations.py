@@ -12,6 +12,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+from . import contract
+
 _DECOMPOSITIONS = {}
 _REGISTERED = set()
 
@@ -24,33 +26,37 @@ def _overload(op):
 
 
 # Products per (batch, slot, pixel, channel): forward, the logits A = qs k^T and one product with
-# them (P x or D^T slots); backward, the two gradients of each of those two products.
-def _forward_flops(x_shape, qs_shape, *args, **kwargs):
+# them (P x or D^T slots); backward, the two gradients of each of those two products. The
+# arguments are the contract's (contract.py): x, then init_slots (B or 1, S, C).
+def _forward_flops(x_shape, init_slots_shape, *args, **kwargs):
     B, L, C = x_shape
-    return 4 * B * qs_shape[1] * L * C
+    return 4 * B * init_slots_shape[1] * L * C
 
 
-def _backward_flops(grad_shape, x_shape, qs_shape, *args, **kwargs):
+def _backward_flops(grad_shape, x_shape, init_slots_shape, *args, **kwargs):
     B, L, C = x_shape
-    return 8 * B * qs_shape[1] * L * C
+    return 8 * B * init_slots_shape[1] * L * C
 
 
-def _logits(x, qs):
-    """``A = qs k^T`` (B, S, L) in the accumulation dtype (qs's)."""
-    return qs @ F.normalize(x.to(qs.dtype), dim=-1).transpose(-1, -2)
+def _logits(x, init_slots, scale):
+    """``A = scale * q k^T`` (B, S, L) in the accumulation dtype, as the reference computes it."""
+    acc = contract.acc_dtype(x)
+    q = F.normalize(init_slots.to(acc), dim=-1)
+    k = F.normalize(x.to(acc), dim=-1)
+    return scale.to(acc) * (q @ k.transpose(-1, -2))
 
 
-def _cluster_fwd(x, qs):
-    a = _logits(x, qs)
+def _cluster_fwd(x, init_slots, scale):
+    a = _logits(x, init_slots, scale)
     lse = a.logsumexp(dim=-1)
-    return (a - lse.unsqueeze(-1)).exp() @ x.to(qs.dtype), lse
+    return (a - lse.unsqueeze(-1)).exp() @ x.to(a.dtype), lse
 
 
-def _dispatch_fwd(x, qs, slots):
-    a = _logits(x, qs)
+def _dispatch_fwd(x, init_slots, scale, slots):
+    a = _logits(x, init_slots, scale)
     lse = a.logsumexp(dim=-2)
     d = (a - lse.unsqueeze(-2)).exp()
-    return (d.transpose(-1, -2) @ slots.to(qs.dtype)).to(x.dtype), lse
+    return (d.transpose(-1, -2) @ slots.to(a.dtype)).to(x.dtype), lse
 
 
 def _update_active_flop_counters(formulas):

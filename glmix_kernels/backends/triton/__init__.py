@@ -19,7 +19,7 @@ import sys
 import torch
 import triton
 
-from .. import registrations
+from .. import contract, registrations
 from . import kernels
 
 # Slot rows per program of the reduction kernels (they keep a (BLOCK_S, BLOCK_C) accumulator).
@@ -72,26 +72,6 @@ def _sum_chunks(ws, out):
         ws, out, n_chunks, S * C, BLOCK=_SUM_BLOCK)
 
 
-# Output allocation, shared by the launchers and the fake (meta) kernels of the fallback.
-def _cluster_fwd_outputs(x, qs):
-    B, _, C = x.shape
-    S = qs.shape[1]
-    return x.new_empty((B, S, C), dtype=torch.float32), x.new_empty((B, S), dtype=torch.float32)
-
-
-def _cluster_bwd_outputs(grad, x, qs, slots, lse):
-    return x.new_empty(x.shape), x.new_empty(qs.shape, dtype=torch.float32)
-
-
-def _dispatch_fwd_outputs(x, qs, slots):
-    return x.new_empty(x.shape), x.new_empty(x.shape[:2], dtype=torch.float32)
-
-
-def _dispatch_bwd_outputs(grad, x, qs, slots, lse):
-    return (x.new_empty(x.shape), x.new_empty(qs.shape, dtype=torch.float32),
-            x.new_empty(slots.shape))
-
-
 # torch.library.triton_op lets torch.compile see through the launchers into the kernels (torch
 # 2.6+). Otherwise the ops are opaque custom ops with fake kernels: on older torch, and under the
 # interpreter, whose kernels wrap_triton hands back unwrapped, so tracing would run them on fake
@@ -110,11 +90,9 @@ def _op(name, outputs):
     return register
 
 
-@_op("cluster_fwd", _cluster_fwd_outputs)
-def cluster_fwd(x: torch.Tensor, qs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cluster_fwd(x, qs, slots, lse):
     B, L, C = x.shape
     S = qs.shape[1]
-    slots, lse = _cluster_fwd_outputs(x, qs)
     block_s, n_sb, chunk_len, n_chunks = split_plan(B, S, L, x.device)
     m_ws = x.new_empty((B, n_chunks, S), dtype=torch.float32)
     l_ws = torch.empty_like(m_ws)
@@ -125,35 +103,14 @@ def cluster_fwd(x: torch.Tensor, qs: torch.Tensor) -> tuple[torch.Tensor, torch.
     block_c = _block(C, 128)
     _launch(kernels.cluster_fwd_combine)[(B * n_sb, triton.cdiv(C, block_c))](
         m_ws, l_ws, acc_ws, slots, lse, S, C, n_chunks, BLOCK_S=block_s, BLOCK_C=block_c)
-    return slots, lse
 
 
-@_op("cluster_bwd", _cluster_bwd_outputs)
-def cluster_bwd(grad: torch.Tensor, x: torch.Tensor, qs: torch.Tensor, slots: torch.Tensor,
-                lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, dqs = _cluster_bwd_outputs(grad, x, qs, slots, lse)
-    _backward(True, grad, x, qs, slots, lse, dx, dqs, None)
-    return dx, dqs
-
-
-@_op("dispatch_fwd", _dispatch_fwd_outputs)
-def dispatch_fwd(x: torch.Tensor, qs: torch.Tensor, slots: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _dispatch_fwd(x, qs, slots, out, lse):
     B, L, C = x.shape
     S = qs.shape[1]
-    out, lse = _dispatch_fwd_outputs(x, qs, slots)
     _launch(kernels.dispatch_fwd)[_pixel_grid(B, L)](
         x, qs, slots, out, lse, S, L, C, *x.stride(), *qs.stride(), *slots.stride(),
         BLOCK_S=_block(S, 256), UPCAST=_upcast(x))
-    return out, lse
-
-
-@_op("dispatch_bwd", _dispatch_bwd_outputs)
-def dispatch_bwd(grad: torch.Tensor, x: torch.Tensor, qs: torch.Tensor, slots: torch.Tensor,
-                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dqs, dslots = _dispatch_bwd_outputs(grad, x, qs, slots, lse)
-    _backward(False, grad, x, qs, slots, lse, dx, dqs, dslots)
-    return dx, dqs, dslots
 
 
 def _backward(cluster, grad, x, qs, slots, lse, dx, dqs, dslots):
@@ -181,6 +138,69 @@ def _backward(cluster, grad, x, qs, slots, lse, dx, dqs, dslots):
     _sum_chunks(dq_ws, dqs)
     if not cluster:
         _sum_chunks(dv_ws, dslots)
+
+
+# ---------------------------------------------------------------- the ops of the contract
+# An adapter until the kernels normalise the queries themselves: qs = scale * normalize(init_slots)
+# by a few torch ops around the launchers above, and their backward after them (contract.py).
+
+def _queries(x, init_slots, scale):
+    """qs (B, S, C) in float32: normalised in fp64, rounded, scaled, broadcast."""
+    s = init_slots.to(torch.float64, memory_format=torch.contiguous_format)
+    q = (s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()
+    return (scale.float() * q).expand(x.shape[0], -1, -1)
+
+
+def _queries_backward(dqs, init_slots, scale, d_init_slots, dscale):
+    """Writes ``d init_slots`` (summed over a broadcast batch) and ``dscale`` from ``dqs``, in fp64."""
+    s = init_slots.to(torch.float64, memory_format=torch.contiguous_format)
+    r = s.norm(dim=-1, keepdim=True)
+    q = s / r.clamp_min(1e-12)
+    dq = dqs.double().sum(0, keepdim=True) if init_slots.shape[0] != dqs.shape[0] else dqs.double()
+    dscale.copy_((dq * q).sum())
+    dq = dq * scale.double()
+    proj = q * ((q * dq).sum(-1, keepdim=True) * (r >= 1e-12))  # the clamp passes no gradient
+    d_init_slots.copy_((dq - proj) / r.clamp_min(1e-12))
+
+
+@_op("cluster_fwd", contract.cluster_fwd_outputs)
+def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    slots, lse = contract.cluster_fwd_outputs(x, init_slots, scale)
+    _cluster_fwd(x, _queries(x, init_slots, scale), slots, lse)
+    return slots, lse
+
+
+@_op("cluster_bwd", contract.cluster_bwd_outputs)
+def cluster_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor,
+                slots: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, d_init_slots, dscale = contract.cluster_bwd_outputs(grad, x, init_slots, scale, slots, lse)
+    qs = _queries(x, init_slots, scale)
+    dqs = x.new_empty(qs.shape, dtype=torch.float32)
+    _backward(True, grad, x, qs, slots, lse, dx, dqs, None)
+    _queries_backward(dqs, init_slots, scale, d_init_slots, dscale)
+    return dx, d_init_slots, dscale
+
+
+@_op("dispatch_fwd", contract.dispatch_fwd_outputs)
+def dispatch_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = contract.dispatch_fwd_outputs(x, init_slots, scale, slots)
+    _dispatch_fwd(x, _queries(x, init_slots, scale), slots, out, lse)
+    return out, lse
+
+
+@_op("dispatch_bwd", contract.dispatch_bwd_outputs)
+def dispatch_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor,
+                 slots: torch.Tensor, lse: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, d_init_slots, dscale, dslots = contract.dispatch_bwd_outputs(grad, x, init_slots, scale, slots, lse)
+    qs = _queries(x, init_slots, scale)
+    dqs = x.new_empty(qs.shape, dtype=torch.float32)
+    _backward(False, grad, x, qs, slots, lse, dx, dqs, dslots)
+    _queries_backward(dqs, init_slots, scale, d_init_slots, dscale)
+    return dx, d_init_slots, dscale, dslots
+# ---------------------------------------------------------------- end of the contract adapter
 
 
 registrations.register(sys.modules[__name__])
