@@ -6,9 +6,11 @@
 #   the package itself, editable, with its C++ extension (CUDA sources only where torch has CUDA),
 #            and the extras the tests use: timm (with the torchvision release made for this torch),
 #            onnx, onnxruntime and onnxscript.
+# Versions: docs/building.md#versions (Python >= 3.10, as in pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "install.sh: Python 3.10 or newer needed" >&2; exit 1; }
 
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
