@@ -5,9 +5,11 @@ device of the tensors picks the kernel, so both backends share these four names.
 (meta) implementations, for torch.compile and torch.library.opcheck, are the output allocations
 of ``contract.py``.
 """
+import sys
+
 import torch
 
-from . import contract
+from . import contract, registrations
 
 try:
     from .. import _C  # noqa: F401  (registers torch.ops.glmix_kernels.*)
@@ -39,3 +41,5 @@ if _LOAD_ERROR is None:
     cluster_bwd = torch.ops.glmix_kernels.cluster_bwd
     dispatch_fwd = torch.ops.glmix_kernels.dispatch_fwd
     dispatch_bwd = torch.ops.glmix_kernels.dispatch_bwd
+
+    registrations.register(sys.modules[__name__])
