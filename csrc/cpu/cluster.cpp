@@ -18,15 +18,16 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
   const Splits sp(L, C, kMaxSplits);
   const int64_t J = sp.count;
   const Rows<scalar_t> xs(x);
-  const Operand qT(qs.transpose(1, 2), qs.scalar_type());
+  const Operand qT(qs.transpose(1, 2), qs.scalar_type(), Scratch::CallOperand);
 
   // Each split runs an online softmax over its tiles (FlashAttention style) and leaves its
   // running max m, sum z and unnormalised slots acc; the splits are merged below.
-  Tensor m = at::empty({B, J, S}, acc_opts), z = at::empty({B, J, S}, acc_opts);
-  Tensor acc = at::empty({B, J, S, C}, acc_opts);
+  const Tensor m = scratch(Scratch::CallMax, B * J * S, acc_opts);
+  const Tensor z = scratch(Scratch::CallSum, B * J * S, acc_opts);
+  const Tensor acc = scratch(Scratch::CallPartial, B * J * S * C, acc_opts);
   parallel_splits(B, sp, [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(sp.tile, C, acc_opts);
-    const Tensor A_buf = at::empty({sp.tile * S}, acc_opts);
+    const Tensor A_buf = scratch(Scratch::Logits, sp.tile * S, acc_opts);
     acc_t* a = A_buf.data_ptr<acc_t>();
     acc_t* acc_j = acc.data_ptr<acc_t>() + (b * J + j) * S * C;
     acc_t* m_j = m.data_ptr<acc_t>() + (b * J + j) * S;
@@ -110,12 +111,13 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
 
   // One product with x gives the raw logits and dP = x @ G^T side by side, (n, 2S), which the
   // softmax steps turn into [P | dA_r].
-  const Operand q(qs, qs.scalar_type()), G(G_acc, qs.scalar_type());
-  const Operand qgT(at::cat({qs.transpose(1, 2), G_acc.transpose(1, 2)}, 2), qs.scalar_type());  // (B, C, 2S)
-  Tensor dqs_partial = at::empty({B, sp.count, S, C}, acc_opts);
+  const Operand q(qs, qs.scalar_type(), Scratch::CallOperand), G(G_acc, qs.scalar_type(), Scratch::CallOperand2);
+  const Operand qgT = Operand::stacked(qs.transpose(1, 2), G_acc.transpose(1, 2), qs.scalar_type(),
+                                       Scratch::CallOperand3);  // (B, C, 2S)
+  const Tensor dqs_partial = split_partials(dqs, sp.count, qs.scalar_type(), Scratch::CallPartial);
   parallel_splits(B, sp, [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(sp.tile, C, acc_opts);
-    const Tensor PD_buf = at::empty({sp.tile * 2 * S}, acc_opts);
+    const Tensor PD_buf = scratch(Scratch::Logits, sp.tile * 2 * S, acc_opts);
     const Tensor dx_buf = result_buffer<acc_t, scalar_t>(sp.tile * C, acc_opts);
     acc_t* pd = PD_buf.data_ptr<acc_t>();
     acc_t* dqs_j = dqs_partial.data_ptr<acc_t>() + (b * sp.count + j) * S * C;
