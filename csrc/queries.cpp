@@ -48,15 +48,16 @@ std::tuple<Tensor, Tensor> norms(const Tensor& init_slots) {
 // dozen S x C fp64 temporaries per call, and at small L their allocation and page faults cost
 // more than the kernels. Norms, projection and the batch sum in fp64, as there.
 
-// The norm of row s of init_slots batch element b, in fp64 (unclamped).
+// row (C) = row s of init_slots' batch element b in fp64; returns its norm (unclamped). The row is
+// gathered first (pooled slots arrive with strided channels) so that the loops over it vectorise.
 template <typename scalar_t>
-double row_norm(const Tensor& init_slots, int64_t b, int64_t s) {
-  const scalar_t* row = init_slots.const_data_ptr<scalar_t>() + b * init_slots.stride(0) + s * init_slots.stride(1);
+double load_row(const Tensor& init_slots, int64_t b, int64_t s, double* row) {
+  const int64_t C = init_slots.size(2), sc = init_slots.stride(2);
+  const scalar_t* src = init_slots.const_data_ptr<scalar_t>() + b * init_slots.stride(0) + s * init_slots.stride(1);
+  for (int64_t c = 0; c < C; ++c) row[c] = static_cast<double>(src[c * sc]);
   double sum = 0;
-  for (int64_t c = 0; c < init_slots.size(2); ++c) {
-    const double v = static_cast<double>(row[c * init_slots.stride(2)]);
-    sum += v * v;
-  }
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < C; ++c) sum += row[c] * row[c];
   return std::sqrt(sum);
 }
 
@@ -67,14 +68,14 @@ Tensor scaled_queries_cpu(const Tensor& init_slots, double scale, at::ScalarType
   Tensor qs = at::empty({Bs, S, C}, init_slots.options().dtype(acc));
   acc_t* out = qs.data_ptr<acc_t>();
   const acc_t scale_acc = static_cast<acc_t>(scale);
+  std::vector<double> row(C);
   for (int64_t b = 0; b < Bs; ++b)
     for (int64_t s = 0; s < S; ++s) {
-      const double r = std::max(row_norm<scalar_t>(init_slots, b, s), kNormEps);
-      const scalar_t* row = init_slots.const_data_ptr<scalar_t>() + b * init_slots.stride(0) + s * init_slots.stride(1);
+      const double r = std::max(load_row<scalar_t>(init_slots, b, s, row.data()), kNormEps);
       acc_t* q = out + (b * S + s) * C;
       // q rounded to acc before the product, as in the at:: path.
-      for (int64_t c = 0; c < C; ++c)
-        q[c] = static_cast<acc_t>(static_cast<double>(row[c * init_slots.stride(2)]) / r) * scale_acc;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) q[c] = static_cast<acc_t>(row[c] / r) * scale_acc;
     }
   return qs;
 }
@@ -90,19 +91,26 @@ Tensor scaled_queries_backward_cpu(const Tensor& dqs, const Tensor& init_slots, 
   std::vector<double> q(C), dq(C);
   for (int64_t b = 0; b < Bs; ++b)
     for (int64_t s = 0; s < S; ++s) {
-      const double norm = row_norm<scalar_t>(init_slots, b, s), r = std::max(norm, kNormEps);
-      const scalar_t* row = init_slots.const_data_ptr<scalar_t>() + b * init_slots.stride(0) + s * init_slots.stride(1);
-      for (int64_t c = 0; c < C; ++c) q[c] = static_cast<double>(row[c * init_slots.stride(2)]) / r;
+      const double norm = load_row<scalar_t>(init_slots, b, s, q.data()), r = std::max(norm, kNormEps);
       std::fill(dq.begin(), dq.end(), 0.0);
       // A (1, S, C) init_slots was broadcast over the batch: its gradient is the batch sum.
-      for (int64_t bg = Bs == B ? b : 0; bg < (Bs == B ? b + 1 : B); ++bg)
-        for (int64_t c = 0; c < C; ++c) dq[c] += static_cast<double>(g[(bg * S + s) * C + c]);
+      for (int64_t bg = Bs == B ? b : 0; bg < (Bs == B ? b + 1 : B); ++bg) {
+        const acc_t* gr = g + (bg * S + s) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) dq[c] += static_cast<double>(gr[c]);
+      }
       double dot = 0;
-      for (int64_t c = 0; c < C; ++c) dot += q[c] * dq[c];
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < C; ++c) {
+        q[c] /= r;
+        dot += q[c] * dq[c];
+      }
       dscale += dot;
       // (dq - q <q, dq>) / r with dq = scale * dqs; below eps the clamp passes no norm gradient.
       const double proj = norm >= kNormEps ? scale * dot : 0.0;
-      for (int64_t c = 0; c < C; ++c) d[(b * S + s) * C + c] = static_cast<scalar_t>((scale * dq[c] - q[c] * proj) / r);
+      scalar_t* dr = d + (b * S + s) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) dr[c] = static_cast<scalar_t>((scale * dq[c] - q[c] * proj) / r);
     }
   return d_init;
 }
