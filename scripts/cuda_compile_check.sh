@@ -7,7 +7,7 @@
 #     ${GLMIX_CUDA_VENV:-$HOME/.cache/glmix-kernels/cuda-venv} (torch==2.15.0 from PyPI is the CUDA
 #     build: ~2.8 GB, about a minute; reused while it holds that torch).
 #   - The build is setup.py's build_ext into a temporary directory (nothing is written into the
-#     clone), with GLMIX_FORCE_CUDA=1, sm_90 and the toolkit workaround of shared/ENVIRONMENT.md:
+#     clone), with GLMIX_FORCE_CUDA=1, sm_90 and the toolkit workaround of docs/building.md#cuda-toolkit:
 #     the local CUDA 13.0 toolkit lacks headers torch includes (cuBLAS, cuSPARSE), so the pip
 #     wheel's nvidia/cu13/include is searched after the compilers' own (GLMIX_EXTRA_INCLUDE).
 #   - Calling a CUDA op needs a driver, so nothing runs the kernels here: the GPU tests do that.
@@ -27,6 +27,7 @@ ARCH=${GLMIX_CUDA_ARCH:-9.0}
 start=$(date +%s)
 
 say() { echo "cuda_compile_check: $*"; }
+"$PY_BASE" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { say "Python 3.10 or newer needed" >&2; exit 1; }
 
 if ! [ -x "$CUDA_HOME/bin/nvcc" ]; then
   if command -v nvcc >/dev/null 2>&1; then
