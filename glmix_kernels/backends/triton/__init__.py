@@ -14,11 +14,12 @@ No ``(B, S, L)`` tensor exists anywhere; the workspaces are ``O(B * chunks * S *
 On CPU tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
 import functools
+import sys
 
 import torch
 import triton
 
-from .. import contract
+from .. import contract, registrations
 from . import kernels
 
 # Slot rows per program of the reduction kernels (they keep a (BLOCK_S, BLOCK_C) accumulator).
@@ -200,3 +201,6 @@ def dispatch_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, 
     _queries_backward(dqs, init_slots, scale, d_init_slots, dscale)
     return dx, d_init_slots, dscale, dslots
 # ---------------------------------------------------------------- end of the contract adapter
+
+
+registrations.register(sys.modules[__name__])
