@@ -115,6 +115,10 @@ Tensor scaled_queries_backward_cpu(const Tensor& dqs, const Tensor& init_slots, 
   return d_init;
 }
 
+// The value of a CPU tensor's one element, read from its memory: item() would dispatch
+// aten::_local_scalar_dense, the op that syncs a device with the host, which the ops never call.
+double cpu_scalar(const Tensor& t) { return *t.to(at::kDouble).contiguous().const_data_ptr<double>(); }
+
 }  // namespace
 
 Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& scale) {
@@ -123,7 +127,7 @@ Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& s
   if (x.device().is_cpu()) {
     Tensor qs;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, init_slots.scalar_type(), "glmix scaled_queries", [&] {
-      qs = scaled_queries_cpu<scalar_t>(init_slots, scale.item<double>(), acc);
+      qs = scaled_queries_cpu<scalar_t>(init_slots, cpu_scalar(scale), acc);
     });
     return qs.expand({x.size(0), -1, -1});
   }
@@ -139,7 +143,7 @@ std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tens
     Tensor d_init_slots;
     double dscale = 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, init_slots.scalar_type(), "glmix queries_backward", [&] {
-      d_init_slots = scaled_queries_backward_cpu<scalar_t>(dqs.contiguous(), init_slots, scale.item<double>(), dscale);
+      d_init_slots = scaled_queries_backward_cpu<scalar_t>(dqs.contiguous(), init_slots, cpu_scalar(scale), dscale);
     });
     return {d_init_slots, at::scalar_tensor(dscale, scale.options())};
   }
