@@ -52,3 +52,32 @@ class DispatchFn(torch.autograd.Function):
         x, qs, slots, lse = ctx.saved_tensors
         dx, dqs, dslots = backends.kernels(ctx.backend).dispatch_bwd(grad, x, qs, slots, lse)
         return dx, dqs, dslots, None
+
+
+# Temporary, until the contract's autograd layer lands: the Functions for backends whose ops take
+# init_slots and scale themselves (the triton backend).
+class ContractClusterFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, init_slots, scale, backend):
+        slots, lse = backends.kernels(backend).cluster_fwd(x, init_slots, scale)
+        ctx.save_for_backward(x, init_slots, scale, slots, lse)
+        ctx.backend = backend
+        return slots.to(x.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, d_init, dscale = backends.kernels(ctx.backend).cluster_bwd(grad, *ctx.saved_tensors)
+        return dx, d_init, dscale, None
+
+
+class ContractDispatchFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, init_slots, scale, slots, backend):
+        out, lse = backends.kernels(backend).dispatch_fwd(x, init_slots, scale, slots)
+        ctx.save_for_backward(x, init_slots, scale, slots, lse)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return backends.kernels(ctx.backend).dispatch_bwd(grad, *ctx.saved_tensors) + (None,)

@@ -14,7 +14,6 @@ if not torch.cuda.is_available():
 
 import glmix_kernels as gk  # noqa: E402
 from glmix_kernels import reference  # noqa: E402
-from glmix_kernels._autograd import scaled_queries  # noqa: E402
 from _helpers import TOL, Case, assert_close_normwise  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,17 +67,56 @@ def _assert_close_to_reference(got, x, s0, scale, slots, rtol):
 def test_opcheck(dtype):
     tb = _ops()
     x, s0, scale, slots = _inputs(2, 19, 24, 5, dtype)
-    qs = scaled_queries(s0, scale, 2)
-    c, c_lse = tb.cluster_fwd(x, qs)
+    c, c_lse = tb.cluster_fwd(x, s0, scale)
     assert c.dtype == torch.float32  # unrounded, for cluster_bwd's delta
-    d, d_lse = tb.dispatch_fwd(x, qs, slots)
+    d, d_lse = tb.dispatch_fwd(x, s0, scale, slots)
     grad_c = torch.randn(c.shape, device=DEVICE).to(dtype)
     grad_d = torch.randn_like(d).transpose(1, 2).contiguous().transpose(1, 2)
-    for op, args in [(tb.cluster_fwd, (x, qs)),
-                     (tb.cluster_bwd, (grad_c, x, qs, c, c_lse)),
-                     (tb.dispatch_fwd, (x, qs, slots)),
-                     (tb.dispatch_bwd, (grad_d, x, qs, slots, d_lse))]:
+    for op, args in [(tb.cluster_fwd, (x, s0, scale)),
+                     (tb.cluster_bwd, (grad_c, x, s0, scale, c, c_lse)),
+                     (tb.dispatch_fwd, (x, s0, scale, slots)),
+                     (tb.dispatch_bwd, (grad_d, x, s0, scale, slots, d_lse))]:
         torch.library.opcheck(op, args)
+
+
+def test_direct_op_calls_check_inputs():
+    """The glmix_triton ops apply the public functions' rules and the backend's limits."""
+    tb = _ops()
+    x, s0, scale, slots = _inputs(2, 19, 24, 5, torch.float32)
+    with pytest.raises(ValueError, match="init_slots must have shape"):
+        tb.cluster_fwd(x, s0[:, :, :-1], scale)
+    with pytest.raises(TypeError, match="init_slots must have the same dtype"):
+        tb.dispatch_fwd(x, s0.double(), scale, slots)
+    with pytest.raises(ValueError, match="at most 256 slots"):
+        tb.cluster_fwd(x, torch.randn(1, 257, 24, device=DEVICE), scale)
+    with pytest.raises(TypeError, match="does not support dtype"):
+        tb.cluster_fwd(x.double(), s0.double(), scale.double())
+    c, lse = tb.cluster_fwd(x, s0, scale)
+    with pytest.raises(ValueError, match="grad must have shape"):
+        tb.cluster_bwd(torch.zeros(2, 5, 23, device=DEVICE), x, s0, scale, c, lse)
+
+
+def test_one_launch_config_pinned_per_kernel():
+    """Without GLMIX_TRITON_AUTOTUNE a first call compiles one config per kernel and benchmarks
+    nothing; the pinned config is among the autotuner's candidates."""
+    tb = _ops()
+    assert not tb.AUTOTUNE
+    for name in tb.SPLIT_L_KERNELS + tb.PIXEL_KERNELS:
+        for S, C in [(64, 64), (64, 512), (256, 64), (5, 1000)]:
+            launcher = tb._pinned(getattr(tb.kernels, name), tb.pick_config(name, S, C, torch.bfloat16), C)
+            assert len(launcher.configs) == 1
+            assert tb.pick_config(name, S, C, torch.bfloat16) in tb.candidate_configs(name, S, C, torch.bfloat16)
+
+
+def test_device_guard_follows_x():
+    tb = _ops()
+    guard = tb._device_guard(torch.empty(0, device="meta").new_empty(0, device="cpu"))
+    assert not isinstance(guard, torch.cuda.device)
+
+    class OnCuda1:  # the guard reads only the device; no GPU needed
+        device = torch.device("cuda", 1)
+    guard = tb._device_guard(OnCuda1())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the upcast is an interpreter workaround")
@@ -106,17 +144,18 @@ def test_bf16_dispatch_delta_from_recomputed_probabilities():
 
 
 def test_tiled_channels_slot_blocks_and_split_l():
-    """A shape that takes every tiling path: C over several C blocks, S over several slot blocks
-    of the reduction kernels, L over several chunks (plus a partial last tile)."""
+    """Shapes that take every tiling path: C over several C blocks and C in one block (the hoisted
+    operands), S over several slot blocks of the split-L kernels, L over several chunks (plus a
+    partial last tile)."""
     tb = _ops()
-    B, L, C, S = 1, 77, 100, 70
-    block_s, n_sb, chunk_len, n_chunks = tb.split_plan(B, S, L, torch.device(DEVICE))
-    assert n_sb > 1 and n_chunks > 1 and L % chunk_len != 0
-    if tb.kernels.INTERPRET:  # on a GPU the autotuned BLOCK_C varies; 100 > every config's 64
-        assert all(C > cfg.kwargs["BLOCK_C"] for cfg in tb.kernels._REDUCE_CONFIGS)
-    x, s0, scale, slots = _inputs(B, L, C, S, torch.float32)
-    _assert_close_to_reference(_forward_backward(_triton_pair, x, s0, scale, slots),
-                               x, s0, scale, slots, rtol=1e-5)
+    for B, L, C, S in [(1, 77, 300, 70), (1, 77, 100, 70)]:
+        cfg = tb.pick_config("slot_bwd", S, C, torch.float32)
+        chunk_len, n_chunks = tb.plan_chunks(B, S, L, torch.device(DEVICE), cfg.block_s)
+        assert S > cfg.block_s and n_chunks > 1 and L % chunk_len != 0
+        assert (cfg.block_c >= C) == (C == 100)
+        x, s0, scale, slots = _inputs(B, L, C, S, torch.float32)
+        _assert_close_to_reference(_forward_backward(_triton_pair, x, s0, scale, slots),
+                                   x, s0, scale, slots, rtol=1e-5)
 
 
 def test_compile_fullgraph_matches_eager():
