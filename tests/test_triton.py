@@ -148,11 +148,12 @@ def test_tiled_channels_slot_blocks_and_split_l():
     operands), S over several slot blocks of the split-L kernels, L over several chunks (plus a
     partial last tile)."""
     tb = _ops()
-    for B, L, C, S in [(1, 77, 300, 70), (1, 77, 100, 70)]:
+    for B, L, C, S in [(1, 77, 520, 20), (1, 77, 100, 70)]:
         cfg = tb.pick_config("slot_bwd", S, C, torch.float32)
         chunk_len, n_chunks = tb.plan_chunks(B, S, L, torch.device(DEVICE), cfg.block_s)
         assert S > cfg.block_s and n_chunks > 1 and L % chunk_len != 0
         assert (cfg.block_c >= C) == (C == 100)
+        assert tb.pick_config("pixel_bwd", S, C, torch.float32).block_c < C
         x, s0, scale, slots = _inputs(B, L, C, S, torch.float32)
         _assert_close_to_reference(_forward_backward(_triton_pair, x, s0, scale, slots),
                                    x, s0, scale, slots, rtol=1e-5)

@@ -66,7 +66,12 @@ def _pow2(n, lo=16):
 
 def pick_config(kernel, S, C, dtype):
     """The pinned tile configuration of ``kernel`` for S slots, C channels and x's ``dtype``."""
-    block_s = min(_pow2(S), _MAX_BLOCK_S) if kernel in SPLIT_L_KERNELS else _pow2(S)
+    if kernel in SPLIT_L_KERNELS:
+        # Fewer slot rows rather than several C blocks: each C block recomputes the logits over
+        # all of C, while each slot block only reads x again (from L2).
+        block_s = min(_pow2(S), _MAX_BLOCK_S, max(16, _ONE_C_BLOCK_ELEMENTS // _pow2(C)))
+    else:
+        block_s = _pow2(S)
     one_c = _pow2(C) * block_s <= _ONE_C_BLOCK_ELEMENTS
     block_c = _pow2(C) if one_c else max(16, min(64, _ONE_C_BLOCK_ELEMENTS // 2 // block_s))
     block_l = 64 if block_s <= 64 else 32
