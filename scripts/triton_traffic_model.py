@@ -72,7 +72,8 @@ def after(L, C):
     pix = lambda cb, n, k: x * (cb > 1) + operands(B * n, tiles, cb, k * S * C * E)  # noqa: E731
     slot_l2 = lambda k_x: k_x * x * sb_cb * sb_sb + operands(  # noqa: E731
         B * sb_chunks * sb_sb, B * L / sb.block_l * sb_sb * sb_cb, sb_cb, 3 * sb.block_s * C * E)
-    return {
+    fused = pb_cb == 1  # pixel_bwd sums the slot partials itself; no slot_bwd
+    model = {
         "cluster_fwd": [q_fwd,
                         ("cluster_fwd_chunk", x + ws(cf_chunks), fwd_chunk_l2, 4 * slc * cf_cb),
                         ("cluster_fwd_combine", ws(cf_chunks) + s32, 0, 0)],
@@ -88,6 +89,14 @@ def after(L, C):
                          ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0), ("sum_chunks", 0, 0, 0),
                          ("sum_chunks", ws(sb_chunks) + sc, 0, 0)],
     }
+    if fused:
+        for op, k_ws in (("cluster_bwd", 1), ("dispatch_bwd", 2)):
+            kernels = model[op]
+            name, hbm, l2, macs = kernels[1]
+            slot = kernels.pop(2)
+            kernels[1] = (name, hbm + k_ws * ws(pb_chunks), l2, macs + 2 * slc + (k_ws - 1) * slc)
+            assert slot[0] == "slot_bwd"
+    return model
 
 
 def before(L, C):
@@ -98,7 +107,8 @@ def before(L, C):
     q32 = s32  # qs in fp32
     cb = math.ceil(C / 64)
     tiles_r, tiles_p = B * L / 64, B * L / 32
-    _, chunks, _, _ = _plan("slot_bwd", L, C)
+    tb._programs_wanted = lambda device: 2 * SM_COUNT
+    _, chunks = tb.plan_chunks(B, S, L, torch.device("cuda"), 64)
     ws = B * chunks * S * C * 4
     torch_ops = [("PyTorch qs (8 launches)", 8 * sc, 0, 0)] * 1
     small = [(f"PyTorch qs launch {i}", 0, 0, 0) for i in range(7)]

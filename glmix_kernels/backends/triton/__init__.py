@@ -6,7 +6,8 @@ Entry points, by op (kernels in ``kernels.py``):
   C block), ``cluster_fwd_combine`` (log-sum-exp combine of the chunks) into fp32 slots.
 - ``dispatch_fwd``: ``scaled_queries``, ``dispatch_fwd`` over (batch, chunk); a tile holds all S.
 - ``cluster_bwd`` / ``dispatch_bwd``: ``scaled_queries`` (with clustering's ``delta``),
-  ``pixel_bwd`` (``dx``), ``slot_bwd`` (per-chunk partials of ``dqs``, ``dslots``),
+  ``pixel_bwd`` (``dx``), ``slot_bwd`` (per-chunk partials of ``dqs``, ``dslots``; ``pixel_bwd``
+  sums them itself when one tile holds all of S and C, as at the first GLNet stages),
   ``query_bwd`` (``d_init_slots``, parts of ``dscale``), ``sum_chunks`` (``dscale``, ``dslots``).
   Sums run in a fixed order: results are bitwise reproducible without atomics.
 
@@ -264,12 +265,16 @@ def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor
         qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
         block_s = pick_config("cluster_fwd_chunk", S, C, x.dtype).block_s
         chunk_len, n_chunks = plan_chunks(B, S, L, x.device, block_s)
-        m_ws = x.new_empty((B, n_chunks, S), dtype=torch.float32)
-        l_ws = torch.empty_like(m_ws)
-        acc_ws = x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
+        one_chunk = n_chunks == 1  # the kernel writes the results: no workspaces, no combine
+        m_ws = lse if one_chunk else x.new_empty((B, n_chunks, S), dtype=torch.float32)
+        l_ws = lse if one_chunk else torch.empty_like(m_ws)
+        acc_ws = slots if one_chunk else x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
         _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
             x_ptr=x, qh_ptr=qs_hi, ql_ptr=qs_lo, m_ptr=m_ws, l_ptr=l_ws, acc_ptr=acc_ws, S=S, L=L, C=C,
-            chunk_len=chunk_len, **_strides("sx", x), sq_b=_batch_stride(qs_hi), **_common(x))
+            chunk_len=chunk_len, **_strides("sx", x), sq_b=_batch_stride(qs_hi), ONE_CHUNK=one_chunk,
+            **_common(x))
+        if one_chunk:
+            return slots, lse
         block_c = min(_pow2(C), 128)
         _launch(kernels.cluster_fwd_combine)[(B * triton.cdiv(S, block_s), triton.cdiv(C, block_c))](
             m_ptr=m_ws, l_ptr=l_ws, acc_ptr=acc_ws, slots_ptr=slots, lse_ptr=lse, S=S, C=C,
@@ -317,28 +322,44 @@ def dispatch_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, 
     with _device_guard(x):
         qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
         delta = x.new_empty(x.shape[:2], dtype=torch.float32)  # written by pixel_bwd
-        dq_ws, dv_ws = _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, cluster=False)
+        dq_ws, dv_ws = _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, cluster=False,
+                                         dslots=dslots)
         _query_grads(dq_ws, init_slots, scale, d_init, dscale)
-        _sum_chunks(dv_ws, dslots)
+        if dv_ws is not dslots:
+            _sum_chunks(dv_ws, dslots)
     return dx, d_init, dscale, dslots
 
 
-def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster):
-    """``pixel_bwd`` into ``dx``, then ``slot_bwd``: the (B, chunks, S, C) partials of ``dqs`` and
-    (dispatch) of ``dslots``. ``slots``: clustering's fp32 forward result or dispatch's values;
-    ``delta``: clustering's from ``scaled_queries``, dispatch's for ``pixel_bwd`` to write."""
+def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, dslots=None):
+    """``dx`` and the (B, chunks, S, C) partials of ``dqs`` and (dispatch) ``dslots``: ``pixel_bwd``
+    alone when one tile holds all of S and C (it sums the partials as it goes), else ``pixel_bwd``
+    then ``slot_bwd``. ``slots``: clustering's fp32 forward result or dispatch's values;
+    ``delta``: clustering's from ``scaled_queries``, dispatch's for ``pixel_bwd`` to write.
+    With a single chunk, dispatch's ``dslots`` partials are the result: written to ``dslots``."""
     B, L, C = x.shape
     S = qs_hi.shape[1]
     args = dict(x_ptr=x, qh_ptr=qs_hi, ql_ptr=qs_lo, g_ptr=grad, v_ptr=slots, lse_ptr=lse, delta_ptr=delta,
                 S=S, L=L, C=C, **_strides("sx", x), sq_b=_batch_stride(qs_hi), **_grad_strides(grad),
                 **_strides("sv", slots), CLUSTER=cluster, **_common(x))
+    slot_sums = pick_config("pixel_bwd", S, C, x.dtype).block_c >= C
     chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
-    _tiled("pixel_bwd", S, C, x.dtype)[(B, n_chunks)](dx_ptr=dx, chunk_len=chunk_len, **args)
+    # Without slot_sums the partials' pointers are not read: any valid tensor.
+    dq_ws, dv_ws = _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots) if slot_sums else (dx, dx)
+    _tiled("pixel_bwd", S, C, x.dtype)[(B, n_chunks)](
+        dx_ptr=dx, dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, SLOT_SUMS=slot_sums, **args)
+    if slot_sums:
+        return dq_ws, dv_ws
 
     block_s = pick_config("slot_bwd", S, C, x.dtype).block_s
     chunk_len, n_chunks = plan_chunks(B, S, L, x.device, block_s)
-    dq_ws = x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
-    dv_ws = dq_ws if cluster else torch.empty_like(dq_ws)
+    dq_ws, dv_ws = _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots)
     _tiled("slot_bwd", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
         dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, **args)
     return dq_ws, dv_ws
+
+
+def _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots):
+    dq_ws = x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
+    if cluster:
+        return dq_ws, dq_ws  # no dslots: any valid tensor
+    return dq_ws, dslots if n_chunks == 1 else torch.empty_like(dq_ws)

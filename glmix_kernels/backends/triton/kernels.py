@@ -214,7 +214,7 @@ def scaled_queries(s0_ptr, scale_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, delta_ptr, B
 @triton.jit
 def cluster_fwd_chunk(x_ptr, qh_ptr, ql_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chunk_len,
                       sx_b, sx_l, sx_c, sq_b,
-                      X_LAYOUT: tl.constexpr, SPLIT: tl.constexpr, ONE_C_BLOCK: tl.constexpr,
+                      ONE_CHUNK: tl.constexpr, X_LAYOUT: tl.constexpr, SPLIT: tl.constexpr, ONE_C_BLOCK: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
                       NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over one L chunk for a block of slots: partial max ``m``, sum ``l`` and
@@ -223,7 +223,9 @@ def cluster_fwd_chunk(x_ptr, qh_ptr, ql_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chu
     Grid (B * slot blocks, chunks, C blocks); the workspaces are contiguous fp32
     ``(B, chunks, S)`` and ``(B, chunks, S, C)``. Without ``ONE_C_BLOCK`` each C block recomputes
     the logits over all of C: every C's accumulator would not fit in registers. ``P @ x`` keeps
-    about 16 bits of ``P`` (``_dot_fp32_a``).
+    about 16 bits of ``P`` (``_dot_fp32_a``). ``ONE_CHUNK``: the chunk is all of L, so the
+    program writes the final ``slots`` (B, S, C) to ``acc`` and ``lse`` (B, S) to ``m``, and no
+    combine runs.
     """
     b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
     c_out = tl.program_id(2) * BLOCK_C
@@ -259,11 +261,16 @@ def cluster_fwd_chunk(x_ptr, qh_ptr, ql_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chu
         acc = _dot_fp32_a(p, xt, acc * alpha[:, None], UPCAST)
         m = m_new
 
-    _store(acc_ptr + row * S * C, acc, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
-    if tl.program_id(2) == 0:
-        s = s0 + tl.arange(0, BLOCK_S)
-        tl.store(m_ptr + row * S + s, m, mask=s < S)
-        tl.store(l_ptr + row * S + s, tot, mask=s < S)
+    s = s0 + tl.arange(0, BLOCK_S)
+    if ONE_CHUNK:
+        _store(acc_ptr + row * S * C, acc / tot[:, None], s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
+        if tl.program_id(2) == 0:
+            tl.store(m_ptr + row * S + s, m + tl.log(tot), mask=s < S)
+    else:
+        _store(acc_ptr + row * S * C, acc, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
+        if tl.program_id(2) == 0:
+            tl.store(m_ptr + row * S + s, m, mask=s < S)
+            tl.store(l_ptr + row * S + s, tot, mask=s < S)
 
 
 @triton.jit
@@ -385,11 +392,12 @@ def _key_projection(da, a_hi, sumsq, inv_r):
 
 
 @triton.jit
-def pixel_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dx_ptr, S, L, C, chunk_len,
-              sx_b, sx_l, sx_c, sq_b, sg_b, sg_r, sg_c, sv_b, sv_s, sv_c,
-              CLUSTER: tl.constexpr, X_LAYOUT: tl.constexpr, SPLIT: tl.constexpr,
-              ONE_C_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
-              BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr):
+def pixel_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dx_ptr, dq_ptr, dv_ptr,
+              S, L, C, chunk_len, sx_b, sx_l, sx_c, sq_b, sg_b, sg_r, sg_c, sv_b, sv_s, sv_c,
+              CLUSTER: tl.constexpr, SLOT_SUMS: tl.constexpr, X_LAYOUT: tl.constexpr,
+              SPLIT: tl.constexpr, ONE_C_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+              BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
+              UPCAST: tl.constexpr):
     """``dx`` for each pixel tile of a chunk, all S slots in the tile (``dx`` is local per pixel).
 
     ``g``: the incoming gradient (clustering ``G`` (B, S, C), dispatch ``Hg`` (B, L, C)); ``v``:
@@ -397,7 +405,9 @@ def pixel_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dx_ptr, S
     ``dx = [P^T G] + (dK - K <K, dK>) / r`` with ``dK = dA^T qs``. ``delta``: clustering reads
     the (B, S) ``rowsum(G * slots)`` of ``scaled_queries``; dispatch writes its (B, L)
     ``delta' = sum_s D dD`` there for ``slot_bwd``, whose slot blocks may hold only some slots.
-    Grid (B, chunks); ``dx`` is contiguous.
+    ``SLOT_SUMS`` (with ``ONE_C_BLOCK``): also this chunk's partial sums of ``dqs`` (and
+    ``dslots``), as ``slot_bwd`` would write them; then no ``slot_bwd`` runs, and neither the
+    logits nor ``x`` are read a second time. Grid (B, chunks); ``dx`` is contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
@@ -418,6 +428,9 @@ def pixel_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dx_ptr, S
         q_hi = _load(qh_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
         q_lo = _load(ql_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
         yt = _load(y_ptr, 0, 0, S, C, sy_r, sy_c, BLOCK_S, BLOCK_C).to(DT)
+    if SLOT_SUMS:
+        dq = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        dv = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
 
     for l0 in tl.range(l_begin, l_end, BLOCK_L, num_stages=NUM_STAGES):
         pix = l0 + tl.arange(0, BLOCK_L)
@@ -441,12 +454,18 @@ def pixel_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dx_ptr, S
         inv_r = _inv_norm(sumsq)
         p = _probabilities(a * inv_r[None, :], lse, 0, l0, S, L, BLOCK_S, BLOCK_L)
         if CLUSTER:
-            da = (p * (dp - delta)).to(DT)
+            da32 = p * (dp - delta)
         else:
             delta_l = _tile_delta(p, dp)
-            tl.store(delta_ptr + b * L + pix[None, :], delta_l, mask=(pix < L)[None, :])
-            da = (p * (dp - delta_l)).to(DT)
+            if not SLOT_SUMS:
+                tl.store(delta_ptr + b * L + pix[None, :], delta_l, mask=(pix < L)[None, :])
+            da32 = p * (dp - delta_l)
+        da = da32.to(DT)
         kdk = _key_projection(da, a_hi, sumsq, inv_r)
+        if SLOT_SUMS:
+            dq = _dq_product(da32, inv_r, xt, dq, UPCAST)
+            if not CLUSTER:
+                dv = _dot(p.to(DT), gt, dv, UPCAST)
         if ONE_C_BLOCK:
             dx = (_dot(tl.trans(da), q_hi, None, UPCAST) - xf * (inv_r * kdk)[:, None]) * inv_r[:, None]
             if CLUSTER:
@@ -461,6 +480,11 @@ def pixel_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dx_ptr, S
                     gt = _load(g_ptr, 0, c0, S, C, sg_r, sg_c, BLOCK_S, BLOCK_C).to(DT)
                     dx = _dot(tl.trans(p.to(DT)), gt, dx, UPCAST)
                 _store(dx_ptr + b * L * C, dx, l0, c0, L, C, C, 1, BLOCK_L, BLOCK_C)
+    if SLOT_SUMS:
+        row = b * tl.num_programs(1) + tl.program_id(1)
+        _store(dq_ptr + row * S * C, dq, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+        if not CLUSTER:
+            _store(dv_ptr + row * S * C, dv, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
 
 
 @triton.jit
