@@ -82,13 +82,20 @@ def after(L, C):
         "cluster_bwd": [("scaled_queries", 2 * sc + s32 + 3 * sc, 0, 0),
                         ("pixel_bwd", 2 * x + B * S * 8, pix(pb_cb, pb_chunks, 3), 5 * slc),
                         ("slot_bwd", x + ws(sb_chunks), slot_l2(1), 5 * slc * sb_cb),
-                        ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0), ("sum_chunks", 0, 0, 0)],
+                        ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0), ("sum_chunks #dscale", 0, 0, 0)],
         "dispatch_bwd": [q_fwd,
                          ("pixel_bwd", 3 * x + B * L * 8, pix(pb_cb, pb_chunks, 3), 4 * slc),
                          ("slot_bwd", 2 * x + 2 * ws(sb_chunks), slot_l2(2), 5 * slc * sb_cb + slc),
-                         ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0), ("sum_chunks", 0, 0, 0),
+                         ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0), ("sum_chunks #dscale", 0, 0, 0),
                          ("sum_chunks", ws(sb_chunks) + sc, 0, 0)],
     }
+    if cf_chunks == 1:  # the chunk kernel writes slots and lse: no workspace, no combine
+        model["cluster_fwd"][1:] = [("cluster_fwd_chunk", x + s32, fwd_chunk_l2, 4 * slc * cf_cb)]
+    if (pb_chunks if fused else sb_chunks) == 1:  # dslots written directly: no chunk sum
+        kernels = model["dispatch_bwd"]
+        kernels.pop()
+        name, hbm, l2, macs = kernels[2]
+        kernels[2] = (name, hbm - ws(sb_chunks) + sc, l2, macs)
     if fused:
         for op, k_ws in (("cluster_bwd", 1), ("dispatch_bwd", 2)):
             kernels = model[op]
@@ -107,11 +114,10 @@ def before(L, C):
     q32 = s32  # qs in fp32
     cb = math.ceil(C / 64)
     tiles_r, tiles_p = B * L / 64, B * L / 32
-    tb._programs_wanted = lambda device: 2 * SM_COUNT
-    _, chunks = tb.plan_chunks(B, S, L, torch.device("cuda"), 64)
+    chunks = max(1, min(math.ceil(L / 128), math.ceil(2 * SM_COUNT / B)))  # its chunk plan
     ws = B * chunks * S * C * 4
-    torch_ops = [("PyTorch qs (8 launches)", 8 * sc, 0, 0)] * 1
-    small = [(f"PyTorch qs launch {i}", 0, 0, 0) for i in range(7)]
+    torch_ops = [("PyTorch qs (8 launches)", 8 * sc, 0, 0)]
+    small = [(f"PyTorch qs (8 launches) #{i}", 0, 0, 0) for i in range(7)]
     return {
         "cluster_fwd": torch_ops + small + [
             ("cluster_fwd_partial", x + ws, 2 * x * cb + tiles_r * cb * q32 / B, 4 * slc * cb),
@@ -126,28 +132,39 @@ def before(L, C):
         "dispatch_bwd": torch_ops + small + [
             ("pixel_bwd", 3 * x, 2 * x + tiles_p * (2 * q32 + sc) / B, 4 * slc),
             ("reduce_bwd", 2 * x + 2 * ws, 3 * x * cb + tiles_r * cb * (q32 + sc) / B, 6 * slc * cb),
-            ("sum_chunks", ws + s32, 0, 0), ("sum_chunks", ws + sc, 0, 0)],
+            ("sum_chunks", ws + s32, 0, 0), ("sum_chunks #dslots", ws + sc, 0, 0)],
     }
 
 
 def table(name, model):
-    print(f"\n| {name} | kernel | HBM MB | L2 MB | tensor-core GFLOP | predicted us |")
+    """Per stage and op: one row per kernel, then the op's total against its floor."""
+    print(f"\n| {name}: stage, op | kernel | HBM MB | L2 MB | tensor-core GFLOP | predicted us |")
     print("|---|---|---|---|---|---|")
     for stage, (C, L) in STAGES.items():
         floors = floor_bytes(L, C)
-        total_t, total_floor = 0.0, 0.0
+        total_t = total_floor = 0.0
         for op, kernels in model(L, C).items():
-            t = sum(_us(h, l2, m) for _, h, l2, m in kernels)
-            total_t += t
-            total_floor += floors[op] / HBM_BW * 1e6
-            hbm = sum(k[1] for k in kernels) / 1e6
-            l2 = sum(k[2] for k in kernels) / 1e6
-            fl = sum(2 * k[3] for k in kernels) / 1e9
-            names = ", ".join(dict.fromkeys(k[0] for k in kernels if not k[0].startswith("PyTorch qs launch")))
-            print(f"| {stage} {op} | {names} | {hbm:.1f} | {l2:.1f} | {fl:.1f} | {t:.1f} "
-                  f"(floor {floors[op] / HBM_BW * 1e6:.1f}) |")
-        print(f"| **{stage} all four** | | | | | **{total_t:.0f} (floor {total_floor:.0f}: "
+            t_op = 0.0
+            for kernel, hbm, l2, macs in _merged(kernels):
+                t = sum(_us(h, l, m) for k, h, l, m in kernels if k.split(" #")[0] == kernel)
+                t_op += t
+                print(f"| {stage} {op} | {kernel} | {hbm / 1e6:.1f} | {l2 / 1e6:.1f} | {2 * macs / 1e9:.1f} | {t:.1f} |")
+            floor = floors[op] / HBM_BW * 1e6
+            total_t, total_floor = total_t + t_op, total_floor + floor
+            print(f"| {stage} {op} | *total* | *{floors[op] / 1e6:.1f} at the floor* | | | "
+                  f"*{t_op:.1f} (floor {floor:.1f}: {100 * floor / t_op:.0f}%)* |")
+        print(f"| **{stage}, all four ops** | | | | | **{total_t:.0f} (floor {total_floor:.0f}: "
               f"{100 * total_floor / total_t:.0f}%)** |")
+
+
+def _merged(kernels):
+    """Kernels of one name (``name #i``: separate launches) summed into one row."""
+    rows = {}
+    for kernel, hbm, l2, macs in kernels:
+        name = kernel.split(" #")[0]
+        h, l, m = rows.get(name, (0, 0, 0))
+        rows[name] = (h + hbm, l + l2, m + macs)
+    return [(k, *v) for k, v in rows.items()]
 
 
 if __name__ == "__main__":

@@ -123,12 +123,13 @@ def _programs_wanted(device):
 
 def plan_chunks(B, S, L, device, block_s=None):
     """``(chunk_len, n_chunks)``: L cut into chunks of whole ``CHUNK_QUANTUM`` pixels, so that
-    ``B * slot blocks * chunks`` fills the device. Depends only on the shape and device (not on
-    the tile config): the chunks and their summation order are fixed for a shape.
+    ``B * slot blocks * chunks`` fills the device, but no more chunks than that: each adds a
+    (B, S, C) fp32 partial to write and sum. Depends only on the shape and device (not on the
+    tile config): the chunks and their summation order are fixed for a shape.
     """
     n_sb = triton.cdiv(S, block_s) if block_s else 1
     quanta = triton.cdiv(L, kernels.CHUNK_QUANTUM)
-    chunks_wanted = max(1, min(quanta, triton.cdiv(_programs_wanted(device), B * n_sb)))
+    chunks_wanted = max(1, min(quanta, _programs_wanted(device) // (B * n_sb)))
     chunk_len = triton.cdiv(quanta, chunks_wanted) * kernels.CHUNK_QUANTUM
     return chunk_len, triton.cdiv(L, chunk_len)
 
@@ -174,7 +175,7 @@ def _queries(x, init_slots, scale, grad=None, slots=None):
         s0_ptr=init_slots, scale_ptr=scale, qh_ptr=qs_hi, ql_ptr=qs_lo, g_ptr=grad, v_ptr=slots,
         delta_ptr=delta, Bq=Bq, S=S, C=C, **_strides("ss", init_slots), **_strides("sg", grad),
         **_strides("sv", slots), SPLIT=split, WITH_DELTA=with_delta, BLOCK_S=block_s,
-        BLOCK_C=min(_pow2(C), 128))
+        BLOCK_C=64)
     return qs_hi, qs_lo, delta
 
 
