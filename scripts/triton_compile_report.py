@@ -147,12 +147,13 @@ def _job_hash(key):
     return hashlib.sha256(source + triton.__version__.encode() + key.encode()).hexdigest()
 
 
-def collect_jobs():
+def collect_jobs(stages=tuple(STAGES), dtypes=tuple(DTYPES)):
     """(records without results, {job key: job}) for every kernel x arch x stage x dtype x config."""
     records, jobs = [], {}
-    for stage in STAGES:
+    for stage in stages:
         C, L = STAGES[stage]
-        for dname, dtype in DTYPES.items():
+        for dname in dtypes:
+            dtype = DTYPES[dname]
             for op, args in _op_calls(C, L, dtype):
                 for fn, configs, kwargs in _record_launches(op, *args):
                     for i, config in enumerate(configs):
@@ -172,17 +173,22 @@ def main():
     parser.add_argument("--out", required=True, help="the JSON report to write")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compilations")
     parser.add_argument("--no-cache", action="store_true", help="compile everything again")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     args = parser.parse_args()
 
     start = time.time()
-    records, jobs = collect_jobs()
+    records, jobs = collect_jobs(args.stages, args.dtypes)
     results = {} if args.no_cache else _read_cache()
     keys = [k for k in jobs if k not in results]
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # a fresh cache: every compilation runs ptxas
         with ProcessPoolExecutor(args.jobs) as pool:
-            results.update(zip(keys, pool.map(_compile, [jobs[k] for k in keys])))
-    _write_cache({k: results[k] for k in jobs})
+            for i, (key, result) in enumerate(zip(keys, pool.map(_compile, [jobs[k] for k in keys]))):
+                results[key] = result
+                if i % 8 == 7:  # an interrupted run keeps what it compiled
+                    _write_cache(results)
+    _write_cache(results)
     for r in records:
         r["registers"], r["spill_bytes"], r["shared_bytes"], r["tensor_cores"] = results[r.pop("_key")]
     with open(args.out, "w") as f:

@@ -167,3 +167,15 @@ def test_compile_fullgraph_matches_eager():
                                  x, s0, scale, slots)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_scale_in_x_dtype():
+    """A bf16 scale: dscale comes back in bf16 (summed in fp64, rounded once)."""
+    case = Case(B=2, L=23, C=16, S=3, dtype=torch.bfloat16, device=DEVICE, seed=4)
+    x, s0, _, slots = case.leaves(torch.bfloat16)
+    scale = case.scale.to(DEVICE, torch.bfloat16).requires_grad_()
+    gk.soft_dispatch(x, s0, scale, slots, backend="triton").backward(case.grad_out.to(DEVICE, torch.bfloat16))
+    xr, s0r, scale_r, slots_r = (t.detach().double().requires_grad_() for t in (x, s0, scale, slots))
+    reference.soft_dispatch(xr, s0r, scale_r, slots_r).backward(case.grad_out.to(torch.bfloat16).double())
+    assert scale.grad.dtype == torch.bfloat16
+    assert_close_normwise(scale.grad, scale_r.grad, TOL[torch.bfloat16], "dscale")

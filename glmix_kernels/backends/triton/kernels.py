@@ -610,4 +610,5 @@ def sum_chunks(ws_ptr, out_ptr, n_chunks, N, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], ws_ptr.dtype.element_ty)
     for k in range(0, n_chunks):
         acc += tl.load(ws_ptr + (b * n_chunks + k) * N + i, mask=i < N, other=0.0)
-    tl.store(out_ptr + b * N + i, acc.to(out_ptr.dtype.element_ty), mask=i < N)
+    # Through fp32: the interpreter has no fp64 -> bf16 (dscale in a bf16 scale's dtype).
+    tl.store(out_ptr + b * N + i, acc.to(tl.float32).to(out_ptr.dtype.element_ty), mask=i < N)
