@@ -71,8 +71,9 @@ def _record_launches(op, *args):
                 k = self.kernel
                 if isinstance(k, Autotuner):
                     launches.append((k.fn, k.configs, kwargs))
-                else:
-                    launches.append((k, [triton.Config({})], kwargs))
+                else:  # a plain launch: its options are launch arguments
+                    options = {o: kwargs.pop(o) for o in ("num_warps", "num_stages") if o in kwargs}
+                    launches.append((k, [triton.Config({}, **options)], kwargs))
             return record
 
     saved = tb._launch, tb._check, tb._programs_wanted, tb.AUTOTUNE

@@ -76,6 +76,8 @@ def pick_config(kernel, S, C, dtype):
     one_c = _pow2(C) * block_s <= _ONE_C_BLOCK_ELEMENTS
     block_c = _pow2(C) if one_c else max(16, min(64, _ONE_C_BLOCK_ELEMENTS // 2 // block_s))
     block_l = 64 if block_s <= 64 else 32
+    if kernel == "pixel_bwd" and one_c:
+        block_l = 16  # it also holds the dqs (and dslots) sums: 64 or 32 pixels spill (compile report)
     if kernels.INTERPRET:
         block_l = min(block_l, kernels.CHUNK_QUANTUM)
     return TileConfig(block_s, block_l, block_c)
@@ -169,13 +171,13 @@ def _queries(x, init_slots, scale, grad=None, slots=None):
     delta = x.new_empty((x.shape[0], S), dtype=torch.float32) if with_delta else qs_hi
     if not with_delta:  # not read: any valid tensor
         grad, slots = init_slots, init_slots
-    block_s = min(_pow2(S), 32)
+    block_s = min(_pow2(S), 16)  # 32 fp64 rows spill on sm_90 (compile report)
     grid_b = x.shape[0] if with_delta else Bq
-    _launch(kernels.scaled_queries)[(grid_b * triton.cdiv(S, block_s),)](
+    _launch(kernels.scaled_queries)[(grid_b * triton.cdiv(S, block_s),)](  # fp64: no pipelining, no spills
         s0_ptr=init_slots, scale_ptr=scale, qh_ptr=qs_hi, ql_ptr=qs_lo, g_ptr=grad, v_ptr=slots,
         delta_ptr=delta, Bq=Bq, S=S, C=C, **_strides("ss", init_slots), **_strides("sg", grad),
         **_strides("sv", slots), SPLIT=split, WITH_DELTA=with_delta, BLOCK_S=block_s,
-        BLOCK_C=64)
+        BLOCK_C=64, num_stages=1)
     return qs_hi, qs_lo, delta
 
 
@@ -210,7 +212,7 @@ def _query_grads(dq_ws, init_slots, scale, d_init, dscale):
     Bq, S, C = init_slots.shape
     n_rows = dq_ws.shape[0] * dq_ws.shape[1] // Bq  # a broadcast init_slots sums every batch's chunks
     block_c = _pow2(C)
-    block_s = max(1, min(_pow2(S, 1), 4096 // block_c))
+    block_s = max(1, min(_pow2(S, 1), 2048 // block_c))  # fp64 tiles: more would spill
     n_programs = Bq * triton.cdiv(S, block_s)
     dscale_parts = dq_ws.new_empty((1, n_programs, 1), dtype=torch.float64)
     _launch(kernels.query_bwd)[(n_programs,)](
