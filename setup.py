@@ -7,7 +7,7 @@ The extension is compiled against the torch already installed, so build without 
     python setup.py build_ext --inplace       # quick rebuild while developing
 
 What gets built:
-- csrc/glmix_kernels.cpp + csrc/cpu/*.cpp (CppExtension, -O3, OpenMP): the "cpu" backend, on any
+- csrc/glmix_kernels.cpp + csrc/queries.cpp + csrc/cpu/*.cpp (CppExtension, -O3, OpenMP): the "cpu" backend, on any
   machine with a C++ compiler. Without one the package installs pure Python, and imports with the
   "reference" (and "triton") backends only.
 - plus csrc/cuda/*.cu (CUDAExtension, -DWITH_CUDA): the "cuda" backend, when torch is a CUDA build
@@ -84,7 +84,7 @@ def _extensions():
     cxx += [f for d in include for f in ("-idirafter", d)]
     kwargs = dict(
         name="glmix_kernels._C",
-        sources=_sources("csrc/glmix_kernels.cpp") + _sources("csrc/cpu/*.cpp"),
+        sources=_sources("csrc/glmix_kernels.cpp") + _sources("csrc/queries.cpp") + _sources("csrc/cpu/*.cpp"),
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=[("GLMIX_PYTHON_MODULE", None)],
         extra_link_args=link,

@@ -62,13 +62,17 @@ def op_cases(full, device):
         stages, batches, dtypes = list(workloads.STAGE_SHAPES), ((64, 128) if full else (128,)), \
             (torch.bfloat16, torch.float16)
     else:
-        stages = list(workloads.STAGE_SHAPES) if full else ["glnet_4g.s1", "glnet_4g.s3"]
+        stages = list(workloads.STAGE_SHAPES) if full else ["glnet_4g.s1", "glnet_4g.s3", "glnet_4g.s4"]
         batches, dtypes = ((2, 8) if full else (2,)), (torch.float32,)
     rounds = FULL_OP_ROUNDS if full else OP_ROUNDS
     # Modes innermost: one compiled graph (per op and shape) serves the three in a row.
-    return [OpCase(op, backend, mode, stage, B, dtype, rounds)
-            for dtype in dtypes for stage in stages for B in batches
-            for op in workloads.OPS for backend in workloads.OP_BACKENDS for mode in workloads.MODES]
+    cases = [OpCase(op, backend, mode, stage, B, dtype, rounds)
+             for dtype in dtypes for stage in stages for B in batches
+             for op in workloads.OPS for backend in workloads.OP_BACKENDS for mode in workloads.MODES]
+    if device.type == "cpu":  # one image at the smallest stage: where a call's fixed cost matters most
+        cases += [OpCase("cluster+dispatch", backend, "full", "glnet_4g.s4", 1, torch.float32, rounds)
+                  for backend in workloads.OP_BACKENDS]
+    return cases
 
 
 def glnet_cases(full, device):

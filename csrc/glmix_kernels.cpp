@@ -1,10 +1,11 @@
 // The one registration file: the four ops of the glmix_kernels torch.library namespace, their
 // CPU kernels, their CUDA kernels in builds with WITH_CUDA, and the Python module glmix_kernels._C.
-// Shapes, dtypes and strides: see glmix_kernels.h. Abstract (fake) implementations for
-// torch.compile are registered in Python, in glmix_kernels/backends/cpp.py.
+// The op contract (signatures, shapes, dtypes): glmix_kernels/backends/contract.py. Abstract
+// (fake) implementations for torch.compile are registered in Python, in glmix_kernels/backends/cpp.py.
 #include <torch/library.h>
 
 #include "glmix_kernels.h"
+#include "queries.h"
 
 #ifdef GLMIX_PYTHON_MODULE
 #include <Python.h>
@@ -18,25 +19,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 #endif
 
-TORCH_LIBRARY(glmix_kernels, m) {
-  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
-  m.def("cluster_fwd(Tensor x, Tensor qs) -> (Tensor slots, Tensor lse)", tags);
-  m.def("cluster_bwd(Tensor grad, Tensor x, Tensor qs, Tensor slots, Tensor lse) -> (Tensor dx, Tensor dqs)", tags);
-  m.def("dispatch_fwd(Tensor x, Tensor qs, Tensor slots) -> (Tensor out, Tensor lse)", tags);
-  m.def("dispatch_bwd(Tensor grad, Tensor x, Tensor qs, Tensor slots, Tensor lse)"
-        " -> (Tensor dx, Tensor dqs, Tensor dslots)",
-        tags);
-}
+TORCH_LIBRARY(glmix_kernels, m) { glmix::define_ops(m); }
 
-#define GLMIX_REGISTER_KERNELS(key, device)              \
-  TORCH_LIBRARY_IMPL(glmix_kernels, key, m) {            \
-    m.impl("cluster_fwd", &glmix::cluster_fwd_##device);   \
-    m.impl("cluster_bwd", &glmix::cluster_bwd_##device);   \
-    m.impl("dispatch_fwd", &glmix::dispatch_fwd_##device); \
-    m.impl("dispatch_bwd", &glmix::dispatch_bwd_##device); \
-  }
-
-GLMIX_REGISTER_KERNELS(CPU, cpu)
+GLMIX_REGISTER_KERNELS(glmix_kernels, CPU, cpu)
 #ifdef WITH_CUDA
-GLMIX_REGISTER_KERNELS(CUDA, cuda)
+GLMIX_REGISTER_KERNELS(glmix_kernels, CUDA, cuda)
 #endif

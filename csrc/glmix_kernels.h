@@ -1,15 +1,11 @@
-// The four kernels every device implements; csrc/glmix_kernels.cpp registers them as
-// torch.library ops in the glmix_kernels namespace. Signatures and dtypes follow
-// glmix_kernels/backends/__init__.py:
-//   x      (B, L, C) any strides, float16/bfloat16/float32/float64
-//   qs     (B, S, C) = scale * normalize(init_slots), float32 (float64 for float64 x), any strides
+// The four kernel functions every device implements, in terms of the scaled queries
+// qs = scale * normalize(init_slots): csrc/queries.h wraps them into the four ops of the contract
+// (glmix_kernels/backends/contract.py states the ops' signatures, shapes and dtypes), and
+// csrc/glmix_kernels.cpp registers those. Here, beyond the contract:
+//   qs     (B, S, C) in the accumulation dtype (float32; float64 for float64 x), any strides
 //          (batch stride 0 when the slots are broadcast)
-//   lse    float32 (float64 for float64 x) log-sum-exp statistics: (B, S) over pixels for
-//          clustering, (B, L) over slots for dispatch
-//   slots  clustering: cluster_fwd's result in qs's dtype, which cluster_bwd reads back for
-//          delta = rowsum(grad * slots) (terms that cancel: a rounded output would bias it);
-//          dispatch: its (B, S, C) values, in x's dtype, any strides
-// Outputs are contiguous; lse, dqs and clustering's slots in qs's dtype, everything else in x's.
+//   dqs    the gradient of qs, (B, S, C) contiguous in the accumulation dtype
+// x, slots, lse and grad are the ops' own; outputs are contiguous.
 #pragma once
 #include <tuple>
 

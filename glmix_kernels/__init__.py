@@ -9,7 +9,7 @@
 import torch
 
 from . import _validate, reference
-from ._autograd import ClusterFn, ContractClusterFn, ContractDispatchFn, DispatchFn, scaled_queries
+from ._autograd import ClusterFn, DispatchFn
 from .backends import available_backends, resolve
 
 __version__ = "0.1.0"
@@ -36,9 +36,7 @@ def soft_cluster(x, init_slots, scale, *, backend="auto"):
     b = resolve(backend, x, init_slots.shape[1])
     if b.load is None:
         return reference.soft_cluster(x, init_slots, scale)
-    if b.name == "triton":
-        return ContractClusterFn.apply(x, init_slots, scale, b.name)
-    return ClusterFn.apply(x, scaled_queries(init_slots, scale, x.shape[0]), b.name)
+    return ClusterFn.apply(x, init_slots, scale, b.name)
 
 
 def soft_dispatch(x, init_slots, scale, slots, *, backend="auto"):
@@ -49,6 +47,4 @@ def soft_dispatch(x, init_slots, scale, slots, *, backend="auto"):
     b = resolve(backend, x, init_slots.shape[1])
     if b.load is None or x.shape[1] == 0:  # no pixels: nothing for a kernel to do
         return reference.soft_dispatch(x, init_slots, scale, slots)
-    if b.name == "triton":
-        return ContractDispatchFn.apply(x, init_slots, scale, slots, b.name)
-    return DispatchFn.apply(x, scaled_queries(init_slots, scale, x.shape[0]), slots, b.name)
+    return DispatchFn.apply(x, init_slots, scale, slots, b.name)

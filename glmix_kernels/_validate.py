@@ -36,7 +36,7 @@ def _scale_tensor(scale, x):
         raise ValueError(f"scale must be on the same device as x ({x.device}), got {scale.device}")
     if scale.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"scale must have x's dtype ({x.dtype}) or float32, got {scale.dtype}")
-    return scale.reshape(())
+    return scale if scale.dim() == 0 else scale.reshape(())  # no view op for a 0-d scale
 
 
 def _slot_inputs(x, init_slots, scale):

@@ -41,6 +41,19 @@ def assert_close_normwise(actual, expected, tol, what, floor=0.1):
     assert err <= tol, f"{what}: normwise error {err:.3e} > {tol:.1e}"
 
 
+def check_against_reference(case, op, backend, tol=None):
+    with poisoned_and_deterministic():
+        out, grads = case.run(op, backend, case.dtype)
+    ref_out, ref_grads = case.expected(op)
+    tol = tol or TOL[case.dtype]
+    assert out.dtype == case.dtype
+    assert_close_normwise(out, ref_out, tol, f"{op} output")
+    names = ["dx", "dinit_slots", "dscale", "dslots"]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert g.dtype == (torch.float32 if name == "dscale" else case.dtype), name
+        assert_close_normwise(g, r, tol, f"{op} {name}")
+
+
 @contextlib.contextmanager
 def poisoned_and_deterministic():
     """torch.empty fills NaN (so an unwritten output element shows) and kernels must be deterministic."""

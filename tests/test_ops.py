@@ -11,10 +11,11 @@ import torch
 
 import glmix_kernels
 from glmix_kernels import backends
-from glmix_kernels.backends import BACKENDS
+from glmix_kernels.backends import BACKENDS, contract
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from _helpers import (TOL, Case, assert_close_normwise, backend_params, poisoned_and_deterministic,
-                      require)
+from _helpers import (TOL, Case, assert_close_normwise, backend_params, check_against_reference,
+                      poisoned_and_deterministic, require)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -33,19 +34,6 @@ SHAPES = [
 
 def shape_id(s):
     return "B{}-L{}-C{}-S{}-{}-{}-{}".format(*s[:5], "bcast" if s[5] else "batched", s[6])
-
-
-def check_against_reference(case, op, backend, tol=None):
-    with poisoned_and_deterministic():
-        out, grads = case.run(op, backend, case.dtype)
-    ref_out, ref_grads = case.expected(op)
-    tol = tol or TOL[case.dtype]
-    assert out.dtype == case.dtype
-    assert_close_normwise(out, ref_out, tol, f"{op} output")
-    names = ["dx", "dinit_slots", "dscale", "dslots"]
-    for name, g, r in zip(names, grads, ref_grads):
-        assert g.dtype == (torch.float32 if name == "dscale" else case.dtype), name
-        assert_close_normwise(g, r, tol, f"{op} {name}")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
@@ -117,6 +105,17 @@ def test_scale_in_the_inputs_dtype(backend, device, op):
     ref_out, ref_grads = case.expected(op)
     assert_close_normwise(out, ref_out, TOL[torch.float16], f"{op} output")
     assert_close_normwise(scale.grad, ref_grads[2], TOL[torch.float16], f"{op} dscale")
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_short_slots(backend, device, op):
+    """Slots of norm 1e-3 beside unit ones: their gradients, amplified by 1 / r through the
+    normalisation's backward (dq - q <q, dq>) / r, are as accurate as the others'."""
+    require(backend, device)
+    case = Case(2, 41, 32, 8, "nchw", broadcast=True, slots_layout="transposed", device=device)
+    case.slots0_base[..., ::2] *= 1e-3  # every other slot (the last axis of the transposed base)
+    check_against_reference(case, op, backend)
 
 
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
@@ -194,10 +193,12 @@ def test_saves_nothing_of_size_slots_by_pixels(backend, device, op):
     assert saved and max(saved) < B * S * L, f"saved numels {sorted(saved)} (B*S*L = {B * S * L})"
 
 
+@pytest.mark.parametrize("B,L,C,S", [(2, 7, 5, 3), (1, 7, 3, 1), (3, 3, 2, 5)])
+@pytest.mark.parametrize("broadcast", [True, False], ids=["bcast", "batched"])
 @pytest.mark.parametrize("backend", [n for n in BACKENDS if torch.float64 in BACKENDS[n].dtypes])
-def test_gradcheck_fp64(backend):
+def test_gradcheck_fp64(backend, broadcast, B, L, C, S):
     require(backend, "cpu")
-    case = Case(2, 7, 5, 3, "nchw", broadcast=True)
+    case = Case(B, L, C, S, "nchw", broadcast=broadcast, seed=B * 100 + L)
     xb, s0b, scale, slots = case.leaves(torch.float64)
 
     def both(xb, s0b, scale, slots):
@@ -208,24 +209,87 @@ def test_gradcheck_fp64(backend):
     assert torch.autograd.gradcheck(both, (xb, s0b, scale, slots))
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
-def test_kernels_pass_opcheck(backend, device):
-    require(backend, device)
-    kernels = backends.kernels(backend)
+def op_calls(kernels, dtype, device, broadcast):
+    """Arguments of each of the four ops, by name: NCHW-strided x, transposed init_slots."""
     B, L, C, S = 2, 33, 16, 5
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, C, L, generator=g).transpose(1, 2).to(device)
-    qs = (3 * torch.nn.functional.normalize(torch.randn(1, S, C, generator=g), dim=-1)).expand(B, -1, -1).to(device)
-    slots, lse = kernels.cluster_fwd(x, qs)
-    out, lse_d = kernels.dispatch_fwd(x, qs, slots)
-    calls = [
-        (kernels.cluster_fwd, (x, qs)),
-        (kernels.cluster_bwd, (torch.randn_like(slots), x, qs, slots, lse)),
-        (kernels.dispatch_fwd, (x, qs, slots)),
-        (kernels.dispatch_bwd, (torch.randn_like(out), x, qs, slots, lse_d)),
-    ]
-    for fn, args in calls:
-        torch.library.opcheck(fn, args)
+    x = torch.randn(B, C, L, generator=g).to(device, dtype).transpose(1, 2)
+    init_slots = torch.randn(1 if broadcast else B, C, S, generator=g).to(device, dtype).transpose(1, 2)
+    scale = torch.tensor(3.0, device=device)
+    slots = torch.randn(B, S, C, generator=g).to(device, dtype)
+    c_slots, c_lse = kernels.cluster_fwd(x, init_slots, scale)
+    out, d_lse = kernels.dispatch_fwd(x, init_slots, scale, slots)
+    c_grad, d_grad = (torch.randn(t.shape, generator=g).to(device, dtype) for t in (c_slots, out))
+    return {
+        "cluster_fwd": (x, init_slots, scale),
+        "cluster_bwd": (c_grad, x, init_slots, scale, c_slots, c_lse),
+        "dispatch_fwd": (x, init_slots, scale, slots),
+        "dispatch_bwd": (d_grad, x, init_slots, scale, slots, d_lse),
+    }
+
+
+@pytest.mark.parametrize("broadcast", [True, False], ids=["bcast", "batched"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_kernels_pass_opcheck(backend, device, dtype, broadcast):
+    require(backend, device)
+    if dtype not in BACKENDS[backend].dtypes:
+        pytest.skip(f"backend {backend!r} does not take {dtype}")
+    kernels = backends.kernels(backend)
+    for name, args in op_calls(kernels, dtype, device, broadcast).items():
+        torch.library.opcheck(getattr(kernels, name), args)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_kernel_outputs_follow_the_contract(backend, device):
+    """Shapes, dtypes and contiguity of every op's outputs are those contract.py allocates."""
+    require(backend, device)
+    kernels = backends.kernels(backend)
+    for name, args in op_calls(kernels, torch.float16, device, broadcast=True).items():
+        got = getattr(kernels, name)(*args)
+        want = getattr(contract, f"{name}_outputs")(*args)
+        assert len(got) == len(want), name
+        for g, w in zip(got, want):
+            assert (g.shape, g.dtype, g.is_contiguous()) == (w.shape, w.dtype, True), name
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(op, backend, device):
+    """The operators dispatched by one forward and (separately) one backward of ``op``."""
+    case = Case(2, 37, 16, 8, "nchw", broadcast=True, slots_layout="transposed", device=device)
+    xb, s0b, scale, slots = case.leaves(torch.float32)
+    x, s0, slots_view = case.view_x(xb), case.view_slots(s0b), case.view_slots(slots)
+    with _OpLog() as fwd:
+        if op == "cluster":
+            out = glmix_kernels.soft_cluster(x, s0, scale, backend=backend)
+        else:
+            out = glmix_kernels.soft_dispatch(x, s0, scale, slots_view, backend=backend)
+    grad = torch.randn(out.shape, device=device)
+    inputs = [x, s0, scale] + ([] if op == "cluster" else [slots_view])
+    with _OpLog() as bwd:
+        torch.autograd.grad(out, inputs, grad)
+    return fwd.ops, bwd.ops
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_one_op_call_per_direction(backend, device):
+    """Counted: each direction dispatches its kernel op and nothing else, but for clustering's
+    output, rounded from the accumulation-precision slots it saves (one copy). An elementwise
+    chain around the kernels (normalising the slots in Python, say) adds operators here."""
+    require(backend, device)
+    ns = {"triton": "glmix_triton"}.get(backend, "glmix_kernels")
+    assert dispatched_ops("cluster", backend, device) == (
+        [f"{ns}.cluster_fwd", "aten._to_copy"], [f"{ns}.cluster_bwd"])
+    assert dispatched_ops("dispatch", backend, device) == ([f"{ns}.dispatch_fwd"], [f"{ns}.dispatch_bwd"])
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

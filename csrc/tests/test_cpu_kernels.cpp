@@ -14,6 +14,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "glmix_kernels.h"
+#include "queries.h"
 
 namespace {
 
@@ -196,11 +197,14 @@ void run(const Case& c, at::ScalarType dtype) {
   const Vec* want[] = {&e.slots, &e.lse_c, &e.dx_c, &e.dqs_c, &e.out, &e.lse_d, &e.dx_d, &e.dqs_d, &e.dslots};
   for (size_t i = 0; i < got.size(); ++i) expect_close(id + " " + names[i], got[i], *want[i], tol);
 
-  // The same kernels through the dispatcher, as torch.ops.glmix_kernels calls them.
+  // The op through the dispatcher, as torch.ops.glmix_kernels calls it: the kernel on the scaled
+  // queries of its prologue.
   const auto op = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("glmix_kernels::dispatch_fwd", "")
-                      .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>();
-  expect_identical(id + " dispatcher out", std::get<0>(op.call(x, qs, V)), got[4]);
+                      .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+  const Tensor scale = at::scalar_tensor(2.5, at::kFloat);
+  expect_identical(id + " dispatcher out", std::get<0>(op.call(x, q0, scale, V)),
+                   std::get<0>(glmix::dispatch_fwd_cpu(x, glmix::scaled_queries(x, q0, scale), V)));
 
   // Bitwise reproducible whatever the thread count.
   const int threads = at::get_num_threads();

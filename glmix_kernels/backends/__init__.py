@@ -1,20 +1,8 @@
 """The backend registry: which backends exist, which can run on a device, and what each supports.
 
-A backend supplies four kernels with one signature each (see ``_autograd.py``):
-
-    cluster_fwd(x, qs)                        -> slots (B, S, C) in qs's dtype, lse (B, S)
-    cluster_bwd(grad, x, qs, slots, lse)      -> dx (B, L, C), dqs (B, S, C)
-    dispatch_fwd(x, qs, slots)                -> out (B, L, C), lse (B, L)
-    dispatch_bwd(grad, x, qs, slots, lse)     -> dx, dqs, dslots
-
-``x`` comes with any strides, ``qs = scale * normalize(init_slots)`` is float32 (float64 for
-float64 ``x``: the accumulation dtype) and may have batch stride 0. ``lse``, ``dqs`` and
-clustering's ``slots`` are in ``qs``'s dtype, the rest in ``x``'s. Backwards recompute the logits
-from ``x`` and ``qs``. Clustering's ``delta = rowsum(grad * slots)`` reads the forward's slots in
-the accumulation dtype (the autograd Function returns them rounded to ``x``'s dtype and saves
-them as they are): its terms cancel, and a rounded output would bias it. Dispatch's
-``delta' = sum_s D dD`` is summed over the slots a pixel tile holds anyway, in fp32, so it needs
-no output at all.
+A fused backend supplies the four torch ops of the op contract, ``cluster_fwd``, ``cluster_bwd``,
+``dispatch_fwd`` and ``dispatch_bwd``: their signatures, shapes and dtypes are stated once, in
+``contract.py``. The autograd Functions (``_autograd.py``) call one op forward and one backward.
 Adding a backend means one ``Backend`` line below and a module exposing those four names.
 """
 import os

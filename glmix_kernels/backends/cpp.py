@@ -2,11 +2,12 @@
 
 Its ops live in the ``glmix_kernels`` torch.library namespace with CPU and CUDA kernels; the
 device of the tensors picks the kernel, so both backends share these four names. Their fake
-(meta) implementations below give torch.compile and torch.library.opcheck the output shapes and
-dtypes without running a kernel: outputs are contiguous, ``lse``, ``dqs`` and clustering's
-``slots`` in ``qs``'s dtype (the accumulation dtype), everything else in ``x``'s.
+(meta) implementations, for torch.compile and torch.library.opcheck, are the output allocations
+of ``contract.py``.
 """
 import torch
+
+from . import contract
 
 try:
     from .. import _C  # noqa: F401  (registers torch.ops.glmix_kernels.*)
@@ -27,24 +28,10 @@ def unavailable_reason(device_type):
 
 
 if _LOAD_ERROR is None:
-    @torch.library.register_fake("glmix_kernels::cluster_fwd")
-    def _cluster_fwd_fake(x, qs):
-        B, _, C = x.shape
-        S = qs.shape[1]
-        return qs.new_empty(B, S, C), qs.new_empty(B, S)
-
-    @torch.library.register_fake("glmix_kernels::cluster_bwd")
-    def _cluster_bwd_fake(grad, x, qs, slots, lse):
-        return x.new_empty(x.shape), qs.new_empty(qs.shape)
-
-    @torch.library.register_fake("glmix_kernels::dispatch_fwd")
-    def _dispatch_fwd_fake(x, qs, slots):
-        B, L, _ = x.shape
-        return x.new_empty(x.shape), qs.new_empty(B, L)
-
-    @torch.library.register_fake("glmix_kernels::dispatch_bwd")
-    def _dispatch_bwd_fake(grad, x, qs, slots, lse):
-        return x.new_empty(x.shape), qs.new_empty(qs.shape), slots.new_empty(slots.shape)
+    torch.library.register_fake("glmix_kernels::cluster_fwd", contract.cluster_fwd_outputs)
+    torch.library.register_fake("glmix_kernels::cluster_bwd", contract.cluster_bwd_outputs)
+    torch.library.register_fake("glmix_kernels::dispatch_fwd", contract.dispatch_fwd_outputs)
+    torch.library.register_fake("glmix_kernels::dispatch_bwd", contract.dispatch_bwd_outputs)
 
     cluster_fwd = torch.ops.glmix_kernels.cluster_fwd
     cluster_bwd = torch.ops.glmix_kernels.cluster_bwd

@@ -30,6 +30,7 @@ STAGE_SHAPES = {
     "glnet_4g.s1": (64, 3136),
     "glnet_4g.s2": (128, 784),
     "glnet_4g.s3": (256, 196),
+    "glnet_4g.s4": (512, 49),  # the smallest L: per-call overhead shows most here
     "glnet_stl.s1": (96, 3136),
     "glnet_9g.s3": (384, 196),
 }
