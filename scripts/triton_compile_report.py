@@ -214,9 +214,12 @@ def _read_cache():
 
 
 def _write_cache(results):
+    """Adds ``results`` to the cache (other runs' entries stay)."""
     os.makedirs(os.path.dirname(CACHE), exist_ok=True)
-    with open(CACHE, "w") as f:
-        json.dump(results, f)
+    merged = {**_read_cache(), **results}
+    with open(CACHE + ".tmp", "w") as f:
+        json.dump(merged, f)
+    os.replace(CACHE + ".tmp", CACHE)
 
 
 def _print_summary(records):
