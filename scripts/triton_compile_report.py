@@ -232,7 +232,12 @@ def _print_summary(records):
         print(f"{kernel:20s} {arch} {dtype}: registers {min(regs)}-{max(regs)}, "
               f"spills {sum(r['spill_bytes'] > 0 for r in rs)}/{len(rs)}, "
               f"shared <= {max(r['shared_bytes'] for r in rs)} B, "
-              f"tensor cores {'yes' if all(r['tensor_cores'] for r in rs) else 'no' if not any(r['tensor_cores'] for r in rs) else 'some'}")
+              f"tensor cores {_share(r['tensor_cores'] for r in rs)}")
+
+
+def _share(flags):
+    flags = list(flags)
+    return "yes" if all(flags) else "no" if not any(flags) else "some"
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def _plan(kernel, L, C):
     tb._programs_wanted = lambda device: 2 * SM_COUNT
     cfg = tb.pick_config(kernel, S, C, torch.bfloat16)
     block_s = cfg.block_s if kernel in tb.SPLIT_L_KERNELS else None
-    chunk_len, n_chunks = tb.plan_chunks(B, S, L, torch.device("cuda"), block_s)
+    _, n_chunks = tb.plan_chunks(B, S, L, torch.device("cuda"), block_s)
     return cfg, n_chunks, math.ceil(S / cfg.block_s), math.ceil(C / cfg.block_c)
 
 
@@ -59,7 +59,7 @@ def after(L, C):
     ws = lambda n: B * n * S * C * 4  # noqa: E731  a (B, chunks, S, C) fp32 workspace
     q_fwd = ("scaled_queries", sc + 2 * sc, 0, 0)
     cf, cf_chunks, cf_sb, cf_cb = _plan("cluster_fwd_chunk", L, C)
-    df, df_chunks, _, df_cb = _plan("dispatch_fwd", L, C)
+    _, df_chunks, _, df_cb = _plan("dispatch_fwd", L, C)
     pb, pb_chunks, _, pb_cb = _plan("pixel_bwd", L, C)
     sb, sb_chunks, sb_sb, sb_cb = _plan("slot_bwd", L, C)
     tiles = B * L / pb.block_l  # pixel tiles of the pixel kernels
@@ -148,7 +148,8 @@ def table(name, model):
             for kernel, hbm, l2, macs in _merged(kernels):
                 t = sum(_us(h, l, m) for k, h, l, m in kernels if k.split(" #")[0] == kernel)
                 t_op += t
-                print(f"| {stage} {op} | {kernel} | {hbm / 1e6:.1f} | {l2 / 1e6:.1f} | {2 * macs / 1e9:.1f} | {t:.1f} |")
+                print(f"| {stage} {op} | {kernel} | {hbm / 1e6:.1f} | {l2 / 1e6:.1f} | "
+                      f"{2 * macs / 1e9:.1f} | {t:.1f} |")
             floor = floors[op] / HBM_BW * 1e6
             total_t, total_floor = total_t + t_op, total_floor + floor
             print(f"| {stage} {op} | *total* | *{floors[op] / 1e6:.1f} at the floor* | | | "
