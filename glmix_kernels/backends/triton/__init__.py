@@ -75,13 +75,18 @@ def pick_config(kernel, S, C, dtype):
         block_s = _pow2(S)
     one_c = _pow2(C) * block_s <= _ONE_C_BLOCK_ELEMENTS
     block_c = _pow2(C) if one_c else max(16, min(64, _ONE_C_BLOCK_ELEMENTS // 2 // block_s))
+    big = one_c and block_s * block_c >= 4096  # large tiles held across the pixel loop
     block_l = 64 if block_s <= 64 else 32
-    if kernel == "pixel_bwd" and one_c:
-        block_l = 16  # it also holds the dqs (and dslots) sums: 64 or 32 pixels spill (compile report)
+    num_warps = 4
+    # From the compile report (sm_80 spills at 246-255 registers otherwise, Triton 3.6 and 3.9):
+    if big and kernel in SPLIT_L_KERNELS:
+        block_l = 32
+    if big and kernel in PIXEL_KERNELS:
+        num_warps = 8
+    if big and kernel == "pixel_bwd":
+        block_l = 16  # it also holds the dqs (and dslots) sums
     if kernels.INTERPRET:
         block_l = min(block_l, kernels.CHUNK_QUANTUM)
-    # Large tiles held across the pixel loop: 4 warps sit at 246-255 registers on sm_80.
-    num_warps = 8 if one_c and block_s * block_c >= 4096 else 4
     return TileConfig(block_s, block_l, block_c, num_warps)
 
 
@@ -307,7 +312,7 @@ def dispatch_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor,
 @_op("cluster_bwd", contract.cluster_bwd_outputs)
 def cluster_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor,
                 slots: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, L, C = x.shape
+    B, _, C = x.shape
     S = init_slots.shape[1]
     _check("cluster_bwd", x, init_slots, scale, grad=grad, grad_shape=(B, S, C))
     dx, d_init, dscale = contract.cluster_bwd_outputs(grad, x, init_slots, scale, slots, lse)
