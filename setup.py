@@ -24,7 +24,7 @@ Environment knobs:
   GLMIX_EXTRA_INCLUDE     extra include directories, separated by os.pathsep, searched after
                           the compilers' own (-idirafter for the C++ compiler, and for nvcc's host
                           compiler through -Xcompiler); e.g. a pip wheel's nvidia/cu13/include
-                          when the local toolkit lacks headers torch includes (ENVIRONMENT.md)
+                          when the local toolkit lacks headers torch includes (docs/building.md)
 """
 import glob
 import os
@@ -108,18 +108,11 @@ def _extensions():
 
 ext_modules, cmdclass, torch_requirement = _extensions()
 
+# The metadata is in pyproject.toml's [project] table; the two fields it leaves dynamic come from here.
 setup(
-    name="glmix-kernels",
     version=_version(),
-    description="Fused soft clustering and dispatch kernels for GLMix / GLNet (NeurIPS 2024)",
     packages=find_packages(include=["glmix_kernels", "glmix_kernels.*"]),
-    python_requires=">=3.9",
     install_requires=[torch_requirement],
-    extras_require={
-        "timm": ["timm"],
-        "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
-    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -10,10 +10,10 @@ import torch
 
 from . import _validate, reference
 from ._autograd import ClusterFn, DispatchFn
-from .backends import available_backends, resolve
+from .backends import GLMixFallbackWarning, available_backends, resolve
 
 __version__ = "0.1.0"
-__all__ = ["soft_cluster", "soft_dispatch", "available_backends", "reference", "__version__"]
+__all__ = ["soft_cluster", "soft_dispatch", "available_backends", "GLMixFallbackWarning", "reference", "__version__"]
 
 
 def _autocast(device_type, *tensors):

@@ -7,14 +7,31 @@
 #     ${GLMIX_CUDA_VENV:-$HOME/.cache/glmix-kernels/cuda-venv} (torch==2.15.0 from PyPI is the CUDA
 #     build: ~2.8 GB, about a minute; reused while it holds that torch).
 #   - The build is setup.py's build_ext into a temporary directory (nothing is written into the
-#     clone), with GLMIX_FORCE_CUDA=1, sm_90 and the toolkit workaround of shared/ENVIRONMENT.md:
+#     clone), with GLMIX_FORCE_CUDA=1, sm_80 and sm_90 and the toolkit workaround of docs/building.md#cuda-toolkit:
 #     the local CUDA 13.0 toolkit lacks headers torch includes (cuBLAS, cuSPARSE), so the pip
 #     wheel's nvidia/cu13/include is searched after the compilers' own (GLMIX_EXTRA_INCLUDE).
 #   - Calling a CUDA op needs a driver, so nothing runs the kernels here: the GPU tests do that.
+#   - Resource report: every kernel of the built extension and of the tensor-core test kernels
+#     (csrc/tests/mma_test.cu), per architecture: registers, spills (ptxas -v), stack, static
+#     shared memory, blocks per SM, tensor-core instructions counted in the SASS (cuobjdump from
+#     the toolkit, else the copy Triton bundles). Printed as a table; fails on any spill and on a
+#     tensor-core kernel without HMMA (scripts/cuda_resource_report.py says which kernels).
+#     `--report FILE` also writes it as JSON.
+#   - Two architectures, sm_80 and sm_90, compile each kernel twice: measured 3.6 minutes of CPU
+#     time for the whole check with MAX_JOBS=1 (11 minutes wall on a busy shared 2-core machine);
+#     GLMIX_CUDA_ARCH=9.0 halves the device-code part.
 #
-# Knobs: GLMIX_CUDA_VENV, CUDA_HOME (default /usr/local/cuda), GLMIX_CUDA_ARCH (default 9.0),
+# Usage: cuda_compile_check.sh [--report FILE]
+# Knobs: GLMIX_CUDA_VENV, CUDA_HOME (default /usr/local/cuda), GLMIX_CUDA_ARCH (default "8.0;9.0"),
 #        MAX_JOBS (default 2), GLMIX_KEEP_BUILD=1 (keep the temporary build directory).
 set -euo pipefail
+REPORT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --report) REPORT=$(realpath -m "$2"); shift 2 ;;
+    *) echo "usage: $0 [--report FILE]" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
@@ -23,10 +40,11 @@ VENV=${GLMIX_CUDA_VENV:-$HOME/.cache/glmix-kernels/cuda-venv}
 PY_BASE=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-2}
-ARCH=${GLMIX_CUDA_ARCH:-9.0}
+ARCH=${GLMIX_CUDA_ARCH:-8.0;9.0}
 start=$(date +%s)
 
 say() { echo "cuda_compile_check: $*"; }
+"$PY_BASE" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { say "Python 3.10 or newer needed" >&2; exit 1; }
 
 if ! [ -x "$CUDA_HOME/bin/nvcc" ]; then
   if command -v nvcc >/dev/null 2>&1; then
@@ -66,8 +84,9 @@ if [ "${GLMIX_KEEP_BUILD:-0}" = 1 ]; then say "build directory kept: $BUILD"; el
 ls csrc/cuda/*.cu >/dev/null 2>&1 || { say "no csrc/cuda/*.cu sources" >&2; exit 1; }
 
 say "building glmix_kernels._C with the CUDA kernels ($(ls csrc/cuda/*.cu | tr '\n' ' '))"
+# -Xptxas -v: the per-kernel spill figures of the resource report, from the build log
 if ! env GLMIX_FORCE_CUDA=1 GLMIX_CUDA_ARCH="$ARCH" TORCH_CUDA_ARCH_LIST="$ARCH" \
-    GLMIX_EXTRA_INCLUDE="$EXTRA_INC" PYTHONDONTWRITEBYTECODE=1 \
+    GLMIX_EXTRA_INCLUDE="$EXTRA_INC" PYTHONDONTWRITEBYTECODE=1 NVCC_APPEND_FLAGS="-Xptxas -v" \
     "$PY" setup.py -q build_ext --build-temp "$BUILD/temp" --build-lib "$BUILD/lib" \
     >"$BUILD/build.log" 2>&1; then
   # the compiler errors, without the flood of warnings from torch's headers
@@ -93,4 +112,23 @@ EOF
   exit 1
 fi
 cd "$ROOT"
+
+# (c) the resource report: the extension's kernels and the tensor-core test kernels
+GENCODE=()
+for a in ${ARCH//;/ }; do
+  a=${a%+PTX}
+  GENCODE+=(-gencode "arch=compute_${a/./},code=sm_${a/./}")
+done
+if ! "$CUDA_HOME/bin/nvcc" -std=c++17 -O3 -fatbin "${GENCODE[@]}" -Xptxas -v -o "$BUILD/mma_test.fatbin" \
+    csrc/tests/mma_test.cu >>"$BUILD/build.log" 2>&1; then
+  tail -n 40 "$BUILD/build.log" >&2
+  say "FAILED: csrc/tests/mma_test.cu did not compile" >&2
+  exit 1
+fi
+CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
+[ -x "$CUOBJDUMP" ] || CUOBJDUMP="$SITE/triton/backends/nvidia/bin/cuobjdump"
+[ -x "$CUOBJDUMP" ] || { say "FAILED: no cuobjdump (neither the toolkit's nor Triton's)" >&2; exit 1; }
+say "resource report (static shared memory only: the dynamic part is chosen per launch)"
+"$PY" scripts/cuda_resource_report.py --cuobjdump "$CUOBJDUMP" --ptxas-log "$BUILD/build.log" \
+  ${REPORT:+--json "$REPORT"} "$SO" "$BUILD/mma_test.fatbin" || { say "FAILED: resource report" >&2; exit 1; }
 say "OK in $(( $(date +%s) - start )) s"

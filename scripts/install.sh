@@ -4,9 +4,11 @@
 #            CPU wheel (torch==2.13.0) elsewhere, since a plain `pip install torch` pulls 2.8 GB of CUDA.
 #   triton - with a GPU torch brings its own; on a CPU machine the kernels run under its interpreter.
 #   the package itself, editable, with its C++ extension (CUDA sources only where torch has CUDA).
+# Versions: docs/building.md#versions (Python >= 3.10, as in pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "install.sh: Python 3.10 or newer needed" >&2; exit 1; }
 
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }

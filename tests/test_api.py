@@ -128,6 +128,36 @@ def test_auto_falls_back_past_a_backend_that_cannot_take_the_inputs(monkeypatch)
                                glmix_kernels.reference.soft_cluster(x, many, torch.tensor(2.0)))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_auto_warns_once_when_it_falls_back_to_the_reference(monkeypatch, compiled):
+    """The fallback's (B, S, L) memory is said once per reason, as a warning users can filter."""
+    import dataclasses
+    import warnings
+
+    from glmix_kernels import backends
+
+    if "cpu" not in glmix_kernels.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built: no fused backend to fall back from")
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setitem(backends.BACKENDS, "cpu", dataclasses.replace(backends.BACKENDS["cpu"], max_slots=S - 1))
+    cluster = glmix_kernels.soft_cluster
+    if compiled:
+        torch._dynamo.reset()
+        cluster = torch.compile(cluster, fullgraph=True, backend="eager")
+    x, init = torch.randn(B, L, C), torch.randn(1, S, C)
+    with pytest.warns(glmix_kernels.GLMixFallbackWarning,
+                      match=f"runs the reference.*backend 'cpu' supports at most {S - 1} slots, init_slots has {S}"):
+        out = cluster(x, init, 2.0)
+    torch.testing.assert_close(out, glmix_kernels.reference.soft_cluster(x, init, torch.tensor(2.0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call with the same reason says nothing
+        glmix_kernels.soft_cluster(x, init, 2.0)
+        glmix_kernels.soft_dispatch(x, init, 2.0, torch.randn(B, S, C))
+        glmix_kernels.soft_cluster(x, torch.randn(1, S - 1, C), 2.0)  # no fallback, no warning
+    with pytest.warns(glmix_kernels.GLMixFallbackWarning, match=f"init_slots has {S + 1}"):  # another reason
+        glmix_kernels.soft_cluster(x, torch.randn(1, S + 1, C), 2.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_runs_in_the_autocast_dtype(dtype):
     args = good()

@@ -17,7 +17,7 @@ from glmix_kernels.backends import BACKENDS
 from glmix_kernels.models import (GLMixBlock, GLNet, GLNetTokenLabeling, MHSANCHWBlock, create_model, glnet,
                                   list_models, load_checkpoint, register_with_timm)
 
-# Parameter counts of the authors' code with 1000 classes (GLMIX.md section 5).
+# Parameter counts of the authors' code with 1000 classes (docs/math.md#glnet-family).
 PARAM_COUNTS = {
     "glnet_stl": 30_296_786,
     "glnet_stl_paramslot": 30_481_106,
@@ -202,7 +202,7 @@ def test_load_is_strict(tmp_path, change):
 # ---------------------------------------------------------------- the GLMix block
 
 def eager_glmix_block(block, x):
-    """GLMIX.md section 4 written out with the reference ops: what the block must compute."""
+    """docs/math.md#glmix-block written out with the reference ops: what the block must compute."""
     if block.slot_init == "ada_avgpool":
         s0 = nn.functional.adaptive_avg_pool2d(x, block.pool_size).flatten(2).transpose(1, 2)
     else:

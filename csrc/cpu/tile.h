@@ -325,7 +325,7 @@ class PixelTile {
   // dA_r = dA / max(||x_l||, eps) (n, S) with row stride ld (softmax_backward); accumulates
   // dqs (S, C) += dA_r^T @ x = dA^T @ K and writes dx (n, C) = the gradient of x through
   // K = normalize(x):  u = dA_r @ qs = dK / r,  dx = (dK - K <K, dK>) / r = u - x <x, u> / r^2
-  // (GLMIX.md s. 2), with <x, u> taken from the rounded u, so that what cancels (all of it
+  // (docs/math.md#normalisation), with <x, u> taken from the rounded u, so that what cancels (all of it
   // for C = 1) cancels to rounding.
   void key_backward(const acc_t* dA_r, int64_t ld, int64_t S, const acc_t* qs_b, acc_t* dqs, bool first,
                     acc_t* dx) const {

@@ -242,7 +242,7 @@ __device__ __forceinline__ bool load_slot_tile(int st, int TS, int S, int C, int
   return true;
 }
 
-// The backward kernels' dx through the normalisation (GLMIX.md section 2), for a pixel tile with
+// The backward kernels' dx through the normalisation (docs/math.md#normalisation), for a pixel tile with
 // dK = sum_s dA[s][l] qs[s][c] in this thread's accumulators dk:
 //   dx = [value] + (dK - K <K, dK>) / max(||x||, eps),  K = x / max(||x||, eps),
 // the projection only where ||x|| > eps (live_sh). Stages dK in dk_sh (free of readers on entry),

@@ -1,4 +1,4 @@
-// The CPU kernels against a naive loop over GLMIX.md's formulas, in double, on small random
+// The CPU kernels against a naive loop over docs/math.md's formulas, in double, on small random
 // inputs: odd L, one and several slots, several tiles and splits per batch element, the NCHW
 // view of x, slots broadcast over the batch; float32 and float64; forward and backward; called
 // directly and through the dispatcher; bitwise identical with 1 and 2 threads.

@@ -6,6 +6,7 @@ A fused backend supplies the four torch ops of the op contract, ``cluster_fwd``,
 Adding a backend means one ``Backend`` line below and a module exposing those four names.
 """
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,19 @@ def kernels(name):
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
+def auto_order(device_type):
+    """The backends ``auto`` tries for tensors on ``device_type``, preferred first."""
+    return _AUTO_ORDER.get(device_type, ("reference",))
+
+
+def check_name(name, device_type=None):
+    """``name`` if it is ``"auto"`` or a registered backend, else a ValueError that lists them."""
+    if name != "auto" and name not in BACKENDS:
+        where = f"; available for {device_type}: {available_backends(device_type)}" if device_type else ""
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}{where}")
+    return name
+
+
 def why_unavailable(name, device="cpu"):
     """None if backend ``name`` can run on tensors on ``device``, else the reason."""
     b = BACKENDS[name]
@@ -109,18 +123,41 @@ def _unsupported(b, x, num_slots):
     return None
 
 
+class GLMixFallbackWarning(UserWarning):
+    """``backend="auto"`` ran the reference, which materialises ``(B, S, L)`` tensors, because the
+    fused backends present cannot take the inputs' shape or dtype. Filter it with ``warnings``."""
+
+
+_warned = set()  # the fallback reasons already warned about: each is said once per process
+
+
+# Run as it is at trace time under torch.compile (a traced warnings.warn would break the graph):
+# the backend is chosen at trace time too, so the warning comes once, with the choice.
+@torch.compiler.assume_constant_result
+def _warn_fallback(reasons):
+    msg = "backend='auto' runs the reference, which materialises (B, S, L) tensors: " + "; ".join(reasons)
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, GLMixFallbackWarning, stacklevel=4)  # points at the caller of soft_cluster/dispatch
+
+
 def resolve(backend, x, num_slots):
     """The backend to run for these inputs: ``backend`` itself, checked, or the fastest that fits."""
     device_type = x.device.type
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        refused = []  # why the fused backends that are there cannot take these inputs
+        for name in auto_order(device_type):
             b = BACKENDS[name]
-            if why_unavailable(name, device_type) is None and _unsupported(b, x, num_slots) is None:
+            if why_unavailable(name, device_type) is not None:
+                continue
+            problem = _unsupported(b, x, num_slots)
+            if problem is None:
+                if b.load is None and refused:
+                    _warn_fallback(refused)
                 return b
+            refused.append(problem[1])
         return BACKENDS["reference"]
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}; "
-                         f"available for {device_type}: {available_backends(device_type)}")
+    check_name(backend, device_type)
     b = BACKENDS[backend]
     why = why_unavailable(backend, device_type)
     if why is not None:

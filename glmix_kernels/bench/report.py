@@ -11,7 +11,6 @@ import os
 
 PLOT_NAME = "time_vs_resolution.png"
 REPORT_NAME = "report.md"
-_BACKEND_ORDER = ("reference", "compile", "sdpa", "cpu", "triton", "cuda")
 _MODE_ORDER = ("fwd", "bwd", "full", "infer", "train")
 
 
@@ -75,6 +74,13 @@ def _ratio(baseline, t):
     return f"{baseline / t:.2f}x" if baseline and t else "-"
 
 
+def _backend_order():
+    # The benchmarks' own order (reference, baselines, then the registry's); imported late so
+    # reading a report does not load the models.
+    from .workloads import OP_BACKENDS
+    return OP_BACKENDS
+
+
 def _order(value, known):
     return (known.index(value), "") if value in known else (len(known), value)
 
@@ -97,7 +103,7 @@ def _rows(records):
         groups.setdefault(_group_key(r), []).append(r)
     rows = []
     for key in sorted(groups):
-        group = sorted(groups[key], key=lambda r: _order(r["backend"], _BACKEND_ORDER))
+        group = sorted(groups[key], key=lambda r: _order(r["backend"], _backend_order()))
         base = {r["backend"]: r["time_s"] for r in reversed(group)}  # the first of each backend wins
         rows += [(r, base.get("reference"), base.get("compile")) for r in group]
     return rows
@@ -160,7 +166,7 @@ def plot(records, path):
 
     fig, axes = plt.subplots(len(series), 2, figsize=(11, 3.6 * len(series)), squeeze=False)
     for (time_ax, mem_ax), (key, by_backend) in zip(axes, sorted(series.items())):
-        for backend in sorted(by_backend, key=lambda b: _order(b, _BACKEND_ORDER)):
+        for backend in sorted(by_backend, key=lambda b: _order(b, _backend_order())):
             runs = sorted(by_backend[backend], key=lambda r: r["shape"]["H"])
             done = [r for r in runs if not r.get("oom")]
             oom = [r["shape"]["H"] for r in runs if r.get("oom")]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import glmix_kernels
 from glmix_kernels import reference
-from glmix_kernels.backends import BACKENDS, resolve, why_unavailable
+from glmix_kernels.backends import BACKENDS, auto_order, resolve, why_unavailable
 from glmix_kernels.models import GLMixBlock, create_model
 
 from . import timing
@@ -57,8 +57,8 @@ def skip_reason(backend, device, dtype=torch.float32, channels=1, slots=1):
     why = why_unavailable(backend, device_type)
     if why is not None:
         return why
-    if backend == "triton" and device_type == "cpu":
-        return "Triton on CPU tensors is the interpreter: a correctness tool, not timed"
+    if backend not in auto_order(device_type):  # the Triton interpreter on CPU tensors
+        return f"{backend} on {device_type} tensors is a correctness tool (auto never picks it), not timed"
     try:  # the registry's own dtype and size limits, checked on an empty tensor of the right kind
         resolve(backend, torch.empty((0, 0, channels), dtype=dtype, device=device), slots)
     except (TypeError, ValueError) as e:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import reference, soft_cluster, soft_dispatch
-from ..backends import BACKENDS
+from ..backends import check_name
 
 MIXING_MODES = ("mha", "mha_nchw", "glmix", "glmix.mha_nchw")
 
@@ -21,9 +21,7 @@ MIXING_MODES = ("mha", "mha_nchw", "glmix", "glmix.mha_nchw")
 def _check_backend(name):
     # Availability depends on the tensors' device, so only the name is checked here; the ops
     # themselves say at call time when a backend cannot run.
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
-    return name
+    return check_name(name)
 
 
 class DropPath(nn.Module):
@@ -164,7 +162,7 @@ class MHSANCHWBlock(nn.Module):
 
 class GLMixBlock(nn.Module):
     """The GLMix block: soft-clustered global attention plus a depthwise-conv local branch, then a
-    conv MLP (GLMIX.md section 4).
+    conv MLP (docs/math.md#glmix-block).
 
     The global branch runs on ``glmix_kernels.soft_cluster`` / ``soft_dispatch`` with the block's
     ``backend`` (changeable at any time). ``slot_scale`` is the temperature: a learnable 0-d

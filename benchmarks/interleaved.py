@@ -1,6 +1,6 @@
-"""Issue 4's CPU target, timed so that the comparison survives a noisy machine.
+"""The CPU target of benchmarks/results/cpu/README.md, timed so that the comparison survives a noisy machine.
 
-``python benchmarks/results/cpu/interleaved.py THREADS``: cluster+dispatch forward+backward at
+``python benchmarks/interleaved.py THREADS``: cluster+dispatch forward+backward at
 B=8, L=3136, C=64, S=64, fp32, on the benchmarks' own workloads (NCHW view, three rotating input
 sets). pytest-benchmark times one backend after another, and the eager reference's time moves by
 15-25% between processes and minutes on a shared VM; here 7 rounds alternate between the backends

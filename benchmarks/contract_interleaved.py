@@ -2,7 +2,7 @@
 the reference, and the ``cpu`` backend of another checkout (the code before the change), timed
 interleaved so the ratios survive a noisy machine.
 
-``python benchmarks/results/cpu/contract_interleaved.py BEFORE_TREE [THREADS]``: cluster+dispatch
+``python benchmarks/contract_interleaved.py BEFORE_TREE [THREADS]``: cluster+dispatch
 forward+backward, fp32, on the benchmarks' own workloads (NCHW views), at glnet_4g's stages 1, 3
 and 4 with B=2 and stage 4 with B=1. Each tree runs in its own worker process (both register ops
 named glmix_kernels::*); per shape, ROUNDS rounds alternate over every (tree, backend) with CALLS
@@ -64,7 +64,7 @@ def ask(proc, **cmd):
 
 
 def main(before_tree, threads):
-    after_tree = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    after_tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
     procs = {"after": start(after_tree, threads), "before": start(before_tree, threads)}
     timed = {"after": ("reference", "compile", "cpu"), "before": ("reference", "cpu")}
     print(f"threads={threads}, {ROUNDS} rounds x {CALLS} calls, medians of round medians (ms)")

@@ -1,0 +1,346 @@
+// The forward kernels on tensor cores (csrc/cuda/mma.cuh), for 16-bit x: cluster_fwd_chunk_mma
+// and dispatch_fwd_mma compute what the CUDA-core cluster_fwd_chunk and dispatch_fwd compute.
+//
+// A block has kMmaWarps warps; each warp owns 16 rows of the logits (clustering: slots; dispatch:
+// pixels) and all their columns in a tile of 64 (pixels; slots) as accumulator fragments:
+//   - x's pixel tile goes to shared memory as 16-bit values (channels padded with zeros to CP, a
+//     power of two from 16 to 256), with 1 / ||x|| per pixel beside it; so do the S x C operands
+//     (qs, split as qs_hi + qs_lo in the 16-bit type: two products keep qs's fp32 accuracy, as on
+//     the other backends; dispatch's slots);
+//   - logits = the product, scaled by 1 / ||x|| once per pixel afterwards (not per product);
+//   - an online softmax along the columns on the accumulator registers (a row's 8 columns of a
+//     block sit in 4 lanes: two shuffles per reduction);
+//   - the value product with the probabilities rounded to the 16-bit type straight from the
+//     logits' registers (no trip through shared memory).
+// Shared rows have ld = CP + 8 elements (ld % 16 == 8: conflict-free ldmatrix). The kernels'
+// __launch_bounds__ say one block per SM at least: without it ptxas capped registers at 96 and
+// spilled. No ATen here.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "mma.cuh"
+
+// All shared memory is dynamic (the emulation refills it with NaN before each block).
+#ifndef GLMIX_DYNAMIC_SMEM
+#define GLMIX_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
+namespace glmix {
+namespace GLMIX_CUDA_NS {
+namespace tc {
+
+using namespace mma;
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr int kMmaRows = 16 * kMmaWarps;  // logit rows per block: slots (clustering), pixels (dispatch)
+constexpr int kMmaCols = 64;              // logit columns per tile: pixels (clustering), slots (dispatch)
+constexpr int kMmaNB = kMmaCols / 8;      // accumulator blocks of a warp's logits
+constexpr float kMmaNormEps = 1e-12f;
+
+// Channels padded for the products: CP in {16, 32, 64, 128, 256}, the smallest holding C. A warp's
+// accumulators take CP / 2 registers per lane: 256 fits (about 230 registers, no spill), 512 not.
+inline int padded_channels(int C) {
+  int cp = 16;
+  while (cp < C) cp <<= 1;
+  return cp;
+}
+// Dynamic shared memory: three 64-row 16-bit tiles (qs hi and lo, and x; dispatch one more for the
+// slots) and 64 floats of 1 / ||x||.
+inline size_t cluster_fwd_mma_smem(int CP) { return static_cast<size_t>(3 * 64) * (CP + 8) * 2 + 64 * 4; }
+inline size_t dispatch_fwd_mma_smem(int CP) { return static_cast<size_t>(4 * 64) * (CP + 8) * 2 + 64 * 4; }
+
+__device__ __forceinline__ float warp_sum32(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// dst[r][c] = src row r0 + r, channel c (16-bit, strides sr, sc) for r < n, c < C; zeros up to 64
+// rows and CP channels. Consecutive threads walk the source's contiguous dimension.
+__device__ inline void load_rows16(uint16_t* dst, int ld, int CP, const uint16_t* src, int64_t sr, int64_t sc,
+                                   int64_t r0, int n, int C) {
+  const bool row_minor = sr == 1 && sc != 1;  // the NCHW view of x
+  for (int i = threadIdx.x; i < 64 * CP; i += blockDim.x) {
+    int r, c;
+    if (row_minor) {
+      c = i / 64;
+      r = i - c * 64;
+    } else {
+      r = i / CP;
+      c = i - r * CP;
+    }
+    dst[r * ld + c] = (r < n && c < C) ? src[(r0 + r) * sr + c * sc] : uint16_t{0};
+  }
+}
+
+// The same for fp32 rows (qs), split into hi and lo 16-bit tiles with v ~ hi + lo.
+template <class E>
+__device__ inline void load_rows_split(uint16_t* hi, uint16_t* lo, int ld, int CP, const float* src, int64_t sr,
+                                       int64_t sc, int64_t r0, int n, int C) {
+  for (int i = threadIdx.x; i < 64 * CP; i += blockDim.x) {
+    const int r = i / CP, c = i - r * CP;
+    const float v = (r < n && c < C) ? src[(r0 + r) * sr + c * sc] : 0.f;
+    const uint16_t h = to_bits(v, E{});
+    hi[r * ld + c] = h;
+    lo[r * ld + c] = to_bits(v - from_bits(h, E{}), E{});
+  }
+}
+
+// rn[r] = 1 / max(||x_r||, eps) for the 64 rows of a tile, a warp per row.
+template <class E>
+__device__ inline void tile_rnorms(const uint16_t* x_sh, int ld, int CP, float* rn) {
+  const int lane = lane_id();
+  for (int r = static_cast<int>(threadIdx.x) >> 5; r < 64; r += static_cast<int>(blockDim.x) >> 5) {
+    float s = 0.f;
+    for (int c = lane; c < CP; c += 32) {
+      const float v = from_bits(x_sh[r * ld + c], E{});
+      s += v * v;
+    }
+    s = warp_sum32(s);
+    if (lane == 0) rn[r] = 1.f / fmaxf(sqrtf(s), kMmaNormEps);
+  }
+}
+
+// a[j] = A B^T over CP channels for a warp's 16 rows x 64 columns: A's rows at a_hi (+ a_lo, the
+// small part of a split operand, when kSplitA), B's 64 rows at b_hi (+ b_lo when kSplitB), both
+// channel-minor. The small products go first.
+template <class E, int CP, bool kSplitA, bool kSplitB>
+__device__ __forceinline__ void logits(FragC (&a)[kMmaNB], const uint16_t* a_hi, const uint16_t* a_lo,
+                                       const uint16_t* b_hi, const uint16_t* b_lo, int ld) {
+#pragma unroll
+  for (int j = 0; j < kMmaNB; ++j) zero(a[j]);
+#pragma unroll
+  for (int k0 = 0; k0 < CP; k0 += 16) {
+    FragA<E> ah, al;
+    load_a(ah, a_hi + k0, ld);
+    if (kSplitA) load_a(al, a_lo + k0, ld);
+#pragma unroll
+    for (int j = 0; j < kMmaNB; ++j) {
+      FragB<E> bh, bl;
+      load_b(bh, b_hi + 8 * j * ld + k0, ld);  // B[c][n] = b[n][c]: stored n-major
+      if (kSplitA) mma::mma(a[j], al, bh);
+      if (kSplitB) {
+        load_b(bl, b_lo + 8 * j * ld + k0, ld);
+        mma::mma(a[j], ah, bl);
+      }
+      mma::mma(a[j], ah, bh);
+    }
+  }
+}
+
+// Online softmax along the rows of a warp's logits (rows g and g + 8 of its 16; statistics alike
+// in the 4 lanes sharing a row). step() takes masked logits (-inf outside), turns them into
+// exp(a - m), and returns the factor alpha that rescales the rows' earlier accumulators.
+struct RowSoftmax {
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  __device__ void step(FragC (&a)[kMmaNB], float (&alpha)[2]) {
+    float mt[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mt[i >> 1] = fmaxf(mt[i >> 1], a[j].r[i]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float m_new = fmaxf(m[h], row_max(mt[h]));
+      alpha[h] = m[h] == -INFINITY ? 0.f : expf(m[h] - m_new);
+      m[h] = m_new;
+    }
+#pragma unroll
+    for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float p = expf(a[j].r[i] - m[i >> 1]);  // exp(-inf) = 0 for masked columns
+        a[j].r[i] = p;
+        sum[i >> 1] += p;
+      }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + row_sum(sum[h]);
+  }
+};
+
+// acc = alpha acc + P V: P the warp's 16 x 64 probabilities (registers), V 64 rows x CP channels
+// at v (channel-minor: B[k][n] = v[k][n], stored k-major).
+template <class E, int CP>
+__device__ inline void value_product(FragC (&acc)[CP / 8], const FragC (&p)[kMmaNB], const float (&alpha)[2],
+                                     const uint16_t* v, int ld) {
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j].r[i] *= alpha[i >> 1];
+#pragma unroll
+  for (int kk = 0; kk < kMmaNB / 2; ++kk) {
+    const FragA<E> pa = a_from_c<E>(p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int j = 0; j < CP / 8; ++j) {
+      FragB<E> vf;
+      load_b_t(vf, v + 16 * kk * ld + 8 * j, ld);
+      mma::mma(acc[j], pa, vf);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clustering forward: per-chunk partials (running max m, sum l and acc = sum_l exp(A - m) x per
+// slot) for cluster_fwd_combine. A block: 64 slots (warp w: slots 16 w ..), its chunk of pixels
+// in tiles of 64.
+// grid (slot tiles, chunks, B), kMmaThreads threads. x: 16-bit storage of type E; qs fp32.
+// Writes ws_m, ws_l (B, nchunks, S) and ws_acc (B, nchunks, S, C) as cluster_fwd_chunk does.
+template <class E, int CP>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    cluster_fwd_chunk_mma(const uint16_t* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
+                          const float* __restrict__ qs, int64_t qsb, int64_t qsr, int64_t qsc, int L, int S, int C,
+                          int64_t chunk_len, int nchunks, float* __restrict__ ws_m, float* __restrict__ ws_l,
+                          float* __restrict__ ws_acc) {
+  constexpr int ld = CP + 8;
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  uint16_t* qh_sh = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* ql_sh = qh_sh + 64 * ld;
+  uint16_t* x_sh = ql_sh + 64 * ld;
+  float* rn_sh = reinterpret_cast<float*>(x_sh + 64 * ld);
+
+  const int st = blockIdx.x, chunk = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int s0 = st * kMmaRows, ns = min(kMmaRows, S - s0);
+  const int64_t l_begin = chunk * chunk_len;
+  const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);
+  const int lane = lane_id(), warp = static_cast<int>(threadIdx.x) >> 5;
+
+  load_rows_split<E>(qh_sh, ql_sh, ld, CP, qs + b * qsb, qsr, qsc, s0, ns, C);
+  RowSoftmax sm;
+  FragC acc[CP / 8];
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j) zero(acc[j]);
+
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += kMmaCols) {
+    const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), l_end - l0));
+    __syncthreads();  // the previous tile's readers of x_sh / rn_sh are done
+    load_rows16(x_sh, ld, CP, x + b * xsb, xsr, xsc, l0, nl, C);
+    __syncthreads();
+    tile_rnorms<E>(x_sh, ld, CP, rn_sh);
+    __syncthreads();
+
+    FragC a[kMmaNB];  // the warp's 16 slots x 64 pixels; block j: pixels 8 j .. 8 j + 7
+    logits<E, CP, true, false>(a, qh_sh + 16 * warp * ld, ql_sh + 16 * warp * ld, x_sh, nullptr, ld);
+#pragma unroll
+    for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int l = 8 * j + c_rc(lane, i).col;
+        a[j].r[i] = l < nl ? a[j].r[i] * rn_sh[l] : -INFINITY;
+      }
+    float alpha[2];
+    sm.step(a, alpha);
+    value_product<E, CP>(acc, a, alpha, x_sh, ld);
+  }
+
+  // The chunk's partials: lanes with t == 0 hold the row statistics of rows g and g + 8.
+  const int64_t row0 = (b * nchunks + chunk) * S + s0 + 16 * warp;  // workspace row of the warp's slot 0
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int s = (lane >> 2) + 8 * h;
+    if ((lane & 3) == 0 && 16 * warp + s < ns) {
+      ws_m[row0 + s] = sm.m[h];
+      ws_l[row0 + s] = sm.l[h];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const RC rc = c_rc(lane, i);
+      const int c = 8 * j + rc.col;
+      if (16 * warp + rc.row < ns && c < C) ws_acc[(row0 + rc.row) * C + c] = acc[j].r[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch forward: out = softmax_S(A)^T slots and lse = logsumexp_S(A) per pixel. A block: tiles
+// of 64 pixels (warp w: pixels 16 w ..), tiles_per_block of them; all S slots in tiles of 64, an
+// online softmax across slot tiles (the S x C operands load once per block when S <= 64).
+
+// grid (ceil(pixel tiles / tiles_per_block), B), kMmaThreads threads. x, slots: 16-bit storage
+// of type E; qs fp32. out (B, L, C) contiguous, 16-bit; lse (B, L) fp32.
+template <class E, int CP>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    dispatch_fwd_mma(const uint16_t* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
+                     const float* __restrict__ qs, int64_t qsb, int64_t qsr, int64_t qsc,
+                     const uint16_t* __restrict__ sl, int64_t ssb, int64_t ssr, int64_t ssc, int64_t L, int S, int C,
+                     int tiles_per_block, uint16_t* __restrict__ out, float* __restrict__ lse) {
+  constexpr int ld = CP + 8;
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  uint16_t* qh_sh = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* ql_sh = qh_sh + 64 * ld;
+  uint16_t* sl_sh = ql_sh + 64 * ld;
+  uint16_t* x_sh = sl_sh + 64 * ld;
+  float* rn_sh = reinterpret_cast<float*>(x_sh + 64 * ld);
+
+  const int64_t b = blockIdx.y;
+  const int lane = lane_id(), warp = static_cast<int>(threadIdx.x) >> 5;
+  const int nst = (S + kMmaCols - 1) / kMmaCols;
+  const float* qsb_ = qs + b * qsb;
+  const uint16_t* slb = sl + b * ssb;
+  if (nst == 1) {  // read after the first tile's barriers
+    load_rows_split<E>(qh_sh, ql_sh, ld, CP, qsb_, qsr, qsc, 0, S, C);
+    load_rows16(sl_sh, ld, CP, slb, ssr, ssc, 0, S, C);
+  }
+
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
+  for (int64_t t = t_begin; t < t_begin + tiles_per_block && t * 64 < L; ++t) {
+    const int64_t l0 = t * 64;
+    const int nl = static_cast<int>(min(static_cast<int64_t>(64), L - l0));
+    __syncthreads();  // the previous tile's readers of x_sh / rn_sh (and of the slot tiles) are done
+    load_rows16(x_sh, ld, CP, x + b * xsb, xsr, xsc, l0, nl, C);
+    __syncthreads();
+    tile_rnorms<E>(x_sh, ld, CP, rn_sh);
+
+    RowSoftmax sm;
+    FragC acc[CP / 8];
+#pragma unroll
+    for (int j = 0; j < CP / 8; ++j) zero(acc[j]);
+    float rn[2];
+    for (int st = 0; st < nst; ++st) {
+      if (nst > 1) {
+        __syncthreads();  // the previous slot tile's readers are done
+        const int s0 = st * kMmaCols, ns = min(kMmaCols, S - s0);
+        load_rows_split<E>(qh_sh, ql_sh, ld, CP, qsb_, qsr, qsc, s0, ns, C);
+        load_rows16(sl_sh, ld, CP, slb, ssr, ssc, s0, ns, C);
+      }
+      __syncthreads();
+      if (st == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) rn[h] = rn_sh[16 * warp + (lane >> 2) + 8 * h];
+      }
+      FragC a[kMmaNB];  // the warp's 16 pixels x 64 slots; block j: slots 8 j .. 8 j + 7
+      logits<E, CP, false, true>(a, x_sh + 16 * warp * ld, nullptr, qh_sh, ql_sh, ld);
+#pragma unroll
+      for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          a[j].r[i] = st * kMmaCols + 8 * j + c_rc(lane, i).col < S ? a[j].r[i] * rn[i >> 1] : -INFINITY;
+      float alpha[2];
+      sm.step(a, alpha);
+      value_product<E, CP>(acc, a, alpha, sl_sh, ld);
+    }
+
+#pragma unroll
+    for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const RC rc = c_rc(lane, i);
+        const int l = 16 * warp + rc.row, c = 8 * j + rc.col;
+        if (l < nl && c < C) out[(b * L + l0 + l) * C + c] = to_bits(acc[j].r[i] / sm.l[i >> 1], E{});
+      }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int l = 16 * warp + (lane >> 2) + 8 * h;
+      if ((lane & 3) == 0 && l < nl) lse[b * L + l0 + l] = sm.m[h] + logf(sm.l[h]);
+    }
+  }
+}
+
+}  // namespace tc
+}  // namespace GLMIX_CUDA_NS
+}  // namespace glmix

@@ -1,0 +1,126 @@
+"""A performance model of the CUDA kernels (not a measurement): bytes, operations and predicted
+times at glnet_4g stages 1, 3 and 4 (B = 128, bf16) on an H100 and an H200, for the current
+CUDA-core kernels and for the tensor-core design. docs/performance.md explains every figure;
+`python3 scripts/perf_model.py [--f-tc 0.5]` prints its table (markdown).
+"""
+
+import math
+
+B, S, E = 128, 64, 2  # batch, slots, bytes per bf16 element
+STAGES = {1: (3136, 64), 3: (196, 256), 4: (49, 512)}  # stage: (L, C) at 224 x 224 input
+GPUS = {"H100": 3.35e12, "H200": 4.8e12}  # HBM bytes/s; same GH100 compute on both
+
+SMS, CLOCK = 132, 1.83e9  # the clock at which the 989 TFLOP/s dense bf16 peak is quoted
+TC_PEAK = 4096 * SMS * CLOCK  # dense bf16 FLOP/s (4096 FLOP per SM per clock)
+ALU_PEAK = 128 * SMS * CLOCK  # fp32 CUDA-core operations/s
+MUFU_PEAK = 16 * SMS * CLOCK  # exp2 and other special functions/s
+LDS_PEAK = 32 * SMS * CLOCK  # 32-bit shared-memory words/s, conflict-free
+
+F_MEM, F_TC, F_CC = 0.85, 0.5, 0.7  # reachable fractions of peak: HBM, mma.sync on sm_90, CUDA cores
+T_LAUNCH = 2e-6  # per kernel launch, back to back in a stream
+
+
+def kernels(L, C):
+    """Per kernel: minimum HBM bytes, products (each 2 B S L C FLOP), CUDA-core ops per logit and
+    per pixel channel, special functions per logit, launches, and the current kernels' shared-memory
+    words per multiply-add summed over their products (read from the code)."""
+    x, sc, stat_l, stat_s = B * L * C * E, B * S * C * E, B * L * 4, B * S * 4
+    return {
+        # reads x, init_slots; writes fp32 slots and lse
+        "cluster_fwd": dict(
+            bytes=x + sc + 2 * sc + stat_s, products=2, alu=6, alu_lc=2, mufu=1, launches=1, lds_per_mac=1 + 2
+        ),
+        # reads x, init_slots, slots; writes out, lse
+        "dispatch_fwd": dict(
+            bytes=2 * x + 2 * sc + stat_l, products=2, alu=6, alu_lc=2, mufu=1, launches=1, lds_per_mac=1 + 2
+        ),
+        # reads G, x, init_slots, fp32 slots, lse; writes dx, d_init_slots
+        "cluster_bwd": dict(
+            bytes=2 * x + 3 * sc + 2 * sc + stat_s,
+            products=5,
+            alu=8,
+            alu_lc=6,
+            mufu=1,
+            launches=2,
+            lds_per_mac=1 + 1 + 2 + 2 + 3,
+        ),
+        # reads grad, x, init_slots, slots, lse; writes dx, d_init_slots, dslots
+        "dispatch_bwd": dict(
+            bytes=3 * x + 4 * sc + stat_l,
+            products=5,
+            alu=9,
+            alu_lc=6,
+            mufu=1,
+            launches=2,
+            lds_per_mac=1 + 1 + 2 + 2.5 + 2.5,
+        ),
+    }
+
+
+def design_time(k, L, C, bw):
+    """max(memory, tensor cores + CUDA cores) + launches. One CTA per batch element (B = 128 fills
+    128 of 132 SMs: plan_chunks needs no split of L), so compute runs on 128 SMs."""
+    pad = math.ceil(L / 16) * 16 / L  # m16n8k16 tiles over a pixel count that is not a multiple of 16
+    flops = k["products"] * 2 * B * S * L * C * pad
+    t_tc = flops / (F_TC * TC_PEAK)
+    t_cc = max(
+        (k["alu"] * B * S * L + k["alu_lc"] * B * L * C) / (F_CC * ALU_PEAK), k["mufu"] * B * S * L / (F_CC * MUFU_PEAK)
+    )
+    waves = SMS / min(B, SMS)
+    t_mem = k["bytes"] / (F_MEM * bw)
+    return max(t_mem, (t_tc + t_cc) * waves) + k["launches"] * T_LAUNCH, flops, t_mem, (t_tc + t_cc) * waves
+
+
+def current_time(k, L, C, bw):
+    """The current kernels: every product on fp32 CUDA cores, bound by shared-memory loads."""
+    t_lds = k["lds_per_mac"] * B * S * L * C / LDS_PEAK
+    return max(k["bytes"] / (F_MEM * bw), t_lds) + k["launches"] * T_LAUNCH
+
+
+def us(t):
+    return f"{t * 1e6:,.0f}" if t >= 1e-5 else f"{t * 1e6:.1f}"
+
+
+def main():
+    import argparse
+
+    global F_TC
+    ap = argparse.ArgumentParser(description="print the model's table (markdown)")
+    ap.add_argument("--f-tc", type=float, default=F_TC, help="fraction of the dense tensor-core peak reached")
+    F_TC = ap.parse_args().f_tc
+    print(
+        "| stage | kernel | min MB | tensor-core GFLOP | CUDA-core Mop | floor H100 / H200 (us) "
+        "| current H100 (us) | design H100 / H200 (us) | design, fraction of floor H100 / H200 |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for st, (L, C) in STAGES.items():
+        tot = dict(floor={g: 0.0 for g in GPUS}, cur=0.0, des={g: 0.0 for g in GPUS}, mb=0.0, gf=0.0, mop=0.0)
+        for name, k in kernels(L, C).items():
+            floor = {g: k["bytes"] / bw for g, bw in GPUS.items()}
+            des = {g: design_time(k, L, C, bw)[0] for g, bw in GPUS.items()}
+            flops = design_time(k, L, C, GPUS["H100"])[1]
+            mop = (k["alu"] * B * S * L + k["alu_lc"] * B * L * C + k["mufu"] * B * S * L) / 1e6
+            cur = current_time(k, L, C, GPUS["H100"])
+            frac = " / ".join(f"{floor[g] / des[g]:.0%}" for g in GPUS)
+            print(
+                f"| {st} | {name} | {k['bytes'] / 1e6:.1f} | {flops / 1e9:.2f} | {mop:.0f} | "
+                f"{us(floor['H100'])} / {us(floor['H200'])} | {us(cur)} | {us(des['H100'])} / {us(des['H200'])} "
+                f"| {frac} |"
+            )
+            for g in GPUS:
+                tot["floor"][g] += floor[g]
+                tot["des"][g] += des[g]
+            tot["cur"] += cur
+            tot["mb"] += k["bytes"] / 1e6
+            tot["gf"] += flops / 1e9
+            tot["mop"] += mop
+        frac = " / ".join(f"{tot['floor'][g] / tot['des'][g]:.0%}" for g in GPUS)
+        print(
+            f"| {st} | **block fwd+bwd** | {tot['mb']:.0f} | {tot['gf']:.1f} | {tot['mop']:.0f} | "
+            f"{us(tot['floor']['H100'])} / {us(tot['floor']['H200'])} | {us(tot['cur'])} | "
+            f"{us(tot['des']['H100'])} / {us(tot['des']['H200'])} | {frac} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

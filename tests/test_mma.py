@@ -1,0 +1,359 @@
+"""The tensor-core fragment functions of csrc/cuda/mma.cuh, run on the CPU under the emulation.
+
+A one-warp test kernel (csrc/tests/mma_test_kernels.cuh) multiplies a 16x16 by a 16x8 tile through
+the fragment loads and products and records every lane's fragment registers; a small host runner
+(csrc/tests/mma_harness.cpp: 32 threads, shuffles through an exchange array) executes it. The
+layouts are checked against the PTX ISA's formulas, written out again here, and the products
+against torch.matmul. The GPU build of the same functions (ldmatrix, mma.sync) is compiled by
+scripts/cuda_compile_check.sh; its ldmatrix addressing is checked here against a model of the
+instruction, and only a GPU run can check the rest.
+"""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CXX = os.environ.get("CXX", "c++")
+DT16 = {"bf16": torch.bfloat16, "f16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    if shutil.which(CXX) is None:
+        pytest.skip(f"no C++ compiler ({CXX})")
+    exe = str(tmp_path_factory.mktemp("mma") / "mma_harness")
+    r = subprocess.run(
+        [
+            CXX,
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            "-o",
+            exe,
+            os.path.join(ROOT, "csrc", "tests", "mma_harness.cpp"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, f"building the mma harness failed:\n{r.stderr[-4000:]}"
+
+    def run(kind, *arrays, orders=(0,)):
+        """The runner's output; with several thread orders, checks they agree bit for bit (a race
+        between barriers shows as a difference)."""
+        data = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+        outs = []
+        for order in orders:
+            p = subprocess.run(
+                [exe, kind],
+                input=data,
+                capture_output=True,
+                timeout=300,
+                env=dict(os.environ, MMA_HARNESS_ORDER=str(order)),
+            )
+            assert p.returncode == 0, p.stderr.decode()[-2000:]
+            outs.append(p.stdout)
+        assert all(o == outs[0] for o in outs), f"{kind}: the result depends on the thread order (a race)"
+        return outs[0]
+
+    return run
+
+
+def split(buf, *parts):
+    """Cut the runner's output into arrays of (dtype, count)."""
+    out, off = [], 0
+    for dtype, n in parts:
+        a = np.frombuffer(buf, dtype=dtype, count=n, offset=off).copy()
+        out.append(a)
+        off += a.nbytes
+    assert off == len(buf), f"runner wrote {len(buf)} bytes, expected {off}"
+    return out
+
+
+# The PTX ISA's fragment layouts (groupID g = lane >> 2, threadID_in_group t = lane % 4), for
+# mma.m16n8k16 with .f16/.bf16 and mma.m16n8k8 with .tf32: (row, col) of element i.
+def a16(lane, i):
+    g, t = lane >> 2, lane % 4
+    return (g if i in (0, 1, 4, 5) else g + 8), t * 2 + (i & 1) + (8 if i >= 4 else 0)
+
+
+def b16(lane, i):
+    g, t = lane >> 2, lane % 4
+    return t * 2 + (i & 1) + (8 if i >= 2 else 0), g
+
+
+def c_rc(lane, i):
+    g, t = lane >> 2, lane % 4
+    return (g if i < 2 else g + 8), t * 2 + (i & 1)
+
+
+def a_tf32(lane, i):
+    g, t = lane >> 2, lane % 4
+    return (g if i in (0, 2) else g + 8), (t if i < 2 else t + 4)
+
+
+def b_tf32(lane, i):
+    g, t = lane >> 2, lane % 4
+    return (t if i == 0 else t + 4), g
+
+
+def bits16(t):
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def halves(word):
+    return [int(word) & 0xFFFF, int(word) >> 16]
+
+
+def tf32_rna(x):
+    """Round fp32 to tf32, nearest with ties away from zero (cvt.rna), as bit patterns."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x1000) & 0xFFFFE000).astype(np.uint32)
+
+
+def normwise(actual, expected):
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f16"])
+def test_fragment_layout_16bit(harness, kind):
+    """Element (r, c) holds the value 16 r + c (exact in both types): every lane's registers must
+    hold exactly the elements the PTX ISA assigns it, through ldmatrix-style "n" and "t" loads."""
+    dt = DT16[kind]
+    idx = torch.arange(256, dtype=torch.float32).reshape(16, 16)
+    out = harness(kind, bits16(idx.to(dt)), bits16(idx.to(dt)), bits16(idx[:, :8].to(dt)), np.zeros(128, np.float32))
+    *_, frag = split(out, (np.float32, 128), (np.float32, 128), (np.float32, 128), (np.uint32, 32 * 12))
+    frag = frag.reshape(32, 12)
+    value = {bits16(torch.tensor(float(v)).to(dt)).item(): v for v in range(256)}
+    for lane in range(32):
+        for base in (0, 6):  # "n" loads, then "t" loads
+            a = [value[h] for w in frag[lane, base : base + 4] for h in halves(w)]
+            b = [value[h] for w in frag[lane, base + 4 : base + 6] for h in halves(w)]
+            assert a == [16 * r + c for r, c in (a16(lane, i) for i in range(8))], (lane, base, "A")
+            # B[k][n] = 16 k + n
+            assert b == [16 * k + n for k, n in (b16(lane, i) for i in range(4))], (lane, base, "B")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kind", ["bf16", "f16"])
+def test_tile_product_16bit(harness, kind, seed):
+    """D = A B + C for both load orders, and the accumulators fed back as an A operand, against
+    torch.matmul on the same rounded operands. The 16-bit products are exact in fp32; only the
+    fp32 sums round, so the bound is a few fp32 ulps, far below any layout error."""
+    dt = DT16[kind]
+    g = torch.Generator().manual_seed(seed)
+    a, b, b3 = (torch.randn(*s, generator=g).to(dt) for s in ((16, 16), (16, 16), (16, 8)))
+    c = torch.randn(16, 8, generator=g)
+    out = harness(kind, bits16(a), bits16(b), bits16(b3), c.numpy())
+    d_n, d_t, d_chain, _ = split(out, (np.float32, 128), (np.float32, 128), (np.float32, 128), (np.uint32, 32 * 12))
+    expected = a.double() @ b[:, :8].double() + c.double()
+    assert normwise(d_n.reshape(16, 8), expected) < 1e-6
+    assert normwise(d_t.reshape(16, 8), expected) < 1e-6
+    p = torch.matmul(a.float(), b.float()).to(dt)  # the intermediate rounds to the operand type
+    chained = p.double() @ b3.double()
+    # An fp32 sum that lands on the other side of a rounding boundary moves one element of p by an
+    # ulp of dt: allow two ulps normwise.
+    assert normwise(d_chain.reshape(16, 8), chained) < 2 * torch.finfo(dt).eps
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tile_product_3xtf32(harness, seed):
+    """fp32 on tensor cores through the hi/lo split keeps fp32 accuracy (well inside the suite's
+    5e-5), where a single TF32 product does not: the split is what makes fp32 pass."""
+    g = torch.Generator().manual_seed(seed)
+    a, b, c = torch.randn(16, 16, generator=g), torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    out = harness("f32", a.numpy(), b.numpy(), c.numpy())
+    d_n, d_t, d_1x, frag = split(out, (np.float32, 128), (np.float32, 128), (np.float32, 128), (np.uint32, 32 * 6))
+    expected = a.double() @ b.double() + c.double()
+    assert normwise(d_n.reshape(16, 8), expected) < 2e-6
+    assert normwise(d_t.reshape(16, 8), expected) < 2e-6
+    assert normwise(d_1x.reshape(16, 8), expected) > 5e-5  # one TF32 pass: outside the fp32 tolerance
+    # Layout of the tf32 fragments (first k step): the hi parts are cvt.rna of the documented elements.
+    frag = frag.reshape(32, 6)
+    a_bits, b_bits = tf32_rna(a.numpy()), tf32_rna(b.numpy())
+    for lane in range(32):
+        assert list(frag[lane, :4]) == [a_bits[r, c] for r, c in (a_tf32(lane, i) for i in range(4))], lane
+        assert list(frag[lane, 4:]) == [b_bits[k, n] for k, n in (b_tf32(lane, i) for i in range(2))], lane
+
+
+def ldmatrix(addr, nmat, trans):
+    """The PTX ISA's ldmatrix .m8n8 .b16: lanes 8 j .. 8 j + 7 give the row addresses of matrix j;
+    lane l receives in register j the elements (l / 4, 2 (l % 4) + h) of that matrix, h = 0, 1,
+    or (2 (l % 4) + h, l / 4) with .trans. Returns [lane][j][h] = (row, col) in the stored tile."""
+
+    def elem(j, r, c):
+        row, col = addr[8 * j + r]
+        return row, col + c
+
+    return [
+        [
+            [elem(j, l % 4 * 2 + h, l // 4) if trans else elem(j, l // 4, l % 4 * 2 + h) for h in (0, 1)]
+            for j in range(nmat)
+        ]
+        for l in range(32)
+    ]
+
+
+def test_gpu_loads_match_the_documented_layout(harness):
+    """The GPU build loads fragments with ldmatrix from row addresses the lanes compute
+    (ldsm_a_row, ldsm_b_row); what ldmatrix then hands each lane must be the mma layout. Checked
+    through a model of ldmatrix, since no GPU runs here."""
+    out = np.frombuffer(harness("ldsm"), dtype=np.int32).reshape(4, 32, 2)
+    addr = {name: [tuple(map(int, rc)) for rc in out[i]] for i, name in enumerate(["a_n", "a_t", "b_n", "b_t"])}
+    for name, nmat, trans in [("a_n", 4, False), ("a_t", 4, True), ("b_n", 2, False), ("b_t", 2, True)]:
+        got = ldmatrix(addr[name], nmat, trans)
+        for lane in range(32):
+            for j in range(nmat):
+                for h in (0, 1):
+                    row, col = got[lane][j][h]
+                    i = 2 * j + h
+                    # stored order: A "n" [m][k], A "t" [k][m], B "n" [n][k], B "t" [k][n]
+                    want = {
+                        "a_n": a16(lane, i),
+                        "a_t": a16(lane, i)[::-1],
+                        "b_n": b16(lane, i)[::-1],
+                        "b_t": b16(lane, i),
+                    }[name]
+                    assert (row, col) == want, (name, lane, j, h)
+
+
+def test_accumulator_layout_is_the_documented_one():
+    """The runner's C loads/stores go through c_rc; the products above pass only if it is right.
+    This pins the Python copy of the formula the tests use for C to the PTX ISA's table."""
+    assert [c_rc(5, i) for i in range(4)] == [(1, 2), (1, 3), (9, 2), (9, 3)]
+    assert [a16(5, i) for i in range(8)] == [(1, 2), (1, 3), (9, 2), (9, 3), (1, 10), (1, 11), (9, 10), (9, 11)]
+    assert [b16(5, i) for i in range(4)] == [(2, 1), (3, 1), (10, 1), (11, 1)]
+
+
+def test_conversions(harness):
+    """The emulation's fp32 -> bf16/fp16 (round to nearest even) and fp16 -> fp32 conversions agree
+    bit for bit with torch, on every fp16 pattern and on random and edge-case floats."""
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            65504.0,
+            65519.0,
+            65520.0,
+            1e6,
+            -1e6,
+            6.1e-5,
+            6.0e-5,
+            5.96e-8,
+            2.98e-8,
+            2.99e-8,
+            1e-10,
+            float("inf"),
+            -float("inf"),
+            3.4e38,
+            1.17e-38,
+            1e-40,
+        ]
+    )
+    v = torch.cat([special, torch.randn(4000, generator=g) * torch.logspace(-9, 6, 4000).float()])
+    one = 0x3F800000 + torch.arange(0, 1 << 23, 1 << 13, dtype=torch.int64)  # floats in [1, 2)
+    ties = torch.cat([one + 0x8000, one + 0x1000]).to(torch.int32)  # bf16, fp16 halfway
+    v = torch.cat([v, ties.view(torch.float32), -ties.view(torch.float32)])
+    n = v.numel()
+    out = harness("convert", np.array([n], np.uint32), v.numpy())
+    bf, hf, tf, from16 = split(out, (np.uint16, n), (np.uint16, n), (np.uint32, n), (np.float32, 65536))
+    np.testing.assert_array_equal(bf, bits16(v.to(torch.bfloat16)))
+    np.testing.assert_array_equal(hf, bits16(v.to(torch.float16)))
+    np.testing.assert_array_equal(tf, tf32_rna(v.numpy()))
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float().numpy()
+    nan = np.isnan(every)
+    np.testing.assert_array_equal(from16[~nan].view(np.uint32), every[~nan].view(np.uint32))
+    assert np.isnan(from16[nan]).all()
+
+
+def cluster_partials_reference(x, qs, chunk_len):
+    """Per chunk of pixels: running max m, sum l and acc = exp(A - m) x of each slot (float64)."""
+    B, L, C = x.shape
+    k = torch.nn.functional.normalize(x, dim=-1)
+    out = []
+    for l0 in range(0, L, chunk_len):
+        a = qs @ k[:, l0 : l0 + chunk_len].transpose(1, 2)
+        m = a.amax(-1)
+        e = torch.exp(a - m[..., None])
+        out.append((m, e.sum(-1), e @ x[:, l0 : l0 + chunk_len]))
+    return [torch.stack(t, 1) for t in zip(*out)]  # (B, nchunks, S[, C])
+
+
+@pytest.mark.parametrize(
+    "kind,B,L,C,S,chunk_len,layout",
+    [
+        ("bf16", 2, 70, 40, 20, 64, "contiguous"),  # tails in pixels, channels and slots; two chunks
+        ("f16", 1, 150, 16, 70, 128, "nchw"),  # two slot tiles, two pixel tiles per chunk, NCHW strides
+        ("bf16", 1, 20, 200, 9, 64, "contiguous"),  # the widest channel padding, 256
+    ],
+)
+def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
+    """The tensor-core clustering forward's per-chunk partials against float64 torch: the running
+    max (fp32 logits: qs split hi/lo), and the slots they combine to (P and x in the 16-bit type)."""
+    dt = DT16[kind]
+    g = torch.Generator().manual_seed(0)
+    x = (
+        torch.randn(B, L, C, generator=g).to(dt)
+        if layout == "contiguous"
+        else torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
+    )
+    qs = 6.0 * torch.nn.functional.normalize(torch.randn(B, S, C, generator=g, dtype=torch.float64), dim=-1).float()
+    storage = x.contiguous() if layout == "contiguous" else x.transpose(1, 2).contiguous()
+    strides = x.stride() if layout == "contiguous" else (C * L, 1, L)
+    head = np.array([B, L, C, S, chunk_len, *strides, storage.numel()], np.int64)
+    nch = -(-L // chunk_len)
+    out = harness(f"cluster_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy(), orders=(2, 3, 4))
+    m, lsum, acc = split(out, (np.float32, B * nch * S), (np.float32, B * nch * S), (np.float32, B * nch * S * C))
+    m, lsum = torch.from_numpy(m).view(B, nch, S), torch.from_numpy(lsum).view(B, nch, S)
+    acc = torch.from_numpy(acc).view(B, nch, S, C)
+    rm, rl, racc = cluster_partials_reference(x.double(), qs.double(), chunk_len)
+    assert (m.double() - rm).abs().max() < 1e-5 * rm.abs().max()  # logits at fp32 accuracy
+    w = torch.exp(m.double() - m.double().amax(1, keepdim=True))
+    slots = (w[..., None] * acc.double()).sum(1) / (w * lsum.double()).sum(1)[..., None]
+    rw = torch.exp(rm - rm.amax(1, keepdim=True))
+    ref = (rw[..., None] * racc).sum(1) / (rw * rl).sum(1)[..., None]
+    tol = {"bf16": 2.5e-2, "f16": 4e-3}[kind]  # the suite's tolerances for these dtypes
+    assert normwise(slots, ref) < tol
+    assert normwise(lsum.double(), rl) < tol
+
+
+@pytest.mark.parametrize(
+    "kind,B,L,C,S,tiles_per_block,layout",
+    [
+        ("bf16", 2, 150, 40, 20, 2, "nchw"),  # tails in pixels, channels and slots; two tiles in a block
+        ("f16", 1, 70, 16, 70, 1, "contiguous"),  # two slot tiles (online softmax across them)
+        ("f16", 1, 20, 200, 9, 1, "nchw"),  # the widest channel padding, 256
+    ],
+)
+def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
+    """The tensor-core dispatch forward against float64 torch: out = softmax_S(A)^T slots (rounded
+    to the 16-bit type) within the suite's tolerance, lse at fp32 accuracy."""
+    dt = DT16[kind]
+    g = torch.Generator().manual_seed(1)
+    x = (
+        torch.randn(B, L, C, generator=g).to(dt)
+        if layout == "contiguous"
+        else torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
+    )
+    qs = 6.0 * torch.nn.functional.normalize(torch.randn(B, S, C, generator=g, dtype=torch.float64), dim=-1).float()
+    sl = torch.randn(B, S, C, generator=g).to(dt)
+    storage = x.contiguous() if layout == "contiguous" else x.transpose(1, 2).contiguous()
+    strides = x.stride() if layout == "contiguous" else (C * L, 1, L)
+    head = np.array([B, L, C, S, tiles_per_block, *strides, storage.numel()], np.int64)
+    out = harness(f"dispatch_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy(), bits16(sl), orders=(2, 3, 4))
+    o, lse = split(out, (np.uint16, B * L * C), (np.float32, B * L))
+    o = torch.from_numpy(o.view(np.int16)).view(dt).view(B, L, C)
+    a = qs.double() @ torch.nn.functional.normalize(x.double(), dim=-1).transpose(1, 2)  # (B, S, L)
+    ref = torch.softmax(a, 1).transpose(1, 2) @ sl.double()
+    assert normwise(o, ref) < {"bf16": 2.5e-2, "f16": 4e-3}[kind]
+    ref_lse = torch.logsumexp(a, 1)
+    assert (torch.from_numpy(lse).view(B, L).double() - ref_lse).abs().max() < 1e-5 * ref_lse.abs().max()
