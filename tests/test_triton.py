@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import glmix_kernels as gk  # noqa: E402
-from glmix_kernels import reference  # noqa: E402
 from _helpers import TOL, Case, assert_close_normwise, check_against_reference  # noqa: E402
+from glmix_kernels import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif("triton" not in gk.available_backends(DEVICE),

@@ -99,7 +99,7 @@ def candidate_configs(kernel, S, C, dtype):
     return [pinned, replace(pinned, num_warps=12 - pinned.num_warps)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pinned(fn, cfg, C):
     # A one-config autotuner: torch.compile and wrap_triton take it as they take any, and
     # Triton benchmarks nothing when there is a single config.
@@ -107,7 +107,7 @@ def _pinned(fn, cfg, C):
                            key=[])(fn)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned(fn, cfgs, C):
     configs = [triton.Config(c.meta(C), num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
     # The op (CLUSTER) and x's layout change what is fastest; Triton adds the dtypes to the key.
@@ -123,7 +123,7 @@ def _tiled(name, S, C, dtype):
     return _launch(_pinned(fn, pick_config(name, S, C, dtype), C))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _programs_wanted(device):
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -249,8 +249,8 @@ def _op(name, outputs):
 def _check(op, x, init_slots, scale, slots=None, grad=None, grad_shape=None):
     """The input rules of the public functions and the backend's limits, for direct calls of the
     ``glmix_triton`` ops (the public functions have checked them already)."""
-    from .. import resolve
     from ..._validate import cluster_inputs, dispatch_inputs
+    from .. import resolve
 
     if op.startswith("cluster"):
         cluster_inputs(x, init_slots, scale)
