@@ -2,7 +2,8 @@
 GLNet stage shapes (glnet_4g stages 1-4, B=128, S=64; bf16 and fp32), and report per
 configuration: registers, spilled bytes, shared memory and whether the products run on tensor
 cores. Exits non-zero when any configuration the backend may launch (the pinned one, or one the
-opt-in autotuner may pick) spills.
+opt-in autotuner may pick) spills or needs more shared memory than one block may have
+(``MAX_SHARED_BYTES``).
 
     python scripts/triton_compile_report.py --out report.json [--jobs N]
 
@@ -50,6 +51,8 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from glmix_kernels.backends import triton as tb  # noqa: E402
 
 ARCHS = (80, 90)
+# The most shared memory one block may use (opt-in), per arch: sm_80 163 KB, sm_90 227 KB.
+MAX_SHARED_BYTES = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BATCH, SLOTS = 128, 64
 SM_COUNT = 132  # an H100 SXM: decides the chunk plan, as on the GPU
@@ -196,13 +199,18 @@ def main():
         json.dump(records, f, indent=1)
 
     spilled = [r for r in records if r["spill_bytes"]]
+    too_big = [r for r in records if r["shared_bytes"] > MAX_SHARED_BYTES[int(r["arch"][3:])]]
     print(f"{len(records)} records, {len(jobs)} compilations ({len(keys)} not cached), triton {triton.__version__}, "
-          f"{time.time() - start:.0f} s on {args.jobs} processes")
+          f"{time.time() - start:.0f} s on {args.jobs} processes; {len(spilled)} spill, "
+          f"{len(too_big)} over the shared-memory limit")
     _print_summary(records)
     for r in spilled:
         print(f"SPILL: {r['kernel']} {r['arch']} {r['shape']['stage']} {r['dtype']} {r['config']}: "
               f"{r['spill_bytes']} bytes", file=sys.stderr)
-    return 1 if spilled else 0
+    for r in too_big:
+        print(f"SHARED: {r['kernel']} {r['arch']} {r['shape']['stage']} {r['dtype']} {r['config']}: "
+              f"{r['shared_bytes']} bytes", file=sys.stderr)
+    return 1 if spilled or too_big else 0
 
 
 def _read_cache():

@@ -38,8 +38,11 @@ _SUM_BLOCK = 1024
 # Slot rows per program of the split-L kernels; pixel kernels hold all S (at most 256) slots.
 _MAX_BLOCK_S = 64
 # Up to this many (slot, channel) elements per tile, a kernel holds all of C at once
-# (``ONE_C_BLOCK``); larger tiles would spill registers.
+# (``ONE_C_BLOCK``); larger tiles would spill registers (the compile report). fp32 operands take
+# twice the registers and tf32x3 three products per dot: a quarter of the budget.
 _ONE_C_BLOCK_ELEMENTS = 64 * 128
+# Above this many channels no kernel holds all of C: 256 and 512 spill at any slot block.
+_ONE_C_BLOCK_MAX_C = 128
 
 
 @dataclass(frozen=True)
@@ -66,36 +69,49 @@ def _pow2(n, lo=16):
 
 
 def pick_config(kernel, S, C, dtype):
-    """The pinned tile configuration of ``kernel`` for S slots, C channels and x's ``dtype``."""
+    """The pinned tile configuration of ``kernel`` for S slots, C channels and x's ``dtype``.
+    Every rule comes from the compile report (sm_80 and sm_90, Triton 3.6 and 3.9): no config
+    it picks spills registers or needs more shared memory than an SM has."""
+    fp32 = dtype == torch.float32
+    budget = _ONE_C_BLOCK_ELEMENTS // (4 if fp32 else 1)
+    if kernel in ("pixel_bwd", "slot_bwd"):
+        budget //= 2  # they also hold G and the dqs (and dslots) sums
+    c = _pow2(C)
     if kernel in SPLIT_L_KERNELS:
         # Fewer slot rows rather than several C blocks: each C block recomputes the logits over
         # all of C, while each slot block only reads x again (from L2).
-        block_s = min(_pow2(S), _MAX_BLOCK_S, max(16, _ONE_C_BLOCK_ELEMENTS // _pow2(C)))
+        block_s = min(_pow2(S), _MAX_BLOCK_S)
+        # Several C blocks: 64 channels per block (fp32: 16 slot rows).
+        block_s = min(block_s, max(16, budget // (c if c <= _ONE_C_BLOCK_MAX_C else 128)))
     else:
         block_s = _pow2(S)
-    one_c = _pow2(C) * block_s <= _ONE_C_BLOCK_ELEMENTS
-    block_c = _pow2(C) if one_c else max(16, min(64, _ONE_C_BLOCK_ELEMENTS // 2 // block_s))
+    one_c = c <= _ONE_C_BLOCK_MAX_C and c * block_s <= budget
+    block_c = c if one_c else max(16, min(64, budget // 2 // block_s))
     big = one_c and block_s * block_c >= 4096  # large tiles held across the pixel loop
-    block_l = 64 if block_s <= 64 else 32
+    block_l = 16 if fp32 else 64 if block_s <= 64 and one_c else 32
     num_warps = 4
-    # From the compile report (sm_80 spills at 246-255 registers otherwise, Triton 3.6 and 3.9):
     if big and kernel in SPLIT_L_KERNELS:
         block_l = 32
     if big and kernel in PIXEL_KERNELS:
         num_warps = 8
-    if big and kernel == "pixel_bwd":
-        block_l = 16  # it also holds the dqs (and dslots) sums
+    if kernel == "pixel_bwd":
+        block_l = 16  # it also holds G (and the dqs and dslots sums)
+    # slot_bwd holds two (BLOCK_S, BLOCK_C) sums (dispatch) beside the logits: no room for the
+    # next pixel tile's loads in flight.
+    num_stages = 1 if kernel == "slot_bwd" else 2
+    if kernel == "slot_bwd" and c > 64:
+        block_l = 16
     if kernels.INTERPRET:
         block_l = min(block_l, kernels.CHUNK_QUANTUM)
-    return TileConfig(block_s, block_l, block_c, num_warps)
+    return TileConfig(block_s, block_l, block_c, num_warps, num_stages)
 
 
 def candidate_configs(kernel, S, C, dtype):
-    """What ``GLMIX_TRITON_AUTOTUNE=1`` chooses among: the pinned config and one with the other
-    warp count (4 or 8). All of them must compile without spills (the compile report checks)."""
+    """What ``GLMIX_TRITON_AUTOTUNE=1`` chooses among: the pinned config and, where it compiles
+    without spills, one with the other warp count (4 or 8). The compile report checks them all."""
     pinned = pick_config(kernel, S, C, dtype)
-    if kernels.INTERPRET:
-        return [pinned]
+    if kernels.INTERPRET or (kernel == "slot_bwd" and pinned.block_c < C):
+        return [pinned]  # slot_bwd over several C blocks spills with 8 warps on sm_90
     return [pinned, replace(pinned, num_warps=12 - pinned.num_warps)]
 
 
