@@ -21,6 +21,9 @@ Environment knobs:
                           TORCH_CUDA_ARCH_LIST, then the local GPU's capability (torch's rule)
   MAX_JOBS                parallel compile jobs (torch's ninja build reads it)
   NVCC_THREADS            nvcc --threads (parallel compilation for several architectures)
+  GLMIX_CUDA_EMULATION=1  also build the CUDA kernels for CPU tensors under the host emulation of
+                          the CUDA execution model (backend "cuda_emulated", docs/emulation.md);
+                          any torch, no toolkit needed
   GLMIX_EXTRA_INCLUDE     extra include directories, separated by os.pathsep, searched after
                           the compilers' own (-idirafter for the C++ compiler, and for nvcc's host
                           compiler through -Xcompiler); e.g. a pip wheel's nvidia/cu13/include
@@ -89,6 +92,9 @@ def _extensions():
         define_macros=[("GLMIX_PYTHON_MODULE", None)],
         extra_link_args=link,
     )
+    if _flag("GLMIX_CUDA_EMULATION"):
+        kwargs["sources"] += _sources("csrc/cuda/emulated/*.cpp") + _sources("csrc/cuda/emulation*.cpp")
+        kwargs["define_macros"] += [("WITH_CUDA_EMULATION", None)]
     if with_cuda:
         if os.environ.get("GLMIX_CUDA_ARCH"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["GLMIX_CUDA_ARCH"]
@@ -101,7 +107,8 @@ def _extensions():
     else:
         ext = cpp_extension.CppExtension(**kwargs, extra_compile_args={"cxx": cxx})
     print(f"glmix-kernels: building glmix_kernels._C for torch {torch.__version__}, "
-          f"{'CPU and CUDA' if with_cuda else 'CPU only'}", file=sys.stderr)
+          f"{'CPU and CUDA' if with_cuda else 'CPU only'}"
+          f"{', with the CUDA emulation' if _flag('GLMIX_CUDA_EMULATION') else ''}", file=sys.stderr)
     # The extension links against this torch's C++ ABI: pin the release it was built with.
     return [ext], {"build_ext": cpp_extension.BuildExtension}, f"torch=={torch.__version__.split('+')[0]}"
 

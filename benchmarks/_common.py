@@ -57,6 +57,40 @@ class ModelCase:
         return self.model if self.depth is None else f"{self.model}[depth {'-'.join(map(str, self.depth))}]"
 
 
+@dataclass(frozen=True)
+class FeatureCase:
+    """Multi-scale feature extraction (``features_only``) at a detection pipeline's image size."""
+    model: str
+    backend: str
+    B: int
+    H: int
+    W: int
+    depth: tuple  # None: the model's own
+    rounds: int
+    mode: str = "infer"
+
+    def __str__(self):
+        depth = "" if self.depth is None else "-depth" + "".join(map(str, self.depth))
+        return f"{self.model}-features-{self.backend}-{self.H}x{self.W}-B{self.B}{depth}"
+
+    @property
+    def name(self):
+        return f"{self.model} features" + ("" if self.depth is None else f"[depth {'-'.join(map(str, self.depth))}]")
+
+
+# COCO's usual test size: the short side 800, the long side 1216 here (a multiple of 32 near 1333).
+FEATURE_SIZE = (800, 1216)
+
+
+def feature_cases(full, device):
+    if device.type == "cuda":
+        batch, depth = 2, None
+    else:
+        batch, depth = 1, (None if full else REDUCED_DEPTH)
+    rounds = FULL_MODEL_ROUNDS if full else MODEL_ROUNDS
+    return [FeatureCase("glnet_4g", backend, batch, *FEATURE_SIZE, depth, rounds) for backend in BACKENDS]
+
+
 def op_cases(full, device):
     if device.type == "cuda":
         stages, batches, dtypes = list(workloads.STAGE_SHAPES), ((64, 128) if full else (128,)), \
@@ -104,7 +138,7 @@ def mixer_cases(full, device):
             for res in resolutions for variant in variants]
 
 
-CASES = {"op_case": op_cases, "glnet_case": glnet_cases, "mixer_case": mixer_cases}
+CASES = {"op_case": op_cases, "glnet_case": glnet_cases, "mixer_case": mixer_cases, "feature_case": feature_cases}
 
 
 def skip_unless_timed(backend, dtype=torch.float32, channels=1, slots=1):

@@ -25,3 +25,8 @@ GLMIX_REGISTER_KERNELS(glmix_kernels, CPU, cpu)
 #ifdef WITH_CUDA
 GLMIX_REGISTER_KERNELS(glmix_kernels, CUDA, cuda)
 #endif
+#ifdef WITH_CUDA_EMULATION
+// The CUDA kernels on CPU tensors under the host emulation (docs/emulation.md), in their own namespace.
+TORCH_LIBRARY(glmix_emulated, m) { glmix::define_ops(m); }
+GLMIX_REGISTER_KERNELS(glmix_emulated, CPU, cuda_emulated)
+#endif

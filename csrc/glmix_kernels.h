@@ -28,6 +28,7 @@ using at::Tensor;
 
 GLMIX_DECLARE_KERNELS(cpu)
 GLMIX_DECLARE_KERNELS(cuda)
+GLMIX_DECLARE_KERNELS(cuda_emulated)  // the CUDA kernels under the host emulation, on CPU tensors
 
 #undef GLMIX_DECLARE_KERNELS
 

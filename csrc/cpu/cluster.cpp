@@ -1,5 +1,5 @@
 // Soft clustering on the CPU: slots = softmax_L(A) @ x and its backward, fused tile by tile (no
-// (B, S, L) tensor). See tile.h for the partition of L and the shared tile steps.
+// (B, S, L) tensor). See plan.h for the partition of L and tile.h for the shared tile steps.
 #include <ATen/Dispatch.h>
 
 #include "../glmix_kernels.h"
@@ -11,30 +11,30 @@ namespace {
 using namespace cpu;
 
 template <typename scalar_t>
-void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& lse) {
+void cluster_fwd(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   const auto acc_opts = qs.options();
-  const Splits sp(L, C, kMaxSplits);
-  const int64_t J = sp.count;
+  const Chunks ch = plan_chunks(L, C, kMaxChunks);
+  const int64_t J = ch.n;
   const Rows<scalar_t> xs(x);
   const Operand qT(qs.transpose(1, 2), qs.scalar_type());
 
-  // Each split runs an online softmax over its tiles (FlashAttention style) and leaves its
-  // running max m, sum z and unnormalised slots acc; the splits are merged below.
+  // Each chunk runs an online softmax over its tiles (FlashAttention style) and leaves its
+  // running max m, sum z and unnormalised slots acc; cluster_fwd_combine merges the chunks.
   Tensor m = at::empty({B, J, S}, acc_opts), z = at::empty({B, J, S}, acc_opts);
   Tensor acc = at::empty({B, J, S, C}, acc_opts);
-  parallel_splits(B, sp, [&](int64_t b, int64_t j) {
-    PixelTile<acc_t> tile(sp.tile, C, acc_opts);
-    const Tensor A_buf = at::empty({sp.tile * S}, acc_opts);
+  const auto cluster_fwd_chunk = [&](int64_t b, int64_t j) {
+    PixelTile<acc_t> tile(ch.tile, C, acc_opts);
+    const Tensor A_buf = at::empty({ch.tile * S}, acc_opts);
     acc_t* a = A_buf.data_ptr<acc_t>();
     acc_t* acc_j = acc.data_ptr<acc_t>() + (b * J + j) * S * C;
     acc_t* m_j = m.data_ptr<acc_t>() + (b * J + j) * S;
     acc_t* z_j = z.data_ptr<acc_t>() + (b * J + j) * S;
     std::vector<acc_t> tile_max(S), tile_sum(S), rescale(S);
-    for (int64_t l0 = sp.begin(j); l0 < sp.end(j); l0 += sp.tile) {
-      const bool first = l0 == sp.begin(j);
-      tile.load(xs, b, l0, std::min(sp.tile, sp.end(j) - l0));
+    for (int64_t l0 = ch.begin(j); l0 < ch.end(j); l0 += ch.tile) {
+      const bool first = l0 == ch.begin(j);
+      tile.load(xs, b, l0, std::min(ch.tile, ch.end(j) - l0));
       const int64_t n = tile.n();
       tile.times(qT.at<acc_t>(b), S, a);
       column_max(a, n, S, S, tile.rinv(), tile_max.data());
@@ -48,9 +48,10 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
       if (!first) scale_rows(acc_j, S, C, rescale.data());
       gemm_tn(S, C, n, a, S, tile.x(), C, acc_j, C, !first);  // acc += P^T @ x
     }
-  });
+  };
+  parallel_chunks(B, ch, cluster_fwd_chunk);
 
-  // Merge the splits in split order: lse = M + log sum_j e^(m_j - M) z_j,
+  // cluster_fwd_combine: the chunks merged in chunk order, lse = M + log sum_j e^(m_j - M) z_j,
   // slots = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) z_j, left in acc_t for the backward's delta.
   const acc_t* mp = m.const_data_ptr<acc_t>();
   const acc_t* zp = z.const_data_ptr<acc_t>();
@@ -81,12 +82,12 @@ void cluster_fwd_impl(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& 
 }
 
 template <typename scalar_t>
-void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
+void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
                       const Tensor& lse, Tensor& dx, Tensor& dqs) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   const auto acc_opts = qs.options();
-  const Splits sp(L, C, kMaxSplits);
+  const Chunks ch = plan_chunks(L, C, kMaxChunks);
   const Rows<scalar_t> xs(x);
   const Tensor G_acc = grad.to(qs.scalar_type()).contiguous();
   const Tensor lse_c = lse.contiguous();
@@ -112,61 +113,59 @@ void cluster_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, con
   // softmax steps turn into [P | dA_r].
   const Operand q(qs, qs.scalar_type()), G(G_acc, qs.scalar_type());
   const Operand qgT(at::cat({qs.transpose(1, 2), G_acc.transpose(1, 2)}, 2), qs.scalar_type());  // (B, C, 2S)
-  Tensor dqs_partial = at::empty({B, sp.count, S, C}, acc_opts);
-  parallel_splits(B, sp, [&](int64_t b, int64_t j) {
-    PixelTile<acc_t> tile(sp.tile, C, acc_opts);
-    const Tensor PD_buf = at::empty({sp.tile * 2 * S}, acc_opts);
-    const Tensor dx_buf = result_buffer<acc_t, scalar_t>(sp.tile * C, acc_opts);
+  Tensor dqs_partial = at::empty({B, ch.n, S, C}, acc_opts);
+  // Per chunk, tile by tile: dx (pixel_bwd) and the chunk's partial dqs (slot_bwd).
+  const auto cluster_bwd_chunk = [&](int64_t b, int64_t j) {
+    PixelTile<acc_t> tile(ch.tile, C, acc_opts);
+    const Tensor PD_buf = at::empty({ch.tile * 2 * S}, acc_opts);
+    const Tensor dx_buf = result_buffer<acc_t, scalar_t>(ch.tile * C, acc_opts);
     acc_t* pd = PD_buf.data_ptr<acc_t>();
-    acc_t* dqs_j = dqs_partial.data_ptr<acc_t>() + (b * sp.count + j) * S * C;
+    acc_t* dqs_j = dqs_partial.data_ptr<acc_t>() + (b * ch.n + j) * S * C;
     const acc_t* lse_b = lse_c.const_data_ptr<acc_t>() + b * S;
     const acc_t* delta_b = delta.const_data_ptr<acc_t>() + b * S;
-    for (int64_t l0 = sp.begin(j); l0 < sp.end(j); l0 += sp.tile) {
-      tile.load(xs, b, l0, std::min(sp.tile, sp.end(j) - l0));
+    for (int64_t l0 = ch.begin(j); l0 < ch.end(j); l0 += ch.tile) {
+      tile.load(xs, b, l0, std::min(ch.tile, ch.end(j) - l0));
       const int64_t n = tile.n();
       tile.times(qgT.at<acc_t>(b), 2 * S, pd);
       softmax_backward(pd, 2 * S, pd + S, 2 * S, n, S, tile.rinv(), lse_b, delta_b, Over::Pixels);
       Tensor dxt = result_rows<acc_t, scalar_t>(dx, b, l0, n, dx_buf);
       acc_t* dxp = dxt.data_ptr<acc_t>();
-      tile.key_backward(pd + S, 2 * S, S, q.at<acc_t>(b), dqs_j, l0 == sp.begin(j), dxp);
+      tile.key_backward(pd + S, 2 * S, S, q.at<acc_t>(b), dqs_j, l0 == ch.begin(j), dxp);
       gemm_nn(n, C, S, pd, 2 * S, G.at<acc_t>(b), C, dxp, C, true);  // the value path, P @ G
       flush_rows<acc_t, scalar_t>(dxt, dx, b, l0);
     }
-  });
-  sum_splits<acc_t, acc_t>(dqs_partial, dqs);
+  };
+  parallel_chunks(B, ch, cluster_bwd_chunk);
+  sum_chunks<acc_t, acc_t>(dqs_partial, dqs);
 }
 
 }  // namespace
 
 std::tuple<Tensor, Tensor> cluster_fwd_cpu(const Tensor& x, const Tensor& qs) {
-  const int64_t S = check_x_qs(x, qs);
+  const char* op = "glmix_kernels.cluster_fwd";
+  const int64_t S = check_inputs(x, qs, op);
   const int64_t B = x.size(0), C = x.size(2);
-  TORCH_CHECK(x.size(1) >= 1, "glmix_kernels: clustering needs at least one pixel, x has shape ", x.sizes());
+  TORCH_CHECK(x.size(1) >= 1, op, ": x must have at least one pixel (L >= 1) for clustering, got ", x.sizes());
   Tensor slots = at::empty({B, S, C}, qs.options());
   Tensor lse = at::empty({B, S}, qs.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix cluster_fwd_cpu",
-                                  [&] { cluster_fwd_impl<scalar_t>(x, qs, slots, lse); });
+                                  [&] { cluster_fwd<scalar_t>(x, qs, slots, lse); });
   return {slots, lse};
 }
 
 std::tuple<Tensor, Tensor> cluster_bwd_cpu(const Tensor& grad, const Tensor& x, const Tensor& qs,
                                            const Tensor& slots, const Tensor& lse) {
-  const int64_t S = check_x_qs(x, qs);
+  const char* op = "glmix_kernels.cluster_bwd";
+  const int64_t S = check_inputs(x, qs, op);
   const int64_t B = x.size(0), C = x.size(2);
-  TORCH_CHECK(x.size(1) >= 1, "glmix_kernels: clustering needs at least one pixel, x has shape ", x.sizes());
-  for (const auto& [t, name, dtype] : {std::tuple{&grad, "grad", x.scalar_type()},
-                                       std::tuple{&slots, "slots", qs.scalar_type()}}) {
-    check_cpu(*t, name);
-    check_shape(*t, name, {B, S, C});
-    check_dtype(*t, name, dtype);
-  }
-  check_cpu(lse, "lse");
-  check_shape(lse, "lse", {B, S});
-  check_dtype(lse, "lse", qs.scalar_type());
+  TORCH_CHECK(x.size(1) >= 1, op, ": x must have at least one pixel (L >= 1) for clustering, got ", x.sizes());
+  checks::check_arg(grad, "grad", op, x, {B, S, C}, x.scalar_type());
+  checks::check_arg(slots, "slots", op, x, {B, S, C}, qs.scalar_type());
+  checks::check_arg(lse, "lse", op, x, {B, S}, qs.scalar_type());
   Tensor dx = at::empty(x.sizes(), x.options());
   Tensor dqs = at::empty({B, S, C}, qs.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix cluster_bwd_cpu",
-                                  [&] { cluster_bwd_impl<scalar_t>(grad, x, qs, slots, lse, dx, dqs); });
+                                  [&] { cluster_bwd<scalar_t>(grad, x, qs, slots, lse, dx, dqs); });
   return {dx, dqs};
 }
 

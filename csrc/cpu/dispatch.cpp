@@ -1,6 +1,6 @@
 // Soft dispatch on the CPU: out = softmax_S(A)^T @ slots and its backward, fused tile by tile (no
 // (B, S, L) tensor). A pixel's S logits all lie in its tile, so the forward needs no merging
-// across tiles; the backward's sums over pixels (dqs, dslots) go through per-split partials.
+// across tiles; the backward's sums over pixels (dqs, dslots) go through per-chunk partials.
 #include <ATen/Dispatch.h>
 
 #include "../glmix_kernels.h"
@@ -12,18 +12,18 @@ namespace {
 using namespace cpu;
 
 template <typename scalar_t>
-void dispatch_fwd_impl(const Tensor& x, const Tensor& qs, const Tensor& slots, Tensor& out, Tensor& lse) {
+void dispatch_fwd(const Tensor& x, const Tensor& qs, const Tensor& slots, Tensor& out, Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   const auto acc_opts = qs.options();
-  const Splits sp(L, C, /*max_splits=*/std::max<int64_t>(L, 1));  // one tile per task
+  const Chunks ch = plan_chunks(L, C, /*max_chunks=*/std::max<int64_t>(L, 1));  // one tile per task
   const Rows<scalar_t> xs(x);
   const Operand qT(qs.transpose(1, 2), qs.scalar_type()), V(slots, qs.scalar_type());
   acc_t* lse_p = lse.data_ptr<acc_t>();
-  parallel_splits(B, sp, [&](int64_t b, int64_t j) {
-    PixelTile<acc_t> tile(sp.tile, C, acc_opts);
-    tile.load(xs, b, sp.begin(j), sp.end(j) - sp.begin(j));
-    const int64_t n = tile.n(), l0 = sp.begin(j);
+  const auto dispatch_fwd_chunk = [&](int64_t b, int64_t j) {  // a chunk of one tile
+    PixelTile<acc_t> tile(ch.tile, C, acc_opts);
+    tile.load(xs, b, ch.begin(j), ch.end(j) - ch.begin(j));
+    const int64_t n = tile.n(), l0 = ch.begin(j);
     const Tensor D = at::empty({n * S}, acc_opts);
     acc_t* d = D.data_ptr<acc_t>();
     tile.times(qT.at<acc_t>(b), S, d);
@@ -31,34 +31,36 @@ void dispatch_fwd_impl(const Tensor& x, const Tensor& qs, const Tensor& slots, T
     Tensor ot = result_rows<acc_t, scalar_t>(out, b, l0, n, result_buffer<acc_t, scalar_t>(n * C, acc_opts));
     gemm_nn(n, C, S, d, S, V.at<acc_t>(b), C, ot.data_ptr<acc_t>(), C, false);
     flush_rows<acc_t, scalar_t>(ot, out, b, l0);
-  });
+  };
+  parallel_chunks(B, ch, dispatch_fwd_chunk);
 }
 
 template <typename scalar_t>
-void dispatch_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
+void dispatch_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
                        const Tensor& lse, Tensor& dx, Tensor& dqs, Tensor& dslots) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   const auto acc_opts = qs.options();
-  const Splits sp(L, C, kMaxSplits);
+  const Chunks ch = plan_chunks(L, C, kMaxChunks);
   const Rows<scalar_t> xs(x), gs(grad);
   const Operand q(qs, qs.scalar_type()), qT(qs.transpose(1, 2), qs.scalar_type());
   const Operand VT(slots.transpose(1, 2), qs.scalar_type());
   const Tensor lse_c = lse.contiguous();
   const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
-  Tensor dqs_partial = at::empty({B, sp.count, S, C}, acc_opts);
-  Tensor dslots_partial = at::empty({B, sp.count, S, C}, acc_opts);
-  parallel_splits(B, sp, [&](int64_t b, int64_t j) {
-    PixelTile<acc_t> tile(sp.tile, C, acc_opts);
-    const Tensor D_buf = at::empty({sp.tile * S}, acc_opts), dD_buf = at::empty({sp.tile * S}, acc_opts);
-    const Tensor g_buf = at::empty({sp.tile * C}, acc_opts), dx_buf = result_buffer<acc_t, scalar_t>(sp.tile * C, acc_opts);
+  Tensor dqs_partial = at::empty({B, ch.n, S, C}, acc_opts);
+  Tensor dslots_partial = at::empty({B, ch.n, S, C}, acc_opts);
+  // Per chunk, tile by tile: dx and delta' (pixel_bwd), the chunk's partial dqs and dslots (slot_bwd).
+  const auto dispatch_bwd_chunk = [&](int64_t b, int64_t j) {
+    PixelTile<acc_t> tile(ch.tile, C, acc_opts);
+    const Tensor D_buf = at::empty({ch.tile * S}, acc_opts), dD_buf = at::empty({ch.tile * S}, acc_opts);
+    const Tensor g_buf = at::empty({ch.tile * C}, acc_opts), dx_buf = result_buffer<acc_t, scalar_t>(ch.tile * C, acc_opts);
     acc_t* D = D_buf.data_ptr<acc_t>();
     acc_t* dD = dD_buf.data_ptr<acc_t>();
-    acc_t* dqs_j = dqs_partial.data_ptr<acc_t>() + (b * sp.count + j) * S * C;
-    acc_t* dslots_j = dslots_partial.data_ptr<acc_t>() + (b * sp.count + j) * S * C;
-    for (int64_t l0 = sp.begin(j); l0 < sp.end(j); l0 += sp.tile) {
-      const bool first = l0 == sp.begin(j);
-      tile.load(xs, b, l0, std::min(sp.tile, sp.end(j) - l0));
+    acc_t* dqs_j = dqs_partial.data_ptr<acc_t>() + (b * ch.n + j) * S * C;
+    acc_t* dslots_j = dslots_partial.data_ptr<acc_t>() + (b * ch.n + j) * S * C;
+    for (int64_t l0 = ch.begin(j); l0 < ch.end(j); l0 += ch.tile) {
+      const bool first = l0 == ch.begin(j);
+      tile.load(xs, b, l0, std::min(ch.tile, ch.end(j) - l0));
       const int64_t n = tile.n();
       const acc_t* g = gs.template read<acc_t>(b, l0, n, g_buf).template const_data_ptr<acc_t>();
       tile.times(qT.at<acc_t>(b), S, D);
@@ -72,44 +74,39 @@ void dispatch_bwd_impl(const Tensor& grad, const Tensor& x, const Tensor& qs, co
       tile.key_backward(dD, S, S, q.at<acc_t>(b), dqs_j, first, dxp);
       flush_rows<acc_t, scalar_t>(dxt, dx, b, l0);
     }
-  });
-  sum_splits<acc_t, acc_t>(dqs_partial, dqs);
-  sum_splits<acc_t, scalar_t>(dslots_partial, dslots);
+  };
+  parallel_chunks(B, ch, dispatch_bwd_chunk);
+  sum_chunks<acc_t, acc_t>(dqs_partial, dqs);
+  sum_chunks<acc_t, scalar_t>(dslots_partial, dslots);
 }
 
 }  // namespace
 
 std::tuple<Tensor, Tensor> dispatch_fwd_cpu(const Tensor& x, const Tensor& qs, const Tensor& slots) {
-  const int64_t S = check_x_qs(x, qs);
+  const char* op = "glmix_kernels.dispatch_fwd";
+  const int64_t S = check_inputs(x, qs, op);
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
-  check_cpu(slots, "slots");
-  check_shape(slots, "slots", {B, S, C});
-  check_dtype(slots, "slots", x.scalar_type());
+  checks::check_arg(slots, "slots", op, x, {B, S, C}, x.scalar_type());
   Tensor out = at::empty({B, L, C}, x.options());
   Tensor lse = at::empty({B, L}, qs.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix dispatch_fwd_cpu",
-                                  [&] { dispatch_fwd_impl<scalar_t>(x, qs, slots, out, lse); });
+                                  [&] { dispatch_fwd<scalar_t>(x, qs, slots, out, lse); });
   return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_cpu(const Tensor& grad, const Tensor& x, const Tensor& qs,
                                                     const Tensor& slots, const Tensor& lse) {
-  const int64_t S = check_x_qs(x, qs);
+  const char* op = "glmix_kernels.dispatch_bwd";
+  const int64_t S = check_inputs(x, qs, op);
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
-  for (const auto& [t, name, shape] : {std::tuple{&grad, "grad", std::vector<int64_t>{B, L, C}},
-                                       std::tuple{&slots, "slots", std::vector<int64_t>{B, S, C}}}) {
-    check_cpu(*t, name);
-    check_shape(*t, name, shape);
-    check_dtype(*t, name, x.scalar_type());
-  }
-  check_cpu(lse, "lse");
-  check_shape(lse, "lse", {B, L});
-  check_dtype(lse, "lse", qs.scalar_type());
+  checks::check_arg(grad, "grad", op, x, {B, L, C}, x.scalar_type());
+  checks::check_arg(slots, "slots", op, x, {B, S, C}, x.scalar_type());
+  checks::check_arg(lse, "lse", op, x, {B, L}, qs.scalar_type());
   Tensor dx = at::empty({B, L, C}, x.options());
   Tensor dqs = at::empty({B, S, C}, qs.options());
   Tensor dslots = at::empty({B, S, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix dispatch_bwd_cpu", [&] {
-    dispatch_bwd_impl<scalar_t>(grad, x, qs, slots, lse, dx, dqs, dslots);
+    dispatch_bwd<scalar_t>(grad, x, qs, slots, lse, dx, dqs, dslots);
   });
   return {dx, dqs, dslots};
 }

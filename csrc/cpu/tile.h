@@ -1,7 +1,8 @@
-// What the CPU clustering and dispatch kernels share: input checks, the split of L into tiles,
-// one tile of pixels with its norms, the products on tiles, the softmax steps on an (n, S) tile of
-// logits, the backward pass through the normalisation, and the fixed-order sum of per-split
-// partial results.
+// What the CPU clustering and dispatch kernels share on tiles: reading tiles of rows from strided
+// tensors, one tile of pixels with its norms and the backward pass through the normalisation, and
+// the fixed-order sum of per-chunk partial results. Beside it: plan.h (the partition of L into
+// tiles and chunks), gemm.h (the products on tiles), passes.h (the elementwise passes),
+// ../checks.h (the input checks).
 //
 // Logits tiles are pixel-major, (n, S): then every product whose result is per pixel (logits,
 // dispatch's output, dx) reads both operands row-major as they lie, and runs as a oneDNN brgemm
@@ -10,7 +11,7 @@
 // cost about a quarter of the multiply-adds. The sums over pixels (slots, dqs, dslots) read a
 // logits tile transposed: it is transposed once in L2, then multiplied the same way. float64 (the
 // gradcheck dtype) goes through ATen's mm. The elementwise passes over a tile are the functions
-// declared below, defined in tile.cpp and compiled per ISA. Everything is computed in acc_t =
+// of passes.h, defined in passes.cpp and compiled per ISA. Everything is computed in acc_t =
 // float for float16/bfloat16/float32 inputs and double for float64.
 #pragma once
 
@@ -24,123 +25,25 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/native/CPUBlas.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
 #include <c10/util/irange.h>
+
+#include "../checks.h"
+#include "gemm.h"
+#include "passes.h"
+#include "plan.h"
 
 namespace glmix::cpu {
 
 using at::Tensor;
 
-inline at::ScalarType acc_dtype(at::ScalarType x_dtype) {
-  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
+using checks::acc_dtype;
+
+// x (B, L, C) and qs (B, S, C) on the CPU as every kernel of this backend takes them; returns S.
+inline int64_t check_inputs(const Tensor& x, const Tensor& qs, const char* op) {
+  return checks::check_x_qs(x, qs, op, at::kCPU, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble});
 }
-
-// ---------------------------------------------------------------------------------------------
-// Input checks. Python validates first (glmix_kernels/_validate.py); these keep a direct
-// torch.ops call from reading out of bounds.
-
-inline void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "glmix_kernels: ", name, " must be a CPU tensor, got ", t.device());
-}
-
-inline void check_shape(const Tensor& t, const char* name, at::IntArrayRef want) {
-  TORCH_CHECK(t.sizes() == want, "glmix_kernels: ", name, " must have shape ", want, ", got ", t.sizes());
-}
-
-inline void check_dtype(const Tensor& t, const char* name, at::ScalarType want) {
-  TORCH_CHECK(t.scalar_type() == want, "glmix_kernels: ", name, " must have dtype ", want, ", got ",
-              t.scalar_type());
-}
-
-// x (B, L, C) floating, qs (B, S, C) in the accumulation dtype; returns S.
-inline int64_t check_x_qs(const Tensor& x, const Tensor& qs) {
-  check_cpu(x, "x");
-  check_cpu(qs, "qs");
-  TORCH_CHECK(x.dim() == 3, "glmix_kernels: x must be (B, L, C), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ||
-                  x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "glmix_kernels: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(qs.dim() == 3 && qs.size(0) == x.size(0) && qs.size(1) >= 1 && qs.size(2) == x.size(2),
-              "glmix_kernels: qs must be (B, S, C) = (", x.size(0), ", S, ", x.size(2), "), got ", qs.sizes());
-  check_dtype(qs, "qs", acc_dtype(x.scalar_type()));
-  return qs.size(1);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The partition of L: tiles of `tile` pixels, grouped into at most `max_splits` splits per batch
-// element. One task handles one split, tile after tile. The partition depends on the shapes only,
-// never on the thread count, so every reduction over pixels (within a split in tile order, then
-// across splits in split order) is bitwise reproducible.
-
-// A tile's (T, C) pixels and (T, S) logits stay in L2 for the channel counts GLNet uses (512 pixels
-// measured best at C = 64; 256 and 1024 were 2-10% slower).
-inline int64_t tile_pixels(int64_t C) {
-  return C <= 64 ? 512 : C <= 128 ? 256 : 128;
-}
-
-// Enough splits to feed many cores when B is small, few enough that the (B, splits, S, C)
-// partial results stay a small multiple of the outputs.
-constexpr int64_t kMaxSplits = 16;
-
-struct Splits {
-  int64_t L, tile, per_split, count;
-
-  Splits(int64_t L_, int64_t C, int64_t max_splits) : L(L_), tile(tile_pixels(C)) {
-    const int64_t tiles = (L + tile - 1) / tile;
-    per_split = std::max<int64_t>(1, (tiles + max_splits - 1) / max_splits);
-    count = (tiles + per_split - 1) / per_split;
-  }
-  int64_t begin(int64_t j) const { return j * per_split * tile; }
-  int64_t end(int64_t j) const { return std::min(L, (j + 1) * per_split * tile); }
-};
-
-// fn(b, j) for every batch element b and split j, in parallel.
-template <typename F>
-void parallel_splits(int64_t B, const Splits& sp, const F& fn) {
-  at::parallel_for(0, B * sp.count, 1, [&](int64_t begin, int64_t end) {
-    for (const auto i : c10::irange(begin, end)) fn(i / sp.count, i % sp.count);
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// Elementwise passes, for T = float and double (tile.cpp). Tiles are row-major: x and dx (n, C),
-// logits and their gradients (n, S) with row stride ld (two (n, S) blocks may share the rows of
-// one (n, 2S) buffer).
-
-// The softmax axis of a tile of logits: over pixels (clustering: statistics per slot, i.e. per
-// column) or over slots (dispatch: statistics per pixel, i.e. per row).
-enum class Over { Pixels, Slots };
-
-// dst (n, C) = the transpose of src (C, n) with row stride ld: a tile of the NCHW view of x.
-void transpose(const float* src, int64_t ld, int64_t n, int64_t C, float* dst);
-
-#define GLMIX_DECLARE_TILE_KERNELS(T)                                                               \
-  /* rinv[l] = 1 / max(||x_l||, eps) and the normalisation's backward coefficient proj[l] */       \
-  void inverse_norms(const T* x, int64_t n, int64_t C, T* rinv, T* proj);                          \
-  /* dx_l -= proj[l] <x_l, dx_l> x_l */                                                             \
-  void project_out(T* dx, const T* x, int64_t n, int64_t C, const T* proj);                        \
-  /* clustering, per tile: m[s] = max_l a[l, s] rinv[l]; then a[l, s] = exp(a[l, s] rinv[l] -     \
-     shift[s]) and sum[s] = its sum over the tile's pixels */                                       \
-  void column_max(const T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* m);              \
-  void exp_columns(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, const T* shift, T* sum); \
-  /* dispatch: each row of a a[l, :] rinv[l] replaced by its softmax; lse[l] its log-sum-exp */    \
-  void softmax_rows(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* lse);                \
-  /* Both backwards, from raw logits a (before the norms) and dP in d: a becomes                   \
-     P = exp(a rinv - lse) and d becomes dA / r = P (dP - delta) rinv. Over::Pixels: lse and delta \
-     per slot (delta given); Over::Slots: per pixel, delta = sum_s P dP / sum_s P computed here. */ \
-  void softmax_backward(T* a, int64_t lda, T* d, int64_t ldd, int64_t n, int64_t S, const T* rinv, \
-                        const T* lse, const T* delta, Over over);                                  \
-  /* a[s, c] *= w[s] */                                                                             \
-  void scale_rows(T* a, int64_t S, int64_t C, const T* w);
-
-GLMIX_DECLARE_TILE_KERNELS(float)
-GLMIX_DECLARE_TILE_KERNELS(double)
-#undef GLMIX_DECLARE_TILE_KERNELS
 
 // (rows, cols) contiguous view of a flat scratch buffer sized for a full tile. (BLAS results may
 // depend on the alignment of the operands: scratch buffers are 64-byte aligned, and the views
@@ -148,54 +51,6 @@ GLMIX_DECLARE_TILE_KERNELS(double)
 // inputs.)
 inline Tensor rows_view(const Tensor& buf, int64_t rows, int64_t cols) {
   return buf.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
-// ---------------------------------------------------------------------------------------------
-// Products on row-major pointers with leading dimensions; the first contribution to an
-// accumulator overwrites it (accumulate = false), so no buffer needs zeroing. What brgemm does
-// not cover goes through ATen's CPU mm on views of the same memory (its BLAS entry points are
-// not exported).
-
-template <typename T>
-Tensor matrix(const T* p, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-inline void mm(const Tensor& a, const Tensor& b, Tensor c, bool accumulate) {
-  if (accumulate)
-    at::cpu::addmm_(c, a, b);
-  else
-    at::cpu::mm_out(c, a, b);
-}
-
-// c (m, n) (+)= a (m, k) @ b (k, n)
-template <typename T>
-void gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
-             bool accumulate) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  if constexpr (std::is_same_v<T, float>) {
-    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
-    return;
-  }
-#endif
-  mm(matrix(a, m, k, lda), matrix(b, k, n, ldb), matrix(c, m, n, ldc), accumulate);
-}
-
-// c (m, n) (+)= a^T @ b for a (k, m), b (k, n): a sum over the k pixels of a tile. In float, a
-// goes through a transpose into per-thread scratch (cheap: the tile is in L2) and then brgemm.
-template <typename T>
-void gemm_tn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
-             bool accumulate) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  if constexpr (std::is_same_v<T, float>) {
-    thread_local std::vector<float> at_buf;
-    at_buf.resize(std::max<size_t>(at_buf.size(), m * k));
-    transpose(a, lda, m, k, at_buf.data());  // (m, k) = a^T
-    return gemm_nn(m, n, k, at_buf.data(), k, b, ldb, c, ldc, accumulate);
-  }
-#endif
-  mm(matrix(a, k, m, lda).t(), matrix(b, k, n, ldb), matrix(c, m, n, ldc), accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -341,10 +196,10 @@ class PixelTile {
 };
 
 // ---------------------------------------------------------------------------------------------
-// out (B, S, C) = sum over splits of partial (B, splits, S, C), split after split: the same
+// out (B, S, C) = sum over chunks of partial (B, chunks, S, C), chunk after chunk: the same
 // order whatever the thread count.
 template <typename acc_t, typename scalar_t>
-void sum_splits(const Tensor& partial, Tensor& out) {
+void sum_chunks(const Tensor& partial, Tensor& out) {
   const int64_t B = partial.size(0), J = partial.size(1), SC = partial.size(2) * partial.size(3);
   const acc_t* p = partial.const_data_ptr<acc_t>();
   scalar_t* o = out.data_ptr<scalar_t>();

@@ -1,375 +1,86 @@
-// Clustering on CUDA: slots = softmax_L(A) @ x with A = qs @ normalize(x)^T, and its backward.
-//
-// Forward (three launches, no (B, S, L) tensor):
-//   cluster_fwd_kernel   grid (S-tiles, L-chunks, B). A block streams its chunk of pixels tile by
-//                        tile (TL pixels x all C channels in shared memory), computes the TS x TL
-//                        logits of its slot tile, runs an online softmax per slot and accumulates
-//                        P @ x in registers; it writes the partial (max, sum, acc) of its chunk to
-//                        fp32 workspaces.
-//   cluster_combine_kernel  grid (S, B): merges the chunks by log-sum-exp in chunk order,
-//                        writes slots (float32: the backward's delta needs them unrounded) and lse.
-// Backward:
-//   cluster_delta_kernel delta[b, s] = <G[b, s], slots[b, s]>, from the forward's float32 slots.
-//   cluster_bwd_kernel   grid (L-chunks, B). Per pixel tile, loops over slot tiles, recomputes
-//                        P = exp(A - lse) and dA = P * (G x^T - delta), accumulates
-//                        dx (value path P^T G and K path dA^T qs through the normalisation) in
-//                        registers, and the chunk's partial dqs = dA @ K.
-//   reduce_chunks_kernel sums the chunks' dqs partials in a fixed order (bitwise deterministic).
+// Host side of the clustering on CUDA (kernels: cluster_kernels.cuh): input checks, tile and
+// chunk planning, workspaces and launches. Compiled by nvcc for the GPU, and as C++ for the
+// emulation (GLMIX_CUDA_EMULATION, csrc/cuda/emulated/).
 #include "../glmix_kernels.h"
-#include "tile.cuh"
-
-#include <cmath>
-#include <limits>
+#include "cluster_kernels.cuh"
+#include "host.cuh"
 
 namespace glmix {
-namespace cuda_detail {
-namespace {
 
-constexpr int kFwdAcc = 32;  // P @ x accumulators per thread: TS * C <= 8192
-constexpr int kBwdAcc = 16;  // three accumulators per thread: TL * C, TS * C <= 4096
+using namespace GLMIX_CUDA_NS;
 
-// ---------------------------------------------------------------------------------------------
-// Forward
-
-inline SmemCount fwd_smem(int TL, int TS, int ld) {
-  SmemCount s;
-  s.take(TS * ld).take(TL * ld).take(TS * TL).take(TL).take(3 * TS);
-  return s;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    cluster_fwd_kernel(const T* __restrict__ x, View xv, const float* __restrict__ qs, View qv,
-                       int L, int S, int C, int TL, int TS, int ld, int64_t chunk_len,
-                       int nchunks, float* __restrict__ ws_m, float* __restrict__ ws_l,
-                       float* __restrict__ ws_acc) {
-  extern __shared__ float smem[];
-  SmemCarve carve{smem};
-  float* q_sh = carve.take(TS * ld);
-  float* x_sh = carve.take(TL * ld);
-  float* p_sh = carve.take(TS * TL);  // logits, then probabilities, [s][l]
-  float* rn_sh = carve.take(TL);
-  float* m_sh = carve.take(TS);
-  float* l_sh = carve.take(TS);
-  float* alpha_sh = carve.take(TS);
-
-  const int st = blockIdx.x, chunk = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  const int s0 = st * TS, ns = min(TS, S - s0);
-  const int64_t l_begin = chunk * chunk_len;
-  const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);
-  const T* xb = x + b * xv.sb;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-
-  load_tile(q_sh, ld, qs + b * qv.sb, qv.sr, qv.sc, s0, ns, C);
-  for (int s = threadIdx.x; s < ns; s += blockDim.x) {
-    m_sh[s] = -INFINITY;
-    l_sh[s] = 0.f;
-  }
-  const int nacc = ns * C;
-  float acc[kFwdAcc];
-#pragma unroll
-  for (int i = 0; i < kFwdAcc; ++i) acc[i] = 0.f;
-
-  for (int64_t l0 = l_begin; l0 < l_end; l0 += TL) {
-    const int nl = static_cast<int>(min(static_cast<int64_t>(TL), l_end - l0));
-    __syncthreads();  // the previous tile's readers of x_sh / p_sh are done
-    load_tile(x_sh, ld, xb, xv.sr, xv.sc, l0, nl, C);
-    __syncthreads();
-    row_rnorms(x_sh, ld, nl, C, rn_sh, nullptr);
-    pair_dots(q_sh, ld, ns, x_sh, ld, nl, C, p_sh, TL);
-    __syncthreads();
-    // Online softmax over the pixels, one warp per slot.
-    for (int s = warp; s < ns; s += nw) {
-      float* row = p_sh + s * TL;
-      float mt = -INFINITY;
-      for (int l = lane; l < nl; l += 32) {
-        const float a = row[l] * rn_sh[l];
-        row[l] = a;
-        mt = fmaxf(mt, a);
-      }
-      mt = warp_max(mt);
-      const float m_old = m_sh[s];
-      const float m_new = fmaxf(m_old, mt);
-      float sum = 0.f;
-      for (int l = lane; l < nl; l += 32) {
-        const float e = expf(row[l] - m_new);
-        row[l] = e;
-        sum += e;
-      }
-      sum = warp_sum(sum);
-      if (lane == 0) {
-        alpha_sh[s] = online_softmax_step(m_old, m_new, sum, l_sh[s]);
-        m_sh[s] = m_new;
-      }
-    }
-    __syncthreads();
-    // acc[s][c] = alpha[s] * acc[s][c] + sum_l P[s][l] * x[l][c]
-    for_each_acc<kFwdAcc>(nacc, C, [&](int i, int, int s, int c) {
-      const float* prow = p_sh + s * TL;
-      float a = acc[i] * alpha_sh[s];
-      for (int l = 0; l < nl; ++l) a = fmaf(prow[l], x_sh[l * ld + c], a);
-      acc[i] = a;
-    });
-  }
-
-  const int64_t row0 = (b * nchunks + chunk) * S + s0;  // workspace row of slot s0
-  for (int s = threadIdx.x; s < ns; s += blockDim.x) {
-    ws_m[row0 + s] = m_sh[s];
-    ws_l[row0 + s] = l_sh[s];
-  }
-  store_acc(nacc, ws_acc + row0 * C, acc);
-}
-
-// slots[b, s] = sum_k w_k acc_k / sum_k w_k l_k with w_k = exp(m_k - max_k m_k), chunk order fixed.
-__global__ void __launch_bounds__(kThreads)
-    cluster_combine_kernel(const float* __restrict__ ws_m, const float* __restrict__ ws_l,
-                           const float* __restrict__ ws_acc, int S, int C, int nchunks,
-                           float* __restrict__ slots, float* __restrict__ lse) {
-  __shared__ float w_sh[kMaxChunks];
-  __shared__ float stat_sh[2];
-  const int s = blockIdx.x;
-  const int64_t b = blockIdx.y;
-  const int64_t base = b * nchunks * S + s;  // (b, k=0, s); chunk k adds k * S
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    float m = -INFINITY;
-    for (int k = lane; k < nchunks; k += 32) m = fmaxf(m, ws_m[base + static_cast<int64_t>(k) * S]);
-    m = warp_max(m);
-    float tot = 0.f;
-    for (int k = lane; k < nchunks; k += 32) {
-      const int64_t o = base + static_cast<int64_t>(k) * S;
-      tot += ws_l[o] * expf(ws_m[o] - m);
-    }
-    tot = warp_sum(tot);
-    if (lane == 0) {
-      stat_sh[0] = m;
-      stat_sh[1] = tot;
-      lse[b * S + s] = m + logf(tot);
-    }
-  }
-  __syncthreads();
-  const float m = stat_sh[0], inv = 1.f / stat_sh[1];
-  for (int k = threadIdx.x; k < nchunks; k += blockDim.x)
-    w_sh[k] = expf(ws_m[base + static_cast<int64_t>(k) * S] - m) * inv;
-  __syncthreads();
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    float a = 0.f;
-    for (int k = 0; k < nchunks; ++k) a = fmaf(w_sh[k], ws_acc[(base + static_cast<int64_t>(k) * S) * C + c], a);
-    slots[(b * S + s) * C + c] = a;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward
-
-// delta[b, s] = sum_c G[b, s, c] * slots[b, s, c]; one warp per (b, s).
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    cluster_delta_kernel(const T* __restrict__ g, View gv, const float* __restrict__ sl, View sv,
-                         int64_t B, int S, int C, float* __restrict__ delta) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= B * S) return;  // whole warps leave together
-  const int64_t b = row / S, s = row - b * S;
-  const T* gp = g + b * gv.sb + s * gv.sr;
-  const float* sp = sl + b * sv.sb + s * sv.sr;
-  float a = 0.f;
-  for (int c = lane; c < C; c += 32) a = fmaf(to_f(gp[c * gv.sc]), sp[c * sv.sc], a);
-  a = warp_sum(a);
-  if (lane == 0) delta[row] = a;
-}
-
-inline SmemCount bwd_smem(int TL, int TS, int ld) {
-  SmemCount s;
-  s.take(TL * ld).take(TL * ld).take(TS * ld).take(TS * ld).take(TS * TL).take(TS * TL);
-  s.take(TL).take(TL).take(TL).take(TS).take(TS);
-  return s;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    cluster_bwd_kernel(const T* __restrict__ g, View gv, const T* __restrict__ x, View xv,
-                       const float* __restrict__ qs, View qv, const float* __restrict__ lse,
-                       const float* __restrict__ delta, int L, int S, int C, int TL, int TS,
-                       int ld, int nst, int64_t chunk_len, int nchunks, T* __restrict__ dx,
-                       float* __restrict__ ws_dq) {
-  extern __shared__ float smem[];
-  SmemCarve carve{smem};
-  float* x_sh = carve.take(TL * ld);
-  float* dk_sh = carve.take(TL * ld);  // dK of the tile, for the per-pixel projection
-  float* q_sh = carve.take(TS * ld);
-  float* g_sh = carve.take(TS * ld);
-  float* p_sh = carve.take(TS * TL);   // logits, then P, [s][l]
-  float* da_sh = carve.take(TS * TL);  // dP, then dA, [s][l]
-  float* rn_sh = carve.take(TL);
-  float* live_sh = carve.take(TL);
-  float* dot_sh = carve.take(TL);
-  float* lse_sh = carve.take(TS);
-  float* dl_sh = carve.take(TS);
-
-  const int chunk = blockIdx.x;
-  const int64_t b = blockIdx.y;
-  const int64_t l_begin = chunk * chunk_len;
-  const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);
-  const T* xb = x + b * xv.sb;
-  const T* gb = g + b * gv.sb;
-  const float* qb = qs + b * qv.sb;
-  float* ws_b = ws_dq + (b * nchunks + chunk) * static_cast<int64_t>(S) * C;
-
-  float dq[kBwdAcc];
-#pragma unroll
-  for (int i = 0; i < kBwdAcc; ++i) dq[i] = 0.f;
-  int loaded = -1;
-  int ns = 0;
-
-  for (int64_t l0 = l_begin; l0 < l_end; l0 += TL) {
-    const bool first_tile = l0 == l_begin;
-    const int nl = static_cast<int>(min(static_cast<int64_t>(TL), l_end - l0));
-    const int nx = nl * C;
-    __syncthreads();  // readers of the previous tile are done
-    load_tile(x_sh, ld, xb, xv.sr, xv.sc, l0, nl, C);
-    __syncthreads();
-    row_rnorms(x_sh, ld, nl, C, rn_sh, live_sh);
-    float dxv[kBwdAcc], dk[kBwdAcc];
-#pragma unroll
-    for (int i = 0; i < kBwdAcc; ++i) dxv[i] = dk[i] = 0.f;
-
-    for (int st = 0; st < nst; ++st) {
-      const int s0 = st * TS;
-      if (load_slot_tile(st, TS, S, C, ld, loaded, ns, q_sh, qb, qv, g_sh, gb, gv)) {
-        for (int s = threadIdx.x; s < ns; s += blockDim.x) {
-          lse_sh[s] = lse[b * S + s0 + s];
-          dl_sh[s] = delta[b * S + s0 + s];
-        }
-      }
-      __syncthreads();  // tiles loaded, rnorms written, previous p_sh/da_sh readers done
-      pair_dots(q_sh, ld, ns, x_sh, ld, nl, C, p_sh, TL);
-      pair_dots(g_sh, ld, ns, x_sh, ld, nl, C, da_sh, TL);
-      __syncthreads();
-      for (int e = threadIdx.x; e < ns * nl; e += blockDim.x) {
-        const int s = e / nl, l = e - s * nl, o = s * TL + l;
-        const float p = expf(p_sh[o] * rn_sh[l] - lse_sh[s]);
-        p_sh[o] = p;
-        da_sh[o] = p * (da_sh[o] - dl_sh[s]);
-      }
-      __syncthreads();
-      // Per pixel: dx value path sum_s P[s][l] G[s][c], K path sum_s dA[s][l] qs[s][c].
-      for_each_acc<kBwdAcc>(nx, C, [&](int i, int, int l, int c) {
-        float v = dxv[i], k = dk[i];
-        for (int s = 0; s < ns; ++s) {
-          v = fmaf(p_sh[s * TL + l], g_sh[s * ld + c], v);
-          k = fmaf(da_sh[s * TL + l], q_sh[s * ld + c], k);
-        }
-        dxv[i] = v;
-        dk[i] = k;
-      });
-      // Per slot: dqs[s][c] += sum_l dA[s][l] K[l][c].
-      const int nq = ns * C;
-      for_each_acc<kBwdAcc>(nq, C, [&](int i, int, int s, int c) {
-        const float* arow = da_sh + s * TL;
-        float a = dq[i];
-        for (int l = 0; l < nl; ++l) a = fmaf(arow[l] * rn_sh[l], x_sh[l * ld + c], a);
-        dq[i] = a;
-      });
-      if (nst > 1) flush_acc(nq, first_tile, ws_b + static_cast<int64_t>(s0) * C, dq);
-    }
-
-    // dx = P^T G + (dK - K <K, dK>) / max(||x||, eps). dk_sh's readers are past the last barrier.
-    dx_epilogue(x_sh, dk_sh, ld, rn_sh, live_sh, dot_sh, nl, C, dk, dxv, dx + (b * L + l0) * C);
-  }
-
-  if (nst == 1) store_acc(ns * C, ws_b, dq);
-}
-
-}  // namespace
-}  // namespace cuda_detail
-
-using namespace cuda_detail;
-
-std::tuple<Tensor, Tensor> cluster_fwd_cuda(const Tensor& x, const Tensor& qs) {
-  const char* op = "glmix_kernels.cluster_fwd (CUDA)";
-  check_x(x, op);
-  check_qs(qs, x, op);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
-  TORCH_CHECK(L >= 1, op, ": clustering needs at least one pixel");
-  auto slots = at::empty({B, S, C}, x.options().dtype(at::kFloat));
-  auto lse = at::empty({B, S}, x.options().dtype(at::kFloat));
+std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Tensor& qs) {
+  using namespace cluster;
+  const char* op = "glmix_kernels.cluster_fwd";
+  const int64_t S = check_inputs(x, qs, op);
+  const DeviceGuard guard(x.device());
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
+  TORCH_CHECK(L >= 1, op, ": x must have at least one pixel (L >= 1) for clustering");
+  auto f32 = x.options().dtype(at::kFloat);
+  auto slots = empty_output({B, S, C}, f32);
+  auto lse = empty_output({B, S}, f32);
   if (B == 0) return {slots, lse};
 
-  const Tiles t = choose_tiles(S, C, kFwdAcc * kThreads,
-                               [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); });
-  const Chunks ch = choose_chunks(L, t.TL, B * t.nst);
+  const auto t = tiles_for(S, C, kFwdAcc * kThreads,
+                           [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); }, op);
+  const auto ch = plan::plan_chunks(L, t.TL, B * t.nst, device_props());
   TORCH_CHECK(ch.n <= 65535 && t.nst <= 65535, op, ": grid too large");
-  auto f32 = x.options().dtype(at::kFloat);
-  auto ws_m = at::empty({B, ch.n, S}, f32);
-  auto ws_l = at::empty({B, ch.n, S}, f32);
-  auto ws_acc = at::empty({B, ch.n, S, C}, f32);
+  auto ws_m = empty_workspace({B, ch.n, S}, f32);
+  auto ws_l = empty_workspace({B, ch.n, S}, f32);
+  auto ws_acc = empty_workspace({B, ch.n, S, C}, f32);
   const size_t smem = fwd_smem(t.TL, t.TS, t.ld).bytes();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
 
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_cluster_fwd_cuda", [&] {
-    auto kernel = cluster_fwd_kernel<scalar_t>;
-    allow_smem(kernel, smem);
-    const dim3 grid(t.nst, ch.n, static_cast<unsigned>(B));
-    kernel<<<grid, kThreads, smem, stream>>>(
-        x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs),
-        static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld, ch.len,
-        ch.n, ws_m.data_ptr<float>(), ws_l.data_ptr<float>(), ws_acc.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(cluster_fwd_chunk<scalar_t>, dim3(t.nst, ch.n, static_cast<unsigned>(B)), dim3(kThreads), smem,
+           stream, x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs), static_cast<int>(L),
+           static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld, ch.len, ch.n, ws_m.data_ptr<float>(),
+           ws_l.data_ptr<float>(), ws_acc.data_ptr<float>());
   });
-  cluster_combine_kernel<<<dim3(S, B), kThreads, 0, stream>>>(
-      ws_m.data_ptr<float>(), ws_l.data_ptr<float>(), ws_acc.data_ptr<float>(),
-      static_cast<int>(S), static_cast<int>(C), ch.n, slots.data_ptr<float>(), lse.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(cluster_fwd_combine, dim3(S, B), dim3(kThreads), combine_smem(ch.n).bytes(), stream,
+         ws_m.data_ptr<float>(), ws_l.data_ptr<float>(), ws_acc.data_ptr<float>(), static_cast<int>(S),
+         static_cast<int>(C), ch.n, slots.data_ptr<float>(), lse.data_ptr<float>());
   return {slots, lse};
 }
 
-std::tuple<Tensor, Tensor> cluster_bwd_cuda(const Tensor& grad, const Tensor& x, const Tensor& qs,
-                                            const Tensor& slots, const Tensor& lse) {
-  const char* op = "glmix_kernels.cluster_bwd (CUDA)";
-  check_x(x, op);
-  check_qs(qs, x, op);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
-  TORCH_CHECK(L >= 1, op, ": clustering needs at least one pixel");
-  check_like(grad, x, {B, S, C}, "grad", op);
-  check_stat(slots, x, {B, S, C}, "slots", op);
-  check_stat(lse, x, {B, S}, "lse", op);
-  auto dx = at::empty({B, L, C}, x.options());
-  auto dqs = at::empty({B, S, C}, qs.options());
+std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const Tensor& x, const Tensor& qs,
+                                                      const Tensor& slots, const Tensor& lse) {
+  using namespace cluster;
+  const char* op = "glmix_kernels.cluster_bwd";
+  const int64_t S = check_inputs(x, qs, op);
+  const DeviceGuard guard(x.device());
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
+  TORCH_CHECK(L >= 1, op, ": x must have at least one pixel (L >= 1) for clustering");
+  checks::check_arg(grad, "grad", op, x, {B, S, C}, x.scalar_type());
+  checks::check_arg(slots, "slots", op, x, {B, S, C}, at::kFloat);
+  checks::check_arg(lse, "lse", op, x, {B, S}, at::kFloat);
+  auto dx = empty_output({B, L, C}, x.options());
+  auto dqs = empty_output({B, S, C}, qs.options());
   if (B == 0) return {dx, dqs};
 
   const auto lse_c = lse.contiguous();
-  const Tiles t = choose_tiles(S, C, kBwdAcc * kThreads,
-                               [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); });
-  const Chunks ch = choose_chunks(L, t.TL, B);
+  const auto t = tiles_for(S, C, kBwdAcc * kThreads,
+                           [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); }, op);
+  const auto ch = plan::plan_chunks(L, t.TL, B, device_props());
   TORCH_CHECK(ch.n <= 65535, op, ": grid too large");
   auto f32 = x.options().dtype(at::kFloat);
-  auto delta = at::empty({B, S}, f32);
-  auto ws_dq = at::empty({B, ch.n, S, C}, f32);
+  auto delta = empty_workspace({B, S}, f32);
+  auto ws_dq = empty_workspace({B, ch.n, S, C}, f32);
   const size_t smem = bwd_smem(t.TL, t.TS, t.ld).bytes();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
 
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_cluster_bwd_cuda", [&] {
     const int64_t rows = B * S, warps = kThreads / 32;
-    cluster_delta_kernel<scalar_t><<<static_cast<unsigned>((rows + warps - 1) / warps), kThreads, 0,
-                                     stream>>>(grad.data_ptr<scalar_t>(), view_of(grad),
-                                               slots.data_ptr<float>(), view_of(slots), B,
-                                               static_cast<int>(S), static_cast<int>(C),
-                                               delta.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto kernel = cluster_bwd_kernel<scalar_t>;
-    allow_smem(kernel, smem);
-    kernel<<<dim3(ch.n, B), kThreads, smem, stream>>>(
-        grad.data_ptr<scalar_t>(), view_of(grad), x.data_ptr<scalar_t>(), view_of(x),
-        qs.data_ptr<float>(), view_of(qs), lse_c.data_ptr<float>(), delta.data_ptr<float>(),
-        static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld, t.nst,
-        ch.len, ch.n, dx.data_ptr<scalar_t>(), ws_dq.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(cluster_delta<scalar_t>, dim3(static_cast<unsigned>((rows + warps - 1) / warps)), dim3(kThreads), 0,
+           stream, grad.data_ptr<scalar_t>(), view_of(grad), slots.data_ptr<float>(), view_of(slots), B,
+           static_cast<int>(S), static_cast<int>(C), delta.data_ptr<float>());
+    launch(cluster_bwd_chunk<scalar_t>, dim3(ch.n, B), dim3(kThreads), smem, stream, grad.data_ptr<scalar_t>(),
+           view_of(grad), x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs),
+           lse_c.data_ptr<float>(), delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S),
+           static_cast<int>(C), t.TL, t.TS, t.ld, t.nst, ch.len, ch.n, dx.data_ptr<scalar_t>(),
+           ws_dq.data_ptr<float>());
   });
-  reduce_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);
+  launch_sum_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);
   return {dx, dqs};
 }
 

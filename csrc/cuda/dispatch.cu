@@ -1,327 +1,54 @@
-// Dispatch on CUDA: out = softmax_S(A)^T @ slots with A = qs @ normalize(x)^T, and its backward.
-//
-// Forward: dispatch_fwd_kernel, grid (pixel groups, B). A block owns a few tiles of TL pixels
-//   (all C channels in shared memory) and all S slots: it loops over slot tiles of TS slots (qs and
-//   slots in shared memory, loaded once per block when one tile holds all S), computes the TS x TL
-//   logits, runs an online softmax over the slots per pixel and accumulates D^T @ slots in
-//   registers. Writes out and lse = logsumexp_S(A) per pixel.
-// Backward: dispatch_bwd_kernel, grid (L-chunks, B). Per pixel tile it recomputes D = exp(A - lse)
-//   and dD = slots @ grad^T per slot tile; delta'[l] = sum_s D dD / sum_s D in fp32 (in the same pass when
-//   all slots fit one tile, else in a first pass over the slot tiles), dA = D (dD - delta'). Not
-//   <grad, out>: that is equal only in exact arithmetic, and a half-precision out, rounded after
-//   the softmax, would bias it. dx (K path through the normalisation) is local to the block;
-//   dslots = D @ grad and dqs = dA @ K are split-L partials in fp32 workspaces, summed in a fixed
-//   chunk order by reduce_chunks_kernel (bitwise deterministic).
+// Host side of the dispatch on CUDA (kernels: dispatch_kernels.cuh): input checks, tile and chunk
+// planning, workspaces and launches. Compiled by nvcc for the GPU, and as C++ for the emulation
+// (GLMIX_CUDA_EMULATION, csrc/cuda/emulated/).
 #include "../glmix_kernels.h"
-#include "tile.cuh"
-
-#include <cmath>
-#include <limits>
+#include "dispatch_kernels.cuh"
+#include "host.cuh"
 
 namespace glmix {
-namespace cuda_detail {
-namespace {
 
-constexpr int kFwdAcc = 32;  // out accumulators per thread: TL * C <= 8192
-constexpr int kBwdAcc = 16;  // three accumulators per thread: TL * C, TS * C <= 4096
-constexpr int kMaxTilesPerBlock = 8;
+using namespace GLMIX_CUDA_NS;
 
-// ---------------------------------------------------------------------------------------------
-// Forward
-
-inline SmemCount fwd_smem(int TL, int TS, int ld) {
-  SmemCount s;
-  s.take(TL * ld).take(TS * ld).take(TS * ld).take(TS * TL).take(4 * TL);
-  return s;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    dispatch_fwd_kernel(const T* __restrict__ x, View xv, const float* __restrict__ qs, View qv,
-                        const T* __restrict__ sl, View sv, int64_t L, int S, int C, int TL,
-                        int TS, int ld, int nst, int64_t group_len, T* __restrict__ out,
-                        float* __restrict__ lse) {
-  extern __shared__ float smem[];
-  SmemCarve carve{smem};
-  float* x_sh = carve.take(TL * ld);
-  float* q_sh = carve.take(TS * ld);
-  float* v_sh = carve.take(TS * ld);  // slots
-  float* p_sh = carve.take(TS * TL);  // logits, then exp, [s][l]
-  float* rn_sh = carve.take(TL);
-  float* m_sh = carve.take(TL);
-  float* l_sh = carve.take(TL);
-  float* alpha_sh = carve.take(TL);
-
-  const int64_t b = blockIdx.y;
-  const int64_t l_begin = blockIdx.x * group_len;
-  const int64_t l_end = min(L, l_begin + group_len);
-  const T* xb = x + b * xv.sb;
-  const float* qb = qs + b * qv.sb;
-  const T* sb = sl + b * sv.sb;
-  int loaded = -1, ns = 0;
-
-  for (int64_t l0 = l_begin; l0 < l_end; l0 += TL) {
-    const int nl = static_cast<int>(min(static_cast<int64_t>(TL), l_end - l0));
-    const int nx = nl * C;
-    __syncthreads();  // readers of the previous tile are done
-    load_tile(x_sh, ld, xb, xv.sr, xv.sc, l0, nl, C);
-    for (int l = threadIdx.x; l < nl; l += blockDim.x) {
-      m_sh[l] = -INFINITY;
-      l_sh[l] = 0.f;
-    }
-    __syncthreads();
-    row_rnorms(x_sh, ld, nl, C, rn_sh, nullptr);
-    float acc[kFwdAcc];
-#pragma unroll
-    for (int i = 0; i < kFwdAcc; ++i) acc[i] = 0.f;
-
-    for (int st = 0; st < nst; ++st) {
-      load_slot_tile(st, TS, S, C, ld, loaded, ns, q_sh, qb, qv, v_sh, sb, sv);
-      __syncthreads();
-      pair_dots(q_sh, ld, ns, x_sh, ld, nl, C, p_sh, TL);
-      __syncthreads();
-      // Online softmax over the slots, one thread per pixel.
-      for (int l = threadIdx.x; l < nl; l += blockDim.x) {
-        const float r = rn_sh[l];
-        float mt = -INFINITY;
-        for (int s = 0; s < ns; ++s) {
-          const float a = p_sh[s * TL + l] * r;
-          p_sh[s * TL + l] = a;
-          mt = fmaxf(mt, a);
-        }
-        const float m_old = m_sh[l], m_new = fmaxf(m_old, mt);
-        float sum = 0.f;
-        for (int s = 0; s < ns; ++s) {
-          const float e = expf(p_sh[s * TL + l] - m_new);
-          p_sh[s * TL + l] = e;
-          sum += e;
-        }
-        alpha_sh[l] = online_softmax_step(m_old, m_new, sum, l_sh[l]);
-        m_sh[l] = m_new;
-      }
-      __syncthreads();
-      for_each_acc<kFwdAcc>(nx, C, [&](int i, int, int l, int c) {
-        float a = acc[i] * alpha_sh[l];
-        for (int s = 0; s < ns; ++s) a = fmaf(p_sh[s * TL + l], v_sh[s * ld + c], a);
-        acc[i] = a;
-      });
-    }
-
-    T* ob = out + (b * L + l0) * C;
-    for_each_acc<kFwdAcc>(nx, C, [&](int i, int idx, int l, int) {
-      ob[idx] = static_cast<T>(acc[i] / l_sh[l]);
-    });
-    for (int l = threadIdx.x; l < nl; l += blockDim.x) lse[b * L + l0 + l] = m_sh[l] + logf(l_sh[l]);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward
-
-inline SmemCount bwd_smem(int TL, int TS, int ld) {
-  SmemCount s;
-  s.take(TL * ld).take(TL * ld).take(TS * ld).take(TS * ld).take(TS * TL).take(TS * TL);
-  s.take(6 * TL);
-  return s;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    dispatch_bwd_kernel(const T* __restrict__ g, View gv, const T* __restrict__ x, View xv,
-                        const float* __restrict__ qs, View qv, const T* __restrict__ sl, View sv,
-                        const float* __restrict__ lse, int64_t L, int S, int C, int TL, int TS,
-                        int ld, int nst, int64_t chunk_len, int nchunks, T* __restrict__ dx,
-                        float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
-  extern __shared__ float smem[];
-  SmemCarve carve{smem};
-  float* x_sh = carve.take(TL * ld);
-  float* h_sh = carve.take(TL * ld);  // grad tile; then dK for the per-pixel projection
-  float* q_sh = carve.take(TS * ld);
-  float* v_sh = carve.take(TS * ld);  // slots
-  float* d_sh = carve.take(TS * TL);  // logits, then D, [s][l]
-  float* e_sh = carve.take(TS * TL);  // dD, then dA, [s][l]
-  float* rn_sh = carve.take(TL);
-  float* live_sh = carve.take(TL);
-  float* lse_sh = carve.take(TL);
-  float* dl_sh = carve.take(TL);  // delta'
-  float* ds_sh = carve.take(TL);  // sum_s D, to normalise delta' (several slot tiles)
-  float* dot_sh = carve.take(TL);
-
-  const int chunk = blockIdx.x;
-  const int64_t b = blockIdx.y;
-  const int64_t l_begin = chunk * chunk_len;
-  const int64_t l_end = min(L, l_begin + chunk_len);
-  const T* xb = x + b * xv.sb;
-  const T* gb = g + b * gv.sb;
-  const float* qb = qs + b * qv.sb;
-  const T* sb = sl + b * sv.sb;
-  const int64_t ws_off = (b * nchunks + chunk) * static_cast<int64_t>(S) * C;
-  float* wq = ws_dq + ws_off;
-  float* wv = ws_dv + ws_off;
-
-  float dq[kBwdAcc], dv[kBwdAcc];
-#pragma unroll
-  for (int i = 0; i < kBwdAcc; ++i) dq[i] = dv[i] = 0.f;
-  int loaded = -1, ns = 0;
-
-  // Loads slot tile st (if not already there) and fills d_sh = D, e_sh = dD for the pixel tile.
-  // Starts and ends on a barrier-separated state: callers need no extra sync around it.
-  auto probabilities = [&](int st, int nl) {
-    load_slot_tile(st, TS, S, C, ld, loaded, ns, q_sh, qb, qv, v_sh, sb, sv);
-    __syncthreads();
-    pair_dots(q_sh, ld, ns, x_sh, ld, nl, C, d_sh, TL);
-    pair_dots(v_sh, ld, ns, h_sh, ld, nl, C, e_sh, TL);
-    __syncthreads();
-    for (int e = threadIdx.x; e < ns * nl; e += blockDim.x) {
-      const int s = e / nl, l = e - s * nl, o = s * TL + l;
-      d_sh[o] = expf(d_sh[o] * rn_sh[l] - lse_sh[l]);
-    }
-    __syncthreads();
-  };
-
-  for (int64_t l0 = l_begin; l0 < l_end; l0 += TL) {
-    const bool first_tile = l0 == l_begin;
-    const int nl = static_cast<int>(min(static_cast<int64_t>(TL), l_end - l0));
-    const int nx = nl * C;
-    __syncthreads();  // readers of the previous tile are done
-    load_tile(x_sh, ld, xb, xv.sr, xv.sc, l0, nl, C);
-    load_tile(h_sh, ld, gb, gv.sr, gv.sc, l0, nl, C);
-    for (int l = threadIdx.x; l < nl; l += blockDim.x) {
-      lse_sh[l] = lse[b * L + l0 + l];
-      dl_sh[l] = 0.f;
-      ds_sh[l] = 0.f;
-    }
-    __syncthreads();
-    row_rnorms(x_sh, ld, nl, C, rn_sh, live_sh);
-
-    // delta'[l] = sum_s D dD / sum_s D. The recomputed D sums to 1 only up to lse's rounding
-    // (about |A| * 2^-24, visible at large temperatures); dividing keeps sum_s dA = 0 exactly.
-    if (nst > 1) {
-      for (int st = 0; st < nst; ++st) {
-        probabilities(st, nl);
-        for (int l = threadIdx.x; l < nl; l += blockDim.x) {
-          float a = dl_sh[l], p = ds_sh[l];
-          for (int s = 0; s < ns; ++s) {
-            a = fmaf(d_sh[s * TL + l], e_sh[s * TL + l], a);
-            p += d_sh[s * TL + l];
-          }
-          dl_sh[l] = a;
-          ds_sh[l] = p;
-        }
-      }
-      for (int l = threadIdx.x; l < nl; l += blockDim.x) dl_sh[l] /= ds_sh[l];  // same thread's l
-    }
-
-    float dk[kBwdAcc];
-#pragma unroll
-    for (int i = 0; i < kBwdAcc; ++i) dk[i] = 0.f;
-    for (int st = 0; st < nst; ++st) {
-      const int s0 = st * TS;
-      probabilities(st, nl);
-      if (nst == 1) {
-        for (int l = threadIdx.x; l < nl; l += blockDim.x) {
-          float a = 0.f, p = 0.f;
-          for (int s = 0; s < ns; ++s) {
-            a = fmaf(d_sh[s * TL + l], e_sh[s * TL + l], a);
-            p += d_sh[s * TL + l];
-          }
-          dl_sh[l] = a / p;
-        }
-        __syncthreads();
-      }
-      for (int e = threadIdx.x; e < ns * nl; e += blockDim.x) {
-        const int s = e / nl, l = e - s * nl, o = s * TL + l;
-        e_sh[o] = d_sh[o] * (e_sh[o] - dl_sh[l]);
-      }
-      __syncthreads();
-      // Per pixel: dK[l][c] += sum_s dA[s][l] qs[s][c].
-      for_each_acc<kBwdAcc>(nx, C, [&](int i, int, int l, int c) {
-        float k = dk[i];
-        for (int s = 0; s < ns; ++s) k = fmaf(e_sh[s * TL + l], q_sh[s * ld + c], k);
-        dk[i] = k;
-      });
-      // Per slot: dqs[s][c] += sum_l dA[s][l] K[l][c], dslots[s][c] += sum_l D[s][l] grad[l][c].
-      const int nq = ns * C;
-      for_each_acc<kBwdAcc>(nq, C, [&](int i, int, int s, int c) {
-        const float* arow = e_sh + s * TL;
-        const float* drow = d_sh + s * TL;
-        float a = dq[i], v = dv[i];
-        for (int l = 0; l < nl; ++l) {
-          a = fmaf(arow[l] * rn_sh[l], x_sh[l * ld + c], a);
-          v = fmaf(drow[l], h_sh[l * ld + c], v);
-        }
-        dq[i] = a;
-        dv[i] = v;
-      });
-      if (nst > 1) {
-        const int64_t o = static_cast<int64_t>(s0) * C;
-        flush_acc(nq, first_tile, wq + o, dq, wv + o, dv);
-      }
-    }
-
-    // dx = (dK - K <K, dK>) / max(||x||, eps): no value path.
-    __syncthreads();  // every reader of h_sh (the grad tile) is done: reuse it for dK
-    dx_epilogue(x_sh, h_sh, ld, rn_sh, live_sh, dot_sh, nl, C, dk, nullptr, dx + (b * L + l0) * C);
-  }
-
-  if (nst == 1) store_acc(ns * C, wq, dq, wv, dv);
-}
-
-}  // namespace
-}  // namespace cuda_detail
-
-using namespace cuda_detail;
-
-std::tuple<Tensor, Tensor> dispatch_fwd_cuda(const Tensor& x, const Tensor& qs, const Tensor& slots) {
-  const char* op = "glmix_kernels.dispatch_fwd (CUDA)";
-  check_x(x, op);
-  check_qs(qs, x, op);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
-  check_like(slots, x, {B, S, C}, "slots", op);
-  auto out = at::empty({B, L, C}, x.options());
-  auto lse = at::empty({B, L}, x.options().dtype(at::kFloat));
+std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(dispatch_fwd)(const Tensor& x, const Tensor& qs, const Tensor& slots) {
+  using namespace dispatch;
+  const char* op = "glmix_kernels.dispatch_fwd";
+  const int64_t S = check_inputs(x, qs, op);
+  const DeviceGuard guard(x.device());
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
+  checks::check_arg(slots, "slots", op, x, {B, S, C}, x.scalar_type());
+  auto out = empty_output({B, L, C}, x.options());
+  auto lse = empty_output({B, L}, x.options().dtype(at::kFloat));
   if (B == 0 || L == 0) return {out, lse};
 
-  const Tiles t = choose_tiles(S, C, kFwdAcc * kThreads,
-                               [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); });
-  // Pixel groups of a few tiles, so one load of qs/slots serves several tiles when S fits a tile.
-  const int64_t ntiles = (L + t.TL - 1) / t.TL;
-  const int64_t target = 4LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t per_block =
-      std::max<int64_t>(1, std::min<int64_t>(kMaxTilesPerBlock, ntiles * B / std::max<int64_t>(target, 1)));
-  const int64_t group_len = per_block * t.TL;
-  const int64_t ngroups = (L + group_len - 1) / group_len;
-  TORCH_CHECK(ngroups <= std::numeric_limits<int>::max(), op, ": grid too large");
+  const auto t = tiles_for(S, C, kFwdAcc * kThreads,
+                           [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); }, op);
+  const auto ch = plan::plan_dispatch_fwd_chunks(L, t.TL, B, device_props());
   const size_t smem = fwd_smem(t.TL, t.TS, t.ld).bytes();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
 
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_dispatch_fwd_cuda", [&] {
-    auto kernel = dispatch_fwd_kernel<scalar_t>;
-    allow_smem(kernel, smem);
-    kernel<<<dim3(static_cast<unsigned>(ngroups), static_cast<unsigned>(B)), kThreads, smem, stream>>>(
-        x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs),
-        slots.data_ptr<scalar_t>(), view_of(slots), L, static_cast<int>(S), static_cast<int>(C),
-        t.TL, t.TS, t.ld, t.nst, group_len, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(dispatch_fwd<scalar_t>, dim3(static_cast<unsigned>(ch.n), static_cast<unsigned>(B)), dim3(kThreads),
+           smem, stream, x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs),
+           slots.data_ptr<scalar_t>(), view_of(slots), L, static_cast<int>(S), static_cast<int>(C), t.TL, t.TS,
+           t.ld, t.nst, ch.len, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
   });
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_cuda(const Tensor& grad, const Tensor& x,
-                                                     const Tensor& qs, const Tensor& slots,
-                                                     const Tensor& lse) {
-  const char* op = "glmix_kernels.dispatch_bwd (CUDA)";
-  check_x(x, op);
-  check_qs(qs, x, op);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
-  check_like(grad, x, {B, L, C}, "grad", op);
-  check_like(slots, x, {B, S, C}, "slots", op);
-  check_stat(lse, x, {B, L}, "lse", op);
-  auto dx = at::empty({B, L, C}, x.options());
-  auto dqs = at::empty({B, S, C}, qs.options());
-  auto dslots = at::empty({B, S, C}, x.options());
+std::tuple<Tensor, Tensor, Tensor> GLMIX_CUDA_FN(dispatch_bwd)(const Tensor& grad, const Tensor& x,
+                                                               const Tensor& qs, const Tensor& slots,
+                                                               const Tensor& lse) {
+  using namespace dispatch;
+  const char* op = "glmix_kernels.dispatch_bwd";
+  const int64_t S = check_inputs(x, qs, op);
+  const DeviceGuard guard(x.device());
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
+  checks::check_arg(grad, "grad", op, x, {B, L, C}, x.scalar_type());
+  checks::check_arg(slots, "slots", op, x, {B, S, C}, x.scalar_type());
+  checks::check_arg(lse, "lse", op, x, {B, L}, at::kFloat);
+  auto dx = empty_output({B, L, C}, x.options());
+  auto dqs = empty_output({B, S, C}, qs.options());
+  auto dslots = empty_output({B, S, C}, x.options());
   if (B == 0) return {dx, dqs, dslots};
   if (L == 0) {  // no pixel: the slot gradients are exactly zero
     dqs.zero_();
@@ -330,29 +57,25 @@ std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_cuda(const Tensor& grad, const T
   }
 
   const auto lse_c = lse.contiguous();
-  const Tiles t = choose_tiles(S, C, kBwdAcc * kThreads,
-                               [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); });
-  const Chunks ch = choose_chunks(L, t.TL, B);
+  const auto t = tiles_for(S, C, kBwdAcc * kThreads,
+                           [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); }, op);
+  const auto ch = plan::plan_chunks(L, t.TL, B, device_props());
   TORCH_CHECK(ch.n <= 65535, op, ": grid too large");
   auto f32 = x.options().dtype(at::kFloat);
-  auto ws_dq = at::empty({B, ch.n, S, C}, f32);
-  auto ws_dv = at::empty({B, ch.n, S, C}, f32);
+  auto ws_dq = empty_workspace({B, ch.n, S, C}, f32);
+  auto ws_dv = empty_workspace({B, ch.n, S, C}, f32);
   const size_t smem = bwd_smem(t.TL, t.TS, t.ld).bytes();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
 
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_dispatch_bwd_cuda", [&] {
-    auto kernel = dispatch_bwd_kernel<scalar_t>;
-    allow_smem(kernel, smem);
-    kernel<<<dim3(ch.n, static_cast<unsigned>(B)), kThreads, smem, stream>>>(
-        grad.data_ptr<scalar_t>(), view_of(grad), x.data_ptr<scalar_t>(), view_of(x),
-        qs.data_ptr<float>(), view_of(qs), slots.data_ptr<scalar_t>(), view_of(slots),
-        lse_c.data_ptr<float>(), L, static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld,
-        t.nst, ch.len, ch.n, dx.data_ptr<scalar_t>(), ws_dq.data_ptr<float>(),
-        ws_dv.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    reduce_chunks<scalar_t>(ws_dv, dslots, B, ch.n, S * C, stream);
+    launch(dispatch_bwd_chunk<scalar_t>, dim3(ch.n, static_cast<unsigned>(B)), dim3(kThreads), smem, stream,
+           grad.data_ptr<scalar_t>(), view_of(grad), x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(),
+           view_of(qs), slots.data_ptr<scalar_t>(), view_of(slots), lse_c.data_ptr<float>(), L,
+           static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld, t.nst, ch.len, ch.n,
+           dx.data_ptr<scalar_t>(), ws_dq.data_ptr<float>(), ws_dv.data_ptr<float>());
+    launch_sum_chunks<scalar_t>(ws_dv, dslots, B, ch.n, S * C, stream);
   });
-  reduce_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);
+  launch_sum_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);
   return {dx, dqs, dslots};
 }
 

@@ -1,5 +1,5 @@
 // The CPU kernels against a naive loop over docs/math.md's formulas, in double, on small random
-// inputs: odd L, one and several slots, several tiles and splits per batch element, the NCHW
+// inputs: odd L, one and several slots, several tiles and chunks per batch element, the NCHW
 // view of x, slots broadcast over the batch; float32 and float64; forward and backward; called
 // directly and through the dispatcher; bitwise identical with 1 and 2 threads.
 // Exit status 0 when every check passes (run by ctest).
@@ -224,8 +224,8 @@ int main() {
       {2, 37, 1, 5, true, false},      // one slot: dispatch is constant, its gradients vanish
       {2, 37, 3, 8, false, true},      // slots broadcast over the batch
       {3, 203, 5, 16, true, true},     // several batch elements, NCHW x
-      {1, 1001, 7, 300, false, false}, // several tiles (128 pixels at C = 300) in 8 splits
-      {1, 2177, 2, 300, true, false},  // 18 tiles: two per split, the online softmax within a split
+      {1, 1001, 7, 300, false, false}, // several tiles (128 pixels at C = 300) in 8 chunks
+      {1, 2177, 2, 300, true, false},  // 18 tiles: two per chunk, the online softmax within a chunk
   };
   for (const auto dtype : {at::kFloat, at::kDouble})
     for (const auto& c : cases) run(c, dtype);

@@ -42,6 +42,15 @@ def _load_cpp():
     return cpp
 
 
+def _load_cuda_emulated():
+    from . import cuda_emulated
+    return cuda_emulated
+
+
+def _emulation_usable(device_type):
+    return _load_cuda_emulated().unavailable_reason(device_type)
+
+
 def _load_triton():
     from . import triton
     return triton
@@ -67,6 +76,9 @@ BACKENDS = {
         Backend("cpu", ("cpu",), _ALL_FLOATS, 0, 0, 0, _load_cpp, _extension_usable),
         Backend("cuda", ("cuda",), _HALF_AND_FLOAT, 256, 1024, 65535, _load_cpp, _extension_usable),
         Backend("triton", ("cpu", "cuda"), _HALF_AND_FLOAT, 256, 1024, 0, _load_triton, _triton_usable),
+        # The CUDA kernels on CPU tensors under a host emulation of CUDA: for tests, never auto.
+        Backend("cuda_emulated", ("cpu",), _HALF_AND_FLOAT, 256, 1024, 65535, _load_cuda_emulated,
+                _emulation_usable),
     )
 }
 

@@ -5,9 +5,11 @@ device of the tensors picks the kernel, so both backends share these four names.
 (meta) implementations, for torch.compile and torch.library.opcheck, are the output allocations
 of ``contract.py``.
 """
+import sys
+
 import torch
 
-from . import contract
+from . import contract, registrations
 
 try:
     from .. import _C  # noqa: F401  (registers torch.ops.glmix_kernels.*)
@@ -27,13 +29,17 @@ def unavailable_reason(device_type):
     return None
 
 
-if _LOAD_ERROR is None:
-    torch.library.register_fake("glmix_kernels::cluster_fwd", contract.cluster_fwd_outputs)
-    torch.library.register_fake("glmix_kernels::cluster_bwd", contract.cluster_bwd_outputs)
-    torch.library.register_fake("glmix_kernels::dispatch_fwd", contract.dispatch_fwd_outputs)
-    torch.library.register_fake("glmix_kernels::dispatch_bwd", contract.dispatch_bwd_outputs)
+def register_fakes(ns):
+    """The fake (meta) kernels of the four ops of torch.library namespace ``ns``: the contract's outputs."""
+    for op in ("cluster_fwd", "cluster_bwd", "dispatch_fwd", "dispatch_bwd"):
+        torch.library.register_fake(f"{ns}::{op}", getattr(contract, f"{op}_outputs"))
 
+
+if _LOAD_ERROR is None:
+    register_fakes("glmix_kernels")
     cluster_fwd = torch.ops.glmix_kernels.cluster_fwd
     cluster_bwd = torch.ops.glmix_kernels.cluster_bwd
     dispatch_fwd = torch.ops.glmix_kernels.dispatch_fwd
     dispatch_bwd = torch.ops.glmix_kernels.dispatch_bwd
+
+    registrations.register(sys.modules[__name__])

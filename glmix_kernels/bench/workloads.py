@@ -57,7 +57,7 @@ def skip_reason(backend, device, dtype=torch.float32, channels=1, slots=1):
     why = why_unavailable(backend, device_type)
     if why is not None:
         return why
-    if backend not in auto_order(device_type):  # the Triton interpreter on CPU tensors
+    if backend not in auto_order(device_type):  # the Triton interpreter, the CUDA emulation
         return f"{backend} on {device_type} tensors is a correctness tool (auto never picks it), not timed"
     try:  # the registry's own dtype and size limits, checked on an empty tensor of the right kind
         resolve(backend, torch.empty((0, 0, channels), dtype=dtype, device=device), slots)

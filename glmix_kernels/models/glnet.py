@@ -17,6 +17,11 @@ from ..backends import check_name
 
 MIXING_MODES = ("mha", "mha_nchw", "glmix", "glmix.mha_nchw")
 
+# What timm.data.resolve_data_config reads: the authors trained at 224 with ImageNet's mean and std.
+_PRETRAINED_CFG = dict(url="", input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                       interpolation="bicubic", fixed_input_size=False, mean=(0.485, 0.456, 0.406),
+                       std=(0.229, 0.224, 0.225), classifier="head")
+
 
 def _check_backend(name):
     # Availability depends on the tensors' device, so only the name is checked here; the ops
@@ -416,6 +421,15 @@ class GLNet(nn.Module):
         self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
 
+        self.in_chans = in_chans
+        self.downsample_style = downsample_style
+        self.grad_checkpointing = False
+        # timm's feature description: both stems reduce by 4, each transition by 2 more.
+        self.feature_info = [dict(num_chs=embed_dim[i], reduction=4 * 2 ** i, module=f"stages.{i}")
+                             for i in range(4)]
+        first_conv = "downsample_layers.0.1" if downsample_style == "ovlp" else "downsample_layers.0.0"
+        self.pretrained_cfg = dict(_PRETRAINED_CFG, num_classes=num_classes, first_conv=first_conv)
+
     def set_backend(self, backend):
         """Runs every GLMix block's soft clustering and dispatch on ``backend``; returns the model."""
         _check_backend(backend)
@@ -424,14 +438,85 @@ class GLNet(nn.Module):
                 m.backend = backend
         return self
 
+    @property
+    def default_cfg(self):  # timm's older name for pretrained_cfg
+        return self.pretrained_cfg
+
     def get_classifier(self):
         return self.head
 
-    def reset_classifier(self, num_classes):
+    def reset_classifier(self, num_classes, global_pool=None):
+        """A new ``num_classes`` head (0: none); ``global_pool`` is timm's argument, only the mean
+        over pixels (``"avg"``) exists here."""
+        if global_pool not in (None, "", "avg"):
+            raise ValueError(f"global_pool must be 'avg' (GLNet averages over pixels), got {global_pool!r}")
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    def no_weight_decay(self):
+        """Parameter names a timm optimizer factory keeps out of weight decay, beyond the 0-d and 1-d
+        ones (``slot_scale``, norms, biases) it always skips. The authors' list names parameters
+        GLNet does not have, so none: their training decayed everything else."""
+        return set()
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute every stage in backward (timm's switch for activation checkpointing)."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.use_checkpoint = enable
+
+    def check_input(self, x):
+        """Raises ValueError unless ``x`` is an ``(N, in_chans, H, W)`` batch the stem can take."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be an (N, {self.in_chans}, H, W) image batch, got {shape}")
+        # The 4x4/4 patchify stem and the 2x2/2 transitions drop the border; the last needs 2 cells.
+        # The overlapped stem pads, so any size gives maps of ceil(H / stride).
+        smallest = 32 if self.downsample_style == "non_ovlp" else 1
+        h, w = x.shape[2:]
+        if min(h, w) < smallest:
+            raise ValueError(f"x is {h}x{w}: the {self.downsample_style} stem needs images of at least "
+                             f"{smallest}x{smallest} (stride 32 to the last stage)")
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's multi-scale interface: the outputs of the stages picked by ``indices`` (None: all;
+        an int n: the last n; a sequence: those, negatives from the end), NCHW at strides 4, 8,
+        16, 32. ``norm`` passes the last stage's map through the final norm when it is picked.
+        Returns the list, or ``(final features, list)`` unless ``intermediates_only``."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        self.check_input(x)
+        take = _take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        intermediates = []
+        n_stages = max(take) + 1 if (stop_early or intermediates_only) else len(self.stages)
+        for i in range(n_stages):
+            x = self.stages[i](self.downsample_layers[i](x))
+            if i in take:
+                intermediates.append(self.norm(x) if norm and i == last else x)
+        if intermediates_only:
+            return intermediates
+        if n_stages == len(self.stages):
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drops the stages after the last of ``indices`` (and the final norm / the head when asked);
+        returns the indices, normalised, as ``forward_intermediates`` takes them."""
+        take = _take_indices(len(self.stages), indices)
+        keep = max(take) + 1
+        self.stages = self.stages[:keep]
+        self.downsample_layers = nn.ModuleList(list(self.downsample_layers)[:keep])
+        self.feature_info = self.feature_info[:keep]
+        if prune_norm or keep < 4:  # the final norm has the last stage's width
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
     def forward_features(self, x):
+        self.check_input(x)
         for down, stage in zip(self.downsample_layers, self.stages):
             x = stage(down(x))
         return self.norm(x)
@@ -462,6 +547,20 @@ class GLNet(nn.Module):
         for blk in blocks[:block]:
             x = blk(x)
         return blocks[block].slot_assignment(x)
+
+
+def _take_indices(n, indices):
+    """timm's index rule: None: all n; an int k: the last k; a sequence: those (negatives from the end)."""
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices must pick 1 to {n} stages, got {indices}")
+        return list(range(n - indices, n))
+    take = [range(n)[i] for i in indices]  # IndexError names an index out of range
+    if not take:
+        raise ValueError("indices must pick at least one stage, got an empty sequence")
+    return take
 
 
 def _init_weights(m):
@@ -505,6 +604,7 @@ class GLNetTokenLabeling(GLNet):
                 min(max(r + h // 2, 0), rows), min(max(c + w // 2, 0), cols))
 
     def forward(self, x):
+        self.check_input(x)
         x = self.downsample_layers[0](x)
         s = self.tklb_pooling_scale
         if self.training:

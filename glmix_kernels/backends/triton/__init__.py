@@ -25,12 +25,13 @@ compiles every candidate for the GLNet stage shapes and fails on a register spil
 import contextlib
 import functools
 import os
+import sys
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 
-from .. import contract
+from .. import contract, registrations
 from . import kernels
 
 AUTOTUNE = os.environ.get("GLMIX_TRITON_AUTOTUNE") == "1"
@@ -389,3 +390,6 @@ def _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots):
     if cluster:
         return dq_ws, dq_ws  # no dslots: any valid tensor
     return dq_ws, dslots if n_chunks == 1 else torch.empty_like(dq_ws)
+
+
+registrations.register(sys.modules[__name__])

@@ -1,8 +1,7 @@
-// Shared pieces of the CUDA kernels (cluster.cu, dispatch.cu): tile loads from strided tensors
-// into shared memory, per-pixel normalisation, the (slots x pixels) dot-product tile, the walk over
-// a thread's register accumulators, the backward kernels' common steps (slot-tile loads, split-L
-// partial flushes, the dx epilogue through the normalisation), the fixed-order reduction of
-// split-L partial sums, and the host-side choice of tile sizes.
+// Device helpers of the CUDA kernels (cluster_kernels.cuh, dispatch_kernels.cuh): tile loads from
+// strided tensors into shared memory, per-pixel norms, the (slots x pixels) dot-product tile, the
+// walk over a thread's register accumulators, and the backward kernels' common steps (slot-tile
+// loads, chunk partial flushes, the dx epilogue through the normalisation).
 //
 // Conventions used by every kernel:
 //   - a block has kThreads threads;
@@ -12,31 +11,37 @@
 //   - register accumulators are arrays of ACC floats per thread; element i of thread t is the
 //     flat index t + i * kThreads of a (rows x C) tile, so rows * C <= ACC * kThreads;
 //   - every global offset is int64.
+// No ATen or CUDA runtime header: the same code compiles with nvcc for the GPU and with the host
+// compiler under emulation.h (GLMIX_CUDA_EMULATION), each in its own namespace GLMIX_CUDA_NS.
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include "plan.h"
+
+#ifdef GLMIX_CUDA_EMULATION
+#include "emulation.h"
+#define GLMIX_CUDA_NS cuda_emulated_detail
+#else
+// All shared memory is dynamic, declared through this one macro (the emulation defines its own).
+#define GLMIX_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#define GLMIX_CUDA_NS cuda_detail
+#endif
 
 namespace glmix {
-namespace cuda_detail {
+namespace GLMIX_CUDA_NS {
 
-constexpr int kThreads = 256;
+using plan::kMaxChunks;
+using plan::kMaxTile;
+using plan::kThreads;
 constexpr float kNormEps = 1e-12f;
-constexpr int kMaxTile = 64;     // at most 64 pixels and 64 slots per tile
-constexpr int kMaxChunks = 1024; // split-L partials per batch element
 
 // A (B, rows, C) tensor seen through its strides, as every kernel takes its operands.
 struct View {
   int64_t sb, sr, sc;
 };
-
-inline View view_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 template <typename T>
 __device__ __forceinline__ float to_f(T v) {
@@ -56,7 +61,7 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Bump allocator over dynamic shared memory; the host mirrors each kernel's sequence of takes
-// with SmemCount so the launch asks for exactly what the kernel carves.
+// with plan::SmemCount so the launch asks for exactly what the kernel carves.
 struct SmemCarve {
   float* p;
   __device__ float* take(int n) {
@@ -64,14 +69,6 @@ struct SmemCarve {
     p += n;
     return r;
   }
-};
-struct SmemCount {
-  size_t n = 0;
-  SmemCount& take(int k) {
-    n += static_cast<size_t>(k);
-    return *this;
-  }
-  size_t bytes() const { return n * sizeof(float); }
 };
 
 // dst[r * ld + c] = float(src[(r0 + r) * sr + c * sc]) for r < n, c < C, where src points at the
@@ -275,131 +272,5 @@ __device__ __forceinline__ void dx_epilogue(const float* x_sh, float* dk_sh, int
   });
 }
 
-// Partial-sum rows of a split-L reduction: ws is (B, nchunks, N) fp32 and out (B, N) contiguous;
-// out[b, n] = sum_k ws[b, k, n] in increasing k, so the result is bitwise reproducible.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    reduce_chunks_kernel(const float* __restrict__ ws, T* __restrict__ out, int nchunks, int64_t N) {
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t b = blockIdx.y;
-  if (n >= N) return;
-  const float* p = ws + b * nchunks * N + n;
-  float s = 0.f;
-  for (int k = 0; k < nchunks; ++k) s += p[static_cast<int64_t>(k) * N];
-  out[b * N + n] = static_cast<T>(s);
-}
-
-template <typename T>
-inline void reduce_chunks(const at::Tensor& ws, at::Tensor& out, int64_t B, int nchunks, int64_t N,
-                          cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((N + kThreads - 1) / kThreads), static_cast<unsigned>(B));
-  reduce_chunks_kernel<T><<<grid, kThreads, 0, stream>>>(ws.data_ptr<float>(),
-                                                         out.data_ptr<T>(), nchunks, N);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Host side
-
-// Tile sizes: TL pixels and TS slots per tile, powers of two up to 64 (TS also at most S), with
-// TL * C and TS * C within `budget` (the register accumulators' reach, ACC * kThreads).
-struct Tiles {
-  int TL, TS, nst, ld;
-};
-
-inline int pow2_tile(int C, int budget) {
-  int t = kMaxTile;
-  while (t > 1 && t * C > budget) t >>= 1;
-  return t;
-}
-
-// Shrinks the tiles until smem_bytes(TL, TS, ld) fits the device's opt-in limit.
-template <typename F>
-inline Tiles choose_tiles(int64_t S, int64_t C, int budget, F smem_bytes) {
-  Tiles t;
-  t.ld = static_cast<int>(C) | 1;
-  t.TL = pow2_tile(static_cast<int>(C), budget);
-  t.TS = static_cast<int>(std::min<int64_t>(pow2_tile(static_cast<int>(C), budget), S));
-  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  while (smem_bytes(t.TL, t.TS, t.ld) > limit && (t.TL > 1 || t.TS > 1)) {
-    if (t.TL >= t.TS && t.TL > 1)
-      t.TL >>= 1;
-    else
-      t.TS >>= 1;
-  }
-  TORCH_CHECK(smem_bytes(t.TL, t.TS, t.ld) <= limit, "glmix_kernels: C = ", C,
-              " needs more shared memory than this device offers");
-  t.nst = static_cast<int>((S + t.TS - 1) / t.TS);
-  return t;
-}
-
-// Split of L into chunks of whole tiles, aiming at about four blocks per SM in all.
-struct Chunks {
-  int64_t len;  // pixels per chunk, a multiple of TL
-  int n;        // number of chunks, each non-empty
-};
-
-inline Chunks choose_chunks(int64_t L, int TL, int64_t blocks_per_chunk) {
-  const int64_t ntiles = (L + TL - 1) / TL;
-  const int64_t target = 4LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t n = (target + blocks_per_chunk - 1) / std::max<int64_t>(blocks_per_chunk, 1);
-  n = std::max<int64_t>(1, std::min<int64_t>({n, ntiles, kMaxChunks}));
-  Chunks c;
-  c.len = ((ntiles + n - 1) / n) * TL;
-  c.n = static_cast<int>((L + c.len - 1) / c.len);
-  return c;
-}
-
-template <typename K>
-inline void allow_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
-}
-
-inline void check_x(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 3, op, ": x must be (B, L, C), got ", x.sizes());
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
-              ": the CUDA kernels take float16, bfloat16 or float32 x, got ", t,
-              " (float64 runs on the reference or CPU backends)");
-  TORCH_CHECK(x.size(2) >= 1 && x.size(2) <= 1024, op, ": C must be in 1..1024, got ", x.size(2));
-  TORCH_CHECK(x.size(0) <= 65535, op, ": batch ", x.size(0), " exceeds the grid limit 65535");
-  TORCH_CHECK(x.size(1) <= INT32_MAX, op, ": L = ", x.size(1), " exceeds the kernels' int32 pixel index");
-}
-
-inline void check_qs(const at::Tensor& qs, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(qs.device() == x.device(), op, ": qs must be on x's device");
-  TORCH_CHECK(qs.scalar_type() == at::kFloat, op, ": qs must be float32, got ", qs.scalar_type());
-  TORCH_CHECK(qs.dim() == 3 && qs.size(0) == x.size(0) && qs.size(2) == x.size(2) && qs.size(1) >= 1,
-              op, ": qs must be (B, S, C) matching x ", x.sizes(), ", got ", qs.sizes());
-}
-
-inline void check_like(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
-                       const char* name, const char* op) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device");
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
-              x.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-// A float32 tensor the forward produced for the backward: lse, clustering's slots.
-inline void check_stat(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
-                       const char* name, const char* op) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-}  // namespace cuda_detail
+}  // namespace GLMIX_CUDA_NS
 }  // namespace glmix
-
-// float32, float16, bfloat16 only: float64 never reaches these kernels (checked above), so no
-// double instantiation is compiled.
-#define GLMIX_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)     \
-                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

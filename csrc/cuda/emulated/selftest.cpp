@@ -1,0 +1,95 @@
+// Small deliberately broken kernels that each detector of the emulation must catch, run by
+// tests/test_emulation.py through glmix_emulated::selftest(name). Built only with the emulation.
+#define GLMIX_CUDA_EMULATION 1
+#include <string>
+
+#include <torch/library.h>
+
+#include "../device.cuh"
+#include "../launch.cuh"
+
+namespace glmix {
+namespace GLMIX_CUDA_NS {
+namespace selftest {
+
+constexpr int kN = 64;  // threads per block
+
+// out[t] = the value thread t + 1 wrote to shared memory; `sync` orders the write and the read.
+__global__ void neighbour(float* out, bool sync) {
+  GLMIX_DYNAMIC_SMEM(float, sh);
+  const int t = threadIdx.x;
+  sh[t] = static_cast<float>(t);
+  if (sync) __syncthreads();
+  out[t] = sh[(t + 1) % kN];
+}
+
+// Writes one element past its output: the sentinel margin catches it.
+__global__ void one_past(float* out) { out[threadIdx.x + 1] = 1.f; }
+
+// Reads shared memory nobody wrote: NaN.
+__global__ void uninitialised(float* out) {
+  GLMIX_DYNAMIC_SMEM(float, sh);
+  __syncthreads();
+  out[threadIdx.x] = sh[threadIdx.x];
+}
+
+// Half of the block leaves before the barrier the other half waits at.
+__global__ void early_exit(float* out) {
+  if (threadIdx.x >= kN / 2) return;
+  __syncthreads();
+  out[threadIdx.x] = 0.f;
+}
+
+// The two halves of the block wait at different barriers.
+__global__ void split_barrier(float* out) {
+  if (threadIdx.x < kN / 2)
+    __syncthreads();
+  else
+    __syncthreads();
+  out[threadIdx.x] = 0.f;
+}
+
+// A shuffle with half the warp in its mask.
+__global__ void partial_mask(float* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffu, 1.f, 1); }
+
+// Half of each warp shuffles, the other half does not.
+__global__ void divergent_warp(float* out) {
+  float v = 1.f;
+  if ((threadIdx.x & 31) < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[threadIdx.x] = v;
+}
+
+// The shuffles working: out[t] = sum of the lane numbers of t's warp, then lane t ^ 5's value.
+__global__ void warp_sums(float* out) {
+  const float s = warp_sum(static_cast<float>(threadIdx.x & 31));
+  const float idx = __shfl_sync(0xffffffffu, static_cast<float>(threadIdx.x), (threadIdx.x & 31) ^ 5);
+  out[threadIdx.x] = s * 1000.f + idx;
+}
+
+at::Tensor run(const std::string& name) {
+  const DeviceGuard guard(at::Device(at::kCPU));
+  at::Tensor out = empty_output({kN}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const size_t smem = kN * sizeof(float);
+  const dim3 one(1), block(kN);
+  if (name == "race") launch(neighbour, one, block, smem, 0, o, false);
+  else if (name == "no_race") launch(neighbour, one, block, smem, 0, o, true);
+  else if (name == "one_past") launch(one_past, one, block, 0, 0, o);
+  else if (name == "uninitialised") launch(uninitialised, one, block, smem, 0, o);
+  else if (name == "early_exit") launch(early_exit, one, block, 0, 0, o);
+  else if (name == "split_barrier") launch(split_barrier, one, block, 0, 0, o);
+  else if (name == "partial_mask") launch(partial_mask, one, block, 0, 0, o);
+  else if (name == "divergent_warp") launch(divergent_warp, one, block, 0, 0, o);
+  else if (name == "warp_sums") launch(warp_sums, one, block, 0, 0, o);
+  else TORCH_CHECK(false, "selftest: unknown kernel '", name, "'");
+  return out.clone();
+}
+
+}  // namespace selftest
+}  // namespace GLMIX_CUDA_NS
+}  // namespace glmix
+
+TORCH_LIBRARY_FRAGMENT(glmix_emulated, m) {
+  m.def("selftest(str name) -> Tensor",
+        [](c10::string_view name) { return glmix::GLMIX_CUDA_NS::selftest::run(std::string(name)); });
+}

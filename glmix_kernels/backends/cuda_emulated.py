@@ -1,0 +1,45 @@
+"""The ``"cuda_emulated"`` backend: the CUDA kernels of ``csrc/cuda/`` run on CPU tensors under a host
+emulation of the CUDA execution model (``docs/emulation.md``), for testing them without a GPU.
+
+Built into the extension only with ``GLMIX_CUDA_EMULATION=1`` at install; its ops live in the
+``glmix_emulated`` torch.library namespace (CPU kernels), beside the ``glmix_kernels`` ones.
+"""
+
+import contextlib
+
+import torch
+
+from . import cpp
+
+# Looked up once at import: torch.compile traces unavailable_reason, but not the dispatcher query.
+_BUILT = cpp.unavailable_reason("cpu") is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "glmix_emulated::cluster_fwd", "CPU"
+)
+
+
+def unavailable_reason(device_type):
+    why = cpp.unavailable_reason("cpu")
+    if why is not None:
+        return why
+    if not _BUILT:
+        return "the C++ extension was built without the CUDA emulation (set GLMIX_CUDA_EMULATION=1 at install)"
+    return None
+
+
+@contextlib.contextmanager
+def thread_order(order, seed=0):
+    """Run the emulated CUDA threads of each block in ``order`` between barriers: "forward",
+    "reverse" or "random" (seeded); blocks likewise. Forward is the default."""
+    torch.ops.glmix_emulated.set_thread_order(order, seed)
+    try:
+        yield
+    finally:
+        torch.ops.glmix_emulated.set_thread_order("forward", 0)
+
+
+if unavailable_reason("cpu") is None:
+    cpp.register_fakes("glmix_emulated")
+    cluster_fwd = torch.ops.glmix_emulated.cluster_fwd
+    cluster_bwd = torch.ops.glmix_emulated.cluster_bwd
+    dispatch_fwd = torch.ops.glmix_emulated.dispatch_fwd
+    dispatch_bwd = torch.ops.glmix_emulated.dispatch_bwd

@@ -1,0 +1,136 @@
+"""The CUDA emulation's detectors (docs/emulation.md), each shown to detect on a small broken
+kernel, and the CUDA kernels put through them: results bitwise identical whichever order the
+emulated threads run in, inputs inside NaN margins. The generic suite (test_ops.py) runs the
+kernels over the "cuda_emulated" backend as over any other."""
+
+import pytest
+import torch
+
+import glmix_kernels
+from _helpers import Case, require
+
+BACKEND = "cuda_emulated"
+ORDERS = [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)]
+
+
+@pytest.fixture(autouse=True)
+def _emulation_built():
+    require(BACKEND, "cpu")
+
+
+def thread_order(order, seed):
+    from glmix_kernels.backends import cuda_emulated
+
+    return cuda_emulated.thread_order(order, seed)
+
+
+def selftest(name, order="forward", seed=0):
+    with thread_order(order, seed):
+        return torch.ops.glmix_emulated.selftest(name)
+
+
+def bits(t):
+    """A tensor's bit patterns, so NaNs compare too."""
+    return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+# ---------------------------------------------------------------- each detector detects
+
+
+def test_a_missing_barrier_makes_the_orders_disagree():
+    results = [bits(selftest("race", *o)) for o in ORDERS]
+    assert any(not torch.equal(results[0], r) for r in results[1:])
+    fixed = [selftest("no_race", *o) for o in ORDERS]
+    assert all(torch.equal(fixed[0], f) for f in fixed[1:])
+    assert torch.equal(fixed[0], (torch.arange(64) + 1).remainder(64).float())
+
+
+def test_an_out_of_bounds_write_hits_the_sentinel():
+    with pytest.raises(RuntimeError, match="out-of-bounds write"):
+        selftest("one_past")
+
+
+def test_shared_memory_starts_as_nan():
+    assert torch.isnan(selftest("uninitialised")).all()
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("early_exit", r"reached by 32 of 64 threads; the other 32 have exited"),
+        ("split_barrier", r"threads wait at different barriers"),
+        ("partial_mask", r"only full-warp shuffles"),
+        ("divergent_warp", r"divergent warp"),
+    ],
+)
+def test_barrier_and_shuffle_misuse_stops_with_a_message(name, message):
+    with pytest.raises(RuntimeError, match=message):
+        selftest(name)
+    assert torch.equal(selftest("no_race"), (torch.arange(64) + 1).remainder(64).float())  # still usable
+
+
+def test_shuffles_exchange_the_right_lanes():
+    t = torch.arange(64)
+    lane = t % 32
+    want = 496 * 1000.0 + (t - lane + (lane ^ 5)).float()  # 496 = 0 + 1 + ... + 31
+    assert torch.equal(selftest("warp_sums"), want)
+
+
+# ---------------------------------------------------------------- the CUDA kernels under them
+
+# (B, L, C, S, x layout, broadcast): one slot tile and several (S = 70 > 64, and C = 384 whose
+# backward tiles hold 8 slots), tails in pixels and slots, several chunks of several tiles.
+ORDER_SHAPES = [
+    (2, 150, 16, 70, "nchw", True),
+    (1, 37, 384, 12, "contiguous", False),
+    (3, 45, 24, 5, "sliced", False),
+]
+
+
+@pytest.mark.parametrize("shape", ORDER_SHAPES, ids=lambda s: "B{}-L{}-C{}-S{}-{}".format(*s[:5]))
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+def test_kernels_are_bitwise_identical_in_every_thread_order(op, shape):
+    B, L, C, S, layout, broadcast = shape
+    case = Case(B, L, C, S, layout, broadcast, seed=L)
+    results = []
+    for order in ORDERS:
+        with thread_order(*order):
+            out, grads = case.run(op, BACKEND, torch.float32)
+        results.append([out] + grads)
+    for other, order in zip(results[1:], ORDERS[1:]):
+        for a, b, name in zip(results[0], other, ["out", "dx", "dinit_slots", "dscale", "dslots"]):
+            assert torch.equal(bits(a), bits(b)), f"{op} {name} differs between forward and {order} order"
+
+
+def in_nan_margins(t):
+    """t's values in the middle of a NaN buffer, with t's strides."""
+    flat = torch.full((t.numel() + 2 * 97,), float("nan"), dtype=t.dtype)
+    inner = flat[97 : 97 + t.numel()].view(t.shape)
+    inner.copy_(t)
+    return inner
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+def test_kernels_read_nothing_outside_their_inputs(op):
+    """Inputs inside NaN margins give the same bits as plain ones: no read strays outside."""
+    B, L, C, S = 2, 70, 20, 9
+    g = torch.Generator().manual_seed(5)
+    values = [
+        torch.randn(B, L, C, generator=g),
+        torch.randn(1, S, C, generator=g),
+        torch.randn(B, S, C, generator=g),
+        torch.randn((B, S, C) if op == "cluster" else (B, L, C), generator=g),
+    ]
+
+    def run(place):
+        leaves = [t.clone().requires_grad_() for t in values[:3]]
+        x, init, slots = (place(t) for t in leaves)
+        if op == "cluster":
+            out = glmix_kernels.soft_cluster(x, init, 3.0, backend=BACKEND)
+        else:
+            out = glmix_kernels.soft_dispatch(x, init, 3.0, slots, backend=BACKEND)
+        out.backward(place(values[3]))
+        return [out] + [t.grad for t in leaves if t.grad is not None]
+
+    for plain, guarded in zip(run(lambda t: t), run(in_nan_margins)):
+        assert torch.isfinite(guarded).all() and torch.equal(plain, guarded)
