@@ -1,6 +1,7 @@
-"""Triton-specific checks: the interpreter's bf16 workaround, a fuzzing find, and the tiled and
-split-L launch paths. Accuracy across dtypes, strides and gradients, opcheck and torch.compile
-are in test_ops.py, for every backend.
+"""Triton-specific checks: the interpreter's bf16 workaround, a fuzzing find, the tiled and split-L
+launch paths, direct calls of the ops, pinned tile configs, the device guard and a scale in x's
+dtype. Accuracy across dtypes, strides and gradients, opcheck and torch.compile are in
+test_ops.py, for every backend.
 
 Without CUDA the kernels run under the Triton interpreter, which must be switched on before the
 kernels are defined (the first call into the backend).
@@ -14,7 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import glmix_kernels as gk  # noqa: E402
-from _helpers import Case, check_against_reference  # noqa: E402
+from _helpers import TOL, Case, assert_close_normwise, check_against_reference  # noqa: E402
+from glmix_kernels import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif("triton" not in gk.available_backends(DEVICE),
@@ -47,13 +49,76 @@ def test_bf16_dispatch_delta_from_recomputed_probabilities():
 
 
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
-def test_tiled_channels_slot_blocks_and_split_l(op):
-    """A shape that takes every tiling path: C over several C blocks, S over several slot blocks
-    of the reduction kernels, L over several chunks (plus a partial last tile)."""
+@pytest.mark.parametrize("shape", [(1, 77, 520, 40), (1, 77, 60, 40)], ids=["c-blocks", "one-c-block"])
+def test_tiled_channels_slot_blocks_and_split_l(op, shape):
+    """Shapes that take every tiling path: C over several C blocks and all of C in one block (the
+    hoisted operands; pixel_bwd summing the slot partials itself), S over several slot blocks of
+    the split-L kernels, L over several chunks (plus a partial last tile)."""
     tb = _ops()
-    B, L, C, S = 1, 77, 100, 70
-    block_s, n_sb, chunk_len, n_chunks = tb.split_plan(B, S, L, torch.device(DEVICE))
-    assert n_sb > 1 and n_chunks > 1 and L % chunk_len != 0
-    if tb.kernels.INTERPRET:  # on a GPU the autotuned BLOCK_C varies; 100 > every config's 64
-        assert all(C > cfg.kwargs["BLOCK_C"] for cfg in tb.kernels._REDUCE_CONFIGS)
+    B, L, C, S = shape
+    cfg = tb.pick_config("slot_bwd", S, C, torch.float32)
+    chunk_len, n_chunks = tb.plan_chunks(B, S, L, torch.device(DEVICE), cfg.block_s)
+    assert S > cfg.block_s and n_chunks > 1 and L % chunk_len != 0
+    assert (cfg.block_c >= C) == (C == 60)
+    assert tb.pick_config("pixel_bwd", S, C, torch.float32).block_c < C
     check_against_reference(Case(B, L, C, S, "nchw", broadcast=True, device=DEVICE), op, "triton")
+
+
+def test_pixel_bwd_sums_slot_partials_when_one_tile_holds_s_and_c():
+    tb = _ops()
+    cfg = tb.pick_config("pixel_bwd", 24, 32, torch.float16)
+    assert cfg.block_s >= 24 and cfg.block_c >= 32
+    check_against_reference(Case(2, 203, 32, 24, "nchw", dtype=torch.float16, device=DEVICE), "dispatch", "triton")
+
+
+def test_direct_op_calls_check_inputs():
+    """The glmix_triton ops apply the public functions' rules and the backend's limits."""
+    tb = _ops()
+    x = torch.randn(2, 19, 24, device=DEVICE)
+    s0 = torch.randn(1, 5, 24, device=DEVICE)
+    scale = torch.tensor(1.7, device=DEVICE)
+    with pytest.raises(ValueError, match="init_slots must have shape"):
+        tb.cluster_fwd(x, s0[:, :, :-1], scale)
+    with pytest.raises(TypeError, match="init_slots must have the same dtype"):
+        tb.dispatch_fwd(x, s0.double(), scale, torch.randn(2, 5, 24, device=DEVICE))
+    with pytest.raises(ValueError, match="at most 256 slots"):
+        tb.cluster_fwd(x, torch.randn(1, 257, 24, device=DEVICE), scale)
+    with pytest.raises(TypeError, match="does not support dtype"):
+        tb.cluster_fwd(x.double(), s0.double(), scale.double())
+    c, lse = tb.cluster_fwd(x, s0, scale)
+    with pytest.raises(ValueError, match="grad must have shape"):
+        tb.cluster_bwd(torch.zeros(2, 5, 23, device=DEVICE), x, s0, scale, c, lse)
+
+
+def test_one_launch_config_pinned_per_kernel():
+    """Without GLMIX_TRITON_AUTOTUNE a first call compiles one config per kernel and benchmarks
+    nothing; the pinned config is among the autotuner's candidates."""
+    tb = _ops()
+    assert not tb.AUTOTUNE
+    for name in tb.SPLIT_L_KERNELS + tb.PIXEL_KERNELS:
+        for S, C in [(64, 64), (64, 512), (256, 64), (5, 1000)]:
+            pinned = tb.pick_config(name, S, C, torch.bfloat16)
+            assert len(tb._pinned(getattr(tb.kernels, name), pinned, C).configs) == 1
+            assert pinned in tb.candidate_configs(name, S, C, torch.bfloat16)
+
+
+def test_device_guard_follows_x():
+    tb = _ops()
+    assert not isinstance(tb._device_guard(torch.empty(0)), torch.cuda.device)
+
+    class OnCuda1:  # the guard reads only the device; no GPU needed
+        device = torch.device("cuda", 1)
+    guard = tb._device_guard(OnCuda1())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+def test_scale_in_x_dtype():
+    """A bf16 scale: dscale comes back in bf16 (summed in fp64, rounded once)."""
+    case = Case(B=2, L=23, C=16, S=3, dtype=torch.bfloat16, device=DEVICE, seed=4)
+    x, s0, _, slots = case.leaves(torch.bfloat16)
+    scale = case.scale.to(DEVICE, torch.bfloat16).requires_grad_()
+    gk.soft_dispatch(x, s0, scale, slots, backend="triton").backward(case.grad_out.to(DEVICE, torch.bfloat16))
+    xr, s0r, scale_r, slots_r = (t.detach().cpu().double().requires_grad_() for t in (x, s0, scale, slots))
+    reference.soft_dispatch(xr, s0r, scale_r, slots_r).backward(case.grad_out.to(torch.bfloat16).double())
+    assert scale.grad.dtype == torch.bfloat16
+    assert_close_normwise(scale.grad, scale_r.grad, TOL[torch.bfloat16], "dscale")

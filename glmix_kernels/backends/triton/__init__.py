@@ -1,20 +1,32 @@
-"""The ``"triton"`` backend: the four kernels as torch.library ops ``glmix_triton::*``.
+"""The ``"triton"`` backend: the four ops of the contract as torch.library ops ``glmix_triton::*``.
 
-Launch plan (kernels in ``kernels.py``):
+Entry points, by op (kernels in ``kernels.py``):
 
-- ``cluster_fwd``: ``cluster_fwd_partial`` over (batch x slot block, L chunk, C block) writes
-  per-chunk online-softmax partials, ``cluster_fwd_combine`` merges them by log-sum-exp into fp32
-  slots (the autograd Function rounds them to x's dtype; ``cluster_bwd`` reads them as they are).
-- ``dispatch_fwd``: ``dispatch_fwd`` over (batch x pixel tile); a tile holds all S slots.
-- ``*_bwd``: ``pixel_bwd`` writes ``dx`` per pixel tile; ``reduce_bwd`` writes per-chunk partial
-  sums over L of ``dqs`` (and ``dslots``), which ``sum_chunks`` adds up in chunk order, so results
-  are bitwise reproducible without atomics.
+- ``cluster_fwd``: ``scaled_queries``, ``cluster_fwd_chunk`` over (batch x slot block, chunk,
+  C block), ``cluster_fwd_combine`` (log-sum-exp combine of the chunks) into fp32 slots.
+- ``dispatch_fwd``: ``scaled_queries``, ``dispatch_fwd`` over (batch, chunk); a tile holds all S.
+- ``cluster_bwd`` / ``dispatch_bwd``: ``scaled_queries`` (with clustering's ``delta``),
+  ``pixel_bwd`` (``dx``), ``slot_bwd`` (per-chunk partials of ``dqs``, ``dslots``; ``pixel_bwd``
+  sums them itself when one tile holds all of S and C, as at the first GLNet stages),
+  ``query_bwd`` (``d_init_slots``, parts of ``dscale``), ``sum_chunks`` (``dscale``, ``dslots``).
+  Sums run in a fixed order: results are bitwise reproducible without atomics.
 
-No ``(B, S, L)`` tensor exists anywhere; the workspaces are ``O(B * chunks * S * C)``.
-On CPU tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``).
+No ``(B, S, L)`` tensor exists anywhere; the workspaces are ``O(B * chunks * S * C)``. On CPU
+tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``).
+
+Tile configurations are pinned: ``pick_config`` chooses one per kernel from (S, C, dtype), so a
+first call compiles each kernel once and benchmarks nothing, results do not depend on a timing
+race between processes, and a CUDA graph can capture any call after one warm-up call of the same
+shapes outside the capture (the warm-up compiles and loads the kernels). With
+``GLMIX_TRITON_AUTOTUNE=1`` the first call per (S, C, layout, op, dtype) instead benchmarks the
+few ``candidate_configs``; do that warm-up outside any capture too. ``scripts/triton_compile_report.py``
+compiles every candidate for the GLNet stage shapes and fails on a register spill.
 """
+import contextlib
 import functools
+import os
 import sys
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -22,54 +34,215 @@ import triton
 from .. import contract, registrations
 from . import kernels
 
-# Slot rows per program of the reduction kernels (they keep a (BLOCK_S, BLOCK_C) accumulator).
-_MAX_BLOCK_S = 64
+AUTOTUNE = os.environ.get("GLMIX_TRITON_AUTOTUNE") == "1"
 _SUM_BLOCK = 1024
+# Slot rows per program of the split-L kernels; pixel kernels hold all S (at most 256) slots.
+_MAX_BLOCK_S = 64
+# Up to this many (slot, channel) elements per tile, a kernel holds all of C at once
+# (``ONE_C_BLOCK``); larger tiles would spill registers (the compile report). fp32 operands take
+# twice the registers and tf32x3 three products per dot: a quarter of the budget.
+_ONE_C_BLOCK_ELEMENTS = 64 * 128
+# Above this many channels no kernel holds all of C: 256 and 512 spill at any slot block.
+_ONE_C_BLOCK_MAX_C = 128
 
 
-def _block(n, cap):
-    return max(16, min(cap, triton.next_power_of_2(n)))  # tl.dot needs 16 per side
+@dataclass(frozen=True)
+class TileConfig:
+    block_s: int
+    block_l: int
+    block_c: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def meta(self, C):
+        return dict(BLOCK_S=self.block_s, BLOCK_L=self.block_l, BLOCK_C=self.block_c,
+                    ONE_C_BLOCK=self.block_c >= C, NUM_STAGES=self.num_stages)
 
 
-@functools.lru_cache(maxsize=None)
+# The kernels that take a TileConfig: split-L kernels (a block of slots per program) and pixel
+# kernels (every slot per program).
+SPLIT_L_KERNELS = ("cluster_fwd_chunk", "slot_bwd")
+PIXEL_KERNELS = ("dispatch_fwd", "pixel_bwd")
+
+
+def _pow2(n, lo=16):
+    return max(lo, triton.next_power_of_2(n))  # tl.dot needs 16 per side
+
+
+def pick_config(kernel, S, C, dtype):
+    """The pinned tile configuration of ``kernel`` for S slots, C channels and x's ``dtype``.
+    Every rule comes from the compile report (sm_80 and sm_90, Triton 3.6 and 3.9): no config
+    it picks spills registers or needs more shared memory than an SM has."""
+    fp32 = dtype == torch.float32
+    budget = _ONE_C_BLOCK_ELEMENTS // (4 if fp32 else 1)
+    if kernel in ("pixel_bwd", "slot_bwd"):
+        budget //= 2  # they also hold G and the dqs (and dslots) sums
+    c = _pow2(C)
+    if kernel in SPLIT_L_KERNELS:
+        # Fewer slot rows rather than several C blocks: each C block recomputes the logits over
+        # all of C, while each slot block only reads x again (from L2).
+        block_s = min(_pow2(S), _MAX_BLOCK_S)
+        # Several C blocks: 64 channels per block (fp32: 16 slot rows).
+        block_s = min(block_s, max(16, budget // (c if c <= _ONE_C_BLOCK_MAX_C else 128)))
+    else:
+        block_s = _pow2(S)
+    one_c = c <= _ONE_C_BLOCK_MAX_C and c * block_s <= budget
+    block_c = c if one_c else max(16, min(64, budget // 2 // block_s))
+    big = one_c and block_s * block_c >= 4096  # large tiles held across the pixel loop
+    block_l = 16 if fp32 else 64 if block_s <= 64 and one_c else 32
+    num_warps = 4
+    if big and kernel in SPLIT_L_KERNELS:
+        block_l = 32
+    if big and kernel in PIXEL_KERNELS:
+        num_warps = 8
+    if kernel == "pixel_bwd":
+        block_l = 16  # it also holds G (and the dqs and dslots sums)
+    # slot_bwd holds two (BLOCK_S, BLOCK_C) sums (dispatch) beside the logits: no room for the
+    # next pixel tile's loads in flight.
+    num_stages = 1 if kernel == "slot_bwd" else 2
+    if kernel == "slot_bwd" and c > 64:
+        block_l = 16
+    if kernels.INTERPRET:
+        block_l = min(block_l, kernels.CHUNK_QUANTUM)
+    return TileConfig(block_s, block_l, block_c, num_warps, num_stages)
+
+
+def candidate_configs(kernel, S, C, dtype):
+    """What ``GLMIX_TRITON_AUTOTUNE=1`` chooses among: the pinned config and, where it compiles
+    without spills, one with the other warp count (4 or 8). The compile report checks them all."""
+    pinned = pick_config(kernel, S, C, dtype)
+    if kernels.INTERPRET or (kernel == "slot_bwd" and pinned.block_c < C):
+        return [pinned]  # slot_bwd over several C blocks spills with 8 warps on sm_90
+    return [pinned, replace(pinned, num_warps=12 - pinned.num_warps)]
+
+
+@functools.cache
+def _pinned(fn, cfg, C):
+    # A one-config autotuner: torch.compile and wrap_triton take it as they take any, and
+    # Triton benchmarks nothing when there is a single config.
+    return triton.autotune([triton.Config(cfg.meta(C), num_warps=cfg.num_warps, num_stages=cfg.num_stages)],
+                           key=[])(fn)
+
+
+@functools.cache
+def _tuned(fn, cfgs, C):
+    configs = [triton.Config(c.meta(C), num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
+    # The op (CLUSTER) and x's layout change what is fastest; Triton adds the dtypes to the key.
+    key = ["S", "C", "X_LAYOUT"] + (["CLUSTER"] if "CLUSTER" in fn.arg_names else [])
+    return triton.autotune(configs, key=key)(fn)
+
+
+def _tiled(name, S, C, dtype):
+    """Kernel ``name`` with its tile configuration bound."""
+    fn = getattr(kernels, name)
+    if AUTOTUNE:
+        return _launch(_tuned(fn, tuple(candidate_configs(name, S, C, dtype)), C))
+    return _launch(_pinned(fn, pick_config(name, S, C, dtype), C))
+
+
+@functools.cache
 def _programs_wanted(device):
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # the interpreter: enough chunks that the split-L path runs at test sizes
 
 
-def split_plan(B, S, L, device):
-    """``(BLOCK_S, slot blocks, chunk_len, chunks)`` of the reduction kernels.
-
-    Depends only on the shape and device (not on the autotuned config), so the chunks and their
-    order are fixed for a shape; the rounding inside a chunk follows the autotuned tile sizes,
-    which a new process may choose differently on a GPU.
+def plan_chunks(B, S, L, device, block_s=None):
+    """``(chunk_len, n_chunks)``: L cut into chunks of whole ``CHUNK_QUANTUM`` pixels, so that
+    ``B * slot blocks * chunks`` fills the device, but no more chunks than that: each adds a
+    (B, S, C) fp32 partial to write and sum. Depends only on the shape and device (not on the
+    tile config): the chunks and their summation order are fixed for a shape.
     """
-    block_s = _block(S, _MAX_BLOCK_S)
-    n_sb = triton.cdiv(S, block_s)
+    n_sb = triton.cdiv(S, block_s) if block_s else 1
     quanta = triton.cdiv(L, kernels.CHUNK_QUANTUM)
-    chunks_wanted = max(1, min(quanta, triton.cdiv(_programs_wanted(device), B * n_sb)))
+    chunks_wanted = max(1, min(quanta, _programs_wanted(device) // (B * n_sb)))
     chunk_len = triton.cdiv(quanta, chunks_wanted) * kernels.CHUNK_QUANTUM
-    return block_s, n_sb, chunk_len, triton.cdiv(L, chunk_len)
+    return chunk_len, triton.cdiv(L, chunk_len)
+
+
+def _layout(x):
+    if x.stride(2) == 1:
+        return kernels.LAYOUT_CHANNELS_LAST
+    return kernels.LAYOUT_NCHW if x.stride(1) == 1 else kernels.LAYOUT_OTHER
 
 
 def _upcast(x):
     return kernels.INTERPRET and x.dtype == torch.bfloat16
 
 
-def _reduce_grid(B, n_sb, n_chunks, C):
-    return lambda meta: (B * n_sb, n_chunks, triton.cdiv(C, meta["BLOCK_C"]))
+def _device_guard(x):
+    """Triton launches on the current CUDA device: make it ``x``'s."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _pixel_grid(B, L):
-    return lambda meta: (B * triton.cdiv(L, meta["BLOCK_L"]),)
+def _common(x):
+    """Arguments every tiled kernel takes, from ``x``."""
+    return dict(X_LAYOUT=_layout(x), SPLIT=x.dtype != torch.float32, UPCAST=_upcast(x))
+
+
+def _split_l_grid(B, S, n_chunks, C):
+    return lambda meta: (B * triton.cdiv(S, meta["BLOCK_S"]), n_chunks, triton.cdiv(C, meta["BLOCK_C"]))
+
+
+def _queries(x, init_slots, scale, grad=None, slots=None):
+    """``qs_hi, qs_lo`` (Bq, S, C) in x's dtype, ``qs_lo`` a stand-in for ``qs_hi`` in fp32; with
+    clustering's ``grad`` and fp32 ``slots`` also ``delta = rowsum(grad * slots)`` (B, S)."""
+    Bq, S, C = init_slots.shape
+    split = x.dtype != torch.float32
+    qs_hi = x.new_empty((Bq, S, C))
+    qs_lo = torch.empty_like(qs_hi) if split else qs_hi
+    with_delta = grad is not None
+    delta = x.new_empty((x.shape[0], S), dtype=torch.float32) if with_delta else qs_hi
+    if not with_delta:  # not read: any valid tensor
+        grad, slots = init_slots, init_slots
+    block_s = min(_pow2(S), 16)  # 32 fp64 rows spill on sm_90 (compile report)
+    grid_b = x.shape[0] if with_delta else Bq
+    _launch(kernels.scaled_queries)[(grid_b * triton.cdiv(S, block_s),)](  # fp64: no pipelining, no spills
+        s0_ptr=init_slots, scale_ptr=scale, qh_ptr=qs_hi, ql_ptr=qs_lo, g_ptr=grad, v_ptr=slots,
+        delta_ptr=delta, Bq=Bq, S=S, C=C, **_strides("ss", init_slots), **_strides("sg", grad),
+        **_strides("sv", slots), SPLIT=split, WITH_DELTA=with_delta, BLOCK_S=block_s,
+        BLOCK_C=64, num_stages=1)
+    return qs_hi, qs_lo, delta
+
+
+def _strides(prefix, t):
+    """``t``'s strides as keyword arguments ``{prefix}_b, _r, _c`` (the kernels' names); a
+    batch stride of 0 for a broadcast batch of 1."""
+    names = {"sx": ("sx_b", "sx_l", "sx_c"), "ss": ("ss_b", "ss_s", "ss_c"),
+             "sg": ("sg_b", "sg_s", "sg_c"), "sv": ("sv_b", "sv_s", "sv_c")}[prefix]
+    b = 0 if t.shape[0] == 1 else t.stride(0)
+    return dict(zip(names, (b, t.stride(1), t.stride(2))))
+
+
+def _batch_stride(t):
+    return 0 if t.shape[0] == 1 else t.stride(0)
+
+
+def _grad_strides(g):
+    s = _strides("sg", g)
+    return dict(sg_b=s["sg_b"], sg_r=s["sg_s"], sg_c=s["sg_c"])
 
 
 def _sum_chunks(ws, out):
-    """``out`` (B, S, C) = ``ws`` (B, chunks, S, C) summed over chunks."""
-    B, n_chunks, S, C = ws.shape
-    _launch(kernels.sum_chunks)[(B * triton.cdiv(S * C, _SUM_BLOCK),)](
-        ws, out, n_chunks, S * C, BLOCK=_SUM_BLOCK)
+    """``out`` (B, N) = ``ws`` (B, chunks, N) summed over chunks in order."""
+    B, n_chunks, N = ws.shape[0], ws.shape[1], ws[0, 0].numel()
+    block = min(_SUM_BLOCK, triton.next_power_of_2(N))
+    _launch(kernels.sum_chunks)[(B * triton.cdiv(N, block),)](
+        ws_ptr=ws, out_ptr=out, n_chunks=n_chunks, N=N, BLOCK=block)
+
+
+def _query_grads(dq_ws, init_slots, scale, d_init, dscale):
+    """``d_init_slots`` and ``dscale`` from the (B, chunks, S, C) partials of ``dqs``."""
+    Bq, S, C = init_slots.shape
+    n_rows = dq_ws.shape[0] * dq_ws.shape[1] // Bq  # a broadcast init_slots sums every batch's chunks
+    block_c = _pow2(C)
+    block_s = max(1, min(_pow2(S, 1), 2048 // block_c))  # fp64 tiles: more would spill
+    n_programs = Bq * triton.cdiv(S, block_s)
+    dscale_parts = dq_ws.new_empty((1, n_programs, 1), dtype=torch.float64)
+    _launch(kernels.query_bwd)[(n_programs,)](
+        dq_ptr=dq_ws, s0_ptr=init_slots, scale_ptr=scale, d_init_ptr=d_init, dscale_ptr=dscale_parts,
+        S=S, C=C, n_rows=n_rows, **_strides("ss", init_slots), BLOCK_S=block_s, BLOCK_C=block_c)
+    _sum_chunks(dscale_parts, dscale.view(1, 1))
 
 
 # torch.library.triton_op lets torch.compile see through the launchers into the kernels (torch
@@ -90,117 +263,133 @@ def _op(name, outputs):
     return register
 
 
-def _cluster_fwd(x, qs, slots, lse):
-    B, L, C = x.shape
-    S = qs.shape[1]
-    block_s, n_sb, chunk_len, n_chunks = split_plan(B, S, L, x.device)
-    m_ws = x.new_empty((B, n_chunks, S), dtype=torch.float32)
-    l_ws = torch.empty_like(m_ws)
-    acc_ws = x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
-    _launch(kernels.cluster_fwd_partial)[_reduce_grid(B, n_sb, n_chunks, C)](
-        x, qs, m_ws, l_ws, acc_ws, S, L, C, chunk_len, *x.stride(), *qs.stride(),
-        BLOCK_S=block_s, UPCAST=_upcast(x))
-    block_c = _block(C, 128)
-    _launch(kernels.cluster_fwd_combine)[(B * n_sb, triton.cdiv(C, block_c))](
-        m_ws, l_ws, acc_ws, slots, lse, S, C, n_chunks, BLOCK_S=block_s, BLOCK_C=block_c)
+def _check(op, x, init_slots, scale, slots=None, grad=None, grad_shape=None):
+    """The input rules of the public functions and the backend's limits, for direct calls of the
+    ``glmix_triton`` ops (the public functions have checked them already)."""
+    from ..._validate import cluster_inputs, dispatch_inputs
+    from .. import resolve
 
-
-def _dispatch_fwd(x, qs, slots, out, lse):
-    B, L, C = x.shape
-    S = qs.shape[1]
-    _launch(kernels.dispatch_fwd)[_pixel_grid(B, L)](
-        x, qs, slots, out, lse, S, L, C, *x.stride(), *qs.stride(), *slots.stride(),
-        BLOCK_S=_block(S, 256), UPCAST=_upcast(x))
-
-
-def _backward(cluster, grad, x, qs, slots, lse, dx, dqs, dslots):
-    """Both backwards into ``dx``, ``dqs`` (and dispatch's ``dslots``); ``slots`` is clustering's
-    fp32 forward result or dispatch's values.
-    """
-    B, L, C = x.shape
-    S = qs.shape[1]
-    # dispatch's delta' = sum_s D dD per pixel, from pixel_bwd (whose tile holds all S slots) to
-    # reduce_bwd; clustering computes its per-slot delta in place and gets a dummy (any valid
-    # pointer)
-    delta = lse if cluster else x.new_empty((B, L), dtype=torch.float32)
-    args = (x, qs, grad, slots, lse)
-    strides = (*x.stride(), *qs.stride(), *grad.stride(), *slots.stride())
-    _launch(kernels.pixel_bwd)[_pixel_grid(B, L)](
-        *args, dx, delta, S, L, C, *strides,
-        CLUSTER=cluster, BLOCK_S=_block(S, 256), UPCAST=_upcast(x))
-
-    block_s, n_sb, chunk_len, n_chunks = split_plan(B, S, L, x.device)
-    dq_ws = x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
-    dv_ws = dq_ws if cluster else torch.empty_like(dq_ws)
-    _launch(kernels.reduce_bwd)[_reduce_grid(B, n_sb, n_chunks, C)](
-        *args, delta, dq_ws, dv_ws, S, L, C, chunk_len, *strides,
-        CLUSTER=cluster, BLOCK_S=block_s, UPCAST=_upcast(x))
-    _sum_chunks(dq_ws, dqs)
-    if not cluster:
-        _sum_chunks(dv_ws, dslots)
-
-
-# ---------------------------------------------------------------- the ops of the contract
-# An adapter until the kernels normalise the queries themselves: qs = scale * normalize(init_slots)
-# by a few torch ops around the launchers above, and their backward after them (contract.py).
-
-def _queries(x, init_slots, scale):
-    """qs (B, S, C) in float32: normalised in fp64, rounded, scaled, broadcast."""
-    s = init_slots.to(torch.float64, memory_format=torch.contiguous_format)
-    q = (s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()
-    return (scale.float() * q).expand(x.shape[0], -1, -1)
-
-
-def _queries_backward(dqs, init_slots, scale, d_init_slots, dscale):
-    """Writes ``d init_slots`` (summed over a broadcast batch) and ``dscale`` from ``dqs``, in fp64."""
-    s = init_slots.to(torch.float64, memory_format=torch.contiguous_format)
-    r = s.norm(dim=-1, keepdim=True)
-    q = s / r.clamp_min(1e-12)
-    dq = dqs.double().sum(0, keepdim=True) if init_slots.shape[0] != dqs.shape[0] else dqs.double()
-    dscale.copy_((dq * q).sum())
-    dq = dq * scale.double()
-    proj = q * ((q * dq).sum(-1, keepdim=True) * (r >= 1e-12))  # the clamp passes no gradient
-    d_init_slots.copy_((dq - proj) / r.clamp_min(1e-12))
+    if op.startswith("cluster"):
+        cluster_inputs(x, init_slots, scale)
+    else:
+        dispatch_inputs(x, init_slots, scale, slots)
+    if scale.dim() != 0:
+        raise ValueError(f"scale must be a 0-d tensor, got shape {tuple(scale.shape)}")
+    resolve("triton", x, init_slots.shape[1])
+    if grad is not None and tuple(grad.shape) != tuple(grad_shape):
+        raise ValueError(f"grad must have shape {tuple(grad_shape)} (the {op[:-4]} output's), "
+                         f"got {tuple(grad.shape)}")
 
 
 @_op("cluster_fwd", contract.cluster_fwd_outputs)
 def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check("cluster_fwd", x, init_slots, scale)
+    B, L, C = x.shape
+    S = init_slots.shape[1]
     slots, lse = contract.cluster_fwd_outputs(x, init_slots, scale)
-    _cluster_fwd(x, _queries(x, init_slots, scale), slots, lse)
+    with _device_guard(x):
+        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
+        block_s = pick_config("cluster_fwd_chunk", S, C, x.dtype).block_s
+        chunk_len, n_chunks = plan_chunks(B, S, L, x.device, block_s)
+        one_chunk = n_chunks == 1  # the kernel writes the results: no workspaces, no combine
+        m_ws = lse if one_chunk else x.new_empty((B, n_chunks, S), dtype=torch.float32)
+        l_ws = lse if one_chunk else torch.empty_like(m_ws)
+        acc_ws = slots if one_chunk else x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
+        _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
+            x_ptr=x, qh_ptr=qs_hi, ql_ptr=qs_lo, m_ptr=m_ws, l_ptr=l_ws, acc_ptr=acc_ws, S=S, L=L, C=C,
+            chunk_len=chunk_len, **_strides("sx", x), sq_b=_batch_stride(qs_hi), ONE_CHUNK=one_chunk,
+            **_common(x))
+        if one_chunk:
+            return slots, lse
+        block_c = min(_pow2(C), 128)
+        _launch(kernels.cluster_fwd_combine)[(B * triton.cdiv(S, block_s), triton.cdiv(C, block_c))](
+            m_ptr=m_ws, l_ptr=l_ws, acc_ptr=acc_ws, slots_ptr=slots, lse_ptr=lse, S=S, C=C,
+            n_chunks=n_chunks, BLOCK_S=block_s, BLOCK_C=block_c)
     return slots, lse
-
-
-@_op("cluster_bwd", contract.cluster_bwd_outputs)
-def cluster_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor,
-                slots: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, d_init_slots, dscale = contract.cluster_bwd_outputs(grad, x, init_slots, scale, slots, lse)
-    qs = _queries(x, init_slots, scale)
-    dqs = x.new_empty(qs.shape, dtype=torch.float32)
-    _backward(True, grad, x, qs, slots, lse, dx, dqs, None)
-    _queries_backward(dqs, init_slots, scale, d_init_slots, dscale)
-    return dx, d_init_slots, dscale
 
 
 @_op("dispatch_fwd", contract.dispatch_fwd_outputs)
 def dispatch_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check("dispatch_fwd", x, init_slots, scale, slots)
+    B, L, C = x.shape
+    S = init_slots.shape[1]
     out, lse = contract.dispatch_fwd_outputs(x, init_slots, scale, slots)
-    _dispatch_fwd(x, _queries(x, init_slots, scale), slots, out, lse)
+    with _device_guard(x):
+        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
+        chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
+        _tiled("dispatch_fwd", S, C, x.dtype)[(B, n_chunks)](
+            x_ptr=x, qh_ptr=qs_hi, ql_ptr=qs_lo, v_ptr=slots, out_ptr=out, lse_ptr=lse, S=S, L=L, C=C,
+            chunk_len=chunk_len, **_strides("sx", x), sq_b=_batch_stride(qs_hi),
+            **_strides("sv", slots), **_common(x))
     return out, lse
+
+
+@_op("cluster_bwd", contract.cluster_bwd_outputs)
+def cluster_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor,
+                slots: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, _, C = x.shape
+    S = init_slots.shape[1]
+    _check("cluster_bwd", x, init_slots, scale, grad=grad, grad_shape=(B, S, C))
+    dx, d_init, dscale = contract.cluster_bwd_outputs(grad, x, init_slots, scale, slots, lse)
+    with _device_guard(x):
+        qs_hi, qs_lo, delta = _queries(x, init_slots, scale, grad, slots)
+        dq_ws = _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, cluster=True)[0]
+        _query_grads(dq_ws, init_slots, scale, d_init, dscale)
+    return dx, d_init, dscale
 
 
 @_op("dispatch_bwd", contract.dispatch_bwd_outputs)
 def dispatch_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor,
                  slots: torch.Tensor, lse: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, d_init_slots, dscale, dslots = contract.dispatch_bwd_outputs(grad, x, init_slots, scale, slots, lse)
-    qs = _queries(x, init_slots, scale)
-    dqs = x.new_empty(qs.shape, dtype=torch.float32)
-    _backward(False, grad, x, qs, slots, lse, dx, dqs, dslots)
-    _queries_backward(dqs, init_slots, scale, d_init_slots, dscale)
-    return dx, d_init_slots, dscale, dslots
-# ---------------------------------------------------------------- end of the contract adapter
+    _check("dispatch_bwd", x, init_slots, scale, slots, grad=grad, grad_shape=x.shape)
+    dx, d_init, dscale, dslots = contract.dispatch_bwd_outputs(grad, x, init_slots, scale, slots, lse)
+    with _device_guard(x):
+        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
+        delta = x.new_empty(x.shape[:2], dtype=torch.float32)  # written by pixel_bwd
+        dq_ws, dv_ws = _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, cluster=False,
+                                         dslots=dslots)
+        _query_grads(dq_ws, init_slots, scale, d_init, dscale)
+        if dv_ws is not dslots:
+            _sum_chunks(dv_ws, dslots)
+    return dx, d_init, dscale, dslots
+
+
+def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, dslots=None):
+    """``dx`` and the (B, chunks, S, C) partials of ``dqs`` and (dispatch) ``dslots``: ``pixel_bwd``
+    alone when one tile holds all of S and C (it sums the partials as it goes), else ``pixel_bwd``
+    then ``slot_bwd``. ``slots``: clustering's fp32 forward result or dispatch's values;
+    ``delta``: clustering's from ``scaled_queries``, dispatch's for ``pixel_bwd`` to write.
+    With a single chunk, dispatch's ``dslots`` partials are the result: written to ``dslots``."""
+    B, L, C = x.shape
+    S = qs_hi.shape[1]
+    args = dict(x_ptr=x, qh_ptr=qs_hi, ql_ptr=qs_lo, g_ptr=grad, v_ptr=slots, lse_ptr=lse, delta_ptr=delta,
+                S=S, L=L, C=C, **_strides("sx", x), sq_b=_batch_stride(qs_hi), **_grad_strides(grad),
+                **_strides("sv", slots), CLUSTER=cluster, **_common(x))
+    slot_sums = pick_config("pixel_bwd", S, C, x.dtype).block_c >= C
+    chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
+    # Without slot_sums the partials' pointers are not read: any valid tensor.
+    dq_ws, dv_ws = _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots) if slot_sums else (dx, dx)
+    _tiled("pixel_bwd", S, C, x.dtype)[(B, n_chunks)](
+        dx_ptr=dx, dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, SLOT_SUMS=slot_sums, **args)
+    if slot_sums:
+        return dq_ws, dv_ws
+
+    block_s = pick_config("slot_bwd", S, C, x.dtype).block_s
+    chunk_len, n_chunks = plan_chunks(B, S, L, x.device, block_s)
+    dq_ws, dv_ws = _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots)
+    _tiled("slot_bwd", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
+        dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, **args)
+    return dq_ws, dv_ws
+
+
+def _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots):
+    dq_ws = x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
+    if cluster:
+        return dq_ws, dq_ws  # no dslots: any valid tensor
+    return dq_ws, dslots if n_chunks == 1 else torch.empty_like(dq_ws)
 
 
 registrations.register(sys.modules[__name__])

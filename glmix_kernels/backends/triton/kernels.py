@@ -1,40 +1,57 @@
 """The ``@triton.jit`` kernels of the ``"triton"`` backend; ``__init__.py`` sizes and launches them.
 
-Every ``(rows, C)`` operand is addressed as ``base + row * s_row + c * s_c`` with the caller's
-strides, so an NCHW view ``(C*L, 1, L)``, broadcast queries (batch stride 0) and expanded
-gradients (stride 0) need no copy. Triton specialises integer arguments equal to 1, so the
-compiler sees which dimension is contiguous and coalesces loads along it. Offsets are int64:
-``B * L * C`` (and one batch's ``L * C`` under odd strides) may exceed 2**31.
+Kernels, in the order a call runs them:
+
+- ``scaled_queries``: ``qs = scale * init_slots / ||init_slots||`` (the norm in fp64), written once
+  per call as two operands in x's dtype, ``qs_hi + qs_lo`` (fp32 ``x``: ``qs`` itself), so the
+  other kernels never split it again; the backward's launch also writes clustering's
+  ``delta = rowsum(G * slots)`` once.
+- ``cluster_fwd_chunk`` / ``cluster_fwd_combine``: per-chunk online-softmax partials over L, then
+  their log-sum-exp combine.
+- ``dispatch_fwd``: softmax over all S slots per pixel tile, ``out = D^T slots``.
+- ``pixel_bwd``: ``dx`` per pixel tile (and dispatch's ``delta'``); ``slot_bwd``: per chunk, the
+  partial sums over L of ``dqs`` (and ``dslots``); ``query_bwd``: the chunk sum of ``dqs`` and the
+  normalisation's backward into ``d_init_slots`` and per-program parts of ``dscale``;
+  ``sum_chunks``: chunk-ordered sums (``dslots``, ``dscale``).
+
+Every ``(rows, C)`` input is addressed as ``base + row * s_row + c * s_c`` with the caller's
+strides, so an NCHW view ``(C*L, 1, L)``, broadcast slots (batch stride 0) and expanded gradients
+(stride 0) need no copy. Triton specialises integer arguments equal to 1, so the compiler sees
+which dimension is contiguous. Offsets are int64: ``B * L * C`` may exceed 2**31.
 
 Logits are never stored: each kernel recomputes ``A = qs @ x^T / ||x||`` for its tile (the dot
-with raw ``x``, the per-pixel ``1/||x||`` applied after, both over the whole of ``C``), and all
-softmax statistics and accumulators are fp32.
+with raw ``x``, the per-pixel ``1/||x||`` applied after), and all softmax statistics and
+accumulators are fp32. With ``ONE_C_BLOCK`` (all of C in one tile, fixed at compile time) the
+S x C operands are loaded once per program before the loop over pixel tiles, and each ``x`` tile
+serves both the logits and the value product.
 """
 import os
 
 import triton
 import triton.language as tl
 
-# The interpreter runs on CPU tensors, one program after another: multi-config autotuning cannot
-# time it, and its bf16 tl.dot is wrong (triton-lang/triton#11584).
+# The interpreter runs on CPU tensors, one program after another, and its bf16 tl.dot is wrong
+# (triton-lang/triton#11584): bf16 operands are upcast to fp32 there (the ``UPCAST`` flag).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Reduction kernels split L into chunks of a whole number of this many pixels, so no tile of any
-# config straddles two chunks and the chunking does not depend on the config autotuning picks.
+# Split-L kernels cut L into chunks of a whole number of this many pixels, so no tile of any
+# config straddles two chunks and the chunking does not depend on the config.
 CHUNK_QUANTUM = 32 if INTERPRET else 128
 
+# torch.nn.functional.normalize's eps: norms are clamped to at least this.
+NORM_EPS: tl.constexpr = tl.constexpr(1e-12)
+# The exponent bits of an fp32: ``bits & FP32_EXPONENT_BITS`` is the power of two below a value.
+FP32_EXPONENT_BITS: tl.constexpr = tl.constexpr(0x7F800000)
 
-def _configs(block_ls, block_cs, warps):
-    if INTERPRET:  # one config; BLOCK_C below the test shapes' C so the C tiling runs
-        return [triton.Config({"BLOCK_L": 32, "BLOCK_C": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_L": bl, "BLOCK_C": bc}, num_warps=w)
-            for bl in block_ls for bc in block_cs for w in warps]
+# What ``_scores`` computes beside the logits in the same loop over C.
+SCORE_NONE: tl.constexpr = tl.constexpr(0)
+SCORE_ROWS_X: tl.constexpr = tl.constexpr(1)  # clustering's dP = G x^T (rows: G)
+SCORE_ROWS_G: tl.constexpr = tl.constexpr(2)  # dispatch's dD = slots Hg^T (rows: slots)
 
-
-# Pixel kernels hold all S (up to 256) logits of a tile, so they take narrower pixel tiles.
-_PIXEL_CONFIGS = _configs((16, 32, 64), (32, 64), (4, 8))
-_REDUCE_CONFIGS = _configs((64, 128), (64, 128), (4, 8))
-assert all(c.kwargs["BLOCK_L"] <= CHUNK_QUANTUM for c in _REDUCE_CONFIGS)
+# Layout of x, an autotuning key: the same shape tunes differently channels-last and NCHW.
+LAYOUT_CHANNELS_LAST = 0
+LAYOUT_NCHW = 1
+LAYOUT_OTHER = 2
 
 
 @triton.jit
@@ -67,182 +84,193 @@ def _batch_and_block(pid, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _split_l_program(S, L, chunk_len, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's place on the grid ``(B * slot blocks, chunks, C blocks)`` of the split-L
-    kernels (``cluster_fwd_partial``, ``reduce_bwd``): batch element ``b`` (int64), first slot
-    ``s0``, first output channel ``c_out``, its chunk's pixels ``[l_begin, l_end)`` and its row
-    ``b * chunks + chunk`` of the per-chunk workspaces."""
-    b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
-    chunk = tl.program_id(1)
-    l_begin = chunk * chunk_len
-    l_end = tl.minimum(l_begin + chunk_len, L)
-    return b, s0, tl.program_id(2) * BLOCK_C, l_begin, l_end, b * tl.num_programs(1) + chunk
+def _chunk(L, chunk_len):
+    """Pixels ``[l_begin, l_end)`` of this program's chunk (grid axis 1)."""
+    l_begin = tl.program_id(1) * chunk_len
+    return l_begin, tl.minimum(l_begin + chunk_len, L)
 
 
 @triton.jit
-def _mm(a, b, DT: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` accumulated in fp32 from operands rounded to ``DT`` (``x``'s dtype).
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` in fp32 for operands in x's dtype.
 
-    fp16/bf16 operands keep the tensor cores; fp32 uses "ieee" so it is not silently tf32.
-    ``UPCAST`` (bf16 under the interpreter): the bf16-rounded operands are multiplied in fp32,
-    the same products a bf16 tensor-core dot makes.
+    fp32 takes three tf32 products per dot (``tf32x3``): tensor cores at about fp32 accuracy.
+    ``UPCAST`` (bf16 under the interpreter): the bf16 operands multiplied in fp32, the products
+    a bf16 tensor-core dot makes.
     """
-    a = a.to(DT)
-    b = b.to(DT)
-    if UPCAST or DT == tl.float32:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        out = tl.dot(a, b, acc, input_precision="tf32x3")
     else:
-        out = tl.dot(a, b)
+        out = tl.dot(a, b, acc)
     return out
 
 
 @triton.jit
-def _mm_fp32_a(a, b, DT: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` for an fp32 ``a`` that must keep (about) fp32 precision with half-precision ``b``.
+def _dot_fp32_a(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` for an fp32 ``a`` that must keep about fp32 precision, ``b`` in x's dtype.
 
-    Two half-precision dots of ``a``'s high and low parts keep about 16 bits of ``a`` on tensor
-    cores. Needed for the logits ``qs @ x^T``: rounding ``qs`` to bf16 puts an error of
-    ``scale * 2**-9`` on every logit, which the softmax turns into that relative error on every
-    probability; for ``dqs = dA @ K``: ``dscale = <dqs, q>`` sums terms that nearly cancel
-    (softmax gradients sum to zero), so a bf16 ``dA`` left it several percent off; and for the
-    slots ``P @ x``, for the same sum through clustering's ``delta`` (``cluster_fwd_partial``).
+    Half precision: ``a = hi + lo``, two dots, about 16 bits of ``a``. Needed where the rounding
+    of ``a`` would bias a sum that cancels: ``P @ x`` (the slots, read back by clustering's
+    ``delta``) and ``dA @ K`` (``dqs``, whose ``<dqs, q>`` is ``dscale``).
     """
-    if DT == tl.float32:
-        out = _mm(a, b, DT, UPCAST)
+    if b.dtype == tl.float32:
+        out = _dot(a, b, acc, UPCAST)
     else:
-        a_hi, a_lo = _split(a, DT)
-        out = _mm(a_hi, b, DT, UPCAST) + _mm(a_lo, b, DT, UPCAST)
+        hi = a.to(b.dtype)
+        out = _dot(hi, b, acc, UPCAST)
+        out = _dot((a - hi.to(tl.float32)).to(b.dtype), b, out, UPCAST)
     return out
 
 
 @triton.jit
-def _split(a, DT: tl.constexpr):
-    """An fp32 ``a`` as ``hi + lo``: ``hi`` is ``a`` rounded to ``DT``, ``lo`` the fp32 rest."""
-    hi = a.to(DT)
-    return hi, a - hi.to(tl.float32)
+def _logits_of_tile(q_hi, q_lo, xt, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """``(qs_hi @ xt^T, qs_hi @ xt^T + qs_lo @ xt^T)`` of one C block: the logits of the
+    rounded ``qs`` (what ``pixel_bwd``'s ``dK = dA^T qs`` sees) and the accurate ones."""
+    a_hi = _dot(q_hi, tl.trans(xt), None, UPCAST)
+    a = a_hi
+    if SPLIT:
+        a = _dot(q_lo, tl.trans(xt), a_hi, UPCAST)
+    return a_hi, a
 
 
 @triton.jit
-def _rowdot(a_ptr, sa_r, sa_c, b_ptr, sb_r, sb_c, r0, R, C,
-            BR: tl.constexpr, BC: tl.constexpr):
-    """fp32 ``rowsum(a * b)`` for rows ``r0..r0+BR`` of two ``(R, C)`` operands."""
-    acc = tl.zeros([BR], tl.float32)
-    for c0 in range(0, C, BC):
-        a = _load(a_ptr, r0, c0, R, C, sa_r, sa_c, BR, BC).to(tl.float32)
-        b = _load(b_ptr, r0, c0, R, C, sb_r, sb_c, BR, BC).to(tl.float32)
-        acc += tl.sum(a * b, 1)
-    return acc
+def _inv_norm(sumsq):
+    """``1 / max(||x||, eps)`` per pixel from the fp32 sum of squares."""
+    return 1.0 / tl.maximum(tl.sqrt(sumsq), NORM_EPS)
 
 
 @triton.jit
-def _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr, sg_l, sg_c,
-            s0, l0, S, L, C, SECOND: tl.constexpr,
+def _scores(qh_ptr, ql_ptr, sq_s, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr, sg_l, sg_c,
+            s0, l0, S, L, C, SECOND: tl.constexpr, SPLIT: tl.constexpr,
             BS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, UPCAST: tl.constexpr):
-    """One ``(BS, BL)`` tile of logits ``A`` over the whole of C, plus what shares its C loop.
-
-    Returns ``A`` (``_mm_fp32_a``'s logits, the high and low parts summed over C separately),
-    ``A_hi`` (the logits of ``qs`` rounded to x's dtype, the ``qs`` that ``pixel_bwd``'s dots
-    for ``dK = dA^T qs`` see; ``A`` itself for fp32), a second score (``SECOND`` 0: none;
-    1: ``y @ x^T``, clustering's ``dP = G x^T``; 2: ``y @ g^T``, dispatch's ``dD = slots Hg^T``),
-    ``1/r`` and the pixel norms. Pixels ``>= L`` load as zeros.
+    """Unnormalised logits of one ``(BS, BL)`` tile over all of C (several C blocks), plus what
+    shares its C loop: ``(A_hi, A, second, sum of squares of x)`` with ``A = qs x^T`` before the
+    per-pixel ``1/||x||``; ``second`` is ``SCORE_ROWS_X``: ``y x^T``, ``SCORE_ROWS_G``: ``y g^T``.
+    Pixels ``>= L`` load as zeros.
     """
-    DT: tl.constexpr = x_ptr.dtype.element_ty
     a_hi = tl.zeros([BS, BL], tl.float32)
-    a_lo = tl.zeros([BS, BL], tl.float32)
+    a = tl.zeros([BS, BL], tl.float32)
     second = tl.zeros([BS, BL], tl.float32)
     sumsq = tl.zeros([BL], tl.float32)
     for c0 in range(0, C, BC):
         xt = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BL, BC)
         xf = xt.to(tl.float32)
         sumsq += tl.sum(xf * xf, 1)
-        qt = _load(q_ptr, s0, c0, S, C, sq_s, sq_c, BS, BC)
-        if DT == tl.float32:
-            a_hi += _mm(qt, tl.trans(xt), DT, UPCAST)
-        else:
-            q_hi, q_lo = _split(qt, DT)
-            a_hi += _mm(q_hi, tl.trans(xt), DT, UPCAST)
-            a_lo += _mm(q_lo, tl.trans(xt), DT, UPCAST)
-        if SECOND == 1:
-            second += _mm(_load(y_ptr, s0, c0, S, C, sy_r, sy_c, BS, BC), tl.trans(xt), DT, UPCAST)
-        if SECOND == 2:
+        q_hi = _load(qh_ptr, s0, c0, S, C, sq_s, 1, BS, BC)
+        a_hi = _dot(q_hi, tl.trans(xt), a_hi, UPCAST)
+        if SPLIT:
+            a = _dot(_load(ql_ptr, s0, c0, S, C, sq_s, 1, BS, BC), tl.trans(xt), a, UPCAST)
+        if SECOND == SCORE_ROWS_X:
+            yt = _load(y_ptr, s0, c0, S, C, sy_r, sy_c, BS, BC).to(xt.dtype)
+            second = _dot(yt, tl.trans(xt), second, UPCAST)
+        if SECOND == SCORE_ROWS_G:
+            yt = _load(y_ptr, s0, c0, S, C, sy_r, sy_c, BS, BC).to(xt.dtype)
             gt = _load(g_ptr, l0, c0, L, C, sg_l, sg_c, BL, BC)
-            second += _mm(_load(y_ptr, s0, c0, S, C, sy_r, sy_c, BS, BC), tl.trans(gt), DT, UPCAST)
-    norm = tl.sqrt(sumsq)
-    inv_r = 1.0 / tl.maximum(norm, 1e-12)
-    a = a_hi
-    if DT != tl.float32:
-        a += a_lo
-    return a * inv_r[None, :], a_hi * inv_r[None, :], second, inv_r, norm
+            second = _dot(yt, tl.trans(gt), second, UPCAST)
+    return a_hi, a + a_hi, second, sumsq
 
 
 @triton.jit
-def _grad_logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr, sg_l, sg_c,
-                 lse, delta, s0, l0, S, L, C, CLUSTER: tl.constexpr,
-                 BS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, UPCAST: tl.constexpr):
-    """Recomputed probabilities ``P = exp(A - lse)`` and ``dA = P * (dP - delta)`` of one tile.
+def scaled_queries(s0_ptr, scale_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, delta_ptr, Bq, S, C,
+                   ss_b, ss_s, ss_c, sg_b, sg_s, sg_c, sv_b, sv_s, sv_c,
+                   SPLIT: tl.constexpr, WITH_DELTA: tl.constexpr,
+                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``qs = scale * q``, ``q = init_slots / max(||init_slots||, eps)``, for a block of slots.
 
-    ``lse`` and ``delta`` come broadcastable to the tile: per slot ``(BS, 1)`` for clustering
-    (softmax over L), per pixel ``(1, BL)`` for dispatch (softmax over S). ``delta=None``, for a
-    dispatch tile holding all S slots: ``delta' = colsum(P * dD)`` of this tile in fp32, exactly
-    the sum that makes ``dA`` consistent with the ``P`` recomputed here; ``rowsum(Hg * out)`` is
-    equal only in exact arithmetic (a half-precision forward rounds ``D`` before the value
-    product). Padding rows and columns get ``P = dA = 0``, so they add nothing to any sum over
-    the tile. Returns ``A_hi`` (see ``_logits``), ``P, dA, delta, 1/r`` and the pixel norms.
+    The norm in fp64 (``q`` is what the backward's projection removes from ``dq``: its rounding
+    would not cancel), ``q`` rounded to fp32, the product in fp32. ``qs`` goes to contiguous
+    ``(Bq, S, C)`` operands in x's dtype, ``qs_hi + qs_lo`` (``SPLIT``; else ``qs`` alone).
+    ``WITH_DELTA`` (clustering's backward): also ``delta = rowsum(G * slots)`` (B, S) in fp32,
+    the grid then covers the B of ``x`` and only the first ``Bq`` batch rows write ``qs``.
+    Grid (batch x slot blocks,).
     """
-    a, a_hi, dp, inv_r, norm = _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c,
-                                       g_ptr, sg_l, sg_c, s0, l0, S, L, C, 1 if CLUSTER else 2,
-                                       BS, BL, BC, UPCAST)
-    valid = (s0 + tl.arange(0, BS) < S)[:, None] & (l0 + tl.arange(0, BL) < L)[None, :]
-    p = tl.where(valid, tl.exp(a - lse), 0.0)
-    if delta is None:
-        # Dispatch: sum_s D dD / sum_s D. The recomputed D sums to 1 only up to lse's rounding
-        # (about |A| * 2^-24, visible at large temperatures); dividing keeps sum_s dA = 0 exactly.
-        # Padding pixels have no D at all: divide by 1 there.
-        psum = tl.sum(p, 0)
-        delta = (tl.sum(p * dp, 0) / tl.where(psum > 0, psum, 1.0))[None, :]
-    return a_hi, p, p * (dp - delta), delta, inv_r, norm
+    b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
+    s = s0 + tl.arange(0, BLOCK_S)
+    if b < Bq:
+        sumsq = tl.zeros([BLOCK_S], tl.float64)
+        for c0 in range(0, C, BLOCK_C):
+            t = _load(s0_ptr + b * ss_b, s0, c0, S, C, ss_s, ss_c, BLOCK_S, BLOCK_C).to(tl.float64)
+            sumsq += tl.sum(t * t, 1)
+        inv_r = 1.0 / tl.maximum(tl.sqrt(sumsq), NORM_EPS)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            t = _load(s0_ptr + b * ss_b, s0, c0, S, C, ss_s, ss_c, BLOCK_S, BLOCK_C).to(tl.float64)
+            qs = scale * (t * inv_r[:, None]).to(tl.float32)
+            hi = qs.to(qh_ptr.dtype.element_ty)
+            _store(qh_ptr + b * S * C, hi, s0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
+            if SPLIT:
+                _store(ql_ptr + b * S * C, qs - hi.to(tl.float32), s0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
+    if WITH_DELTA:
+        delta = tl.zeros([BLOCK_S], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            g = _load(g_ptr + b * sg_b, s0, c0, S, C, sg_s, sg_c, BLOCK_S, BLOCK_C).to(tl.float32)
+            v = _load(v_ptr + b * sv_b, s0, c0, S, C, sv_s, sv_c, BLOCK_S, BLOCK_C).to(tl.float32)
+            delta += tl.sum(g * v, 1)
+        tl.store(delta_ptr + b * S + s, delta, mask=s < S)
 
 
 @triton.jit
-def cluster_fwd_partial(x_ptr, q_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chunk_len,
-                        sx_b, sx_l, sx_c, sq_b, sq_s, sq_c,
-                        BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-                        UPCAST: tl.constexpr):
+def cluster_fwd_chunk(x_ptr, qh_ptr, ql_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chunk_len,
+                      sx_b, sx_l, sx_c, sq_b,
+                      ONE_CHUNK: tl.constexpr, X_LAYOUT: tl.constexpr, SPLIT: tl.constexpr, ONE_C_BLOCK: tl.constexpr,
+                      BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+                      NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over one L chunk for a block of slots: partial max ``m``, sum ``l`` and
     unnormalised ``acc = sum exp(A - m) x`` (columns of this program's C block) per chunk.
 
     Grid (B * slot blocks, chunks, C blocks); the workspaces are contiguous fp32
-    ``(B, chunks, S)`` and ``(B, chunks, S, C)``. Each C block recomputes the logits over all of
-    C: the accumulator of every C at once would not fit in registers. ``P @ x`` keeps about 16
-    bits of ``P`` (``_mm_fp32_a``): the backward's ``delta = rowsum(G * slots)`` must equal
-    ``rowsum(P * dP)`` over the fp32 ``P`` it recomputes, and slots from a bf16-rounded ``P``
-    biased ``dscale`` by up to a few percent.
+    ``(B, chunks, S)`` and ``(B, chunks, S, C)``. Without ``ONE_C_BLOCK`` each C block recomputes
+    the logits over all of C: every C's accumulator would not fit in registers. ``P @ x`` keeps
+    about 16 bits of ``P`` (``_dot_fp32_a``). ``ONE_CHUNK``: the chunk is all of L, so the
+    program writes the final ``slots`` (B, S, C) to ``acc`` and ``lse`` (B, S) to ``m``, and no
+    combine runs.
     """
-    DT: tl.constexpr = x_ptr.dtype.element_ty
-    b, s0, c_out, l_begin, l_end, row = _split_l_program(S, L, chunk_len, BLOCK_S, BLOCK_C)
+    b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
+    c_out = tl.program_id(2) * BLOCK_C
+    l_begin, l_end = _chunk(L, chunk_len)
+    row = b * tl.num_programs(1) + tl.program_id(1)
     x_ptr += b * sx_b
-    q_ptr += b * sq_b
+    qh_ptr += b * sq_b
+    ql_ptr += b * sq_b
+    if ONE_C_BLOCK:  # loop-invariant: loaded once
+        q_hi = _load(qh_ptr, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+        q_lo = _load(ql_ptr, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
 
     m = tl.full([BLOCK_S], float("-inf"), tl.float32)
     tot = tl.zeros([BLOCK_S], tl.float32)
     acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    for l0 in range(l_begin, l_end, BLOCK_L):
-        a, _, _, _, _ = _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, q_ptr, 0, 0, x_ptr, 0, 0,
-                                s0, l0, S, l_end, C, 0, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+    for l0 in tl.range(l_begin, l_end, BLOCK_L, num_stages=NUM_STAGES):
+        if ONE_C_BLOCK:
+            xt = _load(x_ptr, l0, 0, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
+            xf = xt.to(tl.float32)
+            sumsq = tl.sum(xf * xf, 1)
+            _, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
+        else:
+            _, a, _, sumsq = _scores(qh_ptr, ql_ptr, C, x_ptr, sx_l, sx_c, qh_ptr, 0, 0, x_ptr, 0, 0,
+                                     s0, l0, S, l_end, C, SCORE_NONE, SPLIT,
+                                     BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+            xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
+        a = a * _inv_norm(sumsq)[None, :]
         a = tl.where((l0 + tl.arange(0, BLOCK_L) < l_end)[None, :], a, float("-inf"))
         m_new = tl.maximum(m, tl.max(a, 1))  # finite: every tile has a pixel < l_end
         alpha = tl.exp(m - m_new)
         p = tl.exp(a - m_new[:, None])
         tot = tot * alpha + tl.sum(p, 1)
-        xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
-        acc = acc * alpha[:, None] + _mm_fp32_a(p, xt, DT, UPCAST)
+        acc = _dot_fp32_a(p, xt, acc * alpha[:, None], UPCAST)
         m = m_new
 
-    _store(acc_ptr + row * S * C, acc, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
-    if tl.program_id(2) == 0:
-        s = s0 + tl.arange(0, BLOCK_S)
-        tl.store(m_ptr + row * S + s, m, mask=s < S)
-        tl.store(l_ptr + row * S + s, tot, mask=s < S)
+    s = s0 + tl.arange(0, BLOCK_S)
+    if ONE_CHUNK:
+        _store(acc_ptr + row * S * C, acc / tot[:, None], s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
+        if tl.program_id(2) == 0:
+            tl.store(m_ptr + row * S + s, m + tl.log(tot), mask=s < S)
+    else:
+        _store(acc_ptr + row * S * C, acc, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
+        if tl.program_id(2) == 0:
+            tl.store(m_ptr + row * S + s, m, mask=s < S)
+            tl.store(l_ptr + row * S + s, tot, mask=s < S)
 
 
 @triton.jit
@@ -278,134 +306,263 @@ def cluster_fwd_combine(m_ptr, l_ptr, acc_ptr, slots_ptr, lse_ptr, S, C, n_chunk
 
 
 @triton.jit
-def dispatch_fwd(x_ptr, q_ptr, v_ptr, out_ptr, lse_ptr, S, L, C,
-                 sx_b, sx_l, sx_c, sq_b, sq_s, sq_c, sv_b, sv_s, sv_c,
+def dispatch_fwd(x_ptr, qh_ptr, ql_ptr, v_ptr, out_ptr, lse_ptr, S, L, C, chunk_len,
+                 sx_b, sx_l, sx_c, sq_b, sv_b, sv_s, sv_c,
+                 X_LAYOUT: tl.constexpr, SPLIT: tl.constexpr, ONE_C_BLOCK: tl.constexpr,
                  BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """Softmax over all S slots for a tile of pixels, then ``out = D^T @ slots``.
+                 NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr):
+    """Softmax over all S slots for each pixel tile of a chunk, then ``out = D^T @ slots``.
 
-    Grid (B * pixel tiles,); ``out`` (B, L, C) and ``lse`` (B, L) are contiguous.
+    Grid (B, chunks); ``out`` (B, L, C) and ``lse`` (B, L) are contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    b, l0 = _batch_and_block(tl.program_id(0), L, BLOCK_L)
+    b = tl.program_id(0).to(tl.int64)
+    l_begin, l_end = _chunk(L, chunk_len)
     x_ptr += b * sx_b
-    q_ptr += b * sq_b
+    qh_ptr += b * sq_b
+    ql_ptr += b * sq_b
     v_ptr += b * sv_b
+    valid_s = (tl.arange(0, BLOCK_S) < S)[:, None]
+    if ONE_C_BLOCK:  # loop-invariant: loaded once
+        q_hi = _load(qh_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+        q_lo = _load(ql_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+        vt = _load(v_ptr, 0, 0, S, C, sv_s, sv_c, BLOCK_S, BLOCK_C).to(DT)
 
-    a, _, _, _, _ = _logits(q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, q_ptr, 0, 0, x_ptr, 0, 0,
-                            0, l0, S, L, C, 0, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
-    a = tl.where((tl.arange(0, BLOCK_S) < S)[:, None], a, float("-inf"))
-    m = tl.max(a, 0)
-    e = tl.exp(a - m[None, :])
-    tot = tl.sum(e, 0)
-    d = e / tot[None, :]
-    pix = l0 + tl.arange(0, BLOCK_L)
-    tl.store(lse_ptr + b * L + pix, m + tl.log(tot), mask=pix < L)
-
-    for c0 in range(0, C, BLOCK_C):
-        vt = _load(v_ptr, 0, c0, S, C, sv_s, sv_c, BLOCK_S, BLOCK_C)
-        _store(out_ptr + b * L * C, _mm(tl.trans(d), vt, DT, UPCAST),
-               l0, c0, L, C, C, 1, BLOCK_L, BLOCK_C)
+    for l0 in tl.range(l_begin, l_end, BLOCK_L, num_stages=NUM_STAGES):
+        if ONE_C_BLOCK:
+            xf = _load(x_ptr, l0, 0, L, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
+            _, a = _logits_of_tile(q_hi, q_lo, xf, SPLIT, UPCAST)
+            xf = xf.to(tl.float32)
+            sumsq = tl.sum(xf * xf, 1)
+        else:
+            _, a, _, sumsq = _scores(qh_ptr, ql_ptr, C, x_ptr, sx_l, sx_c, qh_ptr, 0, 0, x_ptr, 0, 0,
+                                     0, l0, S, L, C, SCORE_NONE, SPLIT,
+                                     BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+        a = tl.where(valid_s, a * _inv_norm(sumsq)[None, :], float("-inf"))
+        m = tl.max(a, 0)
+        e = tl.exp(a - m[None, :])
+        tot = tl.sum(e, 0)
+        d = tl.trans(e / tot[None, :]).to(DT)
+        pix = l0 + tl.arange(0, BLOCK_L)
+        tl.store(lse_ptr + b * L + pix, m + tl.log(tot), mask=pix < L)
+        if ONE_C_BLOCK:
+            _store(out_ptr + b * L * C, _dot(d, vt, None, UPCAST), l0, 0, L, C, C, 1, BLOCK_L, BLOCK_C)
+        else:
+            for c0 in range(0, C, BLOCK_C):
+                vc = _load(v_ptr, 0, c0, S, C, sv_s, sv_c, BLOCK_S, BLOCK_C).to(DT)
+                _store(out_ptr + b * L * C, _dot(d, vc, None, UPCAST), l0, c0, L, C, C, 1, BLOCK_L, BLOCK_C)
 
 
 @triton.jit
-def pixel_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, dx_ptr, delta_ptr, S, L, C,
-              sx_b, sx_l, sx_c, sq_b, sq_s, sq_c, sg_b, sg_r, sg_c, sv_b, sv_s, sv_c,
-              CLUSTER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
-              BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
-    """``dx`` for a tile of pixels, all S slots in the tile (``dx`` is local per pixel).
+def _probabilities(a, lse, s0, l0, S, L, BS: tl.constexpr, BL: tl.constexpr):
+    """``P = exp(A - lse)`` of one tile of normalised logits; ``lse`` broadcastable to the tile:
+    per slot ``(BS, 1)`` for clustering (softmax over L), per pixel ``(1, BL)`` for dispatch
+    (softmax over S). Padding rows and columns get ``P = 0`` (and so ``dA = 0``): they add
+    nothing to any sum over the tile.
+    """
+    valid = (s0 + tl.arange(0, BS) < S)[:, None] & (l0 + tl.arange(0, BL) < L)[None, :]
+    return tl.where(valid, tl.exp(a - lse), 0.0)
 
-    ``g``: the incoming gradient (clustering: ``(B, S, C)``, dispatch: ``(B, L, C)``), ``v``: the
-    ``(B, S, C)`` slots (clustering's fp32 forward result, dispatch's values).
-    ``dx = [P^T G] + (dK - K <K, dK>) / r`` with ``dK = dA^T qs`` and ``<K, dK> = colsum(dA * A)``
-    (``A = qs K^T``), so the projection needs no second pass over C. ``<K, dK>`` is that of the
-    ``dK`` the dots compute: from ``dA`` rounded to x's dtype and ``A_hi``, the logits of the
-    rounded ``qs``. The projection then removes the along-``K`` part of ``dK``'s rounding error,
-    which the accurate ``A`` would leave in, amplified by ``1/r`` at small ``||x||`` (with C = 1
-    the key path is all along ``K``: it must come out zero). Dispatch also writes its
-    ``delta' = colsum(D * dD)`` (B, L), summed over the tile's S slots, for ``reduce_bwd``, whose
-    slot blocks may hold only some of them. Grid (B * pixel tiles,); ``dx`` is contiguous.
+
+@triton.jit
+def _tile_delta(p, dd):
+    """Dispatch's ``delta' = sum_s D dD / sum_s D`` over a tile holding all S slots, ``(1, BL)``.
+
+    The sum over the ``D`` recomputed here, not ``rowsum(Hg * out)``: equal only in exact
+    arithmetic, and a half-precision forward rounds ``D`` before the value product. The recomputed
+    ``D`` sums to 1 only up to ``lse``'s rounding (visible at large temperatures): dividing keeps
+    ``sum_s dA = 0`` exactly. Padding pixels have no ``D``: divide by 1 there.
+    """
+    psum = tl.sum(p, 0)
+    return (tl.sum(p * dd, 0) / tl.where(psum > 0, psum, 1.0))[None, :]
+
+
+@triton.jit
+def _key_projection(da, a_hi, sumsq, inv_r):
+    """``<K, dK> / r`` per pixel, the part ``pixel_bwd`` removes from ``dK = dA^T qs``.
+
+    ``<K, dK> = colsum(dA * A_hi) / r``: that of the ``dK`` the dots compute, from ``dA`` rounded
+    to x's dtype and the logits of the rounded ``qs``. The projection then removes the along-K
+    part of ``dK``'s rounding error, which the accurate ``A`` would leave in, amplified by ``1/r``
+    at small ``||x||`` (with C = 1 the key path is all along K: it must come out zero).
+    F.normalize clamps the norm at eps: below it, ``x / eps`` has no projection term.
+    """
+    kdk = tl.sum(da.to(tl.float32) * a_hi, 0) * inv_r
+    return tl.where(tl.sqrt(sumsq) >= NORM_EPS, kdk, 0.0)
+
+
+@triton.jit
+def pixel_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dx_ptr, dq_ptr, dv_ptr,
+              S, L, C, chunk_len, sx_b, sx_l, sx_c, sq_b, sg_b, sg_r, sg_c, sv_b, sv_s, sv_c,
+              CLUSTER: tl.constexpr, SLOT_SUMS: tl.constexpr, X_LAYOUT: tl.constexpr,
+              SPLIT: tl.constexpr, ONE_C_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+              BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """``dx`` for each pixel tile of a chunk, all S slots in the tile (``dx`` is local per pixel).
+
+    ``g``: the incoming gradient (clustering ``G`` (B, S, C), dispatch ``Hg`` (B, L, C)); ``v``:
+    the (B, S, C) slots (clustering's fp32 forward result, dispatch's values).
+    ``dx = [P^T G] + (dK - K <K, dK>) / r`` with ``dK = dA^T qs``. ``delta``: clustering reads
+    the (B, S) ``rowsum(G * slots)`` of ``scaled_queries``; dispatch writes its (B, L)
+    ``delta' = sum_s D dD`` there for ``slot_bwd``, whose slot blocks may hold only some slots.
+    ``SLOT_SUMS`` (with ``ONE_C_BLOCK``): also this chunk's partial sums of ``dqs`` (and
+    ``dslots``), as ``slot_bwd`` would write them; then no ``slot_bwd`` runs, and neither the
+    logits nor ``x`` are read a second time. Grid (B, chunks); ``dx`` is contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    b, l0 = _batch_and_block(tl.program_id(0), L, BLOCK_L)
+    b = tl.program_id(0).to(tl.int64)
+    l_begin, l_end = _chunk(L, chunk_len)
     x_ptr += b * sx_b
-    q_ptr += b * sq_b
+    qh_ptr += b * sq_b
+    ql_ptr += b * sq_b
     g_ptr += b * sg_b
     v_ptr += b * sv_b
     s = tl.arange(0, BLOCK_S)
-    pix = l0 + tl.arange(0, BLOCK_L)
-
-    if CLUSTER:
-        delta = _rowdot(g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, 0, S, C, BLOCK_S, BLOCK_C)[:, None]
+    if CLUSTER:  # per slot, for every tile
         lse = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
+        delta = tl.load(delta_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
         y_ptr, sy_r, sy_c = g_ptr, sg_r, sg_c
     else:
-        delta = None  # from the tile: it holds all S slots
-        lse = tl.load(lse_ptr + b * L + pix, mask=pix < L, other=0.0)[None, :]
         y_ptr, sy_r, sy_c = v_ptr, sv_s, sv_c
-    a_hi, p, da, delta, inv_r, norm = _grad_logits(
-        q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr, sg_r, sg_c,
-        lse, delta, 0, l0, S, L, C, CLUSTER, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
-    if not CLUSTER:
-        tl.store(delta_ptr + b * L + pix[None, :], delta, mask=(pix < L)[None, :])
-    # F.normalize clamps the norm at eps: below it, x / eps has no projection term.
-    kdk = tl.where(norm >= 1e-12, tl.sum(da.to(DT).to(tl.float32) * a_hi, 0), 0.0)
+    if ONE_C_BLOCK:  # loop-invariant: loaded once
+        q_hi = _load(qh_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+        q_lo = _load(ql_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+        yt = _load(y_ptr, 0, 0, S, C, sy_r, sy_c, BLOCK_S, BLOCK_C).to(DT)
+    if SLOT_SUMS:
+        dq = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        dv = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
 
-    for c0 in range(0, C, BLOCK_C):
-        qt = _load(q_ptr, 0, c0, S, C, sq_s, sq_c, BLOCK_S, BLOCK_C)
-        xt = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BLOCK_L, BLOCK_C).to(tl.float32)
-        dx = (_mm(tl.trans(da), qt, DT, UPCAST) - xt * (inv_r * kdk)[:, None]) * inv_r[:, None]
+    for l0 in tl.range(l_begin, l_end, BLOCK_L, num_stages=NUM_STAGES):
+        pix = l0 + tl.arange(0, BLOCK_L)
+        if not CLUSTER:
+            lse = tl.load(lse_ptr + b * L + pix, mask=pix < L, other=0.0)[None, :]
+        if ONE_C_BLOCK:
+            xt = _load(x_ptr, l0, 0, L, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
+            a_hi, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
+            xf = xt.to(tl.float32)
+            sumsq = tl.sum(xf * xf, 1)
+            if CLUSTER:
+                dp = _dot(yt, tl.trans(xt), None, UPCAST)
+            else:
+                gt = _load(g_ptr, l0, 0, L, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
+                dp = _dot(yt, tl.trans(gt), None, UPCAST)
+        else:
+            a_hi, a, dp, sumsq = _scores(qh_ptr, ql_ptr, C, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c,
+                                         g_ptr, sg_r, sg_c, 0, l0, S, L, C,
+                                         SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G, SPLIT,
+                                         BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+        inv_r = _inv_norm(sumsq)
+        p = _probabilities(a * inv_r[None, :], lse, 0, l0, S, L, BLOCK_S, BLOCK_L)
         if CLUSTER:
-            gt = _load(g_ptr, 0, c0, S, C, sg_r, sg_c, BLOCK_S, BLOCK_C)
-            dx += _mm(tl.trans(p), gt, DT, UPCAST)
-        _store(dx_ptr + b * L * C, dx, l0, c0, L, C, C, 1, BLOCK_L, BLOCK_C)
+            da32 = p * (dp - delta)
+        else:
+            delta_l = _tile_delta(p, dp)
+            if not SLOT_SUMS:
+                tl.store(delta_ptr + b * L + pix[None, :], delta_l, mask=(pix < L)[None, :])
+            da32 = p * (dp - delta_l)
+        da = da32.to(DT)
+        kdk = _key_projection(da, a_hi, sumsq, inv_r)
+        if SLOT_SUMS:
+            dq = _dq_product(da32, inv_r, xt, dq, UPCAST)
+            if not CLUSTER:
+                dv = _dot(p.to(DT), gt, dv, UPCAST)
+        if ONE_C_BLOCK:
+            dx = (_dot(tl.trans(da), q_hi, None, UPCAST) - xf * (inv_r * kdk)[:, None]) * inv_r[:, None]
+            if CLUSTER:
+                dx = _dot(tl.trans(p.to(DT)), yt, dx, UPCAST)
+            _store(dx_ptr + b * L * C, dx, l0, 0, L, C, C, 1, BLOCK_L, BLOCK_C)
+        else:
+            for c0 in range(0, C, BLOCK_C):
+                qt = _load(qh_ptr, 0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
+                xc = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BLOCK_L, BLOCK_C).to(tl.float32)
+                dx = (_dot(tl.trans(da), qt, None, UPCAST) - xc * (inv_r * kdk)[:, None]) * inv_r[:, None]
+                if CLUSTER:
+                    gt = _load(g_ptr, 0, c0, S, C, sg_r, sg_c, BLOCK_S, BLOCK_C).to(DT)
+                    dx = _dot(tl.trans(p.to(DT)), gt, dx, UPCAST)
+                _store(dx_ptr + b * L * C, dx, l0, c0, L, C, C, 1, BLOCK_L, BLOCK_C)
+    if SLOT_SUMS:
+        row = b * tl.num_programs(1) + tl.program_id(1)
+        _store(dq_ptr + row * S * C, dq, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+        if not CLUSTER:
+            _store(dv_ptr + row * S * C, dv, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
 
 
 @triton.jit
-def reduce_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv_ptr,
-               S, L, C, chunk_len,
-               sx_b, sx_l, sx_c, sq_b, sq_s, sq_c, sg_b, sg_r, sg_c, sv_b, sv_s, sv_c,
-               CLUSTER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
-               BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
+def _dq_product(da, inv_r, xt, acc, UPCAST: tl.constexpr):
+    """``acc + (dA / r) @ x`` as ``(dA * m) @ (x * 2**e)`` with ``1/r = m * 2**e``: the power-of-two
+    scaling is exact in x's dtype and keeps ``|x * 2**e| <= 1``, where ``dA / r`` would overflow
+    fp16 at tiny norms."""
+    pow2 = (inv_r.to(tl.int32, bitcast=True) & FP32_EXPONENT_BITS).to(tl.float32, bitcast=True)
+    xs = (xt.to(tl.float32) * pow2[:, None]).to(xt.dtype)
+    return _dot_fp32_a(da * (inv_r / pow2)[None, :], xs, acc, UPCAST)
+
+
+@triton.jit
+def slot_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv_ptr,
+             S, L, C, chunk_len, sx_b, sx_l, sx_c, sq_b, sg_b, sg_r, sg_c, sv_b, sv_s, sv_c,
+             CLUSTER: tl.constexpr, X_LAYOUT: tl.constexpr, SPLIT: tl.constexpr,
+             ONE_C_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
+             BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr):
     """One L chunk's share of the sums over pixels: ``dqs = dA @ K``, and for dispatch
     ``dslots = D @ Hg``, for a block of slots and one C block.
 
-    Arguments as in ``pixel_bwd``; dispatch reads the ``delta'`` that ``pixel_bwd`` wrote.
+    Arguments as in ``pixel_bwd``; ``delta`` is clustering's (B, S) or dispatch's (B, L) one.
     Grid (B * slot blocks, chunks, C blocks); partials go to contiguous fp32 workspaces
-    ``(B, chunks, S, C)`` that ``sum_chunks`` reduces.
+    ``(B, chunks, S, C)`` that ``query_bwd`` and ``sum_chunks`` reduce.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    b, s0, c_out, l_begin, l_end, row = _split_l_program(S, L, chunk_len, BLOCK_S, BLOCK_C)
+    b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
+    c_out = tl.program_id(2) * BLOCK_C
+    l_begin, l_end = _chunk(L, chunk_len)
+    row = b * tl.num_programs(1) + tl.program_id(1)
     x_ptr += b * sx_b
-    q_ptr += b * sq_b
+    qh_ptr += b * sq_b
+    ql_ptr += b * sq_b
     g_ptr += b * sg_b
     v_ptr += b * sv_b
     s = s0 + tl.arange(0, BLOCK_S)
-
     if CLUSTER:
-        delta_s = _rowdot(g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, s0, S, C, BLOCK_S, BLOCK_C)[:, None]
-        lse_s = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
+        lse = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
+        delta = tl.load(delta_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
+        y_ptr, sy_r, sy_c = g_ptr, sg_r, sg_c
+    else:
+        y_ptr, sy_r, sy_c = v_ptr, sv_s, sv_c
+    if ONE_C_BLOCK:  # loop-invariant: loaded once
+        q_hi = _load(qh_ptr, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+        q_lo = _load(ql_ptr, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+        yt = _load(y_ptr, s0, 0, S, C, sy_r, sy_c, BLOCK_S, BLOCK_C).to(DT)
+
     dq = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    for l0 in range(l_begin, l_end, BLOCK_L):
-        if CLUSTER:
-            _, p, da, _, inv_r, norm = _grad_logits(
-                q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, g_ptr, sg_r, sg_c, g_ptr, sg_r, sg_c,
-                lse_s, delta_s, s0, l0, S, l_end, C, CLUSTER, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+    for l0 in tl.range(l_begin, l_end, BLOCK_L, num_stages=NUM_STAGES):
+        pix = l0 + tl.arange(0, BLOCK_L)
+        if not CLUSTER:
+            lse = tl.load(lse_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
+            delta = tl.load(delta_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
+        if ONE_C_BLOCK:
+            xt = _load(x_ptr, l0, 0, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
+            _, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
+            xf = xt.to(tl.float32)
+            sumsq = tl.sum(xf * xf, 1)
+            if CLUSTER:
+                dp = _dot(yt, tl.trans(xt), None, UPCAST)
+            else:
+                gt = _load(g_ptr, l0, 0, l_end, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
+                dp = _dot(yt, tl.trans(gt), None, UPCAST)
         else:
-            pix = l0 + tl.arange(0, BLOCK_L)
-            lse_l = tl.load(lse_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
-            delta_l = tl.load(delta_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
-            _, p, da, _, inv_r, norm = _grad_logits(
-                q_ptr, sq_s, sq_c, x_ptr, sx_l, sx_c, v_ptr, sv_s, sv_c, g_ptr, sg_r, sg_c,
-                lse_l, delta_l, s0, l0, S, l_end, C, CLUSTER, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
-            gt = _load(g_ptr, l0, c_out, l_end, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
-            dv += _mm(p, gt, DT, UPCAST)
-        # dA @ K as (dA * m) @ (x * 2**e) with 1/r = m * 2**e: the power-of-two scaling is exact
-        # in x's dtype and keeps |x * 2**e| <= 1, where dA / r would overflow fp16 at tiny norms.
-        pow2 = (inv_r.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-        xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C).to(tl.float32)
-        dq += _mm_fp32_a(da * (inv_r / pow2)[None, :], xt * pow2[:, None], DT, UPCAST)
+            _, a, dp, sumsq = _scores(qh_ptr, ql_ptr, C, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c,
+                                      g_ptr, sg_r, sg_c, s0, l0, S, l_end, C,
+                                      SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G, SPLIT,
+                                      BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+            xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
+            if not CLUSTER:
+                gt = _load(g_ptr, l0, c_out, l_end, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
+        inv_r = _inv_norm(sumsq)
+        p = _probabilities(a * inv_r[None, :], lse, s0, l0, S, l_end, BLOCK_S, BLOCK_L)
+        da = p * (dp - delta)
+        if not CLUSTER:
+            dv = _dot(p.to(DT), gt.to(DT), dv, UPCAST)
+        dq = _dq_product(da, inv_r, xt, dq, UPCAST)
 
     _store(dq_ptr + row * S * C, dq, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
     if not CLUSTER:
@@ -413,25 +570,45 @@ def reduce_bwd(x_ptr, q_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv_ptr,
 
 
 @triton.jit
+def query_bwd(dq_ptr, s0_ptr, scale_ptr, d_init_ptr, dscale_ptr, S, C, n_rows,
+              ss_b, ss_s, ss_c, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``d_init_slots`` for a block of slots (all of C in one tile), and this program's share of
+    ``dscale``.
+
+    ``dqs`` is the chunk-ordered sum of ``n_rows`` partials (a broadcast ``init_slots``: every
+    batch element's chunks). With ``dq = scale * dqs`` and ``q`` recomputed in fp64:
+    ``d_init_slots = (dq - q <q, dq>) / r`` (``dq / eps`` for a norm below eps, as F.normalize),
+    the terms cancel and ``1/r`` amplifies them, hence fp64; ``dscale = sum(dqs * q)``.
+    Grid (batch of init_slots x slot blocks,); ``d_init_slots`` is contiguous, the dscale parts
+    are fp64, one per program, summed in order by ``sum_chunks``.
+    """
+    b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
+    dqs = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for k in range(0, n_rows):
+        dqs += _load(dq_ptr + (b * n_rows + k) * S * C, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+    dqs = dqs.to(tl.float64)
+    v = _load(s0_ptr + b * ss_b, s0, 0, S, C, ss_s, ss_c, BLOCK_S, BLOCK_C).to(tl.float64)
+    norm = tl.sqrt(tl.sum(v * v, 1))
+    inv_r = 1.0 / tl.maximum(norm, NORM_EPS)
+    q = v * inv_r[:, None]
+    dq = tl.load(scale_ptr).to(tl.float64) * dqs
+    proj = tl.where(norm >= NORM_EPS, tl.sum(q * dq, 1), 0.0)
+    d_init = ((dq - q * proj[:, None]) * inv_r[:, None]).to(tl.float32)  # the interpreter has no fp64 -> bf16
+    _store(d_init_ptr + b * S * C, d_init, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+    tl.store(dscale_ptr + tl.program_id(0), tl.sum(tl.sum(dqs * q.to(tl.float32).to(tl.float64), 1), 0))
+
+
+@triton.jit
 def sum_chunks(ws_ptr, out_ptr, n_chunks, N, BLOCK: tl.constexpr):
-    """``out[b] = sum_k ws[b, k]`` over ``(B, chunks, N)``, in chunk order (bitwise deterministic).
+    """``out[b] = sum_k ws[b, k]`` over ``(B, chunks, N)``, in chunk order (bitwise deterministic),
+    accumulated in the workspace's dtype.
 
     Grid (B * blocks of N,); ``out`` (B, N) contiguous.
     """
     b, i0 = _batch_and_block(tl.program_id(0), N, BLOCK)
     i = i0 + tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK], ws_ptr.dtype.element_ty)
     for k in range(0, n_chunks):
         acc += tl.load(ws_ptr + (b * n_chunks + k) * N + i, mask=i < N, other=0.0)
-    tl.store(out_ptr + b * N + i, acc.to(out_ptr.dtype.element_ty), mask=i < N)
-
-
-def _autotuned(configs):
-    # Keyed on the shape that decides register pressure; triton adds the tensors' dtypes.
-    return triton.autotune(configs=configs, key=["S", "C"])
-
-
-cluster_fwd_partial = _autotuned(_REDUCE_CONFIGS)(cluster_fwd_partial)
-reduce_bwd = _autotuned(_REDUCE_CONFIGS)(reduce_bwd)
-dispatch_fwd = _autotuned(_PIXEL_CONFIGS)(dispatch_fwd)
-pixel_bwd = _autotuned(_PIXEL_CONFIGS)(pixel_bwd)
+    # Through fp32: the interpreter has no fp64 -> bf16 (dscale in a bf16 scale's dtype).
+    tl.store(out_ptr + b * N + i, acc.to(tl.float32).to(out_ptr.dtype.element_ty), mask=i < N)

@@ -1,0 +1,173 @@
+"""Predicted HBM bytes, L2 bytes, tensor-core work and time of the Triton kernels, per kernel, at
+glnet_4g stages (B=128, S=64, bf16, per-batch pooled init_slots), for the kernels as they are
+and as they were before the rework; prints the markdown tables of docs/performance.md.
+
+    python scripts/triton_traffic_model.py
+
+A model, not a measurement: each kernel takes the longest of its HBM bytes at ``HBM_EFFICIENCY``
+of the peak bandwidth, its L2 bytes at the L2 bandwidth and its tensor-core work at half the
+dense peak, and at least ``MIN_KERNEL_US`` (a launch). The tile sizes and chunk counts come from
+the backend's own ``pick_config`` and ``plan_chunks`` for a 132-SM H100.
+"""
+import math
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from glmix_kernels.backends import triton as tb  # noqa: E402
+
+HBM_BW = 3.35e12  # H100 SXM, bytes/s
+HBM_EFFICIENCY = 0.85  # the share of it a streaming kernel reaches
+L2_BW = 5.5e12  # H100 L2 read bandwidth, bytes/s (microbenchmarks)
+TC_FLOPS = 0.5 * 989e12  # half the dense bf16 peak: small tiles
+MIN_KERNEL_US = 2.5
+SM_COUNT = 132
+B, S = 128, 64
+E = 2  # bytes per bf16
+STAGES = {"stage 1": (64, 3136), "stage 3": (256, 196), "stage 4": (512, 49)}
+
+
+def floor_bytes(L, C):
+    """Each op's inputs read once, outputs written once (contract dtypes), per op."""
+    x, sc, s32 = B * L * C * E, B * S * C * E, B * S * C * 4
+    return {"cluster_fwd": x + sc + s32 + B * S * 4,
+            "dispatch_fwd": 2 * x + 2 * sc + B * L * 4,
+            "cluster_bwd": 2 * x + 2 * sc + s32 + B * S * 4,
+            "dispatch_bwd": 3 * x + 3 * sc + B * L * 4 + sc}
+
+
+def _us(hbm, l2=0.0, macs=0.0):
+    t = max(hbm / (HBM_EFFICIENCY * HBM_BW), l2 / L2_BW, 2 * macs / TC_FLOPS) * 1e6
+    return max(t, MIN_KERNEL_US)
+
+
+def _plan(kernel, L, C):
+    tb._programs_wanted = lambda device: 2 * SM_COUNT
+    cfg = tb.pick_config(kernel, S, C, torch.bfloat16)
+    block_s = cfg.block_s if kernel in tb.SPLIT_L_KERNELS else None
+    _, n_chunks = tb.plan_chunks(B, S, L, torch.device("cuda"), block_s)
+    return cfg, n_chunks, math.ceil(S / cfg.block_s), math.ceil(C / cfg.block_c)
+
+
+def after(L, C):
+    """{op: [(kernel, hbm, l2, macs)]} of the reworked kernels."""
+    x, sc, s32, slc = B * L * C * E, B * S * C * E, B * S * C * 4, B * S * L * C
+    ws = lambda n: B * n * S * C * 4  # noqa: E731  a (B, chunks, S, C) fp32 workspace
+    q_fwd = ("scaled_queries", sc + 2 * sc, 0, 0)
+    cf, cf_chunks, cf_sb, cf_cb = _plan("cluster_fwd_chunk", L, C)
+    _, df_chunks, _, df_cb = _plan("dispatch_fwd", L, C)
+    pb, pb_chunks, _, pb_cb = _plan("pixel_bwd", L, C)
+    sb, sb_chunks, sb_sb, sb_cb = _plan("slot_bwd", L, C)
+    tiles = B * L / pb.block_l  # pixel tiles of the pixel kernels
+
+    def operands(n_programs, n_tiles, cb, per_tile):  # S x C operands from L2: hoisted or per tile
+        return (n_programs if cb == 1 else n_tiles) * per_tile
+
+    fwd_chunk_l2 = x * cf_cb * cf_sb + operands(B * cf_chunks * cf_sb, B * L / cf.block_l * cf_sb * cf_cb, cf_cb,
+                                                2 * cf.block_s * C * E)
+    pix = lambda cb, n, k: x * (cb > 1) + operands(B * n, tiles, cb, k * S * C * E)  # noqa: E731
+    slot_l2 = lambda k_x: k_x * x * sb_cb * sb_sb + operands(  # noqa: E731
+        B * sb_chunks * sb_sb, B * L / sb.block_l * sb_sb * sb_cb, sb_cb, 3 * sb.block_s * C * E)
+    fused = pb_cb == 1  # pixel_bwd sums the slot partials itself; no slot_bwd
+    model = {
+        "cluster_fwd": [q_fwd,
+                        ("cluster_fwd_chunk", x + ws(cf_chunks), fwd_chunk_l2, 4 * slc * cf_cb),
+                        ("cluster_fwd_combine", ws(cf_chunks) + s32, 0, 0)],
+        "dispatch_fwd": [q_fwd,
+                         ("dispatch_fwd", 2 * x + sc + B * L * 4, pix(df_cb, df_chunks, 3), 3 * slc)],
+        "cluster_bwd": [("scaled_queries", 2 * sc + s32 + 3 * sc, 0, 0),
+                        ("pixel_bwd", 2 * x + B * S * 8, pix(pb_cb, pb_chunks, 3), 5 * slc),
+                        ("slot_bwd", x + ws(sb_chunks), slot_l2(1), 5 * slc * sb_cb),
+                        ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0), ("sum_chunks #dscale", 0, 0, 0)],
+        "dispatch_bwd": [q_fwd,
+                         ("pixel_bwd", 3 * x + B * L * 8, pix(pb_cb, pb_chunks, 3), 4 * slc),
+                         ("slot_bwd", 2 * x + 2 * ws(sb_chunks), slot_l2(2), 5 * slc * sb_cb + slc),
+                         ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0), ("sum_chunks #dscale", 0, 0, 0),
+                         ("sum_chunks", ws(sb_chunks) + sc, 0, 0)],
+    }
+    if cf_chunks == 1:  # the chunk kernel writes slots and lse: no workspace, no combine
+        model["cluster_fwd"][1:] = [("cluster_fwd_chunk", x + s32, fwd_chunk_l2, 4 * slc * cf_cb)]
+    if (pb_chunks if fused else sb_chunks) == 1:  # dslots written directly: no chunk sum
+        kernels = model["dispatch_bwd"]
+        kernels.pop()
+        name, hbm, l2, macs = kernels[2]
+        kernels[2] = (name, hbm - ws(sb_chunks) + sc, l2, macs)
+    if fused:
+        for op, k_ws in (("cluster_bwd", 1), ("dispatch_bwd", 2)):
+            kernels = model[op]
+            name, hbm, l2, macs = kernels[1]
+            slot = kernels.pop(2)
+            kernels[1] = (name, hbm + k_ws * ws(pb_chunks), l2, macs + 2 * slc + (k_ws - 1) * slc)
+            assert slot[0] == "slot_bwd"
+    return model
+
+
+def before(L, C):
+    """The same for the kernels before the rework (commit f77d2f9): fp32 ``qs`` built by about
+    eight PyTorch launches per op and direction, S x C operands reloaded per pixel tile, clustering's
+    delta recomputed by every program, one tile per pixel program (BLOCK_L 32, BLOCK_C 64)."""
+    x, sc, s32, slc = B * L * C * E, B * S * C * E, B * S * C * 4, B * S * L * C
+    q32 = s32  # qs in fp32
+    cb = math.ceil(C / 64)
+    tiles_r, tiles_p = B * L / 64, B * L / 32
+    chunks = max(1, min(math.ceil(L / 128), math.ceil(2 * SM_COUNT / B)))  # its chunk plan
+    ws = B * chunks * S * C * 4
+    torch_ops = [("PyTorch qs (8 launches)", 8 * sc, 0, 0)]
+    small = [(f"PyTorch qs (8 launches) #{i}", 0, 0, 0) for i in range(7)]
+    return {
+        "cluster_fwd": torch_ops + small + [
+            ("cluster_fwd_partial", x + ws, 2 * x * cb + tiles_r * cb * q32 / B, 4 * slc * cb),
+            ("cluster_fwd_combine", ws + s32, 0, 0)],
+        "dispatch_fwd": torch_ops + small + [
+            ("dispatch_fwd", 2 * x + sc, x * (cb > 1) + tiles_p * (q32 + sc) / B, 3 * slc)],
+        "cluster_bwd": torch_ops + small + [
+            ("pixel_bwd", 2 * x, x + tiles_p * (3 * sc + 3 * q32 / B * B) / B, 5 * slc),
+            ("reduce_bwd", x + ws, 2 * x * cb + tiles_r * cb * (q32 + sc) / B + B * chunks * cb * (sc + s32) / B,
+             5 * slc * cb),
+            ("sum_chunks", ws + s32, 0, 0)],
+        "dispatch_bwd": torch_ops + small + [
+            ("pixel_bwd", 3 * x, 2 * x + tiles_p * (2 * q32 + sc) / B, 4 * slc),
+            ("reduce_bwd", 2 * x + 2 * ws, 3 * x * cb + tiles_r * cb * (q32 + sc) / B, 6 * slc * cb),
+            ("sum_chunks", ws + s32, 0, 0), ("sum_chunks #dslots", ws + sc, 0, 0)],
+    }
+
+
+def table(name, model):
+    """Per stage and op: one row per kernel, then the op's total against its floor."""
+    print(f"\n| {name}: stage, op | kernel | HBM MB | L2 MB | tensor-core GFLOP | predicted us |")
+    print("|---|---|---|---|---|---|")
+    for stage, (C, L) in STAGES.items():
+        floors = floor_bytes(L, C)
+        total_t = total_floor = 0.0
+        for op, kernels in model(L, C).items():
+            t_op = 0.0
+            for kernel, hbm, l2, macs in _merged(kernels):
+                t = sum(_us(h, l, m) for k, h, l, m in kernels if k.split(" #")[0] == kernel)
+                t_op += t
+                print(f"| {stage} {op} | {kernel} | {hbm / 1e6:.1f} | {l2 / 1e6:.1f} | "
+                      f"{2 * macs / 1e9:.1f} | {t:.1f} |")
+            floor = floors[op] / HBM_BW * 1e6
+            total_t, total_floor = total_t + t_op, total_floor + floor
+            print(f"| {stage} {op} | *total* | *{floors[op] / 1e6:.1f} at the floor* | | | "
+                  f"*{t_op:.1f} (floor {floor:.1f}: {100 * floor / t_op:.0f}%)* |")
+        print(f"| **{stage}, all four ops** | | | | | **{total_t:.0f} (floor {total_floor:.0f}: "
+              f"{100 * total_floor / total_t:.0f}%)** |")
+
+
+def _merged(kernels):
+    """Kernels of one name (``name #i``: separate launches) summed into one row."""
+    rows = {}
+    for kernel, hbm, l2, macs in kernels:
+        name = kernel.split(" #")[0]
+        h, l, m = rows.get(name, (0, 0, 0))
+        rows[name] = (h + hbm, l + l2, m + macs)
+    return [(k, *v) for k, v in rows.items()]
+
+
+if __name__ == "__main__":
+    table("before", before)
+    table("after", after)
