@@ -1,7 +1,13 @@
 // The scaled queries and their backward (see queries.h), and the op schemas.
 #include "queries.h"
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 
 namespace glmix {
 namespace {
@@ -38,11 +44,89 @@ std::tuple<Tensor, Tensor> norms(const Tensor& init_slots) {
   return {s.norm(2, {-1}, /*keepdim=*/true), s};
 }
 
+// On the CPU the same math runs as loops over the rows of init_slots: the at:: chain below makes a
+// dozen S x C fp64 temporaries per call, and at small L their allocation and page faults cost
+// more than the kernels. Norms, projection and the batch sum in fp64, as there.
+
+// row (C) = row s of init_slots' batch element b in fp64; returns its norm (unclamped). The row is
+// gathered first (pooled slots arrive with strided channels) so that the loops over it vectorise.
+template <typename scalar_t>
+double load_row(const Tensor& init_slots, int64_t b, int64_t s, double* row) {
+  const int64_t C = init_slots.size(2), sc = init_slots.stride(2);
+  const scalar_t* src = init_slots.const_data_ptr<scalar_t>() + b * init_slots.stride(0) + s * init_slots.stride(1);
+  for (int64_t c = 0; c < C; ++c) row[c] = static_cast<double>(src[c * sc]);
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < C; ++c) sum += row[c] * row[c];
+  return std::sqrt(sum);
+}
+
+template <typename scalar_t>
+Tensor scaled_queries_cpu(const Tensor& init_slots, double scale, at::ScalarType acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Bs = init_slots.size(0), S = init_slots.size(1), C = init_slots.size(2);
+  Tensor qs = at::empty({Bs, S, C}, init_slots.options().dtype(acc));
+  acc_t* out = qs.data_ptr<acc_t>();
+  const acc_t scale_acc = static_cast<acc_t>(scale);
+  std::vector<double> row(C);
+  for (int64_t b = 0; b < Bs; ++b)
+    for (int64_t s = 0; s < S; ++s) {
+      const double r = std::max(load_row<scalar_t>(init_slots, b, s, row.data()), kNormEps);
+      acc_t* q = out + (b * S + s) * C;
+      // q rounded to acc before the product, as in the at:: path.
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) q[c] = static_cast<acc_t>(row[c] / r) * scale_acc;
+    }
+  return qs;
+}
+
+// dqs (B, S, C) contiguous -> d_init_slots (Bs, S, C) in init_slots' dtype; adds sum(dqs * q) to dscale.
+template <typename scalar_t>
+Tensor scaled_queries_backward_cpu(const Tensor& dqs, const Tensor& init_slots, double scale, double& dscale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = dqs.size(0), Bs = init_slots.size(0), S = init_slots.size(1), C = init_slots.size(2);
+  Tensor d_init = at::empty({Bs, S, C}, init_slots.options().memory_format(at::MemoryFormat::Contiguous));
+  const acc_t* g = dqs.const_data_ptr<acc_t>();
+  scalar_t* d = d_init.data_ptr<scalar_t>();
+  std::vector<double> q(C), dq(C);
+  for (int64_t b = 0; b < Bs; ++b)
+    for (int64_t s = 0; s < S; ++s) {
+      const double norm = load_row<scalar_t>(init_slots, b, s, q.data()), r = std::max(norm, kNormEps);
+      std::fill(dq.begin(), dq.end(), 0.0);
+      // A (1, S, C) init_slots was broadcast over the batch: its gradient is the batch sum.
+      for (int64_t bg = Bs == B ? b : 0; bg < (Bs == B ? b + 1 : B); ++bg) {
+        const acc_t* gr = g + (bg * S + s) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) dq[c] += static_cast<double>(gr[c]);
+      }
+      double dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < C; ++c) {
+        q[c] /= r;
+        dot += q[c] * dq[c];
+      }
+      dscale += dot;
+      // (dq - q <q, dq>) / r with dq = scale * dqs; below eps the clamp passes no norm gradient.
+      const double proj = norm >= kNormEps ? scale * dot : 0.0;
+      scalar_t* dr = d + (b * S + s) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) dr[c] = static_cast<scalar_t>((scale * dq[c] - q[c] * proj) / r);
+    }
+  return d_init;
+}
+
 }  // namespace
 
 Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& scale) {
   check_inputs(x, init_slots, scale);
   const auto acc = acc_dtype(x);
+  if (x.device().is_cpu()) {
+    Tensor qs;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, init_slots.scalar_type(), "glmix scaled_queries", [&] {
+      qs = scaled_queries_cpu<scalar_t>(init_slots, scale.item<double>(), acc);
+    });
+    return qs.expand({x.size(0), -1, -1});
+  }
   auto [r, s] = norms(init_slots);
   // q rounded to acc before the product, so qs = scale * q exactly as the reference's fp32 path.
   const Tensor q = s.div_(r.clamp_min_(kNormEps)).to(acc);
@@ -51,6 +135,14 @@ Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& s
 
 std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tensor& init_slots,
                                                    const Tensor& scale) {
+  if (dqs.device().is_cpu()) {
+    Tensor d_init_slots;
+    double dscale = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, init_slots.scalar_type(), "glmix queries_backward", [&] {
+      d_init_slots = scaled_queries_backward_cpu<scalar_t>(dqs.contiguous(), init_slots, scale.item<double>(), dscale);
+    });
+    return {d_init_slots, at::scalar_tensor(dscale, scale.options())};
+  }
   auto [r, s] = norms(init_slots);
   const Tensor mask = r >= kNormEps;  // where the clamp passes the norm's gradient on
   const Tensor q = s.div_(r.clamp_min_(kNormEps));  // (Bs, S, C)

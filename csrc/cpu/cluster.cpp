@@ -18,15 +18,16 @@ void cluster_fwd(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& lse) 
   const Chunks ch = plan_chunks(L, C, kMaxChunks);
   const int64_t J = ch.n;
   const Rows<scalar_t> xs(x);
-  const Operand qT(qs.transpose(1, 2), qs.scalar_type());
+  const Operand qT(qs.transpose(1, 2), qs.scalar_type(), Scratch::CallOperand);
 
   // Each chunk runs an online softmax over its tiles (FlashAttention style) and leaves its
   // running max m, sum z and unnormalised slots acc; cluster_fwd_combine merges the chunks.
-  Tensor m = at::empty({B, J, S}, acc_opts), z = at::empty({B, J, S}, acc_opts);
-  Tensor acc = at::empty({B, J, S, C}, acc_opts);
+  const Tensor m = scratch(Scratch::CallMax, B * J * S, acc_opts);
+  const Tensor z = scratch(Scratch::CallSum, B * J * S, acc_opts);
+  const Tensor acc = scratch(Scratch::CallPartial, B * J * S * C, acc_opts);
   const auto cluster_fwd_chunk = [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(ch.tile, C, acc_opts);
-    const Tensor A_buf = at::empty({ch.tile * S}, acc_opts);
+    const Tensor A_buf = scratch(Scratch::Logits, ch.tile * S, acc_opts);
     acc_t* a = A_buf.data_ptr<acc_t>();
     acc_t* acc_j = acc.data_ptr<acc_t>() + (b * J + j) * S * C;
     acc_t* m_j = m.data_ptr<acc_t>() + (b * J + j) * S;
@@ -111,13 +112,14 @@ void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Te
 
   // One product with x gives the raw logits and dP = x @ G^T side by side, (n, 2S), which the
   // softmax steps turn into [P | dA_r].
-  const Operand q(qs, qs.scalar_type()), G(G_acc, qs.scalar_type());
-  const Operand qgT(at::cat({qs.transpose(1, 2), G_acc.transpose(1, 2)}, 2), qs.scalar_type());  // (B, C, 2S)
-  Tensor dqs_partial = at::empty({B, ch.n, S, C}, acc_opts);
+  const Operand q(qs, qs.scalar_type(), Scratch::CallOperand), G(G_acc, qs.scalar_type(), Scratch::CallOperand2);
+  const Operand qgT = Operand::stacked(qs.transpose(1, 2), G_acc.transpose(1, 2), qs.scalar_type(),
+                                       Scratch::CallOperand3);  // (B, C, 2S)
+  const Tensor dqs_partial = chunk_partials(dqs, ch.n, qs.scalar_type(), Scratch::CallPartial);
   // Per chunk, tile by tile: dx (pixel_bwd) and the chunk's partial dqs (slot_bwd).
   const auto cluster_bwd_chunk = [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(ch.tile, C, acc_opts);
-    const Tensor PD_buf = at::empty({ch.tile * 2 * S}, acc_opts);
+    const Tensor PD_buf = scratch(Scratch::Logits, ch.tile * 2 * S, acc_opts);
     const Tensor dx_buf = result_buffer<acc_t, scalar_t>(ch.tile * C, acc_opts);
     acc_t* pd = PD_buf.data_ptr<acc_t>();
     acc_t* dqs_j = dqs_partial.data_ptr<acc_t>() + (b * ch.n + j) * S * C;

@@ -18,13 +18,14 @@ void dispatch_fwd(const Tensor& x, const Tensor& qs, const Tensor& slots, Tensor
   const auto acc_opts = qs.options();
   const Chunks ch = plan_chunks(L, C, /*max_chunks=*/std::max<int64_t>(L, 1));  // one tile per task
   const Rows<scalar_t> xs(x);
-  const Operand qT(qs.transpose(1, 2), qs.scalar_type()), V(slots, qs.scalar_type());
+  const Operand qT(qs.transpose(1, 2), qs.scalar_type(), Scratch::CallOperand);
+  const Operand V(slots, qs.scalar_type(), Scratch::CallOperand2);
   acc_t* lse_p = lse.data_ptr<acc_t>();
   const auto dispatch_fwd_chunk = [&](int64_t b, int64_t j) {  // a chunk of one tile
     PixelTile<acc_t> tile(ch.tile, C, acc_opts);
     tile.load(xs, b, ch.begin(j), ch.end(j) - ch.begin(j));
     const int64_t n = tile.n(), l0 = ch.begin(j);
-    const Tensor D = at::empty({n * S}, acc_opts);
+    const Tensor D = scratch(Scratch::Logits, n * S, acc_opts);
     acc_t* d = D.data_ptr<acc_t>();
     tile.times(qT.at<acc_t>(b), S, d);
     softmax_rows(d, n, S, S, tile.rinv(), lse_p + b * L + l0);
@@ -43,17 +44,20 @@ void dispatch_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const T
   const auto acc_opts = qs.options();
   const Chunks ch = plan_chunks(L, C, kMaxChunks);
   const Rows<scalar_t> xs(x), gs(grad);
-  const Operand q(qs, qs.scalar_type()), qT(qs.transpose(1, 2), qs.scalar_type());
-  const Operand VT(slots.transpose(1, 2), qs.scalar_type());
+  const Operand q(qs, qs.scalar_type(), Scratch::CallOperand);
+  const Operand qT(qs.transpose(1, 2), qs.scalar_type(), Scratch::CallOperand2);
+  const Operand VT(slots.transpose(1, 2), qs.scalar_type(), Scratch::CallOperand3);
   const Tensor lse_c = lse.contiguous();
   const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
-  Tensor dqs_partial = at::empty({B, ch.n, S, C}, acc_opts);
-  Tensor dslots_partial = at::empty({B, ch.n, S, C}, acc_opts);
+  const Tensor dqs_partial = chunk_partials(dqs, ch.n, qs.scalar_type(), Scratch::CallPartial);
+  const Tensor dslots_partial = chunk_partials(dslots, ch.n, qs.scalar_type(), Scratch::CallPartial2);
   // Per chunk, tile by tile: dx and delta' (pixel_bwd), the chunk's partial dqs and dslots (slot_bwd).
   const auto dispatch_bwd_chunk = [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(ch.tile, C, acc_opts);
-    const Tensor D_buf = at::empty({ch.tile * S}, acc_opts), dD_buf = at::empty({ch.tile * S}, acc_opts);
-    const Tensor g_buf = at::empty({ch.tile * C}, acc_opts), dx_buf = result_buffer<acc_t, scalar_t>(ch.tile * C, acc_opts);
+    const Tensor D_buf = scratch(Scratch::Logits, ch.tile * S, acc_opts);
+    const Tensor dD_buf = scratch(Scratch::Logits2, ch.tile * S, acc_opts);
+    const Tensor g_buf = scratch(Scratch::Grad, ch.tile * C, acc_opts);
+    const Tensor dx_buf = result_buffer<acc_t, scalar_t>(ch.tile * C, acc_opts);
     acc_t* D = D_buf.data_ptr<acc_t>();
     acc_t* dD = dD_buf.data_ptr<acc_t>();
     acc_t* dqs_j = dqs_partial.data_ptr<acc_t>() + (b * ch.n + j) * S * C;

@@ -16,7 +16,9 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -27,6 +29,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/util/irange.h>
 
 #include "../checks.h"
@@ -43,6 +46,31 @@ using checks::acc_dtype;
 // x (B, L, C) and qs (B, S, C) on the CPU as every kernel of this backend takes them; returns S.
 inline int64_t check_inputs(const Tensor& x, const Tensor& qs, const char* op) {
   return checks::check_x_qs(x, qs, op, at::kCPU, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scratch memory, reused from call to call. Tile buffers, partial results and operand copies of a
+// few hundred KB, allocated per call, went back to the system at every free and came back as
+// fresh pages: at small L a call spent more time in those page faults than in its arithmetic.
+// One grow-only buffer per thread and role; a role's buffer is used by one task at a time (the
+// Call* roles by the calling thread, outside and across the parallel region; the others inside
+// a task), and never outlives the op call that fills it.
+enum class Scratch {
+  Pixels, Stats, Logits, Logits2, Grad, Result,                        // per task
+  CallMax, CallSum, CallPartial, CallPartial2, CallOperand, CallOperand2, CallOperand3,  // per call
+  Count
+};
+
+// A flat (numel) tensor of dtype opts.dtype() over the calling thread's buffer for role,
+// 64-byte aligned; its contents are whatever the last user left.
+inline Tensor scratch(Scratch role, int64_t numel, const at::TensorOptions& opts) {
+  thread_local std::array<std::vector<std::byte>, static_cast<size_t>(Scratch::Count)> buffers;
+  constexpr uintptr_t kAlign = 64;
+  std::vector<std::byte>& buf = buffers[static_cast<size_t>(role)];
+  const size_t bytes = static_cast<size_t>(numel) * opts.dtype().itemsize() + kAlign;
+  if (buf.size() < bytes) buf.resize(bytes);
+  const uintptr_t p = (reinterpret_cast<uintptr_t>(buf.data()) + kAlign - 1) & ~(kAlign - 1);
+  return at::from_blob(reinterpret_cast<void*>(p), {numel}, opts);
 }
 
 // (rows, cols) contiguous view of a flat scratch buffer sized for a full tile. (BLAS results may
@@ -110,14 +138,27 @@ struct Rows {
 // single copy.
 class Operand {
  public:
-  Operand(const Tensor& t, at::ScalarType acc)
-      : t_((t.size(0) > 1 && t.stride(0) == 0 ? t.narrow(0, 0, 1) : t).to(acc).contiguous()) {}
+  // A copy, when one is needed, goes to the calling thread's scratch for role.
+  Operand(const Tensor& t, at::ScalarType acc, Scratch role) : t_(unbroadcast(t)) {
+    if (t_.scalar_type() == acc && t_.is_contiguous()) return;
+    Tensor copy = scratch(role, t_.numel(), t_.options().dtype(acc)).view(t_.sizes());
+    t_ = copy.copy_(t_);
+  }
+  // The parts side by side along the last dimension, (B, R, sum of K).
+  static Operand stacked(const Tensor& a, const Tensor& b, at::ScalarType acc, Scratch role) {
+    const int64_t B = a.size(0), R = a.size(1), Ka = a.size(2), Kb = b.size(2);
+    Tensor out = scratch(role, B * R * (Ka + Kb), a.options().dtype(acc)).view({B, R, Ka + Kb});
+    out.narrow(2, 0, Ka).copy_(a);
+    out.narrow(2, Ka, Kb).copy_(b);
+    return Operand(out, acc, role);
+  }
   template <typename T>
   const T* at(int64_t b) const {  // (R, K), row stride K
     return t_.const_data_ptr<T>() + (t_.size(0) == 1 ? 0 : b) * t_.size(1) * t_.size(2);
   }
 
  private:
+  static Tensor unbroadcast(const Tensor& t) { return t.size(0) > 1 && t.stride(0) == 0 ? t.narrow(0, 0, 1) : t; }
   Tensor t_;
 };
 
@@ -133,7 +174,7 @@ void store(const acc_t* src, scalar_t* dst, int64_t n) {
 template <typename acc_t, typename scalar_t>
 Tensor result_buffer(int64_t numel, const at::TensorOptions& acc_opts) {
   if constexpr (std::is_same_v<acc_t, scalar_t>) return Tensor();
-  return at::empty({numel}, acc_opts);
+  return scratch(Scratch::Result, numel, acc_opts);
 }
 
 template <typename acc_t, typename scalar_t>
@@ -156,7 +197,8 @@ template <typename acc_t>
 class PixelTile {
  public:
   PixelTile(int64_t T, int64_t C, const at::TensorOptions& acc_opts)
-      : C_(C), x_buf_(at::empty({T * C}, acc_opts)), stats_(at::empty({2, T}, acc_opts)) {}
+      : C_(C), x_buf_(scratch(Scratch::Pixels, T * C, acc_opts)),
+        stats_(scratch(Scratch::Stats, 2 * T, acc_opts).view({2, T})) {}
 
   int64_t n() const { return n_; }
   const acc_t* x() const { return x_; }  // (n, C)
@@ -196,22 +238,31 @@ class PixelTile {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Per-chunk partial sums over pixels, (B, chunks, S, C) in acc_t, for an output out (B, S, C):
+// with a single chunk, out itself when it is in acc_t (nothing to sum, so no copy).
+inline Tensor chunk_partials(const Tensor& out, int64_t chunks, at::ScalarType acc, Scratch role) {
+  const int64_t B = out.size(0), S = out.size(1), C = out.size(2);
+  if (chunks == 1 && out.scalar_type() == acc) return out.view({B, 1, S, C});
+  return scratch(role, B * chunks * S * C, out.options().dtype(acc)).view({B, chunks, S, C});
+}
+
 // out (B, S, C) = sum over chunks of partial (B, chunks, S, C), chunk after chunk: the same
 // order whatever the thread count.
 template <typename acc_t, typename scalar_t>
 void sum_chunks(const Tensor& partial, Tensor& out) {
+  if (partial.is_alias_of(out)) return;  // chunk_partials' single chunk
   const int64_t B = partial.size(0), J = partial.size(1), SC = partial.size(2) * partial.size(3);
   const acc_t* p = partial.const_data_ptr<acc_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> sum(SC);
+    acc_t* sum = scratch(Scratch::Result, SC, partial.options()).template data_ptr<acc_t>();
     for (const auto b : c10::irange(b0, b1)) {
-      std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(sum, sum + SC, acc_t(0));
       for (const auto j : c10::irange(J)) {
         const acc_t* pj = p + (b * J + j) * SC;
         for (const auto e : c10::irange(SC)) sum[e] += pj[e];
       }
-      store(sum.data(), o + b * SC, SC);
+      store(sum, o + b * SC, SC);
     }
   });
 }

@@ -12,10 +12,18 @@ import torch
 
 from . import cpp, registrations
 
+
+def _built():
+    if cpp.unavailable_reason("cpu") is not None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("glmix_emulated::cluster_fwd", "CPU")
+    except RuntimeError:  # a build without the emulation never defines the glmix_emulated ops
+        return False
+
+
 # Looked up once at import: torch.compile traces unavailable_reason, but not the dispatcher query.
-_BUILT = cpp.unavailable_reason("cpu") is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "glmix_emulated::cluster_fwd", "CPU"
-)
+_BUILT = _built()
 
 
 def unavailable_reason(device_type):
