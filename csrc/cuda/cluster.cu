@@ -21,22 +21,37 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
   auto lse = empty_output({B, S}, f32);
   if (B == 0) return {slots, lse};
 
-  const auto t = tiles_for(S, C, kFwdAcc * kThreads,
-                           [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); }, op);
+  // Tensor cores: slot tiles of kMmaRows, pixel tiles of kMmaCols; else the planned CUDA-core tiles.
+  const bool mma = use_mma_fwd(x);
+  const int mma_nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows);
+  const auto t = mma ? plan::Tiles{tc::kMmaCols, tc::kMmaRows, mma_nst, 0}
+                     : tiles_for(S, C, kFwdAcc * kThreads,
+                                 [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); }, op);
   const auto ch = plan::plan_chunks(L, t.TL, B * t.nst, device_props());
   TORCH_CHECK(ch.n <= 65535 && t.nst <= 65535, op, ": grid too large");
   auto ws_m = empty_workspace({B, ch.n, S}, f32);
   auto ws_l = empty_workspace({B, ch.n, S}, f32);
   auto ws_acc = empty_workspace({B, ch.n, S, C}, f32);
-  const size_t smem = fwd_smem(t.TL, t.TS, t.ld).bytes();
   const Stream stream = current_stream();
+  const dim3 grid(t.nst, ch.n, static_cast<unsigned>(B));
 
-  GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_cluster_fwd_cuda", [&] {
-    launch(cluster_fwd_chunk<scalar_t>, dim3(t.nst, ch.n, static_cast<unsigned>(B)), dim3(kThreads), smem,
-           stream, x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs), static_cast<int>(L),
-           static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld, ch.len, ch.n, ws_m.data_ptr<float>(),
-           ws_l.data_ptr<float>(), ws_acc.data_ptr<float>());
-  });
+  if (mma) {
+    const View xv = view_of(x), qv = view_of(qs);
+    with_mma_types(x.scalar_type(), C, [&](auto e, auto cp) {
+      constexpr int CP = decltype(cp)::value;
+      launch(tc::cluster_fwd_chunk_mma<decltype(e), CP>, grid, dim3(tc::kMmaThreads), tc::cluster_fwd_mma_smem(CP),
+             stream, bits16(x), xv.sb, xv.sr, xv.sc, qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, static_cast<int>(L),
+             static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, ws_m.data_ptr<float>(), ws_l.data_ptr<float>(),
+             ws_acc.data_ptr<float>());
+    });
+  } else {
+    GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_cluster_fwd_cuda", [&] {
+      launch(cluster_fwd_chunk<scalar_t>, grid, dim3(kThreads), fwd_smem(t.TL, t.TS, t.ld).bytes(), stream,
+             x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs), static_cast<int>(L),
+             static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld, ch.len, ch.n, ws_m.data_ptr<float>(),
+             ws_l.data_ptr<float>(), ws_acc.data_ptr<float>());
+    });
+  }
   launch(cluster_fwd_combine, dim3(S, B), dim3(kThreads), combine_smem(ch.n).bytes(), stream,
          ws_m.data_ptr<float>(), ws_l.data_ptr<float>(), ws_acc.data_ptr<float>(), static_cast<int>(S),
          static_cast<int>(C), ch.n, slots.data_ptr<float>(), lse.data_ptr<float>());

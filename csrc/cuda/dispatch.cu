@@ -20,12 +20,24 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(dispatch_fwd)(const Tensor& x, const Te
   auto lse = empty_output({B, L}, x.options().dtype(at::kFloat));
   if (B == 0 || L == 0) return {out, lse};
 
+  const Stream stream = current_stream();
+  if (use_mma_fwd(x)) {  // tensor cores: pixel tiles of kMmaRows, several per block
+    const auto ch = plan::plan_dispatch_fwd_chunks(L, tc::kMmaRows, B, device_props());
+    const View xv = view_of(x), qv = view_of(qs), sv = view_of(slots);
+    with_mma_types(x.scalar_type(), C, [&](auto e, auto cp) {
+      constexpr int CP = decltype(cp)::value;
+      launch(tc::dispatch_fwd_mma<decltype(e), CP>, dim3(static_cast<unsigned>(ch.n), static_cast<unsigned>(B)),
+             dim3(tc::kMmaThreads), tc::dispatch_fwd_mma_smem(CP), stream, bits16(x), xv.sb, xv.sr, xv.sc,
+             qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, bits16(slots), sv.sb, sv.sr, sv.sc, L, static_cast<int>(S),
+             static_cast<int>(C), static_cast<int>(ch.len / tc::kMmaRows), bits16(out), lse.data_ptr<float>());
+    });
+    return {out, lse};
+  }
+
   const auto t = tiles_for(S, C, kFwdAcc * kThreads,
                            [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); }, op);
   const auto ch = plan::plan_dispatch_fwd_chunks(L, t.TL, B, device_props());
   const size_t smem = fwd_smem(t.TL, t.TS, t.ld).bytes();
-  const Stream stream = current_stream();
-
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_dispatch_fwd_cuda", [&] {
     launch(dispatch_fwd<scalar_t>, dim3(static_cast<unsigned>(ch.n), static_cast<unsigned>(B)), dim3(kThreads),
            smem, stream, x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs),

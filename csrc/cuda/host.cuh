@@ -3,8 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "launch.cuh"
+#include "mma_kernels.cuh"
 #include "sum_chunks_kernels.cuh"
 
 namespace glmix {
@@ -27,6 +29,36 @@ inline plan::Tiles tiles_for(int64_t S, int64_t C, int budget, F smem_bytes, con
   TORCH_CHECK(ok, op, ": C = ", C, " needs more shared memory than this device offers");
   return t;
 }
+
+// The forward kernels run on tensor cores (mma_kernels.cuh) for fp16/bf16 x with C <= 256; fp32
+// x and wider C stay on the CUDA-core kernels.
+inline bool use_mma_fwd(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  return (t == at::kHalf || t == at::kBFloat16) && x.size(2) <= tc::kMmaMaxChannels && has_tensor_cores();
+}
+
+// Calls f(E{}, std::integral_constant<int, CP>{}): E the tensor-core tag of x's 16-bit dtype, CP
+// the padded channels of C (the kernels' template arguments).
+template <typename F>
+void with_mma_types(at::ScalarType type, int64_t C, F&& f) {
+  const auto with_cp = [&](auto e) {
+    switch (tc::padded_channels(static_cast<int>(C))) {
+      case 16: return f(e, std::integral_constant<int, 16>{});
+      case 32: return f(e, std::integral_constant<int, 32>{});
+      case 64: return f(e, std::integral_constant<int, 64>{});
+      case 128: return f(e, std::integral_constant<int, 128>{});
+      default: return f(e, std::integral_constant<int, 256>{});
+    }
+  };
+  if (type == at::kHalf)
+    with_cp(mma::F16{});
+  else
+    with_cp(mma::Bf16{});
+}
+
+// A 16-bit tensor's storage as the kernels take it (bit patterns).
+inline const uint16_t* bits16(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
+inline uint16_t* bits16(at::Tensor& t) { return static_cast<uint16_t*>(t.data_ptr()); }
 
 // out[b, n] = sum_k ws[b, k, n] over the chunks k of a (B, nchunks, N) fp32 workspace.
 template <typename T>

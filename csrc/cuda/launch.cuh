@@ -4,6 +4,8 @@
 // launch(), the one way every kernel is launched.
 #pragma once
 
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <utility>
 
@@ -47,12 +49,27 @@ inline at::Tensor empty_workspace(at::IntArrayRef sizes, const at::TensorOptions
   return at::empty(sizes, options);
 }
 
+// The tensor-core kernels (mma_kernels.cuh) need sm_80 or newer.
+inline bool has_tensor_cores() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
+
+// Above 48 KB of dynamic shared memory a kernel must opt in. The attribute stays set, so it is set
+// once per kernel and device (again only for a larger size), not at every launch.
+inline void opt_in_smem(const void* kernel, size_t smem) {
+  if (smem <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> set;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& have = set[{kernel, device}];
+  if (smem <= have) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  have = smem;
+}
+
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, Stream stream, A&&... args) {
-  if (smem > 48 * 1024) {  // above the default, a kernel must opt in
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  opt_in_smem(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -69,6 +86,8 @@ inline Stream current_stream() { return 0; }
 // several tiles each, so small test shapes take every path (several blocks per launch, several
 // tiles per block).
 inline plan::Device device_props() { return {227 * 1024, 1}; }
+
+inline bool has_tensor_cores() { return true; }  // the emulation implements mma.cuh's layout
 
 }  // namespace GLMIX_CUDA_NS
 

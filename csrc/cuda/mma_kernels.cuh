@@ -20,12 +20,12 @@
 #include <cmath>
 #include <cstdint>
 
-#include "mma.cuh"
-
-// All shared memory is dynamic (the emulation refills it with NaN before each block).
+// Shared memory through device.cuh's macro (under the emulation: NaN-filled per block), unless the
+// includer brings its own (the fiber runner of tests/test_mma.py, csrc/tests/mma_harness.cpp).
 #ifndef GLMIX_DYNAMIC_SMEM
-#define GLMIX_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#include "device.cuh"
 #endif
+#include "mma.cuh"
 
 namespace glmix {
 namespace GLMIX_CUDA_NS {
@@ -39,6 +39,7 @@ constexpr int kMmaRows = 16 * kMmaWarps;  // logit rows per block: slots (cluste
 constexpr int kMmaCols = 64;              // logit columns per tile: pixels (clustering), slots (dispatch)
 constexpr int kMmaNB = kMmaCols / 8;      // accumulator blocks of a warp's logits
 constexpr float kMmaNormEps = 1e-12f;
+constexpr int kMmaMaxChannels = 256;  // C above this stays on the CUDA-core kernels
 
 // Channels padded for the products: CP in {16, 32, 64, 128, 256}, the smallest holding C. A warp's
 // accumulators take CP / 2 registers per lane: 256 fits (about 230 registers, no spill), 512 not.

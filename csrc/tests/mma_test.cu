@@ -1,5 +1,5 @@
 // The tensor-core kernels for the GPU, outside the extension: the mma test kernels, and the
-// tensor-core forward kernels until the backend launches them. scripts/cuda_compile_check.sh
+// tensor-core forward kernels (also in the extension). scripts/cuda_compile_check.sh
 // compiles this file for each architecture it checks and reports each kernel's resources and
 // tensor-core instructions.
 #include "../cuda/mma_kernels.cuh"

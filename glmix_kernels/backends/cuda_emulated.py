@@ -6,10 +6,11 @@ Built into the extension only with ``GLMIX_CUDA_EMULATION=1`` at install; its op
 """
 
 import contextlib
+import sys
 
 import torch
 
-from . import cpp
+from . import cpp, registrations
 
 
 def _built():
@@ -51,3 +52,5 @@ if unavailable_reason("cpu") is None:
     cluster_bwd = torch.ops.glmix_emulated.cluster_bwd
     dispatch_fwd = torch.ops.glmix_emulated.dispatch_fwd
     dispatch_bwd = torch.ops.glmix_emulated.dispatch_bwd
+
+    registrations.register(sys.modules[__name__])  # FLOP formulas and decompositions, as the other backends
