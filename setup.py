@@ -29,6 +29,7 @@ Environment knobs:
                           compiler through -Xcompiler); e.g. a pip wheel's nvidia/cu13/include
                           when the local toolkit lacks headers torch includes (docs/building.md)
 """
+
 import glob
 import os
 import re
@@ -65,13 +66,16 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError as e:
-        raise SystemExit(f"glmix-kernels: building the extension needs torch installed first ({e}); "
-                         "install with `pip install --no-build-isolation .`, or set GLMIX_SKIP_EXT=1") from e
+        raise SystemExit(
+            f"glmix-kernels: building the extension needs torch installed first ({e}); "
+            "install with `pip install --no-build-isolation .`, or set GLMIX_SKIP_EXT=1"
+        ) from e
 
     cuda_sources = _sources("csrc/cuda/*.cu")
     nvcc = cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     with_cuda = _flag("GLMIX_FORCE_CUDA") or (
-        torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc) and bool(cuda_sources))
+        torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc) and bool(cuda_sources)
+    )
     if with_cuda and not cuda_sources:
         raise SystemExit("glmix-kernels: GLMIX_FORCE_CUDA=1 but there are no csrc/cuda/*.cu sources")
 
@@ -106,9 +110,12 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(**kwargs, extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags})
     else:
         ext = cpp_extension.CppExtension(**kwargs, extra_compile_args={"cxx": cxx})
-    print(f"glmix-kernels: building glmix_kernels._C for torch {torch.__version__}, "
-          f"{'CPU and CUDA' if with_cuda else 'CPU only'}"
-          f"{', with the CUDA emulation' if _flag('GLMIX_CUDA_EMULATION') else ''}", file=sys.stderr)
+    print(
+        f"glmix-kernels: building glmix_kernels._C for torch {torch.__version__}, "
+        f"{'CPU and CUDA' if with_cuda else 'CPU only'}"
+        f"{', with the CUDA emulation' if _flag('GLMIX_CUDA_EMULATION') else ''}",
+        file=sys.stderr,
+    )
     # The extension links against this torch's C++ ABI: pin the release it was built with.
     return [ext], {"build_ext": cpp_extension.BuildExtension}, f"torch=={torch.__version__.split('+')[0]}"
 

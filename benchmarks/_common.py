@@ -1,5 +1,6 @@
 """What the benchmark modules share: the sweeps (default and ``--full``, per device) and one way
 to time a workload into pytest-benchmark with the fields the report reads."""
+
 import gc
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class ModelCase:
 @dataclass(frozen=True)
 class FeatureCase:
     """Multi-scale feature extraction (``features_only``) at a detection pipeline's image size."""
+
     model: str
     backend: str
     B: int
@@ -93,19 +95,30 @@ def feature_cases(full, device):
 
 def op_cases(full, device):
     if device.type == "cuda":
-        stages, batches, dtypes = list(workloads.STAGE_SHAPES), ((64, 128) if full else (128,)), \
-            (torch.bfloat16, torch.float16)
+        stages, batches, dtypes = (
+            list(workloads.STAGE_SHAPES),
+            ((64, 128) if full else (128,)),
+            (torch.bfloat16, torch.float16),
+        )
     else:
         stages = list(workloads.STAGE_SHAPES) if full else ["glnet_4g.s1", "glnet_4g.s3", "glnet_4g.s4"]
         batches, dtypes = ((2, 8) if full else (2,)), (torch.float32,)
     rounds = FULL_OP_ROUNDS if full else OP_ROUNDS
     # Modes innermost: one compiled graph (per op and shape) serves the three in a row.
-    cases = [OpCase(op, backend, mode, stage, B, dtype, rounds)
-             for dtype in dtypes for stage in stages for B in batches
-             for op in workloads.OPS for backend in workloads.OP_BACKENDS for mode in workloads.MODES]
+    cases = [
+        OpCase(op, backend, mode, stage, B, dtype, rounds)
+        for dtype in dtypes
+        for stage in stages
+        for B in batches
+        for op in workloads.OPS
+        for backend in workloads.OP_BACKENDS
+        for mode in workloads.MODES
+    ]
     if device.type == "cpu":  # one image at the smallest stage: where a call's fixed cost matters most
-        cases += [OpCase("cluster+dispatch", backend, "full", "glnet_4g.s4", 1, torch.float32, rounds)
-                  for backend in workloads.OP_BACKENDS]
+        cases += [
+            OpCase("cluster+dispatch", backend, "full", "glnet_4g.s4", 1, torch.float32, rounds)
+            for backend in workloads.OP_BACKENDS
+        ]
     return cases
 
 
@@ -117,9 +130,13 @@ def glnet_cases(full, device):
         resolutions, depth = ((224, 512) if full else (224,)), (None if full else REDUCED_DEPTH)
         batch = {r: 2 if full else 1 for r in resolutions}
     rounds = FULL_MODEL_ROUNDS if full else MODEL_ROUNDS
-    return [ModelCase(model, mode, backend, res, batch[res], depth, rounds)
-            for model in ("glnet_4g", "glnet_stl") for res in resolutions for mode in ("infer", "train")
-            for backend in BACKENDS]
+    return [
+        ModelCase(model, mode, backend, res, batch[res], depth, rounds)
+        for model in ("glnet_4g", "glnet_stl")
+        for res in resolutions
+        for mode in ("infer", "train")
+        for backend in BACKENDS
+    ]
 
 
 def mixer_cases(full, device):
@@ -131,11 +148,17 @@ def mixer_cases(full, device):
     else:
         resolutions = (224, 384, 512) if full else (224,)
         batch, depth = 1, (None if full else REDUCED_DEPTH)
-    variants = [n for n in BACKENDS if n != "reference"] + \
-        ["reference", workloads.MIXER_ATTENTION, workloads.MIXER_LOCAL]
+    variants = [n for n in BACKENDS if n != "reference"] + [
+        "reference",
+        workloads.MIXER_ATTENTION,
+        workloads.MIXER_LOCAL,
+    ]
     rounds = FULL_MODEL_ROUNDS if full else MODEL_ROUNDS
-    return [ModelCase(workloads.MIXER_SKELETON, "train", variant, res, batch, depth, rounds)
-            for res in resolutions for variant in variants]
+    return [
+        ModelCase(workloads.MIXER_SKELETON, "train", variant, res, batch, depth, rounds)
+        for res in resolutions
+        for variant in variants
+    ]
 
 
 CASES = {"op_case": op_cases, "glnet_case": glnet_cases, "mixer_case": mixer_cases, "feature_case": feature_cases}
@@ -163,8 +186,9 @@ def run_benchmark(benchmark, workload, *, rounds, group, **fields):
     inputs = workload.feed(DEVICE)
     if ON_GPU:
         t = timing.measure(workload.run, inputs, DEVICE)
-        extra = dict(time_s=t["median_s"], time_q20_s=t["q20_s"], time_q80_s=t["q80_s"], reps=t["reps"],
-                     timer="cuda-events")
+        extra = dict(
+            time_s=t["median_s"], time_q20_s=t["q20_s"], time_q80_s=t["q80_s"], reps=t["reps"], timer="cuda-events"
+        )
 
         def call(*args):
             workload.run(*args)
@@ -191,8 +215,13 @@ def run_model_benchmark(benchmark, case, make_workload, *, op, group):
     key = (op, case.backend, case.mode, dtype, case.B)
     if _OUT_OF_MEMORY.get(key, case.resolution + 1) < case.resolution:
         pytest.skip(f"out of memory already at {_OUT_OF_MEMORY[key]} pixels")
-    fields = dict(op=op, backend=case.backend, mode=case.mode, dtype=dtype,
-                  shape=dict(B=case.B, H=case.resolution, W=case.resolution))
+    fields = dict(
+        op=op,
+        backend=case.backend,
+        mode=case.mode,
+        dtype=dtype,
+        shape=dict(B=case.B, H=case.resolution, W=case.resolution),
+    )
     try:
         run_benchmark(benchmark, make_workload(), rounds=case.rounds, group=group, **fields)
         return

@@ -3,6 +3,7 @@
 The default run is a short CPU-sized sweep; ``--full`` (or ``GLMIX_BENCH_FULL=1``) runs the whole
 one. Turn JSON files into a report with ``python -m glmix_kernels.bench report R.json``.
 """
+
 import gc
 import os
 
@@ -13,8 +14,12 @@ from . import _common
 
 
 def pytest_addoption(parser):
-    parser.addoption("--full", action="store_true", default=False,
-                     help="glmix-kernels benchmarks: the full sweep (also GLMIX_BENCH_FULL=1)")
+    parser.addoption(
+        "--full",
+        action="store_true",
+        default=False,
+        help="glmix-kernels benchmarks: the full sweep (also GLMIX_BENCH_FULL=1)",
+    )
 
 
 def pytest_generate_tests(metafunc):

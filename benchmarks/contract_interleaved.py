@@ -10,6 +10,7 @@ calls each, and a figure is the median of the rounds' medians (the fastest singl
 too: on a loaded machine they show the work without preemption). The reference runs in both workers:
 their ratio shows how far the two processes differ for the same code.
 """
+
 import json
 import os
 import statistics
@@ -17,8 +18,7 @@ import subprocess
 import sys
 import time
 
-SHAPES = {"4g.s1 B=2": (2, 3136, 64), "4g.s3 B=2": (2, 196, 256), "4g.s4 B=2": (2, 49, 512),
-          "4g.s4 B=1": (1, 49, 512)}
+SHAPES = {"4g.s1 B=2": (2, 3136, 64), "4g.s3 B=2": (2, 196, 256), "4g.s4 B=2": (2, 49, 512), "4g.s4 B=1": (1, 49, 512)}
 S = 64
 ROUNDS, CALLS, INPUT_SETS, WARMUP = 9, 10, 3, 4
 
@@ -53,8 +53,14 @@ def worker(threads):
 
 def start(tree, threads):
     env = dict(os.environ, PYTHONPATH=tree)
-    return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(threads)], cwd=tree,
-                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--worker", str(threads)],
+        cwd=tree,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def ask(proc, **cmd):
@@ -80,12 +86,14 @@ def main(before_tree, threads):
                 fastest[(t, b)] = min(fastest[(t, b)], least * 1e3)
         med = {k: statistics.median(v) for k, v in rounds.items()}
         cpu, old = med[("after", "cpu")], med[("before", "cpu")]
-        print(f"{name}: cpu {cpu:.3f}, cpu before {old:.3f}, reference {med[('after', 'reference')]:.3f}, "
-              f"compile {med[('after', 'compile')]:.3f} | before/after {old / cpu:.2f}x, "
-              f"reference/cpu {med[('after', 'reference')] / cpu:.2f}x, "
-              f"compile/cpu {med[('after', 'compile')] / cpu:.2f}x, "
-              f"reference before/after workers {med[('before', 'reference')] / med[('after', 'reference')]:.2f}x",
-              flush=True)
+        print(
+            f"{name}: cpu {cpu:.3f}, cpu before {old:.3f}, reference {med[('after', 'reference')]:.3f}, "
+            f"compile {med[('after', 'compile')]:.3f} | before/after {old / cpu:.2f}x, "
+            f"reference/cpu {med[('after', 'reference')] / cpu:.2f}x, "
+            f"compile/cpu {med[('after', 'compile')] / cpu:.2f}x, "
+            f"reference before/after workers {med[('before', 'reference')] / med[('after', 'reference')]:.2f}x",
+            flush=True,
+        )
         print("  fastest calls: " + ", ".join(f"{t} {b} {v:.3f}" for (t, b), v in fastest.items()), flush=True)
     for proc in procs.values():
         proc.stdin.close()

@@ -6,6 +6,7 @@ sets). pytest-benchmark times one backend after another, and the eager reference
 15-25% between processes and minutes on a shared VM; here 7 rounds alternate between the backends
 and the figure is the median of the rounds' medians (8 calls each), with the rounds' range.
 """
+
 import statistics
 import sys
 import time
@@ -20,8 +21,9 @@ ROUNDS, CALLS, INPUT_SETS = 7, 8, 3
 
 def main(threads):
     torch.set_num_threads(threads)
-    runs = {b: workloads.op_workload("cluster+dispatch", b, "full", 8, 3136, 64, 64, torch.float32, "cpu")
-            for b in BACKENDS}
+    runs = {
+        b: workloads.op_workload("cluster+dispatch", b, "full", 8, 3136, 64, 64, torch.float32, "cpu") for b in BACKENDS
+    }
     inputs = {b: [runs[b].make_inputs() for _ in range(INPUT_SETS)] for b in BACKENDS}
     for b in BACKENDS:  # warm-up, compilation included
         for i in range(4):
@@ -36,9 +38,11 @@ def main(threads):
                 times.append(time.perf_counter() - start)
             rounds[b].append(statistics.median(times) * 1e3)
     med = {b: statistics.median(v) for b, v in rounds.items()}
-    print(f"threads={threads} " + "  ".join(f"{b} {med[b]:.2f} ms [{min(rounds[b]):.1f}-{max(rounds[b]):.1f}]"
-                                            for b in BACKENDS),
-          f"| reference/cpu {med['reference'] / med['cpu']:.2f}x  compile/cpu {med['compile'] / med['cpu']:.2f}x")
+    print(
+        f"threads={threads} "
+        + "  ".join(f"{b} {med[b]:.2f} ms [{min(rounds[b]):.1f}-{max(rounds[b]):.1f}]" for b in BACKENDS),
+        f"| reference/cpu {med['reference'] / med['cpu']:.2f}x  compile/cpu {med['compile'] / med['cpu']:.2f}x",
+    )
 
 
 if __name__ == "__main__":

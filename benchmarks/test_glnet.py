@@ -1,5 +1,6 @@
 """Model level: glnet_4g and glnet_stl, inference and one training step, per backend; glnet_4g's
 multi-scale feature extraction at a detection image size."""
+
 import torch
 
 from glmix_kernels.bench import workloads
@@ -17,8 +18,7 @@ def test_glnet(benchmark, glnet_case):
         model = create_model(c.model, backend=c.backend, **depth)
         return workloads.model_workload(model, c.mode, c.B, c.resolution, MODEL_DTYPE, DEVICE)
 
-    run_model_benchmark(benchmark, c, make_workload, op=c.name,
-                        group=f"{c.name} {c.mode} {c.resolution}px B={c.B}")
+    run_model_benchmark(benchmark, c, make_workload, op=c.name, group=f"{c.name} {c.mode} {c.resolution}px B={c.B}")
 
 
 def test_glnet_features(benchmark, feature_case):
@@ -32,6 +32,14 @@ def test_glnet_features(benchmark, feature_case):
             return model(images)
 
     workload = workloads.Workload(lambda: (torch.randn(c.B, 3, c.H, c.W, device=DEVICE),), extract)
-    run_benchmark(benchmark, workload, rounds=c.rounds, group=f"{c.name} {c.H}x{c.W} B={c.B}", op=c.name,
-                  backend=c.backend, mode=c.mode, dtype=workloads.DTYPE_NAMES[MODEL_DTYPE],
-                  shape=dict(B=c.B, H=c.H, W=c.W))
+    run_benchmark(
+        benchmark,
+        workload,
+        rounds=c.rounds,
+        group=f"{c.name} {c.H}x{c.W} B={c.B}",
+        op=c.name,
+        backend=c.backend,
+        mode=c.mode,
+        dtype=workloads.DTYPE_NAMES[MODEL_DTYPE],
+        shape=dict(B=c.B, H=c.H, W=c.W),
+    )

@@ -12,9 +12,7 @@
 namespace glmix::checks {
 
 // The accumulation dtype of the kernels for x's dtype: float32, or float64 for float64 x.
-inline at::ScalarType acc_dtype(at::ScalarType x_dtype) {
-  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType acc_dtype(at::ScalarType x_dtype) { return x_dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_device(const at::Tensor& t, const char* name, const char* op, at::DeviceType device) {
   TORCH_CHECK(t.device().type() == device, op, ": ", name, " must be a ", c10::DeviceTypeName(device),
@@ -30,10 +28,9 @@ inline void check_dtype(const at::Tensor& t, const char* name, const char* op, a
 }
 
 // A tensor the op reads beside x: on x's device, with this shape and dtype.
-inline void check_arg(const at::Tensor& t, const char* name, const char* op, const at::Tensor& x,
-                      at::IntArrayRef shape, at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
-              t.device());
+inline void check_arg(const at::Tensor& t, const char* name, const char* op, const at::Tensor& x, at::IntArrayRef shape,
+                      at::ScalarType dtype) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
   check_shape(t, name, op, shape);
   check_dtype(t, name, op, dtype);
 }

@@ -13,8 +13,7 @@
 // An empty module: importing glmix_kernels._C loads this library, whose static initialisers
 // below register the ops with the dispatcher. The CMake build leaves it out (no Python needed).
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "glmix_kernels ops (torch.ops.glmix_kernels)", -1,
-                               nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "glmix_kernels ops (torch.ops.glmix_kernels)", -1, nullptr};
   return PyModule_Create(&module);
 }
 #endif

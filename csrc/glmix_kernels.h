@@ -15,16 +15,13 @@ namespace glmix {
 
 using at::Tensor;
 
-#define GLMIX_DECLARE_KERNELS(device)                                                              \
-  std::tuple<Tensor, Tensor> cluster_fwd_##device(const Tensor& x, const Tensor& qs);             \
-  std::tuple<Tensor, Tensor> cluster_bwd_##device(const Tensor& grad, const Tensor& x,            \
-                                                  const Tensor& qs, const Tensor& slots,          \
-                                                  const Tensor& lse);                             \
-  std::tuple<Tensor, Tensor> dispatch_fwd_##device(const Tensor& x, const Tensor& qs,             \
-                                                   const Tensor& slots);                          \
-  std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_##device(                                       \
-      const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,                 \
-      const Tensor& lse);
+#define GLMIX_DECLARE_KERNELS(device)                                                                             \
+  std::tuple<Tensor, Tensor> cluster_fwd_##device(const Tensor& x, const Tensor& qs);                             \
+  std::tuple<Tensor, Tensor> cluster_bwd_##device(const Tensor& grad, const Tensor& x, const Tensor& qs,          \
+                                                  const Tensor& slots, const Tensor& lse);                        \
+  std::tuple<Tensor, Tensor> dispatch_fwd_##device(const Tensor& x, const Tensor& qs, const Tensor& slots);       \
+  std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_##device(const Tensor& grad, const Tensor& x, const Tensor& qs, \
+                                                           const Tensor& slots, const Tensor& lse);
 
 GLMIX_DECLARE_KERNELS(cpu)
 GLMIX_DECLARE_KERNELS(cuda)

@@ -15,9 +15,7 @@ namespace {
 // F.normalize's epsilon: the norm is clamped to it, so a zero slot gives a zero query.
 constexpr double kNormEps = 1e-12;
 
-at::ScalarType acc_dtype(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_inputs(const Tensor& x, const Tensor& init_slots, const Tensor& scale) {
   TORCH_CHECK(x.dim() == 3, "glmix_kernels: x must be (B, L, C), got ", x.sizes());
@@ -73,7 +71,7 @@ Tensor scaled_queries_cpu(const Tensor& init_slots, double scale, at::ScalarType
     for (int64_t s = 0; s < S; ++s) {
       const double r = std::max(load_row<scalar_t>(init_slots, b, s, row.data()), kNormEps);
       acc_t* q = out + (b * S + s) * C;
-      // q rounded to acc before the product, as in the at:: path.
+    // q rounded to acc before the product, as in the at:: path.
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) q[c] = static_cast<acc_t>(row[c] / r) * scale_acc;
     }
@@ -126,9 +124,8 @@ Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& s
   const auto acc = acc_dtype(x);
   if (x.device().is_cpu()) {
     Tensor qs;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, init_slots.scalar_type(), "glmix scaled_queries", [&] {
-      qs = scaled_queries_cpu<scalar_t>(init_slots, cpu_scalar(scale), acc);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, init_slots.scalar_type(), "glmix scaled_queries",
+                                    [&] { qs = scaled_queries_cpu<scalar_t>(init_slots, cpu_scalar(scale), acc); });
     return qs.expand({x.size(0), -1, -1});
   }
   auto [r, s] = norms(init_slots);
@@ -137,8 +134,7 @@ Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& s
   return q.mul_(scale.to(acc)).expand({x.size(0), -1, -1});
 }
 
-std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tensor& init_slots,
-                                                   const Tensor& scale) {
+std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tensor& init_slots, const Tensor& scale) {
   if (dqs.device().is_cpu()) {
     Tensor d_init_slots;
     double dscale = 0;
@@ -148,7 +144,7 @@ std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tens
     return {d_init_slots, at::scalar_tensor(dscale, scale.options())};
   }
   auto [r, s] = norms(init_slots);
-  const Tensor mask = r >= kNormEps;  // where the clamp passes the norm's gradient on
+  const Tensor mask = r >= kNormEps;                // where the clamp passes the norm's gradient on
   const Tensor q = s.div_(r.clamp_min_(kNormEps));  // (Bs, S, C)
   Tensor dqs64 = dqs.to(at::kDouble);
   if (init_slots.size(0) != dqs.size(0)) dqs64 = dqs64.sum(0, /*keepdim=*/true);  // the broadcast's backward
@@ -162,13 +158,15 @@ std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tens
 void define_ops(torch::Library& m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   m.def("cluster_fwd(Tensor x, Tensor init_slots, Tensor scale) -> (Tensor slots, Tensor lse)", tags);
-  m.def("cluster_bwd(Tensor grad, Tensor x, Tensor init_slots, Tensor scale, Tensor slots, Tensor lse)"
-        " -> (Tensor dx, Tensor d_init_slots, Tensor dscale)",
-        tags);
+  m.def(
+      "cluster_bwd(Tensor grad, Tensor x, Tensor init_slots, Tensor scale, Tensor slots, Tensor lse)"
+      " -> (Tensor dx, Tensor d_init_slots, Tensor dscale)",
+      tags);
   m.def("dispatch_fwd(Tensor x, Tensor init_slots, Tensor scale, Tensor slots) -> (Tensor out, Tensor lse)", tags);
-  m.def("dispatch_bwd(Tensor grad, Tensor x, Tensor init_slots, Tensor scale, Tensor slots, Tensor lse)"
-        " -> (Tensor dx, Tensor d_init_slots, Tensor dscale, Tensor dslots)",
-        tags);
+  m.def(
+      "dispatch_bwd(Tensor grad, Tensor x, Tensor init_slots, Tensor scale, Tensor slots, Tensor lse)"
+      " -> (Tensor dx, Tensor d_init_slots, Tensor dscale, Tensor dslots)",
+      tags);
 }
 
 }  // namespace glmix

@@ -19,8 +19,7 @@ Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& s
 
 // The backward of scaled_queries: dqs (B, S, C) -> (d_init_slots like init_slots, summed over the
 // batch for a (1, S, C) init_slots; dscale 0-d in scale's dtype), in fp64 until the final cast.
-std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tensor& init_slots,
-                                                   const Tensor& scale);
+std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tensor& init_slots, const Tensor& scale);
 
 // The op schemas, for a namespace's TORCH_LIBRARY block.
 void define_ops(torch::Library& m);
@@ -69,8 +68,8 @@ struct QueryOps {
 // glmix::{cluster_fwd,cluster_bwd,dispatch_fwd,dispatch_bwd}_<device>, e.g.
 //   GLMIX_REGISTER_KERNELS(glmix_kernels, CPU, cpu)
 // (the namespace's schemas come from glmix::define_ops in its TORCH_LIBRARY block).
-#define GLMIX_REGISTER_KERNELS(ns, key, device)                                                         \
-  TORCH_LIBRARY_IMPL(ns, key, m) {                                                                      \
-    glmix::QueryOps<&glmix::cluster_fwd_##device, &glmix::cluster_bwd_##device,                         \
-                    &glmix::dispatch_fwd_##device, &glmix::dispatch_bwd_##device>::register_kernels(m); \
+#define GLMIX_REGISTER_KERNELS(ns, key, device)                                                                \
+  TORCH_LIBRARY_IMPL(ns, key, m) {                                                                             \
+    glmix::QueryOps<&glmix::cluster_fwd_##device, &glmix::cluster_bwd_##device, &glmix::dispatch_fwd_##device, \
+                    &glmix::dispatch_bwd_##device>::register_kernels(m);                                       \
   }

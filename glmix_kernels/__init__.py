@@ -6,6 +6,7 @@
 ``backend="auto"`` picks the fastest backend available for the tensors' device;
 ``available_backends(device)`` lists them.
 """
+
 import torch
 
 from . import _validate, reference
@@ -21,8 +22,10 @@ def _autocast(device_type, *tensors):
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                 else t for t in tensors)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+        for t in tensors
+    )
 
 
 def soft_cluster(x, init_slots, scale, *, backend="auto"):

@@ -4,6 +4,7 @@ The ops take ``init_slots`` and ``scale`` as given and return their gradients th
 normalisation, scale and broadcast happen inside; see ``backends/contract.py``), so nothing but
 the op runs around them.
 """
+
 import torch
 
 from . import backends

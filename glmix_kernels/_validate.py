@@ -1,4 +1,5 @@
 """Every input rule of the public functions, in one place, with messages that name the argument."""
+
 import numbers
 
 import torch
@@ -14,8 +15,7 @@ def _check_tensor(name, t, ndim, what):
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {what}, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
-                        f"got {t.dtype}")
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
 
 
 def _check_like(name, t, x):
@@ -48,8 +48,10 @@ def _slot_inputs(x, init_slots, scale):
     if B < 1 or C < 1:
         raise ValueError(f"x must have B >= 1 and C >= 1, got shape {tuple(x.shape)}")
     if Bs not in (1, B) or Cs != C or S < 1:
-        raise ValueError(f"init_slots must have shape ({B}, S, {C}) or (1, S, {C}) with S >= 1 "
-                         f"to match x of shape {tuple(x.shape)}, got {tuple(init_slots.shape)}")
+        raise ValueError(
+            f"init_slots must have shape ({B}, S, {C}) or (1, S, {C}) with S >= 1 "
+            f"to match x of shape {tuple(x.shape)}, got {tuple(init_slots.shape)}"
+        )
     return x, init_slots, _scale_tensor(scale, x)
 
 
@@ -57,8 +59,7 @@ def cluster_inputs(x, init_slots, scale):
     """Checks ``soft_cluster``'s inputs; returns them with ``scale`` as a 0-d tensor."""
     x, init_slots, scale = _slot_inputs(x, init_slots, scale)
     if x.shape[1] < 1:
-        raise ValueError(f"x must have at least one pixel (L >= 1) for clustering, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(f"x must have at least one pixel (L >= 1) for clustering, got shape {tuple(x.shape)}")
     return x, init_slots, scale
 
 
@@ -69,6 +70,5 @@ def dispatch_inputs(x, init_slots, scale, slots):
     _check_like("slots", slots, x)
     want = (x.shape[0], init_slots.shape[1], x.shape[2])
     if tuple(slots.shape) != want:
-        raise ValueError(f"slots must have shape {want} (B of x, S of init_slots, C of x), "
-                         f"got {tuple(slots.shape)}")
+        raise ValueError(f"slots must have shape {want} (B of x, S of init_slots, C of x), got {tuple(slots.shape)}")
     return x, init_slots, scale, slots

@@ -4,7 +4,7 @@ Every fused backend is tested against these functions, the model's ``"reference"
 them, and the benchmarks time them as the eager baseline. They materialise the ``(B, S, L)``
 logits on purpose: that is what the fused kernels avoid.
 """
-import torch
+
 import torch.nn.functional as F
 
 

@@ -7,6 +7,7 @@ Each panel is one slot's dispatch weight (softmax over slots) at every pixel, up
 image and laid over it. Without ``--checkpoint`` the weights are random (a smoke test); without
 ``--image`` a synthetic image is used. Needs matplotlib (``pip install glmix-kernels[plot]``).
 """
+
 import argparse
 import math
 
@@ -23,16 +24,18 @@ def load_image(path, size):
     """``(3, size, size)`` floats in [0, 1]: the file at ``path``, or a synthetic pattern if None."""
     if path is None:
         ramp = torch.linspace(0, 1, size)
-        return torch.stack([ramp[None].expand(size, size), ramp[:, None].expand(size, size),
-                            (ramp[None] - ramp[:, None]).abs()])
+        return torch.stack(
+            [ramp[None].expand(size, size), ramp[:, None].expand(size, size), (ramp[None] - ramp[:, None]).abs()]
+        )
     import matplotlib.image
 
     img = torch.as_tensor(matplotlib.image.imread(path)).float()
     if img.max() > 1:  # 8-bit formats come as 0..255
         img = img / 255
     img = img[..., :3] if img.dim() == 3 else img[..., None].expand(-1, -1, 3)
-    return F.interpolate(img.permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
-                         antialias=True, align_corners=False)[0].clamp(0, 1)
+    return F.interpolate(
+        img.permute(2, 0, 1)[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )[0].clamp(0, 1)
 
 
 def slot_maps(model, image, stage, block):
@@ -70,8 +73,11 @@ def draw(image, maps, out, slots=None, title=""):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m glmix_kernels.visualize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m glmix_kernels.visualize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="glnet_4g", choices=list_models())
     parser.add_argument("--checkpoint", help="the authors' checkpoint file (default: random weights)")
     parser.add_argument("--image", help="an image file (default: a synthetic pattern)")

@@ -25,6 +25,7 @@ Kept short for CI (a few minutes on 2 cores; one compilation takes 3-5 s of one 
   kernels recompiles nothing (``--no-cache`` to ignore it);
 - the compilations run in parallel on all cores.
 """
+
 import argparse
 import contextlib
 import hashlib
@@ -77,6 +78,7 @@ def _record_launches(op, *args):
                 else:  # a plain launch: its options are launch arguments
                     options = {o: kwargs.pop(o) for o in ("num_warps", "num_stages") if o in kwargs}
                     launches.append((k, [triton.Config({}, **options)], kwargs))
+
             return record
 
     saved = tb._launch, tb._check, tb._programs_wanted, tb.AUTOTUNE
@@ -101,10 +103,8 @@ def _op_calls(C, L, dtype):
     return [
         (tb.cluster_fwd, (x, init_slots, scale)),
         (tb.dispatch_fwd, (x, init_slots, scale, slots)),
-        (tb.cluster_bwd, (torch.empty(B, S, C, dtype=dtype), x, init_slots, scale, slots32,
-                          torch.empty(B, S))),
-        (tb.dispatch_bwd, (torch.empty(B, L, C, dtype=dtype), x, init_slots, scale, slots,
-                           torch.empty(B, L))),
+        (tb.cluster_bwd, (torch.empty(B, S, C, dtype=dtype), x, init_slots, scale, slots32, torch.empty(B, S))),
+        (tb.dispatch_bwd, (torch.empty(B, L, C, dtype=dtype), x, init_slots, scale, slots, torch.empty(B, L))),
     ]
 
 
@@ -128,12 +128,14 @@ def _compile(job):
     """Worker: compile one job, return (registers, spill bytes, shared bytes, tensor cores)."""
     name, arch, signature, constexprs, attrs, options = job
     from triton import knobs
+
     knobs.nvidia.dump_ptxas_log = True
     fn = getattr(tb.kernels, name)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", arch, 32), options=options)
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
+        )
     text = log.getvalue()
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
@@ -166,9 +168,17 @@ def collect_jobs(stages=tuple(STAGES), dtypes=tuple(DTYPES)):
                             job = (fn.__name__, arch, sig, constexprs, attrs, options)
                             key = _job_hash(repr(job))
                             jobs[key] = job
-                            records.append(dict(kernel=fn.__name__, op=op._name if hasattr(op, "_name") else str(op),
-                                                arch=f"sm_{arch}", shape=dict(B=BATCH, L=L, C=C, S=SLOTS, stage=stage),
-                                                dtype=dname, config=_config_name(fn, config, kwargs), _key=key))
+                            records.append(
+                                dict(
+                                    kernel=fn.__name__,
+                                    op=op._name if hasattr(op, "_name") else str(op),
+                                    arch=f"sm_{arch}",
+                                    shape=dict(B=BATCH, L=L, C=C, S=SLOTS, stage=stage),
+                                    dtype=dname,
+                                    config=_config_name(fn, config, kwargs),
+                                    _key=key,
+                                )
+                            )
     return records, jobs
 
 
@@ -200,16 +210,24 @@ def main():
 
     spilled = [r for r in records if r["spill_bytes"]]
     too_big = [r for r in records if r["shared_bytes"] > MAX_SHARED_BYTES[int(r["arch"][3:])]]
-    print(f"{len(records)} records, {len(jobs)} compilations ({len(keys)} not cached), triton {triton.__version__}, "
-          f"{time.time() - start:.0f} s on {args.jobs} processes; {len(spilled)} spill, "
-          f"{len(too_big)} over the shared-memory limit")
+    print(
+        f"{len(records)} records, {len(jobs)} compilations ({len(keys)} not cached), triton {triton.__version__}, "
+        f"{time.time() - start:.0f} s on {args.jobs} processes; {len(spilled)} spill, "
+        f"{len(too_big)} over the shared-memory limit"
+    )
     _print_summary(records)
     for r in spilled:
-        print(f"SPILL: {r['kernel']} {r['arch']} {r['shape']['stage']} {r['dtype']} {r['config']}: "
-              f"{r['spill_bytes']} bytes", file=sys.stderr)
+        print(
+            f"SPILL: {r['kernel']} {r['arch']} {r['shape']['stage']} {r['dtype']} {r['config']}: "
+            f"{r['spill_bytes']} bytes",
+            file=sys.stderr,
+        )
     for r in too_big:
-        print(f"SHARED: {r['kernel']} {r['arch']} {r['shape']['stage']} {r['dtype']} {r['config']}: "
-              f"{r['shared_bytes']} bytes", file=sys.stderr)
+        print(
+            f"SHARED: {r['kernel']} {r['arch']} {r['shape']['stage']} {r['dtype']} {r['config']}: "
+            f"{r['shared_bytes']} bytes",
+            file=sys.stderr,
+        )
     return 1 if spilled or too_big else 0
 
 
@@ -237,10 +255,12 @@ def _print_summary(records):
         groups.setdefault((r["kernel"], r["arch"], r["dtype"]), []).append(r)
     for (kernel, arch, dtype), rs in sorted(groups.items()):
         regs = [r["registers"] for r in rs]
-        print(f"{kernel:20s} {arch} {dtype}: registers {min(regs)}-{max(regs)}, "
-              f"spills {sum(r['spill_bytes'] > 0 for r in rs)}/{len(rs)}, "
-              f"shared <= {max(r['shared_bytes'] for r in rs)} B, "
-              f"tensor cores {_share(r['tensor_cores'] for r in rs)}")
+        print(
+            f"{kernel:20s} {arch} {dtype}: registers {min(regs)}-{max(regs)}, "
+            f"spills {sum(r['spill_bytes'] > 0 for r in rs)}/{len(rs)}, "
+            f"shared <= {max(r['shared_bytes'] for r in rs)} B, "
+            f"tensor cores {_share(r['tensor_cores'] for r in rs)}"
+        )
 
 
 def _share(flags):

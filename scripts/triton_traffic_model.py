@@ -9,6 +9,7 @@ of the peak bandwidth, its L2 bytes at the L2 bandwidth and its tensor-core work
 dense peak, and at least ``MIN_KERNEL_US`` (a launch). The tile sizes and chunk counts come from
 the backend's own ``pick_config`` and ``plan_chunks`` for a 132-SM H100.
 """
+
 import math
 import os
 import sys
@@ -34,10 +35,12 @@ STAGES = {"stage 1": (64, 3136), "stage 3": (256, 196), "stage 4": (512, 49)}
 def floor_bytes(L, C):
     """Each op's inputs read once, outputs written once (contract dtypes), per op."""
     x, sc, s32 = B * L * C * E, B * S * C * E, B * S * C * 4
-    return {"cluster_fwd": x + sc + s32 + B * S * 4,
-            "dispatch_fwd": 2 * x + 2 * sc + B * L * 4,
-            "cluster_bwd": 2 * x + 2 * sc + s32 + B * S * 4,
-            "dispatch_bwd": 3 * x + 3 * sc + B * L * 4 + sc}
+    return {
+        "cluster_fwd": x + sc + s32 + B * S * 4,
+        "dispatch_fwd": 2 * x + 2 * sc + B * L * 4,
+        "cluster_bwd": 2 * x + 2 * sc + s32 + B * S * 4,
+        "dispatch_bwd": 3 * x + 3 * sc + B * L * 4 + sc,
+    }
 
 
 def _us(hbm, l2=0.0, macs=0.0):
@@ -67,27 +70,37 @@ def after(L, C):
     def operands(n_programs, n_tiles, cb, per_tile):  # S x C operands from L2: hoisted or per tile
         return (n_programs if cb == 1 else n_tiles) * per_tile
 
-    fwd_chunk_l2 = x * cf_cb * cf_sb + operands(B * cf_chunks * cf_sb, B * L / cf.block_l * cf_sb * cf_cb, cf_cb,
-                                                2 * cf.block_s * C * E)
+    fwd_chunk_l2 = x * cf_cb * cf_sb + operands(
+        B * cf_chunks * cf_sb, B * L / cf.block_l * cf_sb * cf_cb, cf_cb, 2 * cf.block_s * C * E
+    )
     pix = lambda cb, n, k: x * (cb > 1) + operands(B * n, tiles, cb, k * S * C * E)  # noqa: E731
-    slot_l2 = lambda k_x: k_x * x * sb_cb * sb_sb + operands(  # noqa: E731
-        B * sb_chunks * sb_sb, B * L / sb.block_l * sb_sb * sb_cb, sb_cb, 3 * sb.block_s * C * E)
+    slot_l2 = lambda k_x: (  # noqa: E731
+        k_x * x * sb_cb * sb_sb
+        + operands(B * sb_chunks * sb_sb, B * L / sb.block_l * sb_sb * sb_cb, sb_cb, 3 * sb.block_s * C * E)
+    )
     fused = pb_cb == 1  # pixel_bwd sums the slot partials itself; no slot_bwd
     model = {
-        "cluster_fwd": [q_fwd,
-                        ("cluster_fwd_chunk", x + ws(cf_chunks), fwd_chunk_l2, 4 * slc * cf_cb),
-                        ("cluster_fwd_combine", ws(cf_chunks) + s32, 0, 0)],
-        "dispatch_fwd": [q_fwd,
-                         ("dispatch_fwd", 2 * x + sc + B * L * 4, pix(df_cb, df_chunks, 3), 3 * slc)],
-        "cluster_bwd": [("scaled_queries", 2 * sc + s32 + 3 * sc, 0, 0),
-                        ("pixel_bwd", 2 * x + B * S * 8, pix(pb_cb, pb_chunks, 3), 5 * slc),
-                        ("slot_bwd", x + ws(sb_chunks), slot_l2(1), 5 * slc * sb_cb),
-                        ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0), ("sum_chunks #dscale", 0, 0, 0)],
-        "dispatch_bwd": [q_fwd,
-                         ("pixel_bwd", 3 * x + B * L * 8, pix(pb_cb, pb_chunks, 3), 4 * slc),
-                         ("slot_bwd", 2 * x + 2 * ws(sb_chunks), slot_l2(2), 5 * slc * sb_cb + slc),
-                         ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0), ("sum_chunks #dscale", 0, 0, 0),
-                         ("sum_chunks", ws(sb_chunks) + sc, 0, 0)],
+        "cluster_fwd": [
+            q_fwd,
+            ("cluster_fwd_chunk", x + ws(cf_chunks), fwd_chunk_l2, 4 * slc * cf_cb),
+            ("cluster_fwd_combine", ws(cf_chunks) + s32, 0, 0),
+        ],
+        "dispatch_fwd": [q_fwd, ("dispatch_fwd", 2 * x + sc + B * L * 4, pix(df_cb, df_chunks, 3), 3 * slc)],
+        "cluster_bwd": [
+            ("scaled_queries", 2 * sc + s32 + 3 * sc, 0, 0),
+            ("pixel_bwd", 2 * x + B * S * 8, pix(pb_cb, pb_chunks, 3), 5 * slc),
+            ("slot_bwd", x + ws(sb_chunks), slot_l2(1), 5 * slc * sb_cb),
+            ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0),
+            ("sum_chunks #dscale", 0, 0, 0),
+        ],
+        "dispatch_bwd": [
+            q_fwd,
+            ("pixel_bwd", 3 * x + B * L * 8, pix(pb_cb, pb_chunks, 3), 4 * slc),
+            ("slot_bwd", 2 * x + 2 * ws(sb_chunks), slot_l2(2), 5 * slc * sb_cb + slc),
+            ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0),
+            ("sum_chunks #dscale", 0, 0, 0),
+            ("sum_chunks", ws(sb_chunks) + sc, 0, 0),
+        ],
     }
     if cf_chunks == 1:  # the chunk kernel writes slots and lse: no workspace, no combine
         model["cluster_fwd"][1:] = [("cluster_fwd_chunk", x + s32, fwd_chunk_l2, 4 * slc * cf_cb)]
@@ -119,20 +132,35 @@ def before(L, C):
     torch_ops = [("PyTorch qs (8 launches)", 8 * sc, 0, 0)]
     small = [(f"PyTorch qs (8 launches) #{i}", 0, 0, 0) for i in range(7)]
     return {
-        "cluster_fwd": torch_ops + small + [
+        "cluster_fwd": torch_ops
+        + small
+        + [
             ("cluster_fwd_partial", x + ws, 2 * x * cb + tiles_r * cb * q32 / B, 4 * slc * cb),
-            ("cluster_fwd_combine", ws + s32, 0, 0)],
-        "dispatch_fwd": torch_ops + small + [
-            ("dispatch_fwd", 2 * x + sc, x * (cb > 1) + tiles_p * (q32 + sc) / B, 3 * slc)],
-        "cluster_bwd": torch_ops + small + [
+            ("cluster_fwd_combine", ws + s32, 0, 0),
+        ],
+        "dispatch_fwd": torch_ops
+        + small
+        + [("dispatch_fwd", 2 * x + sc, x * (cb > 1) + tiles_p * (q32 + sc) / B, 3 * slc)],
+        "cluster_bwd": torch_ops
+        + small
+        + [
             ("pixel_bwd", 2 * x, x + tiles_p * (3 * sc + 3 * q32 / B * B) / B, 5 * slc),
-            ("reduce_bwd", x + ws, 2 * x * cb + tiles_r * cb * (q32 + sc) / B + B * chunks * cb * (sc + s32) / B,
-             5 * slc * cb),
-            ("sum_chunks", ws + s32, 0, 0)],
-        "dispatch_bwd": torch_ops + small + [
+            (
+                "reduce_bwd",
+                x + ws,
+                2 * x * cb + tiles_r * cb * (q32 + sc) / B + B * chunks * cb * (sc + s32) / B,
+                5 * slc * cb,
+            ),
+            ("sum_chunks", ws + s32, 0, 0),
+        ],
+        "dispatch_bwd": torch_ops
+        + small
+        + [
             ("pixel_bwd", 3 * x, 2 * x + tiles_p * (2 * q32 + sc) / B, 4 * slc),
             ("reduce_bwd", 2 * x + 2 * ws, 3 * x * cb + tiles_r * cb * (q32 + sc) / B, 6 * slc * cb),
-            ("sum_chunks", ws + s32, 0, 0), ("sum_chunks #dslots", ws + sc, 0, 0)],
+            ("sum_chunks", ws + s32, 0, 0),
+            ("sum_chunks #dslots", ws + sc, 0, 0),
+        ],
     }
 
 
@@ -148,14 +176,19 @@ def table(name, model):
             for kernel, hbm, l2, macs in _merged(kernels):
                 t = sum(_us(h, l, m) for k, h, l, m in kernels if k.split(" #")[0] == kernel)
                 t_op += t
-                print(f"| {stage} {op} | {kernel} | {hbm / 1e6:.1f} | {l2 / 1e6:.1f} | "
-                      f"{2 * macs / 1e9:.1f} | {t:.1f} |")
+                print(
+                    f"| {stage} {op} | {kernel} | {hbm / 1e6:.1f} | {l2 / 1e6:.1f} | {2 * macs / 1e9:.1f} | {t:.1f} |"
+                )
             floor = floors[op] / HBM_BW * 1e6
             total_t, total_floor = total_t + t_op, total_floor + floor
-            print(f"| {stage} {op} | *total* | *{floors[op] / 1e6:.1f} at the floor* | | | "
-                  f"*{t_op:.1f} (floor {floor:.1f}: {100 * floor / t_op:.0f}%)* |")
-        print(f"| **{stage}, all four ops** | | | | | **{total_t:.0f} (floor {total_floor:.0f}: "
-              f"{100 * total_floor / total_t:.0f}%)** |")
+            print(
+                f"| {stage} {op} | *total* | *{floors[op] / 1e6:.1f} at the floor* | | | "
+                f"*{t_op:.1f} (floor {floor:.1f}: {100 * floor / t_op:.0f}%)* |"
+            )
+        print(
+            f"| **{stage}, all four ops** | | | | | **{total_t:.0f} (floor {total_floor:.0f}: "
+            f"{100 * total_floor / total_t:.0f}%)** |"
+        )
 
 
 def _merged(kernels):

@@ -1,4 +1,5 @@
 """Shared test utilities: random GLMix inputs in every layout, and normwise comparisons."""
+
 import contextlib
 
 import pytest
@@ -17,8 +18,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 4e-3, torch.bfl
 
 def backend_params(names=FUSED, devices=DEVICES):
     """(backend, device) pairs as pytest params: a backend absent here skips with its reason."""
-    return [pytest.param(n, d, id=f"{n}-{d}") for n in names for d in devices
-            if d in BACKENDS[n].device_types]
+    return [pytest.param(n, d, id=f"{n}-{d}") for n in names for d in devices if d in BACKENDS[n].device_types]
 
 
 def require(backend, device):
@@ -69,8 +69,20 @@ class Case:
     """Random inputs for one op call. ``x`` and ``init_slots`` are views of leaf tensors
     (``x_base``, ``slots0_base``) so strided layouts are tested without copies."""
 
-    def __init__(self, B, L, C, S, layout="contiguous", broadcast=False, slots_layout="contiguous",
-                 dtype=torch.float32, device="cpu", seed=0, scale=None):
+    def __init__(
+        self,
+        B,
+        L,
+        C,
+        S,
+        layout="contiguous",
+        broadcast=False,
+        slots_layout="contiguous",
+        dtype=torch.float32,
+        device="cpu",
+        seed=0,
+        scale=None,
+    ):
         g = torch.Generator().manual_seed(seed)
         self.B, self.L, self.C, self.S = B, L, C, S
         self.layout, self.slots_layout, self.dtype, self.device = layout, slots_layout, dtype, device
@@ -78,9 +90,11 @@ class Case:
         def rand(*shape):
             return torch.randn(*shape, generator=g, dtype=torch.float64)
 
-        self.x_base = {"contiguous": rand(B, L, C),  # (B, L, C)
-                       "nchw": rand(B, C, L),  # an NCHW map seen as (B, L, C): strides (C*L, 1, L)
-                       "sliced": rand(B, L, 2 * C)}[layout]  # every other channel: C stride 2
+        self.x_base = {
+            "contiguous": rand(B, L, C),  # (B, L, C)
+            "nchw": rand(B, C, L),  # an NCHW map seen as (B, L, C): strides (C*L, 1, L)
+            "sliced": rand(B, L, 2 * C),
+        }[layout]  # every other channel: C stride 2
         Bs = 1 if broadcast else B
         self.slots0_base = {"contiguous": rand(Bs, S, C), "transposed": rand(Bs, C, S)}[slots_layout]
         # Learned temperatures grow well past C**-0.5; a large one makes the softmaxes peaky.
@@ -99,8 +113,10 @@ class Case:
     def leaves(self, dtype):
         """Fresh leaf tensors in ``dtype`` on the case's device (scale stays fp32 unless fp64)."""
         sdtype = torch.float64 if dtype == torch.float64 else torch.float32
-        return [t.to(self.device, d, copy=True).requires_grad_() for t, d in
-                ((self.x_base, dtype), (self.slots0_base, dtype), (self.scale, sdtype), (self.slots, dtype))]
+        return [
+            t.to(self.device, d, copy=True).requires_grad_()
+            for t, d in ((self.x_base, dtype), (self.slots0_base, dtype), (self.scale, sdtype), (self.slots, dtype))
+        ]
 
     def run(self, op, backend, dtype):
         """Output and gradients (x, init_slots, scale[, slots]) of ``op`` with ``backend`` in ``dtype``."""

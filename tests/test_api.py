@@ -1,4 +1,5 @@
 """The public API: backend choice and every input rule, each error naming its argument."""
+
 import os
 
 import pytest
@@ -11,8 +12,9 @@ B, L, C, S = 2, 10, 8, 4
 
 
 def good():
-    return dict(x=torch.randn(B, L, C), init_slots=torch.randn(1, S, C), scale=torch.tensor(2.0),
-                slots=torch.randn(B, S, C))
+    return dict(
+        x=torch.randn(B, L, C), init_slots=torch.randn(1, S, C), scale=torch.tensor(2.0), slots=torch.randn(B, S, C)
+    )
 
 
 def call(op, **changes):
@@ -54,9 +56,11 @@ DISPATCH_BAD = [
 ]
 
 
-@pytest.mark.parametrize("op,arg,value,exc,words",
-                         [("cluster",) + b for b in BAD] + [("dispatch",) + b for b in BAD + DISPATCH_BAD],
-                         ids=lambda v: v if isinstance(v, str) and len(v) < 12 else None)
+@pytest.mark.parametrize(
+    "op,arg,value,exc,words",
+    [("cluster",) + b for b in BAD] + [("dispatch",) + b for b in BAD + DISPATCH_BAD],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 12 else None,
+)
 @pytest.mark.parametrize("backend", ["auto"] + list(BACKENDS))
 def test_bad_input_raises_naming_the_argument(backend, op, arg, value, exc, words):
     """Inputs are checked before any backend is chosen, so every backend answers alike."""
@@ -107,6 +111,7 @@ def test_backend_without_fp64_says_so(name):
 
 def test_auto_never_picks_the_interpreter():
     from glmix_kernels.backends import resolve
+
     assert resolve("auto", torch.randn(B, L, C), S).name in ("cpu", "reference")
 
 
@@ -124,8 +129,9 @@ def test_auto_falls_back_past_a_backend_that_cannot_take_the_inputs(monkeypatch)
     assert backends.resolve("auto", x, 300).name == "reference"
     with pytest.raises(ValueError, match="backend 'cpu' supports at most 256 slots, init_slots has 300"):
         glmix_kernels.soft_cluster(x, many, 2.0, backend="cpu")
-    torch.testing.assert_close(glmix_kernels.soft_cluster(x, many, 2.0),
-                               glmix_kernels.reference.soft_cluster(x, many, torch.tensor(2.0)))
+    torch.testing.assert_close(
+        glmix_kernels.soft_cluster(x, many, 2.0), glmix_kernels.reference.soft_cluster(x, many, torch.tensor(2.0))
+    )
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -145,8 +151,10 @@ def test_auto_warns_once_when_it_falls_back_to_the_reference(monkeypatch, compil
         torch._dynamo.reset()
         cluster = torch.compile(cluster, fullgraph=True, backend="eager")
     x, init = torch.randn(B, L, C), torch.randn(1, S, C)
-    with pytest.warns(glmix_kernels.GLMixFallbackWarning,
-                      match=f"runs the reference.*backend 'cpu' supports at most {S - 1} slots, init_slots has {S}"):
+    with pytest.warns(
+        glmix_kernels.GLMixFallbackWarning,
+        match=f"runs the reference.*backend 'cpu' supports at most {S - 1} slots, init_slots has {S}",
+    ):
         out = cluster(x, init, 2.0)
     torch.testing.assert_close(out, glmix_kernels.reference.soft_cluster(x, init, torch.tensor(2.0)))
     with warnings.catch_warnings():

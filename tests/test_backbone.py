@@ -1,5 +1,6 @@
 """GLNet as a dense-prediction backbone: timm's multi-scale interface, any input size, timm's
 model conventions, and the same through timm itself when it imports."""
+
 import copy
 import math
 
@@ -8,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import glmix_kernels
+from _helpers import FUSED, TOL
 from glmix_kernels.models import GLMixBlock, GLNetFeatures, create_model
 from glmix_kernels.models._timm import _import_timm_register_model
 from test_models import TINY, forward_backward, tiny
-from _helpers import FUSED, TOL
 
 
 def image(h, w, batch=2, seed=1):
@@ -28,6 +29,7 @@ def staged(model, x):
 
 
 # ---------------------------------------------------------------- forward_intermediates
+
 
 @pytest.mark.parametrize("kind", list(TINY))
 def test_forward_intermediates_are_the_stage_outputs(kind):
@@ -108,6 +110,7 @@ def test_prune_intermediate_layers():
 
 
 # ---------------------------------------------------------------- features_only
+
 
 def test_features_only_model():
     model = create_model("glnet_4g", features_only=True, out_indices=(0, 1, 2, 3))
@@ -222,11 +225,13 @@ def test_slot_initialisation_is_the_authors_pooling(hw):
     _, _, _, init_slots = block.double()._mixer_inputs(x)
     torch.testing.assert_close(init_slots, authors_adaptive_pool(x, 8), rtol=1e-12, atol=1e-12)
     # And what their code calls, literally: adaptive_avg_pool2d, then (B, S, C) row-major.
-    torch.testing.assert_close(init_slots, F.adaptive_avg_pool2d(x, 8).permute(0, 2, 3, 1).flatten(1, 2),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        init_slots, F.adaptive_avg_pool2d(x, 8).permute(0, 2, 3, 1).flatten(1, 2), rtol=0, atol=0
+    )
 
 
 # ---------------------------------------------------------------- timm's model conventions
+
 
 def test_set_grad_checkpointing_changes_nothing():
     x = image(40, 56)
@@ -267,6 +272,7 @@ def test_pretrained_cfg():
 
 # ---------------------------------------------------------------- through timm
 
+
 @pytest.fixture(scope="module")
 def timm():
     try:
@@ -274,6 +280,7 @@ def timm():
     except ImportError as e:
         pytest.skip(f"timm is not installed ({e}); `pip install -e .[timm]`")
     import timm
+
     return timm
 
 
@@ -296,6 +303,7 @@ def test_timm_resolve_data_config(timm):
 
 def test_timm_optimizer_and_checkpointing(timm):
     from timm.optim import create_optimizer_v2
+
     model = timm.create_model("glnet_stl", num_classes=3, depth=[1, 1, 1, 1])
     model.set_grad_checkpointing()
     opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)

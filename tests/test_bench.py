@@ -1,4 +1,5 @@
 """The benchmark tooling (glmix_kernels.bench): report, memory measurement, quick job."""
+
 import json
 import sys
 
@@ -9,8 +10,17 @@ from glmix_kernels.bench import quick, report, timing, workloads
 
 
 def _bench(op, backend, mode, shape, median, peak_mem_bytes=2_000_000, **extra):
-    info = dict(op=op, backend=backend, mode=mode, dtype="float32", device="cpu", shape=shape,
-                peak_mem_bytes=peak_mem_bytes, versions={"torch": torch.__version__}, **extra)
+    info = dict(
+        op=op,
+        backend=backend,
+        mode=mode,
+        dtype="float32",
+        device="cpu",
+        shape=shape,
+        peak_mem_bytes=peak_mem_bytes,
+        versions={"torch": torch.__version__},
+        **extra,
+    )
     return {"name": f"test[{op}-{backend}]", "stats": {"median": median}, "extra_info": info}
 
 
@@ -27,13 +37,17 @@ def results(tmp_path):
     ]
     for res, t in ((224, 0.1), (512, 0.5)):
         shape = dict(B=2, H=res, W=res)
-        benchmarks += [_bench("glnet_4g", "reference", "train", shape, t),
-                       _bench("glnet_4g", "cpu", "train", shape, t / 4)]
-    benchmarks.append(_bench("glnet_4g", "mha_nchw", "train", dict(B=2, H=512, W=512), 1e-6,
-                             peak_mem_bytes=None, oom=True))
+        benchmarks += [
+            _bench("glnet_4g", "reference", "train", shape, t),
+            _bench("glnet_4g", "cpu", "train", shape, t / 4),
+        ]
+    benchmarks.append(
+        _bench("glnet_4g", "mha_nchw", "train", dict(B=2, H=512, W=512), 1e-6, peak_mem_bytes=None, oom=True)
+    )
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"datetime": "2026-11-21T00:00:00", "machine_info": {"node": "test"},
-                                "benchmarks": benchmarks}))
+    path.write_text(
+        json.dumps({"datetime": "2026-11-21T00:00:00", "machine_info": {"node": "test"}, "benchmarks": benchmarks})
+    )
     return path
 
 
@@ -104,8 +118,9 @@ def one_thread():
 def test_quick_comparison_at_tiny_shape(one_thread):
     # compile is left out: compiling takes longer than this whole file may.
     backends = ["reference", "sdpa"] + [b for b in workloads.model_backends("cpu") if b != "reference"]
-    records, failures = quick.compare_ops("cpu", B=2, L=37, C=8, S=5, dtype=torch.float32,
-                                          backends=backends, target_s=0.01)
+    records, failures = quick.compare_ops(
+        "cpu", B=2, L=37, C=8, S=5, dtype=torch.float32, backends=backends, target_s=0.01
+    )
     assert failures == []
     assert [(r["backend"], r["mode"]) for r in records] == [(b, m) for b in backends for m in ("fwd", "full")]
     assert all(r["time_s"] > 0 and r["peak_mem_bytes"] > 0 for r in records)
@@ -160,8 +175,9 @@ def test_quick_comparison_flags_a_wrong_fused_backend(monkeypatch):
     if not fused:
         pytest.skip("no fused backend runs on this machine's CPU")
     monkeypatch.setattr(workloads, "reference_error", lambda *args: 1.0)
-    _, failures = quick.compare_ops("cpu", B=1, L=4, C=2, S=2, dtype=torch.float32,
-                                    backends=["reference", "sdpa"] + fused, modes=())
+    _, failures = quick.compare_ops(
+        "cpu", B=1, L=4, C=2, S=2, dtype=torch.float32, backends=["reference", "sdpa"] + fused, modes=()
+    )
     # The baselines are shown, not judged; each fused backend fails.
     assert [f.split("'")[1] for f in failures] == fused
 

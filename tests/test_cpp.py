@@ -4,6 +4,7 @@ checks.
 Accuracy, gradcheck, opcheck and torch.compile are tests/test_ops.py's job, for every backend;
 this file covers what only the C++ build has.
 """
+
 import os
 import shutil
 import subprocess
@@ -16,8 +17,9 @@ from glmix_kernels.backends import cpp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-needs_extension = pytest.mark.skipif("cpu" not in glmix_kernels.available_backends("cpu"),
-                                     reason=f"{cpp.unavailable_reason('cpu')}")
+needs_extension = pytest.mark.skipif(
+    "cpu" not in glmix_kernels.available_backends("cpu"), reason=f"{cpp.unavailable_reason('cpu')}"
+)
 
 
 def test_extension_loads():
@@ -36,8 +38,11 @@ def test_cmake_build_and_ctest(tmp_path):
     env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("MAX_JOBS", "2"))
     run = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)  # noqa: E731
     steps = [
-        ("configure", ["cmake", "-S", ROOT, "-B", str(tmp_path), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
-         + (["-G", "Ninja"] if shutil.which("ninja") else [])),
+        (
+            "configure",
+            ["cmake", "-S", ROOT, "-B", str(tmp_path), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+            + (["-G", "Ninja"] if shutil.which("ninja") else []),
+        ),
         ("build", ["cmake", "--build", str(tmp_path)]),
         ("ctest", ["ctest", "--test-dir", str(tmp_path), "--output-on-failure"]),
     ]
@@ -47,11 +52,14 @@ def test_cmake_build_and_ctest(tmp_path):
 
 
 @needs_extension
-@pytest.mark.parametrize("init_shape,scale,message", [
-    ((2, 3, 7), 1.0, "init_slots must be"),  # C of 7 against x's 8
-    ((3, 3, 8), 1.0, "init_slots must be"),  # a batch of 3 against x's 2
-    ((1, 3, 8), [1.0, 2.0], "scale must be a 0-d"),
-])
+@pytest.mark.parametrize(
+    "init_shape,scale,message",
+    [
+        ((2, 3, 7), 1.0, "init_slots must be"),  # C of 7 against x's 8
+        ((3, 3, 8), 1.0, "init_slots must be"),  # a batch of 3 against x's 2
+        ((1, 3, 8), [1.0, 2.0], "scale must be a 0-d"),
+    ],
+)
 def test_ops_reject_bad_query_inputs(init_shape, scale, message):
     """Called directly (not through soft_cluster's checks), the ops' prologue names the argument."""
     x = torch.randn(2, 5, 8)

@@ -1,4 +1,5 @@
 """Property-based fuzzing: random shapes, dtypes and layouts, every fused backend against the reference."""
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -8,11 +9,16 @@ from _helpers import TOL, Case, assert_close_normwise, backend_params, require
 
 cases = st.builds(
     dict,
-    B=st.integers(1, 3), L=st.integers(1, 70), C=st.integers(1, 72), S=st.integers(1, 40),
-    layout=st.sampled_from(["contiguous", "nchw", "sliced"]), broadcast=st.booleans(),
+    B=st.integers(1, 3),
+    L=st.integers(1, 70),
+    C=st.integers(1, 72),
+    S=st.integers(1, 40),
+    layout=st.sampled_from(["contiguous", "nchw", "sliced"]),
+    broadcast=st.booleans(),
     slots_layout=st.sampled_from(["contiguous", "transposed"]),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-    seed=st.integers(0, 2**16), op=st.sampled_from(["cluster", "dispatch"]),
+    seed=st.integers(0, 2**16),
+    op=st.sampled_from(["cluster", "dispatch"]),
 )
 
 

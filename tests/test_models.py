@@ -3,6 +3,7 @@
 Big variants are only ever built on the meta device (no memory, no init); everything that runs
 uses tiny configurations covering every block type and downsampling style.
 """
+
 import hashlib
 import sys
 import types
@@ -14,8 +15,16 @@ from torch import nn
 import glmix_kernels
 from glmix_kernels import reference
 from glmix_kernels.backends import BACKENDS
-from glmix_kernels.models import (GLMixBlock, GLNet, GLNetTokenLabeling, MHSANCHWBlock, create_model, glnet,
-                                  list_models, load_checkpoint, register_with_timm)
+from glmix_kernels.models import (
+    GLMixBlock,
+    GLNet,
+    GLNetTokenLabeling,
+    create_model,
+    glnet,
+    list_models,
+    load_checkpoint,
+    register_with_timm,
+)
 
 # Parameter counts of the authors' code with 1000 classes (docs/math.md#glnet-family).
 PARAM_COUNTS = {
@@ -44,13 +53,33 @@ LAYOUT_SHA256 = {
 # position embedding, hybrid and attention NCHW stages, layer scale) and the STL one
 # (non-overlapped, token-layout attention stage, learned slots; 9 slots is not a square).
 TINY = {
-    "hybrid": dict(depth=(1, 1, 2, 1), embed_dim=(32, 32, 64, 64), mlp_ratios=(2, 2, 2, 2), head_dim=32,
-                   norm_layer=nn.BatchNorm2d, mixing_modes=("glmix", "glmix", "glmix.mha_nchw", "mha_nchw"),
-                   slot_init="ada_avgpool", num_slots=16, cpe_ks=3, downsample_style="ovlp",
-                   mlp_dw=True, layerscale=0.5, num_classes=10),
-    "stl": dict(depth=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), mlp_ratios=(2, 2, 2, 2), head_dim=32,
-                norm_layer=nn.BatchNorm2d, mixing_modes=("glmix", "glmix", "glmix", "mha"),
-                slot_init="param", num_slots=9, transition_layout="norm.proj", num_classes=10),
+    "hybrid": dict(
+        depth=(1, 1, 2, 1),
+        embed_dim=(32, 32, 64, 64),
+        mlp_ratios=(2, 2, 2, 2),
+        head_dim=32,
+        norm_layer=nn.BatchNorm2d,
+        mixing_modes=("glmix", "glmix", "glmix.mha_nchw", "mha_nchw"),
+        slot_init="ada_avgpool",
+        num_slots=16,
+        cpe_ks=3,
+        downsample_style="ovlp",
+        mlp_dw=True,
+        layerscale=0.5,
+        num_classes=10,
+    ),
+    "stl": dict(
+        depth=(1, 1, 1, 1),
+        embed_dim=(32, 32, 64, 64),
+        mlp_ratios=(2, 2, 2, 2),
+        head_dim=32,
+        norm_layer=nn.BatchNorm2d,
+        mixing_modes=("glmix", "glmix", "glmix", "mha"),
+        slot_init="param",
+        num_slots=9,
+        transition_layout="norm.proj",
+        num_classes=10,
+    ),
 }
 
 
@@ -79,6 +108,7 @@ def meta_model(name, **kw):
 
 
 # ---------------------------------------------------------------- the authors' checkpoint layout
+
 
 def test_list_models():
     assert list_models() == list(PARAM_COUNTS)
@@ -201,6 +231,7 @@ def test_load_is_strict(tmp_path, change):
 
 # ---------------------------------------------------------------- the GLMix block
 
+
 def eager_glmix_block(block, x):
     """docs/math.md#glmix-block written out with the reference ops: what the block must compute."""
     if block.slot_init == "ada_avgpool":
@@ -236,6 +267,7 @@ def test_glmix_block_calls_public_ops_on_its_norm1_map(monkeypatch):
         def wrapped(x, *args, backend):
             calls.append((x, backend))
             return op(x, *args, backend=backend)
+
         return wrapped
 
     monkeypatch.setattr(glnet, "soft_cluster", spy(glmix_kernels.soft_cluster))
@@ -263,6 +295,7 @@ def test_set_backend_reaches_every_glmix_block():
 
 
 # ---------------------------------------------------------------- forward and backward
+
 
 def forward_backward(model, x):
     x = x.clone().requires_grad_(True)
@@ -322,11 +355,15 @@ def test_fused_backend_matches_reference(kind, backend):
 
 # ---------------------------------------------------------------- slot-assignment maps
 
-@pytest.mark.parametrize("kind,stage,block,shape", [
-    ("hybrid", 0, 0, (2, 16, 16, 16)),
-    ("hybrid", 2, 0, (2, 16, 4, 4)),
-    ("stl", -3, -1, (2, 9, 8, 8)),  # learned, non-square slots; negative indices
-])
+
+@pytest.mark.parametrize(
+    "kind,stage,block,shape",
+    [
+        ("hybrid", 0, 0, (2, 16, 16, 16)),
+        ("hybrid", 2, 0, (2, 16, 4, 4)),
+        ("stl", -3, -1, (2, 9, 8, 8)),  # learned, non-square slots; negative indices
+    ],
+)
 def test_slot_assignment_maps(kind, stage, block, shape):
     model = tiny(kind).eval()
     x = images()
@@ -352,6 +389,7 @@ def test_slot_assignment_maps_rejects_attention_blocks():
 
 
 # ---------------------------------------------------------------- token labeling
+
 
 def test_token_labeling_forward(monkeypatch):
     model = tiny("hybrid", cls=GLNetTokenLabeling)
@@ -386,6 +424,7 @@ def test_cutmix_box_stays_on_the_grid():
 
 # ---------------------------------------------------------------- timm
 
+
 def test_timm_registration():
     timm = pytest.importorskip("timm")
     assert set(list_models()) <= set(timm.list_models("glnet*"))
@@ -406,8 +445,9 @@ def test_timm_entrypoints_with_a_stand_in_timm(monkeypatch):
     assert list(registered) == list_models()
     # What timm.create_model passes: its factory arguments, then the model keywords.
     with torch.device("meta"):
-        model = registered["glnet_stl_paramslot"](pretrained=False, pretrained_cfg=None,
-                                                  pretrained_cfg_overlay=None, num_classes=3)
+        model = registered["glnet_stl_paramslot"](
+            pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, num_classes=3
+        )
     assert isinstance(model, GLNet) and model.head.out_features == 3
     assert model.stages[0].blocks[0].init_slots.shape == (1, 64, 96)
     with pytest.raises(ValueError, match="no weights are downloaded"):

@@ -4,18 +4,25 @@ outputs, determinism, what is saved for backward, custom-op registration and tor
 Parametrised over (backend, device): a new backend is one line in the registry, and a backend or
 device missing on this machine skips with the reason.
 """
+
 import zlib
 
 import pytest
 import torch
-
-import glmix_kernels
-from glmix_kernels import backends
-from glmix_kernels.backends import BACKENDS, contract
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _helpers import (TOL, Case, assert_close_normwise, backend_params, check_against_reference,
-                      poisoned_and_deterministic, require)
+import glmix_kernels
+from _helpers import (
+    TOL,
+    Case,
+    assert_close_normwise,
+    backend_params,
+    check_against_reference,
+    poisoned_and_deterministic,
+    require,
+)
+from glmix_kernels import backends
+from glmix_kernels.backends import BACKENDS, contract
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -43,8 +50,18 @@ def shape_id(s):
 def test_matches_reference(backend, device, op, dtype, shape):
     require(backend, device)
     B, L, C, S, layout, broadcast, slots_layout = shape
-    case = Case(B, L, C, S, layout, broadcast, slots_layout, dtype=dtype, device=device,
-                seed=zlib.crc32(repr((shape, op, str(dtype))).encode()))  # stable across runs
+    case = Case(
+        B,
+        L,
+        C,
+        S,
+        layout,
+        broadcast,
+        slots_layout,
+        dtype=dtype,
+        device=device,
+        seed=zlib.crc32(repr((shape, op, str(dtype))).encode()),
+    )  # stable across runs
     check_against_reference(case, op, backend)
 
 
@@ -142,10 +159,14 @@ def test_inference_mode(backend, device):
     x, s0 = case.view_x(case.x_base.float()), case.view_slots(case.slots0_base.float())
     x, s0, slots = x.to(device), s0.to(device), case.slots.float().to(device)
     with torch.inference_mode():
-        got = [glmix_kernels.soft_cluster(x, s0, case.scale, backend=backend),
-               glmix_kernels.soft_dispatch(x, s0, case.scale, slots, backend=backend)]
-    want = [glmix_kernels.reference.soft_cluster(x, s0, case.scale),
-            glmix_kernels.reference.soft_dispatch(x, s0, case.scale, slots)]
+        got = [
+            glmix_kernels.soft_cluster(x, s0, case.scale, backend=backend),
+            glmix_kernels.soft_dispatch(x, s0, case.scale, slots, backend=backend),
+        ]
+    want = [
+        glmix_kernels.reference.soft_cluster(x, s0, case.scale),
+        glmix_kernels.reference.soft_dispatch(x, s0, case.scale, slots),
+    ]
     for g, w in zip(got, want):
         assert_close_normwise(g, w, TOL[torch.float32], "inference mode")
 
@@ -211,8 +232,10 @@ def test_gradcheck_fp64(backend, broadcast, B, L, C, S):
 
     def both(xb, s0b, scale, slots):
         x, s0 = case.view_x(xb), case.view_slots(s0b)
-        return (glmix_kernels.soft_cluster(x, s0, scale, backend=backend),
-                glmix_kernels.soft_dispatch(x, s0, scale, slots, backend=backend))
+        return (
+            glmix_kernels.soft_cluster(x, s0, scale, backend=backend),
+            glmix_kernels.soft_dispatch(x, s0, scale, slots, backend=backend),
+        )
 
     assert torch.autograd.gradcheck(both, (xb, s0b, scale, slots))
 
@@ -295,8 +318,7 @@ def test_one_op_call_per_direction(backend, device):
     chain around the kernels (normalising the slots in Python, say) adds operators here."""
     require(backend, device)
     ns = {"triton": "glmix_triton", "cuda_emulated": "glmix_emulated"}.get(backend, "glmix_kernels")
-    assert dispatched_ops("cluster", backend, device) == (
-        [f"{ns}.cluster_fwd", "aten._to_copy"], [f"{ns}.cluster_bwd"])
+    assert dispatched_ops("cluster", backend, device) == ([f"{ns}.cluster_fwd", "aten._to_copy"], [f"{ns}.cluster_bwd"])
     assert dispatched_ops("dispatch", backend, device) == ([f"{ns}.dispatch_fwd"], [f"{ns}.dispatch_bwd"])
 
 

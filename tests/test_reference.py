@@ -1,12 +1,12 @@
 """The reference ops against a naive formula written out element by element."""
+
 import math
 
 import pytest
 import torch
 
-from glmix_kernels import reference
-
 from _helpers import Case
+from glmix_kernels import reference
 
 
 def naive(x, init_slots, scale):
@@ -37,20 +37,27 @@ def naive(x, init_slots, scale):
     return slots, weights
 
 
-@pytest.mark.parametrize("B,L,C,S,layout,broadcast", [
-    (2, 13, 6, 1, "contiguous", False),
-    (1, 9, 5, 64, "nchw", True),  # more slots than pixels
-    (2, 11, 7, 4, "sliced", True),
-    (1, 1, 3, 3, "nchw", False),
-])
+@pytest.mark.parametrize(
+    "B,L,C,S,layout,broadcast",
+    [
+        (2, 13, 6, 1, "contiguous", False),
+        (1, 9, 5, 64, "nchw", True),  # more slots than pixels
+        (2, 11, 7, 4, "sliced", True),
+        (1, 1, 3, 3, "nchw", False),
+    ],
+)
 def test_matches_naive_formula(B, L, C, S, layout, broadcast):
     case = Case(B, L, C, S, layout, broadcast, dtype=torch.float64)
     x, s0 = case.view_x(case.x_base), case.view_slots(case.slots0_base)
     slots, weights = naive(x, s0, case.scale)
     torch.testing.assert_close(reference.soft_cluster(x, s0, case.scale.double()), slots, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(reference.slot_assignment(x, s0, case.scale.double()), weights, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(reference.soft_dispatch(x, s0, case.scale.double(), case.slots),
-                               weights.transpose(1, 2) @ case.slots, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        reference.soft_dispatch(x, s0, case.scale.double(), case.slots),
+        weights.transpose(1, 2) @ case.slots,
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 def test_wide_channels_match_naive_formula():

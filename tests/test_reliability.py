@@ -1,4 +1,5 @@
 """Whole-model reliability: compile, inference mode, DDP, and the high-resolution memory claim."""
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -6,20 +7,30 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import glmix_kernels
+from _helpers import backend_params, require
 from glmix_kernels.backends import BACKENDS
 from glmix_kernels.models import GLNet, create_model
 from glmix_kernels.models import glnet as glnet_module
-
-from _helpers import backend_params, require
 
 
 def tiny_glnet(backend, seed=0):
     """The glnet_4g layout (overlapped stem, conv position embedding, hybrid third stage) at toy size."""
     torch.manual_seed(seed)
-    return GLNet(depth=(1, 1, 2, 1), embed_dim=(32, 32, 64, 64), head_dim=16, mlp_ratios=(2, 2, 2, 2),
-                 norm_layer=nn.BatchNorm2d, mixing_modes=("glmix", "glmix", "glmix.mha_nchw", "mha_nchw"),
-                 slot_init="ada_avgpool", num_slots=16, cpe_ks=3, downsample_style="ovlp", mlp_dw=True,
-                 num_classes=10, backend=backend)
+    return GLNet(
+        depth=(1, 1, 2, 1),
+        embed_dim=(32, 32, 64, 64),
+        head_dim=16,
+        mlp_ratios=(2, 2, 2, 2),
+        norm_layer=nn.BatchNorm2d,
+        mixing_modes=("glmix", "glmix", "glmix.mha_nchw", "mha_nchw"),
+        slot_init="ada_avgpool",
+        num_slots=16,
+        cpe_ks=3,
+        downsample_style="ovlp",
+        mlp_dw=True,
+        num_classes=10,
+        backend=backend,
+    )
 
 
 def loss_and_grads(model, images, run=None):
@@ -59,7 +70,7 @@ def _ddp_worker(rank, world, store, images, out_file):
         torch.set_num_threads(1)
         model = nn.parallel.DistributedDataParallel(tiny_glnet("cpu").eval())
         half = images.shape[0] // world
-        _, grads = loss_and_grads(model, images[rank * half:(rank + 1) * half])
+        _, grads = loss_and_grads(model, images[rank * half : (rank + 1) * half])
         if rank == 0:
             torch.save({n.removeprefix("module."): g for n, g in grads.items()}, out_file)
     finally:
@@ -95,6 +106,7 @@ def global_branch_saved_bytes(model, images, monkeypatch):
         def wrapper(*args, **kwargs):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(glnet_module, "soft_cluster", counted(glmix_kernels.soft_cluster))

@@ -1,6 +1,7 @@
 """The fused ops under the tools people measure and ship models with: FLOP counting, the profiler,
 torch.export (and its decomposition to core ATen), ONNX through onnxruntime, and a check that no
 op reads a tensor's value on the host."""
+
 import copy
 
 import pytest
@@ -9,10 +10,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import glmix_kernels
+from _helpers import FUSED
 from glmix_kernels.backends import BACKENDS, why_unavailable
 from glmix_kernels.backends.registrations import core_aten_decompositions
 from glmix_kernels.models import GLMixBlock, create_model
-from _helpers import FUSED
 from test_models import tiny
 
 FUSED_CPU = [n for n in FUSED if "cpu" in BACKENDS[n].device_types]
@@ -38,6 +39,7 @@ def both_ops(backend, x, init_slots, scale):
 
 
 # ---------------------------------------------------------------- FLOPs
+
 
 def count_flops(fn):
     with FlopCounterMode(display=False) as counter:
@@ -67,13 +69,14 @@ def test_glnet_flops_equal_the_references(backend, train):
         model.set_backend(name)
         with FakeTensorMode(allow_non_fake_inputs=True):  # the parameters become fake on use
             x = torch.randn(1, 3, 224, 224)
-            counts[name] = count_flops(lambda: model(x).sum().backward() if train else model(x))
+            counts[name] = count_flops(lambda x=x: model(x).sum().backward() if train else model(x))
     assert counts[backend] == counts["reference"]
     glmix = 4 * 2 * 64 * (2 * 3136 * 64 + 784 * 128 + 196 * 256)  # the GLMix blocks' forward products
     assert counts["reference"] > glmix * (3 if train else 1)
 
 
 # ---------------------------------------------------------------- profiler
+
 
 @pytest.mark.parametrize("backend", FUSED_CPU)
 def test_ops_show_in_the_profiler_under_their_names(backend):
@@ -97,9 +100,19 @@ def _qualname(op):
 
 # Operators that copy a tensor's value to the host (on a GPU: a synchronisation, which also
 # breaks CUDA graph capture).
-HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero",
-              "aten::masked_select", "aten::equal", "aten::allclose", "aten::_unique2", "aten::unique_dim",
-              "aten::unique_consecutive", "aten::tolist"}
+HOST_READS = {
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "aten::is_nonzero",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::equal",
+    "aten::allclose",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::tolist",
+}
 
 
 def host_reads(fn):
@@ -138,6 +151,7 @@ def test_ops_never_read_tensor_values_on_the_host(backend):
 
 # ---------------------------------------------------------------- torch.export
 
+
 def fused_op_names():
     names = set()
     for b in FUSED:
@@ -172,8 +186,9 @@ def test_export_keeps_the_ops_as_single_nodes_and_decomposes_to_core_aten(backen
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             # Core ATen, or an op torch's own decomposition keeps (linalg_vector_norm, the
             # exported program's runtime assertions).
-            assert torch.Tag.core in node.target.tags or node.target not in table, \
+            assert torch.Tag.core in node.target.tags or node.target not in table, (
                 f"{node.target} should have been decomposed"
+            )
             assert node.target.namespace == "aten", f"{node.target} is not an ATen op"
     assert not set(call_targets(core)) & fused_op_names()
     with torch.no_grad():

@@ -6,6 +6,7 @@ test_ops.py, for every backend.
 Without CUDA the kernels run under the Triton interpreter, which must be switched on before the
 kernels are defined (the first call into the backend).
 """
+
 import os
 
 import pytest
@@ -19,12 +20,12 @@ from _helpers import TOL, Case, assert_close_normwise, check_against_reference  
 from glmix_kernels import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif("triton" not in gk.available_backends(DEVICE),
-                                reason=f"no triton backend for {DEVICE}")
+pytestmark = pytest.mark.skipif("triton" not in gk.available_backends(DEVICE), reason=f"no triton backend for {DEVICE}")
 
 
 def _ops():
     from glmix_kernels.backends import triton as tb
+
     return tb
 
 
@@ -44,8 +45,7 @@ def test_bf16_dispatch_delta_from_recomputed_probabilities():
     the bf16 forward rounds D before the value product, so that sum no longer matched the
     sum_s D dD of the D the backward recomputes, and dA = D (dD - delta') stopped summing to zero.
     """
-    check_against_reference(Case(B=1, L=1, C=1, S=2, dtype=torch.bfloat16, device=DEVICE, seed=2),
-                            "dispatch", "triton")
+    check_against_reference(Case(B=1, L=1, C=1, S=2, dtype=torch.bfloat16, device=DEVICE, seed=2), "dispatch", "triton")
 
 
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
@@ -108,6 +108,7 @@ def test_device_guard_follows_x():
 
     class OnCuda1:  # the guard reads only the device; no GPU needed
         device = torch.device("cuda", 1)
+
     guard = tb._device_guard(OnCuda1())
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 

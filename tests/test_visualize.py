@@ -12,8 +12,29 @@ def test_command_writes_the_slot_maps_png(tmp_path):
     image_file = tmp_path / "in.png"
     matplotlib.image.imsave(image_file, torch.rand(40, 50, 3).numpy())
     out = tmp_path / "maps.png"
-    assert visualize.main(["--model", "glnet_stl", "--image", str(image_file), "--size", "64",
-                           "--stage", "1", "--block", "1", "--slots", "0", "5", "63", "--out", str(out)]) == 0
+    assert (
+        visualize.main(
+            [
+                "--model",
+                "glnet_stl",
+                "--image",
+                str(image_file),
+                "--size",
+                "64",
+                "--stage",
+                "1",
+                "--block",
+                "1",
+                "--slots",
+                "0",
+                "5",
+                "63",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     png = matplotlib.image.imread(out)
     assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > 300  # one row of 4 panels
     assert png[..., :3].std() > 0.05  # something was drawn, not a blank canvas
@@ -31,6 +52,10 @@ def test_checkpoint_is_loaded(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"model": model.state_dict()}, path)
     out = tmp_path / "maps.png"
-    assert visualize.main(["--model", "glnet_stl", "--checkpoint", str(path), "--size", "64",
-                           "--slots", "1", "--out", str(out)]) == 0
+    assert (
+        visualize.main(
+            ["--model", "glnet_stl", "--checkpoint", str(path), "--size", "64", "--slots", "1", "--out", str(out)]
+        )
+        == 0
+    )
     assert out.stat().st_size > 0

@@ -83,8 +83,8 @@ void cluster_fwd(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& lse) 
 }
 
 template <typename scalar_t>
-void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
-                      const Tensor& lse, Tensor& dx, Tensor& dqs) {
+void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots, const Tensor& lse,
+                 Tensor& dx, Tensor& dqs) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   const auto acc_opts = qs.options();
@@ -155,8 +155,8 @@ std::tuple<Tensor, Tensor> cluster_fwd_cpu(const Tensor& x, const Tensor& qs) {
   return {slots, lse};
 }
 
-std::tuple<Tensor, Tensor> cluster_bwd_cpu(const Tensor& grad, const Tensor& x, const Tensor& qs,
-                                           const Tensor& slots, const Tensor& lse) {
+std::tuple<Tensor, Tensor> cluster_bwd_cpu(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
+                                           const Tensor& lse) {
   const char* op = "glmix_kernels.cluster_bwd";
   const int64_t S = check_inputs(x, qs, op);
   const int64_t B = x.size(0), C = x.size(2);

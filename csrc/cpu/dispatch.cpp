@@ -37,8 +37,8 @@ void dispatch_fwd(const Tensor& x, const Tensor& qs, const Tensor& slots, Tensor
 }
 
 template <typename scalar_t>
-void dispatch_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots,
-                       const Tensor& lse, Tensor& dx, Tensor& dqs, Tensor& dslots) {
+void dispatch_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots, const Tensor& lse,
+                  Tensor& dx, Tensor& dqs, Tensor& dslots) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   const auto acc_opts = qs.options();
@@ -109,9 +109,8 @@ std::tuple<Tensor, Tensor, Tensor> dispatch_bwd_cpu(const Tensor& grad, const Te
   Tensor dx = at::empty({B, L, C}, x.options());
   Tensor dqs = at::empty({B, S, C}, qs.options());
   Tensor dslots = at::empty({B, S, C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix dispatch_bwd_cpu", [&] {
-    dispatch_bwd<scalar_t>(grad, x, qs, slots, lse, dx, dqs, dslots);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "glmix dispatch_bwd_cpu",
+                                  [&] { dispatch_bwd<scalar_t>(grad, x, qs, slots, lse, dx, dqs, dslots); });
   return {dx, dqs, dslots};
 }
 

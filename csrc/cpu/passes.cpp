@@ -25,7 +25,7 @@ namespace {
 C10_ALWAYS_INLINE float exp_approx(float x) {
   const float xc = std::min(std::max(x, -87.3f), 88.0f);
   const float kf = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  const float r = (xc - kf * 0.693359375f) - kf * -2.12194440e-4f;          // x - k ln 2, two parts
+  const float r = (xc - kf * 0.693359375f) - kf * -2.12194440e-4f;         // x - k ln 2, two parts
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -40,9 +40,7 @@ C10_ALWAYS_INLINE float exp_approx(float x) {
 }
 
 // float64 is the gradcheck dtype: exact beats fast.
-C10_ALWAYS_INLINE double exp_approx(double x) {
-  return std::exp(x);
-}
+C10_ALWAYS_INLINE double exp_approx(double x) { return std::exp(x); }
 
 template <typename T>
 C10_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t n) {
@@ -131,8 +129,7 @@ C10_ALWAYS_INLINE void column_max_impl(const T* a, int64_t n, int64_t S, int64_t
 }
 
 template <typename T>
-C10_ALWAYS_INLINE void exp_columns_impl(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, const T* shift,
-                                        T* sum) {
+C10_ALWAYS_INLINE void exp_columns_impl(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, const T* shift, T* sum) {
   std::fill(sum, sum + S, T(0));
   for (int64_t l = 0; l < n; ++l) {
     T* row = a + l * ld;
@@ -170,8 +167,8 @@ C10_ALWAYS_INLINE void softmax_rows_impl(T* a, int64_t n, int64_t S, int64_t ld,
 // however far P = exp(A - lse) is from summing to 1: with large temperatures lse carries an
 // absolute error of |A| eps, and without the division that error would reach dA as (1 - sum_s P) dD.
 template <typename T>
-C10_ALWAYS_INLINE void softmax_backward_impl(T* a, int64_t lda, T* d, int64_t ldd, int64_t n, int64_t S,
-                                             const T* rinv, const T* lse, const T* delta, Over over) {
+C10_ALWAYS_INLINE void softmax_backward_impl(T* a, int64_t lda, T* d, int64_t ldd, int64_t n, int64_t S, const T* rinv,
+                                             const T* lse, const T* delta, Over over) {
   for (int64_t l = 0; l < n; ++l) {
     T* p = a + l * lda;
     T* dr = d + l * ldd;
@@ -214,30 +211,27 @@ GLMIX_CLONES void transpose(const float* src, int64_t ld, int64_t n, int64_t C, 
   transpose_impl(src, ld, n, C, dst);
 }
 
-#define GLMIX_DEFINE_TILE_KERNELS(T)                                                                         \
-  GLMIX_CLONES void inverse_norms(const T* x, int64_t n, int64_t C, T* rinv, T* proj) {                     \
-    inverse_norms_impl(x, n, C, rinv, proj);                                                                \
-  }                                                                                                         \
-  GLMIX_CLONES void project_out(T* dx, const T* x, int64_t n, int64_t C, const T* proj) {                   \
-    project_out_impl(dx, x, n, C, proj);                                                                    \
-  }                                                                                                         \
-  GLMIX_CLONES void column_max(const T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* m) {         \
-    column_max_impl(a, n, S, ld, rinv, m);                                                                  \
-  }                                                                                                         \
-  GLMIX_CLONES void exp_columns(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, const T* shift,      \
-                                T* sum) {                                                                   \
-    exp_columns_impl(a, n, S, ld, rinv, shift, sum);                                                        \
-  }                                                                                                         \
-  GLMIX_CLONES void softmax_rows(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* lse) {           \
-    softmax_rows_impl(a, n, S, ld, rinv, lse);                                                              \
-  }                                                                                                         \
-  GLMIX_CLONES void softmax_backward(T* a, int64_t lda, T* d, int64_t ldd, int64_t n, int64_t S,            \
-                                     const T* rinv, const T* lse, const T* delta, Over over) {              \
-    softmax_backward_impl(a, lda, d, ldd, n, S, rinv, lse, delta, over);                                    \
-  }                                                                                                         \
-  GLMIX_CLONES void scale_rows(T* a, int64_t S, int64_t C, const T* w) {                                    \
-    scale_rows_impl(a, S, C, w);                                                                            \
-  }
+#define GLMIX_DEFINE_TILE_KERNELS(T)                                                                             \
+  GLMIX_CLONES void inverse_norms(const T* x, int64_t n, int64_t C, T* rinv, T* proj) {                          \
+    inverse_norms_impl(x, n, C, rinv, proj);                                                                     \
+  }                                                                                                              \
+  GLMIX_CLONES void project_out(T* dx, const T* x, int64_t n, int64_t C, const T* proj) {                        \
+    project_out_impl(dx, x, n, C, proj);                                                                         \
+  }                                                                                                              \
+  GLMIX_CLONES void column_max(const T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* m) {              \
+    column_max_impl(a, n, S, ld, rinv, m);                                                                       \
+  }                                                                                                              \
+  GLMIX_CLONES void exp_columns(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, const T* shift, T* sum) { \
+    exp_columns_impl(a, n, S, ld, rinv, shift, sum);                                                             \
+  }                                                                                                              \
+  GLMIX_CLONES void softmax_rows(T* a, int64_t n, int64_t S, int64_t ld, const T* rinv, T* lse) {                \
+    softmax_rows_impl(a, n, S, ld, rinv, lse);                                                                   \
+  }                                                                                                              \
+  GLMIX_CLONES void softmax_backward(T* a, int64_t lda, T* d, int64_t ldd, int64_t n, int64_t S, const T* rinv,  \
+                                     const T* lse, const T* delta, Over over) {                                  \
+    softmax_backward_impl(a, lda, d, ldd, n, S, rinv, lse, delta, over);                                         \
+  }                                                                                                              \
+  GLMIX_CLONES void scale_rows(T* a, int64_t S, int64_t C, const T* w) { scale_rows_impl(a, S, C, w); }
 
 GLMIX_DEFINE_TILE_KERNELS(float)
 GLMIX_DEFINE_TILE_KERNELS(double)

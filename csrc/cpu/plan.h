@@ -17,9 +17,7 @@ namespace glmix::cpu {
 
 // A tile's (T, C) pixels and (T, S) logits stay in L2 for the channel counts GLNet uses (512 pixels
 // measured best at C = 64; 256 and 1024 were 2-10% slower).
-inline int64_t tile_pixels(int64_t C) {
-  return C <= 64 ? 512 : C <= 128 ? 256 : 128;
-}
+inline int64_t tile_pixels(int64_t C) { return C <= 64 ? 512 : C <= 128 ? 256 : 128; }
 
 // Enough chunks to feed many cores when B is small, few enough that the (B, chunks, S, C)
 // partial results stay a small multiple of the outputs.

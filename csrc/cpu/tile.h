@@ -56,8 +56,19 @@ inline int64_t check_inputs(const Tensor& x, const Tensor& qs, const char* op) {
 // Call* roles by the calling thread, outside and across the parallel region; the others inside
 // a task), and never outlives the op call that fills it.
 enum class Scratch {
-  Pixels, Stats, Logits, Logits2, Grad, Result,                        // per task
-  CallMax, CallSum, CallPartial, CallPartial2, CallOperand, CallOperand2, CallOperand3,  // per call
+  Pixels,
+  Stats,
+  Logits,
+  Logits2,
+  Grad,
+  Result,  // per task
+  CallMax,
+  CallSum,
+  CallPartial,
+  CallPartial2,
+  CallOperand,
+  CallOperand2,
+  CallOperand3,  // per call
   Count
 };
 
@@ -91,7 +102,11 @@ struct Rows {
   int64_t sb, sl, sc, C;
 
   explicit Rows(const Tensor& t_)
-      : t(t_), data(t_.const_data_ptr<scalar_t>()), sb(t_.stride(0)), sl(t_.stride(1)), sc(t_.stride(2)),
+      : t(t_),
+        data(t_.const_data_ptr<scalar_t>()),
+        sb(t_.stride(0)),
+        sl(t_.stride(1)),
+        sc(t_.stride(2)),
         C(t_.size(2)) {}
 
   // Rows l0 .. l0 + n of batch element b as an (n, C) contiguous acc_t matrix: the tensor's own
@@ -197,7 +212,8 @@ template <typename acc_t>
 class PixelTile {
  public:
   PixelTile(int64_t T, int64_t C, const at::TensorOptions& acc_opts)
-      : C_(C), x_buf_(scratch(Scratch::Pixels, T * C, acc_opts)),
+      : C_(C),
+        x_buf_(scratch(Scratch::Pixels, T * C, acc_opts)),
         stats_(scratch(Scratch::Stats, 2 * T, acc_opts).view({2, T})) {}
 
   int64_t n() const { return n_; }

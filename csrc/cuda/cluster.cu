@@ -24,9 +24,10 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
   // Tensor cores: slot tiles of kMmaRows, pixel tiles of kMmaCols; else the planned CUDA-core tiles.
   const bool mma = use_mma_fwd(x);
   const int mma_nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows);
-  const auto t = mma ? plan::Tiles{tc::kMmaCols, tc::kMmaRows, mma_nst, 0}
-                     : tiles_for(S, C, kFwdAcc * kThreads,
-                                 [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); }, op);
+  const auto t =
+      mma ? plan::Tiles{tc::kMmaCols, tc::kMmaRows, mma_nst, 0}
+          : tiles_for(
+                S, C, kFwdAcc * kThreads, [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); }, op);
   const auto ch = plan::plan_chunks(L, t.TL, B * t.nst, device_props());
   TORCH_CHECK(ch.n <= 65535 && t.nst <= 65535, op, ": grid too large");
   auto ws_m = empty_workspace({B, ch.n, S}, f32);
@@ -52,9 +53,9 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
              ws_l.data_ptr<float>(), ws_acc.data_ptr<float>());
     });
   }
-  launch(cluster_fwd_combine, dim3(S, B), dim3(kThreads), combine_smem(ch.n).bytes(), stream,
-         ws_m.data_ptr<float>(), ws_l.data_ptr<float>(), ws_acc.data_ptr<float>(), static_cast<int>(S),
-         static_cast<int>(C), ch.n, slots.data_ptr<float>(), lse.data_ptr<float>());
+  launch(cluster_fwd_combine, dim3(S, B), dim3(kThreads), combine_smem(ch.n).bytes(), stream, ws_m.data_ptr<float>(),
+         ws_l.data_ptr<float>(), ws_acc.data_ptr<float>(), static_cast<int>(S), static_cast<int>(C), ch.n,
+         slots.data_ptr<float>(), lse.data_ptr<float>());
   return {slots, lse};
 }
 
@@ -74,8 +75,8 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
   if (B == 0) return {dx, dqs};
 
   const auto lse_c = lse.contiguous();
-  const auto t = tiles_for(S, C, kBwdAcc * kThreads,
-                           [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); }, op);
+  const auto t =
+      tiles_for(S, C, kBwdAcc * kThreads, [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); }, op);
   const auto ch = plan::plan_chunks(L, t.TL, B, device_props());
   TORCH_CHECK(ch.n <= 65535, op, ": grid too large");
   auto f32 = x.options().dtype(at::kFloat);
@@ -86,9 +87,9 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
 
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_cluster_bwd_cuda", [&] {
     const int64_t rows = B * S, warps = kThreads / 32;
-    launch(cluster_delta<scalar_t>, dim3(static_cast<unsigned>((rows + warps - 1) / warps)), dim3(kThreads), 0,
-           stream, grad.data_ptr<scalar_t>(), view_of(grad), slots.data_ptr<float>(), view_of(slots), B,
-           static_cast<int>(S), static_cast<int>(C), delta.data_ptr<float>());
+    launch(cluster_delta<scalar_t>, dim3(static_cast<unsigned>((rows + warps - 1) / warps)), dim3(kThreads), 0, stream,
+           grad.data_ptr<scalar_t>(), view_of(grad), slots.data_ptr<float>(), view_of(slots), B, static_cast<int>(S),
+           static_cast<int>(C), delta.data_ptr<float>());
     launch(cluster_bwd_chunk<scalar_t>, dim3(ch.n, B), dim3(kThreads), smem, stream, grad.data_ptr<scalar_t>(),
            view_of(grad), x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs),
            lse_c.data_ptr<float>(), delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S),

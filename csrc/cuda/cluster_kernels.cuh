@@ -39,10 +39,9 @@ inline plan::SmemCount fwd_smem(int TL, int TS, int ld) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    cluster_fwd_chunk(const T* __restrict__ x, View xv, const float* __restrict__ qs, View qv,
-                       int L, int S, int C, int TL, int TS, int ld, int64_t chunk_len,
-                       int nchunks, float* __restrict__ ws_m, float* __restrict__ ws_l,
-                       float* __restrict__ ws_acc) {
+    cluster_fwd_chunk(const T* __restrict__ x, View xv, const float* __restrict__ qs, View qv, int L, int S, int C,
+                      int TL, int TS, int ld, int64_t chunk_len, int nchunks, float* __restrict__ ws_m,
+                      float* __restrict__ ws_l, float* __restrict__ ws_acc) {
   GLMIX_DYNAMIC_SMEM(float, smem);
   SmemCarve carve{smem};
   float* q_sh = carve.take(TS * ld);
@@ -130,8 +129,8 @@ inline plan::SmemCount combine_smem(int nchunks) {
 // slots[b, s] = sum_k w_k acc_k / sum_k w_k l_k with w_k = exp(m_k - max_k m_k), chunk order fixed.
 __global__ void __launch_bounds__(kThreads)
     cluster_fwd_combine(const float* __restrict__ ws_m, const float* __restrict__ ws_l,
-                           const float* __restrict__ ws_acc, int S, int C, int nchunks,
-                           float* __restrict__ slots, float* __restrict__ lse) {
+                        const float* __restrict__ ws_acc, int S, int C, int nchunks, float* __restrict__ slots,
+                        float* __restrict__ lse) {
   GLMIX_DYNAMIC_SMEM(float, smem);  // cluster_fwd_combine_smem(nchunks)
   float* w_sh = smem;
   float* stat_sh = smem + nchunks;
@@ -173,8 +172,8 @@ __global__ void __launch_bounds__(kThreads)
 // delta[b, s] = sum_c G[b, s, c] * slots[b, s, c]; one warp per (b, s).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    cluster_delta(const T* __restrict__ g, View gv, const float* __restrict__ sl, View sv,
-                         int64_t B, int S, int C, float* __restrict__ delta) {
+    cluster_delta(const T* __restrict__ g, View gv, const float* __restrict__ sl, View sv, int64_t B, int S, int C,
+                  float* __restrict__ delta) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= B * S) return;  // whole warps leave together
@@ -196,11 +195,10 @@ inline plan::SmemCount bwd_smem(int TL, int TS, int ld) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    cluster_bwd_chunk(const T* __restrict__ g, View gv, const T* __restrict__ x, View xv,
-                       const float* __restrict__ qs, View qv, const float* __restrict__ lse,
-                       const float* __restrict__ delta, int L, int S, int C, int TL, int TS,
-                       int ld, int nst, int64_t chunk_len, int nchunks, T* __restrict__ dx,
-                       float* __restrict__ ws_dq) {
+    cluster_bwd_chunk(const T* __restrict__ g, View gv, const T* __restrict__ x, View xv, const float* __restrict__ qs,
+                      View qv, const float* __restrict__ lse, const float* __restrict__ delta, int L, int S, int C,
+                      int TL, int TS, int ld, int nst, int64_t chunk_len, int nchunks, T* __restrict__ dx,
+                      float* __restrict__ ws_dq) {
   GLMIX_DYNAMIC_SMEM(float, smem);
   SmemCarve carve{smem};
   float* x_sh = carve.take(TL * ld);

@@ -75,9 +75,8 @@ struct SmemCarve {
 // batch element. Consecutive threads walk the contiguous dimension of the source (pixels for the
 // NCHW view of x, channels for row-major tensors) so global loads coalesce either way.
 template <typename T>
-__device__ __forceinline__ void load_tile(float* __restrict__ dst, int ld,
-                                          const T* __restrict__ src, int64_t sr, int64_t sc,
-                                          int64_t r0, int n, int C) {
+__device__ __forceinline__ void load_tile(float* __restrict__ dst, int ld, const T* __restrict__ src, int64_t sr,
+                                          int64_t sc, int64_t r0, int n, int C) {
   const int total = n * C;
   if (sr == 1 && sc != 1) {
     for (int i = threadIdx.x; i < total; i += blockDim.x) {
@@ -95,8 +94,8 @@ __device__ __forceinline__ void load_tile(float* __restrict__ dst, int ld,
 // Per-row reciprocal norm of a tile, as torch.nn.functional.normalize: rnorm = 1 / max(||v||, eps),
 // and live = 1 where ||v|| > eps (the normalisation's gradient projects only there).
 // One warp per row; writes rn[r] (and live[r] when given) for r < n.
-__device__ __forceinline__ void row_rnorms(const float* __restrict__ tile, int ld, int n, int C,
-                                           float* __restrict__ rn, float* __restrict__ live) {
+__device__ __forceinline__ void row_rnorms(const float* __restrict__ tile, int ld, int n, int C, float* __restrict__ rn,
+                                           float* __restrict__ live) {
   const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   for (int r = threadIdx.x >> 5; r < n; r += nw) {
     float s = 0.f;
@@ -118,9 +117,8 @@ __device__ __forceinline__ void row_rnorms(const float* __restrict__ tile, int l
 // long rows) owns a 2x2 micro-tile, rows {i, i + ceil(na/2)} x cols {j, j + ceil(nb/2)}, splits
 // the channels among its lanes and reduces with shuffles. Every thread runs the same number of
 // rounds, so the full-warp shuffles are always convergent. No barrier inside: the caller syncs.
-__device__ __forceinline__ void pair_dots(const float* __restrict__ a, int lda, int na,
-                                          const float* __restrict__ b, int ldb, int nb, int C,
-                                          float* __restrict__ out, int ldo) {
+__device__ __forceinline__ void pair_dots(const float* __restrict__ a, int lda, int na, const float* __restrict__ b,
+                                          int ldb, int nb, int C, float* __restrict__ out, int ldo) {
   const int hi = (na + 1) >> 1, hj = (nb + 1) >> 1;
   const int ntile = hi * hj;
   int G = 1;
@@ -191,8 +189,8 @@ __device__ __forceinline__ void for_each_acc(int n, int C, F&& f) {
 // elements of an n-element tile, and w2[idx] = acc2[i] in the same pass when there is a second
 // accumulator (dispatch's dslots beside dqs). No barrier.
 template <int ACC>
-__device__ __forceinline__ void store_acc(int n, float* w, const float (&acc)[ACC],
-                                          float* w2 = nullptr, const float* acc2 = nullptr) {
+__device__ __forceinline__ void store_acc(int n, float* w, const float (&acc)[ACC], float* w2 = nullptr,
+                                          const float* acc2 = nullptr) {
   for_each_acc<ACC>(n, 1, [&](int i, int idx, int, int) {  // rows and columns unused: any C
     w[idx] = acc[i];
     if (acc2 != nullptr) w2[idx] = acc2[i];
@@ -205,8 +203,8 @@ __device__ __forceinline__ void store_acc(int n, float* w, const float (&acc)[AC
 // workspace row (written on the chunk's first pixel tile, added to after: the order of additions
 // of one running accumulator) and zeroed. No barrier.
 template <int ACC>
-__device__ __forceinline__ void flush_acc(int n, bool first, float* w, float (&acc)[ACC],
-                                          float* w2 = nullptr, float* acc2 = nullptr) {
+__device__ __forceinline__ void flush_acc(int n, bool first, float* w, float (&acc)[ACC], float* w2 = nullptr,
+                                          float* acc2 = nullptr) {
 #pragma unroll
   for (int i = 0; i < ACC; ++i) {
     const int idx = threadIdx.x + i * kThreads;
@@ -226,9 +224,8 @@ __device__ __forceinline__ void flush_acc(int n, bool first, float* w, float (&a
 // block-uniform condition: every thread of the block must call it, with the same st. Returns whether
 // it loaded; the caller syncs before reading the tiles.
 template <typename T>
-__device__ __forceinline__ bool load_slot_tile(int st, int TS, int S, int C, int ld, int& loaded,
-                                               int& ns, float* q_sh, const float* qb, View qv,
-                                               float* y_sh, const T* yb, View yv) {
+__device__ __forceinline__ bool load_slot_tile(int st, int TS, int S, int C, int ld, int& loaded, int& ns, float* q_sh,
+                                               const float* qb, View qv, float* y_sh, const T* yb, View yv) {
   if (st == loaded) return false;
   __syncthreads();
   const int s0 = st * TS;
@@ -247,9 +244,8 @@ __device__ __forceinline__ bool load_slot_tile(int st, int TS, int S, int C, int
 // row. value: the value path's accumulators (clustering's P^T G), or nullptr (dispatch has none).
 // Contains two __syncthreads(): every thread of the block must call it.
 template <int ACC, typename T>
-__device__ __forceinline__ void dx_epilogue(const float* x_sh, float* dk_sh, int ld,
-                                            const float* rn_sh, const float* live_sh,
-                                            float* dot_sh, int nl, int C, const float (&dk)[ACC],
+__device__ __forceinline__ void dx_epilogue(const float* x_sh, float* dk_sh, int ld, const float* rn_sh,
+                                            const float* live_sh, float* dot_sh, int nl, int C, const float (&dk)[ACC],
                                             const float* value, T* dxb) {
   const int nx = nl * C;
   for_each_acc<ACC>(nx, C, [&](int i, int, int l, int c) { dk_sh[l * ld + c] = dk[i]; });

@@ -34,22 +34,21 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(dispatch_fwd)(const Tensor& x, const Te
     return {out, lse};
   }
 
-  const auto t = tiles_for(S, C, kFwdAcc * kThreads,
-                           [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); }, op);
+  const auto t =
+      tiles_for(S, C, kFwdAcc * kThreads, [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); }, op);
   const auto ch = plan::plan_dispatch_fwd_chunks(L, t.TL, B, device_props());
   const size_t smem = fwd_smem(t.TL, t.TS, t.ld).bytes();
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_dispatch_fwd_cuda", [&] {
-    launch(dispatch_fwd<scalar_t>, dim3(static_cast<unsigned>(ch.n), static_cast<unsigned>(B)), dim3(kThreads),
-           smem, stream, x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs),
-           slots.data_ptr<scalar_t>(), view_of(slots), L, static_cast<int>(S), static_cast<int>(C), t.TL, t.TS,
-           t.ld, t.nst, ch.len, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+    launch(dispatch_fwd<scalar_t>, dim3(static_cast<unsigned>(ch.n), static_cast<unsigned>(B)), dim3(kThreads), smem,
+           stream, x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs), slots.data_ptr<scalar_t>(),
+           view_of(slots), L, static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld, t.nst, ch.len,
+           out.data_ptr<scalar_t>(), lse.data_ptr<float>());
   });
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> GLMIX_CUDA_FN(dispatch_bwd)(const Tensor& grad, const Tensor& x,
-                                                               const Tensor& qs, const Tensor& slots,
-                                                               const Tensor& lse) {
+std::tuple<Tensor, Tensor, Tensor> GLMIX_CUDA_FN(dispatch_bwd)(const Tensor& grad, const Tensor& x, const Tensor& qs,
+                                                               const Tensor& slots, const Tensor& lse) {
   using namespace dispatch;
   const char* op = "glmix_kernels.dispatch_bwd";
   const int64_t S = check_inputs(x, qs, op);
@@ -69,8 +68,8 @@ std::tuple<Tensor, Tensor, Tensor> GLMIX_CUDA_FN(dispatch_bwd)(const Tensor& gra
   }
 
   const auto lse_c = lse.contiguous();
-  const auto t = tiles_for(S, C, kBwdAcc * kThreads,
-                           [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); }, op);
+  const auto t =
+      tiles_for(S, C, kBwdAcc * kThreads, [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); }, op);
   const auto ch = plan::plan_chunks(L, t.TL, B, device_props());
   TORCH_CHECK(ch.n <= 65535, op, ": grid too large");
   auto f32 = x.options().dtype(at::kFloat);
@@ -82,9 +81,9 @@ std::tuple<Tensor, Tensor, Tensor> GLMIX_CUDA_FN(dispatch_bwd)(const Tensor& gra
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_dispatch_bwd_cuda", [&] {
     launch(dispatch_bwd_chunk<scalar_t>, dim3(ch.n, static_cast<unsigned>(B)), dim3(kThreads), smem, stream,
            grad.data_ptr<scalar_t>(), view_of(grad), x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(),
-           view_of(qs), slots.data_ptr<scalar_t>(), view_of(slots), lse_c.data_ptr<float>(), L,
-           static_cast<int>(S), static_cast<int>(C), t.TL, t.TS, t.ld, t.nst, ch.len, ch.n,
-           dx.data_ptr<scalar_t>(), ws_dq.data_ptr<float>(), ws_dv.data_ptr<float>());
+           view_of(qs), slots.data_ptr<scalar_t>(), view_of(slots), lse_c.data_ptr<float>(), L, static_cast<int>(S),
+           static_cast<int>(C), t.TL, t.TS, t.ld, t.nst, ch.len, ch.n, dx.data_ptr<scalar_t>(), ws_dq.data_ptr<float>(),
+           ws_dv.data_ptr<float>());
     launch_sum_chunks<scalar_t>(ws_dv, dslots, B, ch.n, S * C, stream);
   });
   launch_sum_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);

@@ -36,10 +36,9 @@ inline plan::SmemCount fwd_smem(int TL, int TS, int ld) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    dispatch_fwd(const T* __restrict__ x, View xv, const float* __restrict__ qs, View qv,
-                        const T* __restrict__ sl, View sv, int64_t L, int S, int C, int TL,
-                        int TS, int ld, int nst, int64_t chunk_len, T* __restrict__ out,
-                        float* __restrict__ lse) {
+    dispatch_fwd(const T* __restrict__ x, View xv, const float* __restrict__ qs, View qv, const T* __restrict__ sl,
+                 View sv, int64_t L, int S, int C, int TL, int TS, int ld, int nst, int64_t chunk_len,
+                 T* __restrict__ out, float* __restrict__ lse) {
   GLMIX_DYNAMIC_SMEM(float, smem);
   SmemCarve carve{smem};
   float* x_sh = carve.take(TL * ld);
@@ -107,9 +106,7 @@ __global__ void __launch_bounds__(kThreads)
     }
 
     T* ob = out + (b * L + l0) * C;
-    for_each_acc<kFwdAcc>(nx, C, [&](int i, int idx, int l, int) {
-      ob[idx] = static_cast<T>(acc[i] / l_sh[l]);
-    });
+    for_each_acc<kFwdAcc>(nx, C, [&](int i, int idx, int l, int) { ob[idx] = static_cast<T>(acc[i] / l_sh[l]); });
     for (int l = threadIdx.x; l < nl; l += blockDim.x) lse[b * L + l0 + l] = m_sh[l] + logf(l_sh[l]);
   }
 }
@@ -126,11 +123,10 @@ inline plan::SmemCount bwd_smem(int TL, int TS, int ld) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    dispatch_bwd_chunk(const T* __restrict__ g, View gv, const T* __restrict__ x, View xv,
-                        const float* __restrict__ qs, View qv, const T* __restrict__ sl, View sv,
-                        const float* __restrict__ lse, int64_t L, int S, int C, int TL, int TS,
-                        int ld, int nst, int64_t chunk_len, int nchunks, T* __restrict__ dx,
-                        float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
+    dispatch_bwd_chunk(const T* __restrict__ g, View gv, const T* __restrict__ x, View xv, const float* __restrict__ qs,
+                       View qv, const T* __restrict__ sl, View sv, const float* __restrict__ lse, int64_t L, int S,
+                       int C, int TL, int TS, int ld, int nst, int64_t chunk_len, int nchunks, T* __restrict__ dx,
+                       float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
   GLMIX_DYNAMIC_SMEM(float, smem);
   SmemCarve carve{smem};
   float* x_sh = carve.take(TL * ld);

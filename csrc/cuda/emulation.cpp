@@ -68,9 +68,9 @@ void fiber_main();
 void make_context(Context& c, char* stack, size_t size) {
   auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15};
   auto* sp = reinterpret_cast<void**>(top);
-  *--sp = nullptr;                                      // fiber_main's return address: never used
-  *--sp = reinterpret_cast<void*>(&fiber_main);         // popped by ret
-  for (int i = 0; i < 6; ++i) *--sp = nullptr;          // rbp, rbx, r12-r15
+  *--sp = nullptr;                               // fiber_main's return address: never used
+  *--sp = reinterpret_cast<void*>(&fiber_main);  // popped by ret
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;   // rbp, rbx, r12-r15
   c.sp = sp;
 }
 
@@ -207,10 +207,14 @@ std::vector<int> order_of(int n, uint64_t salt) {
 
 std::string where(const Fiber& f) {
   switch (f.wait) {
-    case Wait::Barrier: return "at __syncthreads " + site(f.file, f.line);
-    case Wait::Warp: return "at a warp shuffle " + site(f.file, f.line);
-    case Wait::Exited: return "exited";
-    default: return "running";
+    case Wait::Barrier:
+      return "at __syncthreads " + site(f.file, f.line);
+    case Wait::Warp:
+      return "at a warp shuffle " + site(f.file, f.line);
+    case Wait::Exited:
+      return "exited";
+    default:
+      return "running";
   }
 }
 
@@ -232,15 +236,15 @@ std::string check_barrier(const std::vector<Fiber>& fs, bool& done, bool& releas
       ++at_barrier;
       if (first == nullptr) first = &f;
       if (f.file != first->file || f.line != first->line)
-        return "threads wait at different barriers: " + where(*first) + " and thread " + std::to_string(t) +
-               " " + where(f) + " (a deadlock or undefined behaviour on a GPU)";
+        return "threads wait at different barriers: " + where(*first) + " and thread " + std::to_string(t) + " " +
+               where(f) + " (a deadlock or undefined behaviour on a GPU)";
     }
   }
   done = at_barrier == 0;
   release = at_barrier > 0 && exited == 0;
   if (at_barrier > 0 && exited > 0)
-    return "__syncthreads " + site(first->file, first->line) + " is reached by " + std::to_string(at_barrier) +
-           " of " + std::to_string(fs.size()) + " threads; the other " + std::to_string(exited) +
+    return "__syncthreads " + site(first->file, first->line) + " is reached by " + std::to_string(at_barrier) + " of " +
+           std::to_string(fs.size()) + " threads; the other " + std::to_string(exited) +
            " have exited (a deadlock on a GPU)";
   return "";
 }
@@ -351,8 +355,7 @@ void run(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* ar
   const uint64_t nthreads = uint64_t{block.x} * block.y * block.z;
   TORCH_CHECK(nthreads >= 1 && nthreads <= 1024 && block.z <= 64, "CUDA emulation: invalid block (", block.x, ", ",
               block.y, ", ", block.z, ")");
-  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.y <= 65535 && grid.z <= 65535 &&
-                  grid.x <= 2147483647u,
+  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.y <= 65535 && grid.z <= 65535 && grid.x <= 2147483647u,
               "CUDA emulation: invalid grid (", grid.x, ", ", grid.y, ", ", grid.z, ")");
   Launch& L = g_launch;
   L.fibers.assign(nthreads, Fiber{});

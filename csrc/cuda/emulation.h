@@ -83,8 +83,7 @@ void run(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* ar
 #define __syncthreads() ::glmix::emu::syncthreads(__FILE__, __LINE__)
 #define __shfl_xor_sync(mask, v, lane_mask) \
   ::glmix::emu::shuffle(mask, v, ::glmix::emu::Shuffle::Xor, lane_mask, __FILE__, __LINE__)
-#define __shfl_sync(mask, v, src) \
-  ::glmix::emu::shuffle(mask, v, ::glmix::emu::Shuffle::Index, src, __FILE__, __LINE__)
+#define __shfl_sync(mask, v, src) ::glmix::emu::shuffle(mask, v, ::glmix::emu::Shuffle::Index, src, __FILE__, __LINE__)
 #define __shfl_down_sync(mask, v, delta) \
   ::glmix::emu::shuffle(mask, v, ::glmix::emu::Shuffle::Down, delta, __FILE__, __LINE__)
 

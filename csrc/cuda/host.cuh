@@ -16,8 +16,7 @@ namespace GLMIX_CUDA_NS {
 inline int64_t check_inputs(const at::Tensor& x, const at::Tensor& qs, const char* op) {
   const int64_t S = checks::check_x_qs(x, qs, op, kDevice, {at::kFloat, at::kHalf, at::kBFloat16});
   TORCH_CHECK(x.size(2) >= 1 && x.size(2) <= 1024, op, ": x must have C in 1..1024, got ", x.size(2));
-  TORCH_CHECK(x.size(0) <= 65535, op, ": x must have a batch of at most 65535 (a grid dimension), got ",
-              x.size(0));
+  TORCH_CHECK(x.size(0) <= 65535, op, ": x must have a batch of at most 65535 (a grid dimension), got ", x.size(0));
   TORCH_CHECK(x.size(1) <= INT32_MAX, op, ": x must have L < 2^31 (int32 pixel indices), got ", x.size(1));
   return S;
 }
@@ -43,11 +42,16 @@ template <typename F>
 void with_mma_types(at::ScalarType type, int64_t C, F&& f) {
   const auto with_cp = [&](auto e) {
     switch (tc::padded_channels(static_cast<int>(C))) {
-      case 16: return f(e, std::integral_constant<int, 16>{});
-      case 32: return f(e, std::integral_constant<int, 32>{});
-      case 64: return f(e, std::integral_constant<int, 64>{});
-      case 128: return f(e, std::integral_constant<int, 128>{});
-      default: return f(e, std::integral_constant<int, 256>{});
+      case 16:
+        return f(e, std::integral_constant<int, 16>{});
+      case 32:
+        return f(e, std::integral_constant<int, 32>{});
+      case 64:
+        return f(e, std::integral_constant<int, 64>{});
+      case 128:
+        return f(e, std::integral_constant<int, 128>{});
+      default:
+        return f(e, std::integral_constant<int, 256>{});
     }
   };
   if (type == at::kHalf)
@@ -62,8 +66,7 @@ inline uint16_t* bits16(at::Tensor& t) { return static_cast<uint16_t*>(t.data_pt
 
 // out[b, n] = sum_k ws[b, k, n] over the chunks k of a (B, nchunks, N) fp32 workspace.
 template <typename T>
-inline void launch_sum_chunks(const at::Tensor& ws, at::Tensor& out, int64_t B, int nchunks, int64_t N,
-                              Stream stream) {
+inline void launch_sum_chunks(const at::Tensor& ws, at::Tensor& out, int64_t B, int nchunks, int64_t N, Stream stream) {
   const dim3 grid(static_cast<unsigned>((N + kThreads - 1) / kThreads), static_cast<unsigned>(B));
   launch(sum_chunks<T>, grid, dim3(kThreads), 0, stream, ws.data_ptr<float>(), out.data_ptr<T>(), nchunks, N);
 }

@@ -126,10 +126,13 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, Stream, A&
     void (*kernel)(P...);
     std::tuple<P...> params;
   } call{kernel, std::tuple<P...>(std::forward<A>(args)...)};
-  emu::run(grid, block, smem, [](void* c) {
-    auto* call = static_cast<Call*>(c);
-    std::apply(call->kernel, call->params);
-  }, &call);
+  emu::run(
+      grid, block, smem,
+      [](void* c) {
+        auto* call = static_cast<Call*>(c);
+        std::apply(call->kernel, call->params);
+      },
+      &call);
   emu::check_margins();
 }
 
@@ -147,8 +150,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, Stream, A&
 
 // float32, float16, bfloat16 only: float64 never reaches these kernels (checked before), so no
 // double instantiation is compiled.
-#define GLMIX_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)     \
-                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#define GLMIX_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                                                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                                        \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

@@ -9,9 +9,9 @@
 
 namespace glmix::plan {
 
-constexpr int kThreads = 256;    // threads per block, every kernel
-constexpr int kMaxTile = 64;     // at most 64 pixels and 64 slots per tile
-constexpr int kMaxChunks = 1024; // chunks per batch element (cluster_fwd_combine's shared memory)
+constexpr int kThreads = 256;     // threads per block, every kernel
+constexpr int kMaxTile = 64;      // at most 64 pixels and 64 slots per tile
+constexpr int kMaxChunks = 1024;  // chunks per batch element (cluster_fwd_combine's shared memory)
 
 // What the planning needs to know of the device.
 struct Device {
@@ -67,9 +67,7 @@ struct Chunks {
   int n;        // number of chunks, each non-empty
 };
 
-inline Chunks chunks_of_len(int64_t L, int64_t len) {
-  return {len, static_cast<int>((L + len - 1) / len)};
-}
+inline Chunks chunks_of_len(int64_t L, int64_t len) { return {len, static_cast<int>((L + len - 1) / len)}; }
 
 // For the split-L kernels: enough chunks for about four blocks per SM in all (each chunk runs
 // blocks_per_chunk blocks), at most one per tile and kMaxChunks.

@@ -45,10 +45,10 @@ struct Expected {
   Vec slots, lse_c, dx_c, dqs_c, out, lse_d, dx_d, dqs_d, dslots;
 };
 
-Expected naive(int64_t B, int64_t L, int64_t S, int64_t C, const Vec& x, const Vec& qs, const Vec& V,
-               const Vec& G, const Vec& H) {
-  Expected e{Vec(B * S * C), Vec(B * S), Vec(B * L * C), Vec(B * S * C),
-             Vec(B * L * C), Vec(B * L), Vec(B * L * C), Vec(B * S * C), Vec(B * S * C)};
+Expected naive(int64_t B, int64_t L, int64_t S, int64_t C, const Vec& x, const Vec& qs, const Vec& V, const Vec& G,
+               const Vec& H) {
+  Expected e{Vec(B * S * C), Vec(B * S),     Vec(B * L * C), Vec(B * S * C), Vec(B * L * C),
+             Vec(B * L),     Vec(B * L * C), Vec(B * S * C), Vec(B * S * C)};
   for (int64_t b = 0; b < B; ++b) {
     auto X = [&](int64_t l, int64_t c) { return x[(b * L + l) * C + c]; };
     auto Q = [&](int64_t s, int64_t c) { return qs[(b * S + s) * C + c]; };
@@ -192,7 +192,7 @@ void run(const Case& c, at::ScalarType dtype) {
   const double tol = dtype == at::kDouble ? 1e-10 : 2e-4;
 
   const std::vector<Tensor> got = all_outputs(x, qs, V, G, H);
-  const char* names[] = {"slots", "cluster lse", "cluster dx", "cluster dqs", "out",
+  const char* names[] = {"slots",        "cluster lse", "cluster dx",   "cluster dqs", "out",
                          "dispatch lse", "dispatch dx", "dispatch dqs", "dslots"};
   const Vec* want[] = {&e.slots, &e.lse_c, &e.dx_c, &e.dqs_c, &e.out, &e.lse_d, &e.dx_d, &e.dqs_d, &e.dslots};
   for (size_t i = 0; i < got.size(); ++i) expect_close(id + " " + names[i], got[i], *want[i], tol);
@@ -220,12 +220,12 @@ int main() {
   at::manual_seed(0);
   if (at::get_num_threads() < 2) at::set_num_threads(2);
   const Case cases[] = {
-      {1, 1, 1, 3, false, false},      // one pixel, one slot
-      {2, 37, 1, 5, true, false},      // one slot: dispatch is constant, its gradients vanish
-      {2, 37, 3, 8, false, true},      // slots broadcast over the batch
-      {3, 203, 5, 16, true, true},     // several batch elements, NCHW x
-      {1, 1001, 7, 300, false, false}, // several tiles (128 pixels at C = 300) in 8 chunks
-      {1, 2177, 2, 300, true, false},  // 18 tiles: two per chunk, the online softmax within a chunk
+      {1, 1, 1, 3, false, false},       // one pixel, one slot
+      {2, 37, 1, 5, true, false},       // one slot: dispatch is constant, its gradients vanish
+      {2, 37, 3, 8, false, true},       // slots broadcast over the batch
+      {3, 203, 5, 16, true, true},      // several batch elements, NCHW x
+      {1, 1001, 7, 300, false, false},  // several tiles (128 pixels at C = 300) in 8 chunks
+      {1, 2177, 2, 300, true, false},   // 18 tiles: two per chunk, the online softmax within a chunk
   };
   for (const auto dtype : {at::kFloat, at::kDouble})
     for (const auto& c : cases) run(c, dtype);

@@ -36,11 +36,9 @@ int main() {
           const Tiles t = plan_tiles(S, C, budget, dev, smem_of, ok);
           expect(ok && smem_of(t.TL, t.TS, t.ld) <= dev.smem_optin, "tiles fit shared memory", L, S, C);
           expect(t.TL * C <= budget && t.TS * C <= budget && t.TS <= S, "tiles fit the accumulators", L, S, C);
-          expect(static_cast<long long>(t.nst) * t.TS >= S && (t.nst - 1LL) * t.TS < S, "slot tiles cover S", L, S,
-                 C);
+          expect(static_cast<long long>(t.nst) * t.TS >= S && (t.nst - 1LL) * t.TS < S, "slot tiles cover S", L, S, C);
           for (const Chunks ch : {plan_chunks(L, t.TL, 2, dev), plan_dispatch_fwd_chunks(L, t.TL, 2, dev)}) {
-            expect(ch.len % t.TL == 0 && ch.n >= 1 && ch.n <= (L + t.TL - 1) / t.TL, "whole tiles per chunk", L, S,
-                   C);
+            expect(ch.len % t.TL == 0 && ch.n >= 1 && ch.n <= (L + t.TL - 1) / t.TL, "whole tiles per chunk", L, S, C);
             expect(ch.len * ch.n >= L && ch.len * (ch.n - 1) < L, "chunks cover L, none empty", L, S, C);
           }
           expect(plan_chunks(L, t.TL, 1, dev).n <= kMaxChunks, "at most kMaxChunks chunks", L, S, C);

@@ -5,6 +5,7 @@ A fused backend supplies the four torch ops of the op contract, ``cluster_fwd``,
 ``contract.py``. The autograd Functions (``_autograd.py``) call one op forward and one backward.
 Adding a backend means one ``Backend`` line below and a module exposing those four names.
 """
+
 import os
 import warnings
 from dataclasses import dataclass
@@ -39,11 +40,13 @@ def _extension_usable(device_type):
 # with fullgraph=True before any eager call still loads its kernels.
 def _load_cpp():
     from . import cpp
+
     return cpp
 
 
 def _load_cuda_emulated():
     from . import cuda_emulated
+
     return cuda_emulated
 
 
@@ -53,6 +56,7 @@ def _emulation_usable(device_type):
 
 def _load_triton():
     from . import triton
+
     return triton
 
 
@@ -65,7 +69,7 @@ class Backend:
     max_channels: int  # 0: no limit
     max_batch: int  # 0: no limit
     load: object  # () -> the kernels' module, imported lazily so nothing GPU-only loads with the
-                  # package; None: the reference, plain autograd
+    # package; None: the reference, plain autograd
     unavailable: object = _always  # device_type -> None, or why not
 
 
@@ -77,10 +81,10 @@ BACKENDS = {
         Backend("cuda", ("cuda",), _HALF_AND_FLOAT, 256, 1024, 65535, _load_cpp, _extension_usable),
         Backend("triton", ("cpu", "cuda"), _HALF_AND_FLOAT, 256, 1024, 0, _load_triton, _triton_usable),
         # The CUDA kernels on CPU tensors under a host emulation of CUDA: for tests, never auto.
-        Backend("cuda_emulated", ("cpu",), _HALF_AND_FLOAT, 256, 1024, 65535, _load_cuda_emulated,
-                _emulation_usable),
+        Backend("cuda_emulated", ("cpu",), _HALF_AND_FLOAT, 256, 1024, 65535, _load_cuda_emulated, _emulation_usable),
     )
 }
+
 
 def kernels(name):
     """Backend ``name``'s module of four kernels."""
@@ -124,8 +128,11 @@ def available_backends(device="cpu"):
 def _unsupported(b, x, num_slots):
     """Why backend ``b`` cannot take these inputs, as (exception type, message), or None."""
     if x.dtype not in b.dtypes:
-        return TypeError, f"backend {b.name!r} does not support dtype {x.dtype} of x " \
-                          f"(it supports {', '.join(str(d) for d in b.dtypes)})"
+        return (
+            TypeError,
+            f"backend {b.name!r} does not support dtype {x.dtype} of x "
+            f"(it supports {', '.join(str(d) for d in b.dtypes)})",
+        )
     if b.max_slots and num_slots > b.max_slots:
         return ValueError, f"backend {b.name!r} supports at most {b.max_slots} slots, init_slots has {num_slots}"
     if b.max_batch and x.shape[0] > b.max_batch:  # CUDA's grid: the batch is a grid dimension
@@ -173,8 +180,10 @@ def resolve(backend, x, num_slots):
     b = BACKENDS[backend]
     why = why_unavailable(backend, device_type)
     if why is not None:
-        raise ValueError(f"backend {backend!r} is not available for {device_type} tensors: {why}; "
-                         f"available: {available_backends(device_type)}")
+        raise ValueError(
+            f"backend {backend!r} is not available for {device_type} tensors: {why}; "
+            f"available: {available_backends(device_type)}"
+        )
     problem = _unsupported(b, x, num_slots)
     if problem is not None:
         exc, msg = problem

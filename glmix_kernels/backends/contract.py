@@ -26,6 +26,7 @@ from the recomputed tile, so no forward output is saved.
 The functions below allocate each op's outputs from its inputs (all contiguous): the shapes and
 dtypes of the contract, used by the fake (meta) kernels and by the ops themselves.
 """
+
 import torch
 
 

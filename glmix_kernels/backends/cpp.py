@@ -5,6 +5,7 @@ device of the tensors picks the kernel, so both backends share these four names.
 (meta) implementations, for torch.compile and torch.library.opcheck, are the output allocations
 of ``contract.py``.
 """
+
 import sys
 
 import torch
@@ -13,6 +14,7 @@ from . import contract, registrations
 
 try:
     from .. import _C  # noqa: F401  (registers torch.ops.glmix_kernels.*)
+
     _LOAD_ERROR = None
 except ImportError as e:  # a pure-Python install, or a build without a compiler
     _LOAD_ERROR = e

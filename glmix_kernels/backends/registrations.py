@@ -6,10 +6,11 @@
   decomposes its own operators and composite ones by default, so the table comes from
   ``core_aten_decompositions()`` (torch's default table plus these).
 """
+
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from . import contract
@@ -70,8 +71,10 @@ def _update_active_flop_counters(formulas):
 
 def register(module):
     """Registers the formulas and decompositions of a backend module's four ops (once per op)."""
-    ops = {name: _overload(getattr(module, name))
-           for name in ("cluster_fwd", "cluster_bwd", "dispatch_fwd", "dispatch_bwd")}
+    ops = {
+        name: _overload(getattr(module, name))
+        for name in ("cluster_fwd", "cluster_bwd", "dispatch_fwd", "dispatch_bwd")
+    }
     new = {name: op for name, op in ops.items() if op not in _REGISTERED}
     if not new:
         return

@@ -1,12 +1,14 @@
 """python -m glmix_kernels.bench [quick]: the main job (glmix_kernels/bench/quick.py).
 python -m glmix_kernels.bench report RESULTS.json [...] [--out DIR]: the report (report.py)."""
+
 import argparse
 import sys
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m glmix_kernels.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m glmix_kernels.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command")
     quick = commands.add_parser("quick", help="check glnet_4g and compare the ops on this machine (the default)")
     quick.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -17,9 +19,11 @@ def main(argv=None):
 
     if args.command == "report":
         from . import report
+
         report.main(args.results, args.out)
         return 0
     from . import quick as job
+
     return job.main(getattr(args, "device", None))
 
 

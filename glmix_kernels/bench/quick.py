@@ -7,6 +7,7 @@ on this machine's device.
    backend plus ``compile`` and ``sdpa``: each one's error against the float32 reference, then
    the same markdown table as the report.
 """
+
 import time
 
 import torch
@@ -50,20 +51,34 @@ def check_model(device, dtype, batch, name="glnet_4g", resolution=224):
         finite = bool(torch.isfinite(logits[backend]).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
         # Normwise, against the reference: whole-network logits carry the ops' rounding through
         # every block, hence ten times the op tolerance.
-        diff = ((logits[backend] - reference_logits).abs().max()
-                / reference_logits.abs().max().clamp_min(1e-30)).item()
-        print(f"{name} {backend}: training step {elapsed:.2f} s, finite: {finite}, "
-              f"eval logits vs the reference's (normwise) {diff:.2e}")
+        diff = ((logits[backend] - reference_logits).abs().max() / reference_logits.abs().max().clamp_min(1e-30)).item()
+        print(
+            f"{name} {backend}: training step {elapsed:.2f} s, finite: {finite}, "
+            f"eval logits vs the reference's (normwise) {diff:.2e}"
+        )
         if not finite:
             failures.append(f"{name} with backend {backend!r}: non-finite output or gradient")
         elif diff > 10 * TOLERANCE[dtype]:
-            failures.append(f"{name} with backend {backend!r}: eval logits differ from the reference's by "
-                            f"{diff:.2e} (normwise) > {10 * TOLERANCE[dtype]:.0e}")
+            failures.append(
+                f"{name} with backend {backend!r}: eval logits differ from the reference's by "
+                f"{diff:.2e} (normwise) > {10 * TOLERANCE[dtype]:.0e}"
+            )
     return failures
 
 
-def compare_ops(device, *, B, L, C, S, dtype, backends=workloads.OP_BACKENDS, op="cluster+dispatch",
-                modes=("fwd", "full"), target_s=0.2):
+def compare_ops(
+    device,
+    *,
+    B,
+    L,
+    C,
+    S,
+    dtype,
+    backends=workloads.OP_BACKENDS,
+    op="cluster+dispatch",
+    modes=("fwd", "full"),
+    target_s=0.2,
+):
     """Times ``op`` per backend and mode and checks each fused backend against the float32 reference.
 
     Returns ``(records, failures)``: the records for ``report.markdown``, the failed checks as
@@ -89,9 +104,18 @@ def compare_ops(device, *, B, L, C, S, dtype, backends=workloads.OP_BACKENDS, op
             w = workloads.op_workload(op, backend, mode, B, L, C, S, dtype, device)
             memory = timing.peak_memory(w.run, w.make_inputs, device)
             t = timing.measure(w.run, w.feed(device), device, target_s=target_s)
-            records.append(report.record(op=op, backend=backend, mode=mode, dtype=workloads.DTYPE_NAMES[dtype],
-                                         device=device, shape=shape, peak_mem_bytes=memory,
-                                         time_s=t["median_s"]))
+            records.append(
+                report.record(
+                    op=op,
+                    backend=backend,
+                    mode=mode,
+                    dtype=workloads.DTYPE_NAMES[dtype],
+                    device=device,
+                    shape=shape,
+                    peak_mem_bytes=memory,
+                    time_s=t["median_s"],
+                )
+            )
     return records, failures
 
 

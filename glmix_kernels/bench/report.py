@@ -6,6 +6,7 @@ Each benchmark is read as a record: its ``extra_info`` (op, backend, mode, dtype
 peak_mem_bytes, versions) plus ``time_s``, the median seconds per call (the CUDA-event median
 on a GPU, pytest-benchmark's own median on the CPU). The quick job builds the same records.
 """
+
 import json
 import os
 
@@ -18,8 +19,18 @@ def record(*, op, backend, mode, dtype, device, shape, peak_mem_bytes, **extra):
     """One benchmark's description: what a benchmark's ``extra_info`` carries and what the
     tables read (plus ``time_s``; ``extra`` adds fields such as ``oom``)."""
     from . import timing
-    return dict(op=op, backend=backend, mode=mode, dtype=dtype, device=timing.device_name(device),
-                shape=dict(shape), peak_mem_bytes=peak_mem_bytes, versions=timing.versions(), **extra)
+
+    return dict(
+        op=op,
+        backend=backend,
+        mode=mode,
+        dtype=dtype,
+        device=timing.device_name(device),
+        shape=dict(shape),
+        peak_mem_bytes=peak_mem_bytes,
+        versions=timing.versions(),
+        **extra,
+    )
 
 
 def records_from_json(data):
@@ -45,8 +56,10 @@ def load(paths):
         records += records_from_json(data)
         machine = data.get("machine_info", {})
         cpu = machine.get("cpu", {}).get("brand_raw", "")
-        sources.append(f"{os.path.basename(path)}: {data.get('datetime', '?')}, host {machine.get('node', '?')}"
-                       + (f", {cpu}" if cpu else ""))
+        sources.append(
+            f"{os.path.basename(path)}: {data.get('datetime', '?')}, host {machine.get('node', '?')}"
+            + (f", {cpu}" if cpu else "")
+        )
     return records, sources
 
 
@@ -78,6 +91,7 @@ def _backend_order():
     # The benchmarks' own order (reference, baselines, then the registry's); imported late so
     # reading a report does not load the models.
     from .workloads import OP_BACKENDS
+
     return OP_BACKENDS
 
 
@@ -110,27 +124,35 @@ def _rows(records):
 
 
 def op_table(records):
-    lines = ["| op | mode | device | dtype | B x L x C x S | backend | time | vs reference | vs compile | memory |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| op | mode | device | dtype | B x L x C x S | backend | time | vs reference | vs compile | memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r, ref, comp in _rows([r for r in records if _is_op(r)]):
         s = r["shape"]
         t = r["time_s"]
-        lines.append(f"| {r['op']} | {r['mode']} | {r['device']} | {r['dtype']} | {s['B']}x{s['L']}x{s['C']}x{s['S']} "
-                     f"| {r['backend']} | {'OOM' if r.get('oom') else format_time(t)} | {_ratio(ref, t)} "
-                     f"| {_ratio(comp, t)} | {format_bytes(r.get('peak_mem_bytes'))} |")
+        lines.append(
+            f"| {r['op']} | {r['mode']} | {r['device']} | {r['dtype']} | {s['B']}x{s['L']}x{s['C']}x{s['S']} "
+            f"| {r['backend']} | {'OOM' if r.get('oom') else format_time(t)} | {_ratio(ref, t)} "
+            f"| {_ratio(comp, t)} | {format_bytes(r.get('peak_mem_bytes'))} |"
+        )
     return "\n".join(lines)
 
 
 def model_table(records):
-    lines = ["| model | mode | device | dtype | B x H x W | backend | time | images/s | vs reference | memory |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | mode | device | dtype | B x H x W | backend | time | images/s | vs reference | memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r, ref, _ in _rows([r for r in records if not _is_op(r)]):
         s = r["shape"]
         t = r["time_s"]
         rate = f"{s['B'] / t:.1f}" if t else "-"
-        lines.append(f"| {r['op']} | {r['mode']} | {r['device']} | {r['dtype']} | {s['B']}x{s['H']}x{s['W']} "
-                     f"| {r['backend']} | {'OOM' if r.get('oom') else format_time(t)} | {rate} | {_ratio(ref, t)} "
-                     f"| {format_bytes(r.get('peak_mem_bytes'))} |")
+        lines.append(
+            f"| {r['op']} | {r['mode']} | {r['device']} | {r['dtype']} | {s['B']}x{s['H']}x{s['W']} "
+            f"| {r['backend']} | {'OOM' if r.get('oom') else format_time(t)} | {rate} | {_ratio(ref, t)} "
+            f"| {format_bytes(r.get('peak_mem_bytes'))} |"
+        )
     return "\n".join(lines)
 
 
@@ -141,9 +163,11 @@ def markdown(records):
         parts += ["### Ops", op_table(records)]
     if any(not _is_op(r) for r in records):
         parts += ["### Models", model_table(records)]
-    parts.append("Time: median per call. vs reference / vs compile: that backend's time over this "
-                 "row's (above 1: faster). Memory: on a GPU the peak allocated during the call; on the "
-                 "CPU the bytes saved for backward (0 for inference).")
+    parts.append(
+        "Time: median per call. vs reference / vs compile: that backend's time over this "
+        "row's (above 1: faster). Memory: on a GPU the peak allocated during the call; on the "
+        "CPU the bytes saved for backward (0 for inference)."
+    )
     return "\n\n".join(parts)
 
 
@@ -159,6 +183,7 @@ def plot(records, path):
         return False, "no model-level results (shape B, H, W): no plot"
     try:
         import matplotlib
+
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:

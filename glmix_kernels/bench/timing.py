@@ -9,6 +9,7 @@ for a timed backward) are drawn afresh batch by batch, between timed calls. Memo
 pytest-benchmark's own timer instead); memory is the bytes saved for backward, counted once per
 storage.
 """
+
 import itertools
 import math
 import statistics
@@ -29,8 +30,10 @@ def device_name(device):
 def versions():
     """Library, torch and Triton versions (Triton ``None`` when not importable)."""
     import glmix_kernels
+
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
@@ -153,4 +156,5 @@ def measure(run, inputs, device, *, target_s=0.2, min_reps=5, max_reps=500, warm
 def is_out_of_memory(exc):
     """Whether ``exc`` is an allocation failure (CUDA, or the CPU allocator's)."""
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )

@@ -5,6 +5,7 @@ Op-level backends are the registry's (``reference``, ``cpu``, ``cuda``, ``triton
 baselines: ``compile`` (``torch.compile`` of the reference) and ``sdpa`` (the same math through
 ``scaled_dot_product_attention``, the temperature folded into the queries).
 """
+
 import contextlib
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 class Workload:
     """``run(*make_inputs())`` is the timed call; ``make_inputs`` draws one fresh input set.
     ``single_use``: a call consumes its set (see ``timing.feed``)."""
+
     make_inputs: object
     run: object
     single_use: bool = False
@@ -72,6 +74,7 @@ def model_backends(device):
 
 
 # ---------------------------------------------------------------- ops
+
 
 def _sdpa(q, k, v):
     # SDPA's fused kernels want (B, heads, L, E) with unit stride in E: a head axis of one, and a
@@ -146,6 +149,7 @@ def op_inputs(op, B, L, C, S, dtype, device):
     ``(B, C, S)``, as pooled slots are. ``slots`` is None unless ``op`` is dispatch. Never zeros:
     a zero input would make normalisation and softmax degenerate.
     """
+
     def leaf(*shape):
         return torch.randn(*shape, dtype=dtype, device=device).requires_grad_()
 
@@ -174,10 +178,13 @@ def op_workload(op, backend, mode, B, L, C, S, dtype, device):
     if mode == "fwd":
         return Workload(make_leaves, lambda x, s0, scale, slots, g: op_forward(f, x, s0, scale, slots))
     if mode == "full":
+
         def full(x, s0, scale, slots, g):
             return _grads(op_forward(f, x, s0, scale, slots), (x, s0, scale, slots), g)
+
         return Workload(make_leaves, full)
     if mode == "bwd":
+
         def recorded_forward():
             x, s0, scale, slots, g = make_leaves()
             return op_forward(f, x, s0, scale, slots), (x, s0, scale, slots), g
@@ -200,11 +207,11 @@ def reference_error(op, backend, B, L, C, S, dtype, device):
     exact = [t.detach().float().requires_grad_() if t is not None else None for t in leaves]
     out32 = op_forward(op_function(op, "reference"), *exact)
     expected = (out32,) + _grads(out32, exact, g.float())
-    return max(((a.float() - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
-               for a, e in zip(actual, expected))
+    return max(((a.float() - e).abs().max() / e.abs().max().clamp_min(1e-12)).item() for a, e in zip(actual, expected))
 
 
 # ---------------------------------------------------------------- models
+
 
 def autocast(device, dtype):
     """Mixed precision in ``dtype`` for half dtypes; float32 runs as it is."""
@@ -215,8 +222,10 @@ def autocast(device, dtype):
 
 def image_batch(batch, resolution, device, num_classes=1000):
     """Random images (never zeros) and labels."""
-    return (torch.randn(batch, 3, resolution, resolution, device=device),
-            torch.randint(num_classes, (batch,), device=device))
+    return (
+        torch.randn(batch, 3, resolution, resolution, device=device),
+        torch.randint(num_classes, (batch,), device=device),
+    )
 
 
 def model_workload(model, mode, batch, resolution, dtype, device):
@@ -229,6 +238,7 @@ def model_workload(model, mode, batch, resolution, dtype, device):
         def infer(images, labels):
             with torch.inference_mode(), autocast(device, dtype):
                 return model(images)
+
         return Workload(lambda: image_batch(batch, resolution, device), infer)
     if mode == "train":
         model.train()
@@ -241,6 +251,7 @@ def model_workload(model, mode, batch, resolution, dtype, device):
             loss.backward()
             optimizer.step()
             return loss
+
         return Workload(lambda: image_batch(batch, resolution, device), step)
     raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
 

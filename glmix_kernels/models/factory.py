@@ -1,4 +1,5 @@
 """The seven released GLNet variants by name, and loading of the authors' checkpoints."""
+
 import torch
 from torch import nn
 
@@ -44,16 +45,35 @@ class GLNetFeatures(nn.Module):
     def forward(self, x):
         return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)
 
+
 # The GLMix-specific settings shared by the 4G/9G/16G family (overlapped downsampling, conv
 # position embedding, hybrid third stage, attention-only last stage).
-_HYBRID = dict(depth=[4, 4, 18, 4], mlp_ratios=[3, 3, 3, 3], head_dim=32, norm_layer=nn.BatchNorm2d,
-               mixing_modes=("glmix", "glmix", "glmix.mha_nchw", "mha_nchw"), local_dw_ks=5,
-               slot_init="ada_avgpool", num_slots=64, cpe_ks=3, downsample_style="ovlp",
-               transition_layout="proj.norm", mlp_dw=True)
+_HYBRID = dict(
+    depth=[4, 4, 18, 4],
+    mlp_ratios=[3, 3, 3, 3],
+    head_dim=32,
+    norm_layer=nn.BatchNorm2d,
+    mixing_modes=("glmix", "glmix", "glmix.mha_nchw", "mha_nchw"),
+    local_dw_ks=5,
+    slot_init="ada_avgpool",
+    num_slots=64,
+    cpe_ks=3,
+    downsample_style="ovlp",
+    transition_layout="proj.norm",
+    mlp_dw=True,
+)
 # The Swin-T-like layout (non-overlapped downsampling, norm before each transition conv).
-_STL = dict(depth=[2, 2, 6, 2], embed_dim=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], head_dim=32,
-            norm_layer=nn.BatchNorm2d, mixing_modes=("glmix", "glmix", "glmix", "mha"), local_dw_ks=5,
-            num_slots=64, transition_layout="norm.proj")
+_STL = dict(
+    depth=[2, 2, 6, 2],
+    embed_dim=[96, 192, 384, 768],
+    mlp_ratios=[4, 4, 4, 4],
+    head_dim=32,
+    norm_layer=nn.BatchNorm2d,
+    mixing_modes=("glmix", "glmix", "glmix", "mha"),
+    local_dw_ks=5,
+    num_slots=64,
+    transition_layout="norm.proj",
+)
 
 _VARIANTS = {
     "glnet_stl": (GLNet, dict(_STL, slot_init="ada_avgpool")),

@@ -4,6 +4,7 @@ Module, parameter and buffer names follow the authors' ``rayleizhu/GLMix`` (``mo
 ``models/glnet_tklb.py``) exactly, so their released checkpoints load with ``strict=True``; that is
 why some index-sensitive ``nn.Sequential`` layouts keep placeholder ``nn.Identity`` entries.
 """
+
 import math
 from functools import partial
 
@@ -18,9 +19,17 @@ from ..backends import check_name
 MIXING_MODES = ("mha", "mha_nchw", "glmix", "glmix.mha_nchw")
 
 # What timm.data.resolve_data_config reads: the authors trained at 224 with ImageNet's mean and std.
-_PRETRAINED_CFG = dict(url="", input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                       interpolation="bicubic", fixed_input_size=False, mean=(0.485, 0.456, 0.406),
-                       std=(0.229, 0.224, 0.225), classifier="head")
+_PRETRAINED_CFG = dict(
+    url="",
+    input_size=(3, 224, 224),
+    pool_size=(7, 7),
+    crop_pct=0.875,
+    interpolation="bicubic",
+    fixed_input_size=False,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    classifier="head",
+)
 
 
 def _check_backend(name):
@@ -119,8 +128,16 @@ def _self_attention(mha, x):
 class MHSABlock(nn.Module):
     """Pre-norm transformer block on ``(B, L, C)`` tokens (the authors' ``MHSA_Block``)."""
 
-    def __init__(self, embed_dim, num_heads, dropout=0.0, mlp_ratio=4.0, drop_path=0.0,
-                 norm_layer=partial(nn.LayerNorm, eps=1e-6), layerscale=-1):
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        mlp_ratio=4.0,
+        drop_path=0.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        layerscale=-1,
+    ):
         super().__init__()
         hidden = int(mlp_ratio * embed_dim)
         self.norm1 = norm_layer(embed_dim)
@@ -140,8 +157,18 @@ class MHSANCHWBlock(nn.Module):
     """Transformer block on NCHW maps (the authors' ``MHSA_NCHW_Block``): conv position embedding,
     token attention, then a conv MLP on the map."""
 
-    def __init__(self, embed_dim, num_heads, dropout=0.0, mlp_ratio=4.0, drop_path=0.0,
-                 norm_layer=LayerNorm2d, mlp_dw=False, cpe_ks=0, layerscale=-1):
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        mlp_ratio=4.0,
+        drop_path=0.0,
+        norm_layer=LayerNorm2d,
+        mlp_dw=False,
+        cpe_ks=0,
+        layerscale=-1,
+    ):
         super().__init__()
         self.with_conv_pos_emb = cpe_ks > 0
         if self.with_conv_pos_emb:
@@ -176,10 +203,24 @@ class GLMixBlock(nn.Module):
     the global branch's parameters stay, so checkpoints still load).
     """
 
-    def __init__(self, embed_dim, num_heads, num_slots=64, slot_init="ada_avgpool", slot_scale=None,
-                 scale_mode="learnable", local_dw_ks=5, mlp_ratio=4.0, drop_path=0.0,
-                 norm_layer=LayerNorm2d, cpe_ks=0, mlp_dw=False, layerscale=-1,
-                 use_slot_attention=True, backend="auto"):
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        num_slots=64,
+        slot_init="ada_avgpool",
+        slot_scale=None,
+        scale_mode="learnable",
+        local_dw_ks=5,
+        mlp_ratio=4.0,
+        drop_path=0.0,
+        norm_layer=LayerNorm2d,
+        cpe_ks=0,
+        mlp_dw=False,
+        layerscale=-1,
+        use_slot_attention=True,
+        backend="auto",
+    ):
         super().__init__()
         if scale_mode not in ("learnable", "const"):
             raise ValueError(f"scale_mode must be 'learnable' or 'const', got {scale_mode!r}")
@@ -192,7 +233,7 @@ class GLMixBlock(nn.Module):
         self.backend = _check_backend(backend)
         self.use_global_branch = True
 
-        scale = torch.tensor(embed_dim ** -0.5 if slot_scale is None else float(slot_scale))
+        scale = torch.tensor(embed_dim**-0.5 if slot_scale is None else float(slot_scale))
         if scale_mode == "learnable":
             self.slot_scale = nn.Parameter(scale)
         else:
@@ -207,19 +248,26 @@ class GLMixBlock(nn.Module):
             nn.init.normal_(self.init_slots, std=0.02)
         else:
             self.pool_size = math.isqrt(num_slots)
-            if self.pool_size ** 2 != num_slots:
-                raise ValueError(f"slot_init='ada_avgpool' pools to a square grid: num_slots must be a "
-                                 f"perfect square, got {num_slots}")
+            if self.pool_size**2 != num_slots:
+                raise ValueError(
+                    f"slot_init='ada_avgpool' pools to a square grid: num_slots must be a "
+                    f"perfect square, got {num_slots}"
+                )
 
         self.norm1 = norm_layer(embed_dim)
-        self.relation_mha = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True) \
-            if use_slot_attention else nn.Identity()
+        self.relation_mha = (
+            nn.MultiheadAttention(embed_dim, num_heads, batch_first=True) if use_slot_attention else nn.Identity()
+        )
         # conv1x1 -> depthwise -> conv1x1 mimics qkv projection, attention and output projection.
-        self.feature_conv = nn.Sequential(
-            nn.Conv2d(embed_dim, embed_dim, 1),
-            nn.Conv2d(embed_dim, embed_dim, local_dw_ks, padding=local_dw_ks // 2, groups=embed_dim),
-            nn.Conv2d(embed_dim, embed_dim, 1),
-        ) if local_dw_ks > 0 else nn.Identity()
+        self.feature_conv = (
+            nn.Sequential(
+                nn.Conv2d(embed_dim, embed_dim, 1),
+                nn.Conv2d(embed_dim, embed_dim, local_dw_ks, padding=local_dw_ks // 2, groups=embed_dim),
+                nn.Conv2d(embed_dim, embed_dim, 1),
+            )
+            if local_dw_ks > 0
+            else nn.Identity()
+        )
 
         self.norm2 = norm_layer(embed_dim)
         self.mlp = _conv_mlp(embed_dim, mlp_ratio, mlp_dw)
@@ -262,8 +310,10 @@ class GLMixBlock(nn.Module):
         return reference.slot_assignment(pixels, init_slots, self.slot_scale).unflatten(2, y.shape[2:])
 
     def extra_repr(self):
-        return (f"scale_mode={self.scale_mode}, slot_init={self.slot_init}, "
-                f"use_slot_attention={self.use_slot_attention}, backend={self.backend!r}")
+        return (
+            f"scale_mode={self.scale_mode}, slot_init={self.slot_init}, "
+            f"use_slot_attention={self.use_slot_attention}, backend={self.backend!r}"
+        )
 
 
 class BasicLayer(nn.Module):
@@ -273,9 +323,24 @@ class BasicLayer(nn.Module):
     neither the results nor the state dict.
     """
 
-    def __init__(self, dim, num_heads, depth, mlp_ratio=4.0, drop_path=0.0, mixing_mode="glmix",
-                 local_dw_ks=5, slot_init="ada_avgpool", num_slots=64, use_slot_attention=True,
-                 cpe_ks=0, mlp_dw=False, layerscale=-1, use_checkpoint=False, backend="auto"):
+    def __init__(
+        self,
+        dim,
+        num_heads,
+        depth,
+        mlp_ratio=4.0,
+        drop_path=0.0,
+        mixing_mode="glmix",
+        local_dw_ks=5,
+        slot_init="ada_avgpool",
+        num_slots=64,
+        use_slot_attention=True,
+        cpe_ks=0,
+        mlp_dw=False,
+        layerscale=-1,
+        use_checkpoint=False,
+        backend="auto",
+    ):
         super().__init__()
         if mixing_mode not in MIXING_MODES:
             raise ValueError(f"mixing_mode must be one of {MIXING_MODES}, got {mixing_mode!r}")
@@ -286,14 +351,25 @@ class BasicLayer(nn.Module):
         rates = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
 
         def glmix(p):
-            return GLMixBlock(dim, num_heads, num_slots=num_slots, slot_init=slot_init,
-                              local_dw_ks=local_dw_ks, mlp_ratio=mlp_ratio, drop_path=p, cpe_ks=cpe_ks,
-                              mlp_dw=mlp_dw, layerscale=layerscale,
-                              use_slot_attention=use_slot_attention, backend=backend)
+            return GLMixBlock(
+                dim,
+                num_heads,
+                num_slots=num_slots,
+                slot_init=slot_init,
+                local_dw_ks=local_dw_ks,
+                mlp_ratio=mlp_ratio,
+                drop_path=p,
+                cpe_ks=cpe_ks,
+                mlp_dw=mlp_dw,
+                layerscale=layerscale,
+                use_slot_attention=use_slot_attention,
+                backend=backend,
+            )
 
         def mha_nchw(p):
-            return MHSANCHWBlock(dim, num_heads, mlp_ratio=mlp_ratio, drop_path=p, cpe_ks=cpe_ks,
-                                 mlp_dw=mlp_dw, layerscale=layerscale)
+            return MHSANCHWBlock(
+                dim, num_heads, mlp_ratio=mlp_ratio, drop_path=p, cpe_ks=cpe_ks, mlp_dw=mlp_dw, layerscale=layerscale
+            )
 
         def mha(p):
             return MHSABlock(dim, num_heads, mlp_ratio=mlp_ratio, drop_path=p, layerscale=layerscale)
@@ -342,18 +418,22 @@ class NonOverlappedPatchEmbeddings(nn.ModuleList):
 
     def __init__(self, embed_dims, in_chans=3, midd_order="norm.proj", norm_layer=nn.BatchNorm2d):
         _check_layout(midd_order)
-        stem = nn.Sequential(nn.Conv2d(in_chans, embed_dims[0], kernel_size=4, stride=4),
-                             norm_layer(embed_dims[0]))
-        super().__init__([stem] + [
-            _transition(embed_dims[i], embed_dims[i + 1], midd_order, norm_layer, kernel_size=2, stride=2)
-            for i in range(3)])
+        stem = nn.Sequential(nn.Conv2d(in_chans, embed_dims[0], kernel_size=4, stride=4), norm_layer(embed_dims[0]))
+        super().__init__(
+            [stem]
+            + [
+                _transition(embed_dims[i], embed_dims[i + 1], midd_order, norm_layer, kernel_size=2, stride=2)
+                for i in range(3)
+            ]
+        )
 
 
 class OverlappedPatchEmbeddings(nn.ModuleList):
     """Overlapping downsampling: a two-conv 3x3/2 stem, then 3x3/2 transitions."""
 
-    def __init__(self, embed_dims, in_chans=3, dual_patch_norm=False, midd_order="proj.norm",
-                 norm_layer=nn.BatchNorm2d):
+    def __init__(
+        self, embed_dims, in_chans=3, dual_patch_norm=False, midd_order="proj.norm", norm_layer=nn.BatchNorm2d
+    ):
         _check_layout(midd_order)
         half = embed_dims[0] // 2
         stem = nn.Sequential(
@@ -365,10 +445,15 @@ class OverlappedPatchEmbeddings(nn.ModuleList):
             nn.Conv2d(half, embed_dims[0], kernel_size=3, stride=2, padding=1),
             norm_layer(embed_dims[0]),
         )
-        super().__init__([stem] + [
-            _transition(embed_dims[i], embed_dims[i + 1], midd_order, norm_layer,
-                        kernel_size=3, stride=2, padding=1)
-            for i in range(3)])
+        super().__init__(
+            [stem]
+            + [
+                _transition(
+                    embed_dims[i], embed_dims[i + 1], midd_order, norm_layer, kernel_size=3, stride=2, padding=1
+                )
+                for i in range(3)
+            ]
+        )
 
 
 class GLNet(nn.Module):
@@ -381,16 +466,39 @@ class GLNet(nn.Module):
     model never uses them, so only their no-op values are allowed.
     """
 
-    def __init__(self, *, in_chans=3, num_classes=1000, depth=(2, 2, 6, 2), embed_dim=(96, 192, 384, 768),
-                 head_dim=32, qk_scale=None, drop_path_rate=0.0, drop_rate=0.0, use_checkpoint_stages=(),
-                 mlp_ratios=(4, 4, 4, 4), norm_layer=LayerNorm2d, pre_head_norm_layer=None,
-                 mixing_modes=("glmix", "glmix", "glmix", "mha"), local_dw_ks=5, slot_init="param",
-                 num_slots=64, cpe_ks=0, downsample_style="non_ovlp", transition_layout="proj.norm",
-                 dual_patch_norm=False, mlp_dw=False, layerscale=-1.0, backend="auto"):
+    def __init__(
+        self,
+        *,
+        in_chans=3,
+        num_classes=1000,
+        depth=(2, 2, 6, 2),
+        embed_dim=(96, 192, 384, 768),
+        head_dim=32,
+        qk_scale=None,
+        drop_path_rate=0.0,
+        drop_rate=0.0,
+        use_checkpoint_stages=(),
+        mlp_ratios=(4, 4, 4, 4),
+        norm_layer=LayerNorm2d,
+        pre_head_norm_layer=None,
+        mixing_modes=("glmix", "glmix", "glmix", "mha"),
+        local_dw_ks=5,
+        slot_init="param",
+        num_slots=64,
+        cpe_ks=0,
+        downsample_style="non_ovlp",
+        transition_layout="proj.norm",
+        dual_patch_norm=False,
+        mlp_dw=False,
+        layerscale=-1.0,
+        backend="auto",
+    ):
         super().__init__()
         if qk_scale is not None or drop_rate != 0:
-            raise ValueError("qk_scale and drop_rate have no effect in GLNet (nor in the authors' code); "
-                             f"leave them at None and 0, got {qk_scale!r} and {drop_rate!r}")
+            raise ValueError(
+                "qk_scale and drop_rate have no effect in GLNet (nor in the authors' code); "
+                f"leave them at None and 0, got {qk_scale!r} and {drop_rate!r}"
+            )
         if downsample_style not in ("ovlp", "non_ovlp"):
             raise ValueError(f"downsample_style must be 'ovlp' or 'non_ovlp', got {downsample_style!r}")
         self.num_classes = num_classes
@@ -399,23 +507,40 @@ class GLNet(nn.Module):
 
         if downsample_style == "ovlp":
             self.downsample_layers = OverlappedPatchEmbeddings(
-                embed_dim, in_chans=in_chans, dual_patch_norm=dual_patch_norm,
-                midd_order=transition_layout, norm_layer=norm_layer)
+                embed_dim,
+                in_chans=in_chans,
+                dual_patch_norm=dual_patch_norm,
+                midd_order=transition_layout,
+                norm_layer=norm_layer,
+            )
         else:
             self.downsample_layers = NonOverlappedPatchEmbeddings(
-                embed_dim, in_chans=in_chans, midd_order=transition_layout, norm_layer=norm_layer)
+                embed_dim, in_chans=in_chans, midd_order=transition_layout, norm_layer=norm_layer
+            )
 
         # On the CPU explicitly: the model may be built under a meta-device context.
         rates = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         if isinstance(local_dw_ks, int):
             local_dw_ks = [local_dw_ks] * 4
         self.stages = nn.ModuleList(
-            BasicLayer(embed_dim[i], embed_dim[i] // head_dim, depth[i], mlp_ratio=mlp_ratios[i],
-                       drop_path=rates[sum(depth[:i]):sum(depth[:i + 1])], mixing_mode=mixing_modes[i],
-                       local_dw_ks=local_dw_ks[i], slot_init=slot_init, num_slots=num_slots,
-                       cpe_ks=cpe_ks, mlp_dw=mlp_dw, layerscale=layerscale,
-                       use_checkpoint=i in use_checkpoint_stages, backend=backend)
-            for i in range(4))
+            BasicLayer(
+                embed_dim[i],
+                embed_dim[i] // head_dim,
+                depth[i],
+                mlp_ratio=mlp_ratios[i],
+                drop_path=rates[sum(depth[:i]) : sum(depth[: i + 1])],
+                mixing_mode=mixing_modes[i],
+                local_dw_ks=local_dw_ks[i],
+                slot_init=slot_init,
+                num_slots=num_slots,
+                cpe_ks=cpe_ks,
+                mlp_dw=mlp_dw,
+                layerscale=layerscale,
+                use_checkpoint=i in use_checkpoint_stages,
+                backend=backend,
+            )
+            for i in range(4)
+        )
 
         self.norm = (pre_head_norm_layer or norm_layer)(embed_dim[-1])
         self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -425,8 +550,7 @@ class GLNet(nn.Module):
         self.downsample_style = downsample_style
         self.grad_checkpointing = False
         # timm's feature description: both stems reduce by 4, each transition by 2 more.
-        self.feature_info = [dict(num_chs=embed_dim[i], reduction=4 * 2 ** i, module=f"stages.{i}")
-                             for i in range(4)]
+        self.feature_info = [dict(num_chs=embed_dim[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)]
         first_conv = "downsample_layers.0.1" if downsample_style == "ovlp" else "downsample_layers.0.0"
         self.pretrained_cfg = dict(_PRETRAINED_CFG, num_classes=num_classes, first_conv=first_conv)
 
@@ -475,11 +599,14 @@ class GLNet(nn.Module):
         smallest = 32 if self.downsample_style == "non_ovlp" else 1
         h, w = x.shape[2:]
         if min(h, w) < smallest:
-            raise ValueError(f"x is {h}x{w}: the {self.downsample_style} stem needs images of at least "
-                             f"{smallest}x{smallest} (stride 32 to the last stage)")
+            raise ValueError(
+                f"x is {h}x{w}: the {self.downsample_style} stem needs images of at least "
+                f"{smallest}x{smallest} (stride 32 to the last stage)"
+            )
 
-    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
-                              intermediates_only=False):
+    def forward_intermediates(
+        self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW", intermediates_only=False
+    ):
         """timm's multi-scale interface: the outputs of the stages picked by ``indices`` (None: all;
         an int n: the last n; a sequence: those, negatives from the end), NCHW at strides 4, 8,
         16, 32. ``norm`` passes the last stage's map through the final norm when it is picked.
@@ -536,10 +663,13 @@ class GLNet(nn.Module):
         blocks = self.stages[stage].blocks
         block = range(len(blocks))[block]
         if not isinstance(blocks[block], GLMixBlock):
-            glmix = [(i, j) for i, s in enumerate(self.stages) for j, b in enumerate(s.blocks)
-                     if isinstance(b, GLMixBlock)]
-            raise ValueError(f"stage {stage} block {block} is a {type(blocks[block]).__name__}, not a "
-                             f"GLMixBlock; GLMix blocks (stage, block): {glmix}")
+            glmix = [
+                (i, j) for i, s in enumerate(self.stages) for j, b in enumerate(s.blocks) if isinstance(b, GLMixBlock)
+            ]
+            raise ValueError(
+                f"stage {stage} block {block} is a {type(blocks[block]).__name__}, not a "
+                f"GLMixBlock; GLMix blocks (stage, block): {glmix}"
+            )
         x = images
         for i in range(stage):
             x = self.stages[i](self.downsample_layers[i](x))
@@ -600,8 +730,12 @@ class GLNetTokenLabeling(GLNet):
         cut = math.sqrt(1.0 - lam)
         h, w = int(rows * cut), int(cols * cut)
         r, c = torch.randint(rows, ()).item(), torch.randint(cols, ()).item()
-        return (min(max(r - h // 2, 0), rows), min(max(c - w // 2, 0), cols),
-                min(max(r + h // 2, 0), rows), min(max(c + w // 2, 0), cols))
+        return (
+            min(max(r - h // 2, 0), rows),
+            min(max(c - w // 2, 0), cols),
+            min(max(r + h // 2, 0), rows),
+            min(max(c + w // 2, 0), cols),
+        )
 
     def forward(self, x):
         self.check_input(x)
@@ -611,7 +745,7 @@ class GLNetTokenLabeling(GLNet):
             rows, cols = x.shape[2] // s, x.shape[3] // s
             r1, c1, r2, c2 = self._cutmix_box(rows, cols)
             mixed = x.clone()
-            mixed[:, :, s * r1:s * r2, s * c1:s * c2] = x.flip(0)[:, :, s * r1:s * r2, s * c1:s * c2]
+            mixed[:, :, s * r1 : s * r2, s * c1 : s * c2] = x.flip(0)[:, :, s * r1 : s * r2, s * c1 : s * c2]
             x = mixed
         x = self.stages[0](x)
         for i in range(1, 4):  # indexed: slicing the downsampling ModuleList would rerun its __init__

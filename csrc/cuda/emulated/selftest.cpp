@@ -72,16 +72,26 @@ at::Tensor run(const std::string& name) {
   float* o = out.data_ptr<float>();
   const size_t smem = kN * sizeof(float);
   const dim3 one(1), block(kN);
-  if (name == "race") launch(neighbour, one, block, smem, 0, o, false);
-  else if (name == "no_race") launch(neighbour, one, block, smem, 0, o, true);
-  else if (name == "one_past") launch(one_past, one, block, 0, 0, o);
-  else if (name == "uninitialised") launch(uninitialised, one, block, smem, 0, o);
-  else if (name == "early_exit") launch(early_exit, one, block, 0, 0, o);
-  else if (name == "split_barrier") launch(split_barrier, one, block, 0, 0, o);
-  else if (name == "partial_mask") launch(partial_mask, one, block, 0, 0, o);
-  else if (name == "divergent_warp") launch(divergent_warp, one, block, 0, 0, o);
-  else if (name == "warp_sums") launch(warp_sums, one, block, 0, 0, o);
-  else TORCH_CHECK(false, "selftest: unknown kernel '", name, "'");
+  if (name == "race")
+    launch(neighbour, one, block, smem, 0, o, false);
+  else if (name == "no_race")
+    launch(neighbour, one, block, smem, 0, o, true);
+  else if (name == "one_past")
+    launch(one_past, one, block, 0, 0, o);
+  else if (name == "uninitialised")
+    launch(uninitialised, one, block, smem, 0, o);
+  else if (name == "early_exit")
+    launch(early_exit, one, block, 0, 0, o);
+  else if (name == "split_barrier")
+    launch(split_barrier, one, block, 0, 0, o);
+  else if (name == "partial_mask")
+    launch(partial_mask, one, block, 0, 0, o);
+  else if (name == "divergent_warp")
+    launch(divergent_warp, one, block, 0, 0, o);
+  else if (name == "warp_sums")
+    launch(warp_sums, one, block, 0, 0, o);
+  else
+    TORCH_CHECK(false, "selftest: unknown kernel '", name, "'");
   return out.clone();
 }
 

@@ -22,6 +22,7 @@ shapes outside the capture (the warm-up compiles and loads the kernels). With
 few ``candidate_configs``; do that warm-up outside any capture too. ``scripts/triton_compile_report.py``
 compiles every candidate for the GLNet stage shapes and fails on a register spill.
 """
+
 import contextlib
 import functools
 import os
@@ -55,8 +56,13 @@ class TileConfig:
     num_stages: int = 2
 
     def meta(self, C):
-        return dict(BLOCK_S=self.block_s, BLOCK_L=self.block_l, BLOCK_C=self.block_c,
-                    ONE_C_BLOCK=self.block_c >= C, NUM_STAGES=self.num_stages)
+        return dict(
+            BLOCK_S=self.block_s,
+            BLOCK_L=self.block_l,
+            BLOCK_C=self.block_c,
+            ONE_C_BLOCK=self.block_c >= C,
+            NUM_STAGES=self.num_stages,
+        )
 
 
 # The kernels that take a TileConfig: split-L kernels (a block of slots per program) and pixel
@@ -120,8 +126,7 @@ def candidate_configs(kernel, S, C, dtype):
 def _pinned(fn, cfg, C):
     # A one-config autotuner: torch.compile and wrap_triton take it as they take any, and
     # Triton benchmarks nothing when there is a single config.
-    return triton.autotune([triton.Config(cfg.meta(C), num_warps=cfg.num_warps, num_stages=cfg.num_stages)],
-                           key=[])(fn)
+    return triton.autotune([triton.Config(cfg.meta(C), num_warps=cfg.num_warps, num_stages=cfg.num_stages)], key=[])(fn)
 
 
 @functools.cache
@@ -198,18 +203,37 @@ def _queries(x, init_slots, scale, grad=None, slots=None):
     block_s = min(_pow2(S), 16)  # 32 fp64 rows spill on sm_90 (compile report)
     grid_b = x.shape[0] if with_delta else Bq
     _launch(kernels.scaled_queries)[(grid_b * triton.cdiv(S, block_s),)](  # fp64: no pipelining, no spills
-        s0_ptr=init_slots, scale_ptr=scale, qh_ptr=qs_hi, ql_ptr=qs_lo, g_ptr=grad, v_ptr=slots,
-        delta_ptr=delta, Bq=Bq, S=S, C=C, **_strides("ss", init_slots), **_strides("sg", grad),
-        **_strides("sv", slots), SPLIT=split, WITH_DELTA=with_delta, BLOCK_S=block_s,
-        BLOCK_C=64, num_stages=1)
+        s0_ptr=init_slots,
+        scale_ptr=scale,
+        qh_ptr=qs_hi,
+        ql_ptr=qs_lo,
+        g_ptr=grad,
+        v_ptr=slots,
+        delta_ptr=delta,
+        Bq=Bq,
+        S=S,
+        C=C,
+        **_strides("ss", init_slots),
+        **_strides("sg", grad),
+        **_strides("sv", slots),
+        SPLIT=split,
+        WITH_DELTA=with_delta,
+        BLOCK_S=block_s,
+        BLOCK_C=64,
+        num_stages=1,
+    )
     return qs_hi, qs_lo, delta
 
 
 def _strides(prefix, t):
     """``t``'s strides as keyword arguments ``{prefix}_b, _r, _c`` (the kernels' names); a
     batch stride of 0 for a broadcast batch of 1."""
-    names = {"sx": ("sx_b", "sx_l", "sx_c"), "ss": ("ss_b", "ss_s", "ss_c"),
-             "sg": ("sg_b", "sg_s", "sg_c"), "sv": ("sv_b", "sv_s", "sv_c")}[prefix]
+    names = {
+        "sx": ("sx_b", "sx_l", "sx_c"),
+        "ss": ("ss_b", "ss_s", "ss_c"),
+        "sg": ("sg_b", "sg_s", "sg_c"),
+        "sv": ("sv_b", "sv_s", "sv_c"),
+    }[prefix]
     b = 0 if t.shape[0] == 1 else t.stride(0)
     return dict(zip(names, (b, t.stride(1), t.stride(2))))
 
@@ -228,7 +252,8 @@ def _sum_chunks(ws, out):
     B, n_chunks, N = ws.shape[0], ws.shape[1], ws[0, 0].numel()
     block = min(_SUM_BLOCK, triton.next_power_of_2(N))
     _launch(kernels.sum_chunks)[(B * triton.cdiv(N, block),)](
-        ws_ptr=ws, out_ptr=out, n_chunks=n_chunks, N=N, BLOCK=block)
+        ws_ptr=ws, out_ptr=out, n_chunks=n_chunks, N=N, BLOCK=block
+    )
 
 
 def _query_grads(dq_ws, init_slots, scale, d_init, dscale):
@@ -240,8 +265,18 @@ def _query_grads(dq_ws, init_slots, scale, d_init, dscale):
     n_programs = Bq * triton.cdiv(S, block_s)
     dscale_parts = dq_ws.new_empty((1, n_programs, 1), dtype=torch.float64)
     _launch(kernels.query_bwd)[(n_programs,)](
-        dq_ptr=dq_ws, s0_ptr=init_slots, scale_ptr=scale, d_init_ptr=d_init, dscale_ptr=dscale_parts,
-        S=S, C=C, n_rows=n_rows, **_strides("ss", init_slots), BLOCK_S=block_s, BLOCK_C=block_c)
+        dq_ptr=dq_ws,
+        s0_ptr=init_slots,
+        scale_ptr=scale,
+        d_init_ptr=d_init,
+        dscale_ptr=dscale_parts,
+        S=S,
+        C=C,
+        n_rows=n_rows,
+        **_strides("ss", init_slots),
+        BLOCK_S=block_s,
+        BLOCK_C=block_c,
+    )
     _sum_chunks(dscale_parts, dscale.view(1, 1))
 
 
@@ -260,6 +295,7 @@ def _op(name, outputs):
         op = torch.library.custom_op(f"glmix_triton::{name}", fn, mutates_args=())
         op.register_fake(outputs)
         return op
+
     return register
 
 
@@ -277,13 +313,11 @@ def _check(op, x, init_slots, scale, slots=None, grad=None, grad_shape=None):
         raise ValueError(f"scale must be a 0-d tensor, got shape {tuple(scale.shape)}")
     resolve("triton", x, init_slots.shape[1])
     if grad is not None and tuple(grad.shape) != tuple(grad_shape):
-        raise ValueError(f"grad must have shape {tuple(grad_shape)} (the {op[:-4]} output's), "
-                         f"got {tuple(grad.shape)}")
+        raise ValueError(f"grad must have shape {tuple(grad_shape)} (the {op[:-4]} output's), got {tuple(grad.shape)}")
 
 
 @_op("cluster_fwd", contract.cluster_fwd_outputs)
-def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check("cluster_fwd", x, init_slots, scale)
     B, L, C = x.shape
     S = init_slots.shape[1]
@@ -297,21 +331,43 @@ def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor
         l_ws = lse if one_chunk else torch.empty_like(m_ws)
         acc_ws = slots if one_chunk else x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
         _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
-            x_ptr=x, qh_ptr=qs_hi, ql_ptr=qs_lo, m_ptr=m_ws, l_ptr=l_ws, acc_ptr=acc_ws, S=S, L=L, C=C,
-            chunk_len=chunk_len, **_strides("sx", x), sq_b=_batch_stride(qs_hi), ONE_CHUNK=one_chunk,
-            **_common(x))
+            x_ptr=x,
+            qh_ptr=qs_hi,
+            ql_ptr=qs_lo,
+            m_ptr=m_ws,
+            l_ptr=l_ws,
+            acc_ptr=acc_ws,
+            S=S,
+            L=L,
+            C=C,
+            chunk_len=chunk_len,
+            **_strides("sx", x),
+            sq_b=_batch_stride(qs_hi),
+            ONE_CHUNK=one_chunk,
+            **_common(x),
+        )
         if one_chunk:
             return slots, lse
         block_c = min(_pow2(C), 128)
         _launch(kernels.cluster_fwd_combine)[(B * triton.cdiv(S, block_s), triton.cdiv(C, block_c))](
-            m_ptr=m_ws, l_ptr=l_ws, acc_ptr=acc_ws, slots_ptr=slots, lse_ptr=lse, S=S, C=C,
-            n_chunks=n_chunks, BLOCK_S=block_s, BLOCK_C=block_c)
+            m_ptr=m_ws,
+            l_ptr=l_ws,
+            acc_ptr=acc_ws,
+            slots_ptr=slots,
+            lse_ptr=lse,
+            S=S,
+            C=C,
+            n_chunks=n_chunks,
+            BLOCK_S=block_s,
+            BLOCK_C=block_c,
+        )
     return slots, lse
 
 
 @_op("dispatch_fwd", contract.dispatch_fwd_outputs)
-def dispatch_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def dispatch_fwd(
+    x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     _check("dispatch_fwd", x, init_slots, scale, slots)
     B, L, C = x.shape
     S = init_slots.shape[1]
@@ -320,15 +376,33 @@ def dispatch_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor,
         qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
         chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
         _tiled("dispatch_fwd", S, C, x.dtype)[(B, n_chunks)](
-            x_ptr=x, qh_ptr=qs_hi, ql_ptr=qs_lo, v_ptr=slots, out_ptr=out, lse_ptr=lse, S=S, L=L, C=C,
-            chunk_len=chunk_len, **_strides("sx", x), sq_b=_batch_stride(qs_hi),
-            **_strides("sv", slots), **_common(x))
+            x_ptr=x,
+            qh_ptr=qs_hi,
+            ql_ptr=qs_lo,
+            v_ptr=slots,
+            out_ptr=out,
+            lse_ptr=lse,
+            S=S,
+            L=L,
+            C=C,
+            chunk_len=chunk_len,
+            **_strides("sx", x),
+            sq_b=_batch_stride(qs_hi),
+            **_strides("sv", slots),
+            **_common(x),
+        )
     return out, lse
 
 
 @_op("cluster_bwd", contract.cluster_bwd_outputs)
-def cluster_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor,
-                slots: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cluster_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    init_slots: torch.Tensor,
+    scale: torch.Tensor,
+    slots: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, _, C = x.shape
     S = init_slots.shape[1]
     _check("cluster_bwd", x, init_slots, scale, grad=grad, grad_shape=(B, S, C))
@@ -341,16 +415,20 @@ def cluster_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, s
 
 
 @_op("dispatch_bwd", contract.dispatch_bwd_outputs)
-def dispatch_bwd(grad: torch.Tensor, x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor,
-                 slots: torch.Tensor, lse: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def dispatch_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    init_slots: torch.Tensor,
+    scale: torch.Tensor,
+    slots: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check("dispatch_bwd", x, init_slots, scale, slots, grad=grad, grad_shape=x.shape)
     dx, d_init, dscale, dslots = contract.dispatch_bwd_outputs(grad, x, init_slots, scale, slots, lse)
     with _device_guard(x):
         qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
         delta = x.new_empty(x.shape[:2], dtype=torch.float32)  # written by pixel_bwd
-        dq_ws, dv_ws = _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, cluster=False,
-                                         dslots=dslots)
+        dq_ws, dv_ws = _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, cluster=False, dslots=dslots)
         _query_grads(dq_ws, init_slots, scale, d_init, dscale)
         if dv_ws is not dslots:
             _sum_chunks(dv_ws, dslots)
@@ -365,15 +443,31 @@ def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, 
     With a single chunk, dispatch's ``dslots`` partials are the result: written to ``dslots``."""
     B, L, C = x.shape
     S = qs_hi.shape[1]
-    args = dict(x_ptr=x, qh_ptr=qs_hi, ql_ptr=qs_lo, g_ptr=grad, v_ptr=slots, lse_ptr=lse, delta_ptr=delta,
-                S=S, L=L, C=C, **_strides("sx", x), sq_b=_batch_stride(qs_hi), **_grad_strides(grad),
-                **_strides("sv", slots), CLUSTER=cluster, **_common(x))
+    args = dict(
+        x_ptr=x,
+        qh_ptr=qs_hi,
+        ql_ptr=qs_lo,
+        g_ptr=grad,
+        v_ptr=slots,
+        lse_ptr=lse,
+        delta_ptr=delta,
+        S=S,
+        L=L,
+        C=C,
+        **_strides("sx", x),
+        sq_b=_batch_stride(qs_hi),
+        **_grad_strides(grad),
+        **_strides("sv", slots),
+        CLUSTER=cluster,
+        **_common(x),
+    )
     slot_sums = pick_config("pixel_bwd", S, C, x.dtype).block_c >= C
     chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
     # Without slot_sums the partials' pointers are not read: any valid tensor.
     dq_ws, dv_ws = _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots) if slot_sums else (dx, dx)
     _tiled("pixel_bwd", S, C, x.dtype)[(B, n_chunks)](
-        dx_ptr=dx, dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, SLOT_SUMS=slot_sums, **args)
+        dx_ptr=dx, dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, SLOT_SUMS=slot_sums, **args
+    )
     if slot_sums:
         return dq_ws, dv_ws
 
@@ -381,7 +475,8 @@ def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, 
     chunk_len, n_chunks = plan_chunks(B, S, L, x.device, block_s)
     dq_ws, dv_ws = _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots)
     _tiled("slot_bwd", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
-        dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, **args)
+        dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, **args
+    )
     return dq_ws, dv_ws
 
 

@@ -25,6 +25,7 @@ accumulators are fp32. With ``ONE_C_BLOCK`` (all of C in one tile, fixed at comp
 S x C operands are loaded once per program before the loop over pixel tiles, and each ``x`` tile
 serves both the logits and the value product.
 """
+
 import os
 
 import triton
@@ -142,9 +143,31 @@ def _inv_norm(sumsq):
 
 
 @triton.jit
-def _scores(qh_ptr, ql_ptr, sq_s, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr, sg_l, sg_c,
-            s0, l0, S, L, C, SECOND: tl.constexpr, SPLIT: tl.constexpr,
-            BS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, UPCAST: tl.constexpr):
+def _scores(
+    qh_ptr,
+    ql_ptr,
+    sq_s,
+    x_ptr,
+    sx_l,
+    sx_c,
+    y_ptr,
+    sy_r,
+    sy_c,
+    g_ptr,
+    sg_l,
+    sg_c,
+    s0,
+    l0,
+    S,
+    L,
+    C,
+    SECOND: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BS: tl.constexpr,
+    BL: tl.constexpr,
+    BC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Unnormalised logits of one ``(BS, BL)`` tile over all of C (several C blocks), plus what
     shares its C loop: ``(A_hi, A, second, sum of squares of x)`` with ``A = qs x^T`` before the
     per-pixel ``1/||x||``; ``second`` is ``SCORE_ROWS_X``: ``y x^T``, ``SCORE_ROWS_G``: ``y g^T``.
@@ -173,10 +196,31 @@ def _scores(qh_ptr, ql_ptr, sq_s, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c, g_ptr, s
 
 
 @triton.jit
-def scaled_queries(s0_ptr, scale_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, delta_ptr, Bq, S, C,
-                   ss_b, ss_s, ss_c, sg_b, sg_s, sg_c, sv_b, sv_s, sv_c,
-                   SPLIT: tl.constexpr, WITH_DELTA: tl.constexpr,
-                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def scaled_queries(
+    s0_ptr,
+    scale_ptr,
+    qh_ptr,
+    ql_ptr,
+    g_ptr,
+    v_ptr,
+    delta_ptr,
+    Bq,
+    S,
+    C,
+    ss_b,
+    ss_s,
+    ss_c,
+    sg_b,
+    sg_s,
+    sg_c,
+    sv_b,
+    sv_s,
+    sv_c,
+    SPLIT: tl.constexpr,
+    WITH_DELTA: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """``qs = scale * q``, ``q = init_slots / max(||init_slots||, eps)``, for a block of slots.
 
     The norm in fp64 (``q`` is what the backward's projection removes from ``dq``: its rounding
@@ -212,11 +256,31 @@ def scaled_queries(s0_ptr, scale_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, delta_ptr, B
 
 
 @triton.jit
-def cluster_fwd_chunk(x_ptr, qh_ptr, ql_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chunk_len,
-                      sx_b, sx_l, sx_c, sq_b,
-                      ONE_CHUNK: tl.constexpr, X_LAYOUT: tl.constexpr, SPLIT: tl.constexpr, ONE_C_BLOCK: tl.constexpr,
-                      BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-                      NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr):
+def cluster_fwd_chunk(
+    x_ptr,
+    qh_ptr,
+    ql_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    S,
+    L,
+    C,
+    chunk_len,
+    sx_b,
+    sx_l,
+    sx_c,
+    sq_b,
+    ONE_CHUNK: tl.constexpr,
+    X_LAYOUT: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ONE_C_BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Online softmax over one L chunk for a block of slots: partial max ``m``, sum ``l`` and
     unnormalised ``acc = sum exp(A - m) x`` (columns of this program's C block) per chunk.
 
@@ -248,9 +312,31 @@ def cluster_fwd_chunk(x_ptr, qh_ptr, ql_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chu
             sumsq = tl.sum(xf * xf, 1)
             _, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
         else:
-            _, a, _, sumsq = _scores(qh_ptr, ql_ptr, C, x_ptr, sx_l, sx_c, qh_ptr, 0, 0, x_ptr, 0, 0,
-                                     s0, l0, S, l_end, C, SCORE_NONE, SPLIT,
-                                     BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+            _, a, _, sumsq = _scores(
+                qh_ptr,
+                ql_ptr,
+                C,
+                x_ptr,
+                sx_l,
+                sx_c,
+                qh_ptr,
+                0,
+                0,
+                x_ptr,
+                0,
+                0,
+                s0,
+                l0,
+                S,
+                l_end,
+                C,
+                SCORE_NONE,
+                SPLIT,
+                BLOCK_S,
+                BLOCK_L,
+                BLOCK_C,
+                UPCAST,
+            )
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
         a = a * _inv_norm(sumsq)[None, :]
         a = tl.where((l0 + tl.arange(0, BLOCK_L) < l_end)[None, :], a, float("-inf"))
@@ -274,8 +360,9 @@ def cluster_fwd_chunk(x_ptr, qh_ptr, ql_ptr, m_ptr, l_ptr, acc_ptr, S, L, C, chu
 
 
 @triton.jit
-def cluster_fwd_combine(m_ptr, l_ptr, acc_ptr, slots_ptr, lse_ptr, S, C, n_chunks,
-                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def cluster_fwd_combine(
+    m_ptr, l_ptr, acc_ptr, slots_ptr, lse_ptr, S, C, n_chunks, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """Merges the chunks' partials by log-sum-exp, in chunk order (bitwise deterministic).
 
     Grid (B * slot blocks, C blocks); ``slots`` (B, S, C) and ``lse`` (B, S) are contiguous
@@ -306,11 +393,33 @@ def cluster_fwd_combine(m_ptr, l_ptr, acc_ptr, slots_ptr, lse_ptr, S, C, n_chunk
 
 
 @triton.jit
-def dispatch_fwd(x_ptr, qh_ptr, ql_ptr, v_ptr, out_ptr, lse_ptr, S, L, C, chunk_len,
-                 sx_b, sx_l, sx_c, sq_b, sv_b, sv_s, sv_c,
-                 X_LAYOUT: tl.constexpr, SPLIT: tl.constexpr, ONE_C_BLOCK: tl.constexpr,
-                 BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr):
+def dispatch_fwd(
+    x_ptr,
+    qh_ptr,
+    ql_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    S,
+    L,
+    C,
+    chunk_len,
+    sx_b,
+    sx_l,
+    sx_c,
+    sq_b,
+    sv_b,
+    sv_s,
+    sv_c,
+    X_LAYOUT: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ONE_C_BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Softmax over all S slots for each pixel tile of a chunk, then ``out = D^T @ slots``.
 
     Grid (B, chunks); ``out`` (B, L, C) and ``lse`` (B, L) are contiguous.
@@ -335,9 +444,31 @@ def dispatch_fwd(x_ptr, qh_ptr, ql_ptr, v_ptr, out_ptr, lse_ptr, S, L, C, chunk_
             xf = xf.to(tl.float32)
             sumsq = tl.sum(xf * xf, 1)
         else:
-            _, a, _, sumsq = _scores(qh_ptr, ql_ptr, C, x_ptr, sx_l, sx_c, qh_ptr, 0, 0, x_ptr, 0, 0,
-                                     0, l0, S, L, C, SCORE_NONE, SPLIT,
-                                     BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+            _, a, _, sumsq = _scores(
+                qh_ptr,
+                ql_ptr,
+                C,
+                x_ptr,
+                sx_l,
+                sx_c,
+                qh_ptr,
+                0,
+                0,
+                x_ptr,
+                0,
+                0,
+                0,
+                l0,
+                S,
+                L,
+                C,
+                SCORE_NONE,
+                SPLIT,
+                BLOCK_S,
+                BLOCK_L,
+                BLOCK_C,
+                UPCAST,
+            )
         a = tl.where(valid_s, a * _inv_norm(sumsq)[None, :], float("-inf"))
         m = tl.max(a, 0)
         e = tl.exp(a - m[None, :])
@@ -392,12 +523,42 @@ def _key_projection(da, a_hi, sumsq, inv_r):
 
 
 @triton.jit
-def pixel_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dx_ptr, dq_ptr, dv_ptr,
-              S, L, C, chunk_len, sx_b, sx_l, sx_c, sq_b, sg_b, sg_r, sg_c, sv_b, sv_s, sv_c,
-              CLUSTER: tl.constexpr, SLOT_SUMS: tl.constexpr, X_LAYOUT: tl.constexpr,
-              SPLIT: tl.constexpr, ONE_C_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-              BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
-              UPCAST: tl.constexpr):
+def pixel_bwd(
+    x_ptr,
+    qh_ptr,
+    ql_ptr,
+    g_ptr,
+    v_ptr,
+    lse_ptr,
+    delta_ptr,
+    dx_ptr,
+    dq_ptr,
+    dv_ptr,
+    S,
+    L,
+    C,
+    chunk_len,
+    sx_b,
+    sx_l,
+    sx_c,
+    sq_b,
+    sg_b,
+    sg_r,
+    sg_c,
+    sv_b,
+    sv_s,
+    sv_c,
+    CLUSTER: tl.constexpr,
+    SLOT_SUMS: tl.constexpr,
+    X_LAYOUT: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ONE_C_BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """``dx`` for each pixel tile of a chunk, all S slots in the tile (``dx`` is local per pixel).
 
     ``g``: the incoming gradient (clustering ``G`` (B, S, C), dispatch ``Hg`` (B, L, C)); ``v``:
@@ -447,10 +608,31 @@ def pixel_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dx_ptr, d
                 gt = _load(g_ptr, l0, 0, L, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
                 dp = _dot(yt, tl.trans(gt), None, UPCAST)
         else:
-            a_hi, a, dp, sumsq = _scores(qh_ptr, ql_ptr, C, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c,
-                                         g_ptr, sg_r, sg_c, 0, l0, S, L, C,
-                                         SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G, SPLIT,
-                                         BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+            a_hi, a, dp, sumsq = _scores(
+                qh_ptr,
+                ql_ptr,
+                C,
+                x_ptr,
+                sx_l,
+                sx_c,
+                y_ptr,
+                sy_r,
+                sy_c,
+                g_ptr,
+                sg_r,
+                sg_c,
+                0,
+                l0,
+                S,
+                L,
+                C,
+                SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G,
+                SPLIT,
+                BLOCK_S,
+                BLOCK_L,
+                BLOCK_C,
+                UPCAST,
+            )
         inv_r = _inv_norm(sumsq)
         p = _probabilities(a * inv_r[None, :], lse, 0, l0, S, L, BLOCK_S, BLOCK_L)
         if CLUSTER:
@@ -498,11 +680,40 @@ def _dq_product(da, inv_r, xt, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def slot_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv_ptr,
-             S, L, C, chunk_len, sx_b, sx_l, sx_c, sq_b, sg_b, sg_r, sg_c, sv_b, sv_s, sv_c,
-             CLUSTER: tl.constexpr, X_LAYOUT: tl.constexpr, SPLIT: tl.constexpr,
-             ONE_C_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
-             BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr):
+def slot_bwd(
+    x_ptr,
+    qh_ptr,
+    ql_ptr,
+    g_ptr,
+    v_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    dv_ptr,
+    S,
+    L,
+    C,
+    chunk_len,
+    sx_b,
+    sx_l,
+    sx_c,
+    sq_b,
+    sg_b,
+    sg_r,
+    sg_c,
+    sv_b,
+    sv_s,
+    sv_c,
+    CLUSTER: tl.constexpr,
+    X_LAYOUT: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ONE_C_BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """One L chunk's share of the sums over pixels: ``dqs = dA @ K``, and for dispatch
     ``dslots = D @ Hg``, for a block of slots and one C block.
 
@@ -550,10 +761,31 @@ def slot_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv
                 gt = _load(g_ptr, l0, 0, l_end, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
                 dp = _dot(yt, tl.trans(gt), None, UPCAST)
         else:
-            _, a, dp, sumsq = _scores(qh_ptr, ql_ptr, C, x_ptr, sx_l, sx_c, y_ptr, sy_r, sy_c,
-                                      g_ptr, sg_r, sg_c, s0, l0, S, l_end, C,
-                                      SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G, SPLIT,
-                                      BLOCK_S, BLOCK_L, BLOCK_C, UPCAST)
+            _, a, dp, sumsq = _scores(
+                qh_ptr,
+                ql_ptr,
+                C,
+                x_ptr,
+                sx_l,
+                sx_c,
+                y_ptr,
+                sy_r,
+                sy_c,
+                g_ptr,
+                sg_r,
+                sg_c,
+                s0,
+                l0,
+                S,
+                l_end,
+                C,
+                SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G,
+                SPLIT,
+                BLOCK_S,
+                BLOCK_L,
+                BLOCK_C,
+                UPCAST,
+            )
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
             if not CLUSTER:
                 gt = _load(g_ptr, l0, c_out, l_end, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
@@ -570,8 +802,21 @@ def slot_bwd(x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, lse_ptr, delta_ptr, dq_ptr, dv
 
 
 @triton.jit
-def query_bwd(dq_ptr, s0_ptr, scale_ptr, d_init_ptr, dscale_ptr, S, C, n_rows,
-              ss_b, ss_s, ss_c, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def query_bwd(
+    dq_ptr,
+    s0_ptr,
+    scale_ptr,
+    d_init_ptr,
+    dscale_ptr,
+    S,
+    C,
+    n_rows,
+    ss_b,
+    ss_s,
+    ss_c,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """``d_init_slots`` for a block of slots (all of C in one tile), and this program's share of
     ``dscale``.
 
