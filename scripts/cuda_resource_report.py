@@ -20,8 +20,15 @@ import subprocess
 import sys
 from collections import defaultdict
 
-# Kernels whose products must run on tensor cores (base names, without template arguments).
-TENSOR_CORE_KERNELS = {"mma_tile_test", "mma3_tile_test", "cluster_fwd_chunk_mma", "dispatch_fwd_mma"}
+# Kernels whose products must run on tensor cores (base names, without template arguments): the
+# test kernels, and every kernel of the backends named *_mma (forward and backward).
+TENSOR_CORE_KERNELS = {"mma_tile_test", "mma3_tile_test", "cluster_fwd_chunk_mma", "dispatch_fwd_mma", "pixel_bwd_mma",
+                       "slot_bwd_mma"}
+
+
+def needs_tensor_cores(kernel):
+    base = kernel.split("<")[0].split("::")[-1]
+    return base in TENSOR_CORE_KERNELS or base.endswith("_mma")
 
 # Per-SM limits (registers, threads, blocks, shared memory per SM and reserved per block, bytes).
 SM_LIMITS = {
@@ -147,7 +154,7 @@ def main():
             errors.append(f"{kernel} sm_{arch}: no ptxas -v record in {args.ptxas_log}")
         elif out["spill_bytes"] > 0:
             errors.append(f"{kernel} sm_{arch}: spills {out['spill_bytes']} bytes")
-        if kernel.split("<")[0] in TENSOR_CORE_KERNELS and out["tensor_core_instructions"] == 0:
+        if needs_tensor_cores(kernel) and out["tensor_core_instructions"] == 0:
             errors.append(f"{kernel} sm_{arch}: no tensor-core (HMMA) instruction")
     if not records:
         errors.append("no kernels found in " + " ".join(args.binaries))

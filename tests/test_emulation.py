@@ -102,6 +102,22 @@ def test_kernels_are_bitwise_identical_in_every_thread_order(op, shape):
             assert torch.equal(bits(a), bits(b)), f"{op} {name} differs between forward and {order} order"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+def test_tensor_core_kernels_are_bitwise_identical_in_every_thread_order(op, dtype):
+    """The same for 16-bit x, which runs the tensor-core kernels (mma_kernels.cuh): two slot tiles,
+    three pixel tiles."""
+    case = Case(1, 150, 24, 70, "nchw", seed=3)
+    results = []
+    for order in ORDERS:
+        with thread_order(*order):
+            out, grads = case.run(op, BACKEND, dtype)
+        results.append([out] + grads)
+    for other, order in zip(results[1:], ORDERS[1:]):
+        for a, b, name in zip(results[0], other, ["out", "dx", "dinit_slots", "dscale", "dslots"]):
+            assert torch.equal(bits(a), bits(b)), f"{op} {name} differs between forward and {order} order"
+
+
 def in_nan_margins(t):
     """t's values in the middle of a NaN buffer, with t's strides."""
     flat = torch.full((t.numel() + 2 * 97,), float("nan"), dtype=t.dtype)

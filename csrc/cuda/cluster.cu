@@ -75,14 +75,20 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
   if (B == 0) return {dx, dqs};
 
   const auto lse_c = lse.contiguous();
+  // Tensor cores: pixel_bwd_mma (dx) and slot_bwd_mma (chunk partials of dqs), tiles of 64 x 64;
+  // else cluster_bwd_chunk with the planned CUDA-core tiles.
+  const bool mma = use_mma_bwd(x);
+  const int mma_nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows);
   const auto t =
-      tiles_for(S, C, kBwdAcc * kThreads, [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); }, op);
-  const auto ch = plan::plan_chunks(L, t.TL, B, device_props());
+      mma ? plan::Tiles{tc::kMmaCols, tc::kMmaRows, mma_nst, 0}
+          : tiles_for(
+                S, C, kBwdAcc * kThreads, [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); }, op);
+  const auto ch = plan::plan_chunks(L, t.TL, B * (mma ? t.nst : 1), device_props());
   TORCH_CHECK(ch.n <= 65535, op, ": grid too large");
   auto f32 = x.options().dtype(at::kFloat);
   auto delta = empty_workspace({B, S}, f32);
   auto ws_dq = empty_workspace({B, ch.n, S, C}, f32);
-  const size_t smem = bwd_smem(t.TL, t.TS, t.ld).bytes();
+  const size_t smem = mma ? 0 : bwd_smem(t.TL, t.TS, t.ld).bytes();
   const Stream stream = current_stream();
 
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_cluster_bwd_cuda", [&] {
@@ -90,12 +96,29 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
     launch(cluster_delta<scalar_t>, dim3(static_cast<unsigned>((rows + warps - 1) / warps)), dim3(kThreads), 0, stream,
            grad.data_ptr<scalar_t>(), view_of(grad), slots.data_ptr<float>(), view_of(slots), B, static_cast<int>(S),
            static_cast<int>(C), delta.data_ptr<float>());
+    if (mma) return;
     launch(cluster_bwd_chunk<scalar_t>, dim3(ch.n, B), dim3(kThreads), smem, stream, grad.data_ptr<scalar_t>(),
            view_of(grad), x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs),
            lse_c.data_ptr<float>(), delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S),
            static_cast<int>(C), t.TL, t.TS, t.ld, t.nst, ch.len, ch.n, dx.data_ptr<scalar_t>(),
            ws_dq.data_ptr<float>());
   });
+  if (mma) {
+    const auto chp = plan::plan_dispatch_fwd_chunks(L, tc::kMmaCols, B, device_props());
+    with_mma_types(x.scalar_type(), C, [&](auto e, auto cp) {
+      using E = decltype(e);
+      constexpr int CP = decltype(cp)::value;
+      const size_t mma_smem = tc::bwd_mma_smem(CP);
+      launch(tc::pixel_bwd_mma<E, CP, false>, dim3(static_cast<unsigned>(chp.n), static_cast<unsigned>(B)),
+             dim3(tc::kMmaThreads), mma_smem, stream, rows16(grad), rows16(x), rows_f32(qs), rows16(grad),
+             lse_c.data_ptr<float>(), delta.data_ptr<float>(), L, static_cast<int>(S), static_cast<int>(C),
+             static_cast<int>(chp.len / tc::kMmaCols), bits16(dx), nullptr);
+      launch(tc::slot_bwd_mma<E, CP, false>, dim3(t.nst, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads),
+             mma_smem, stream, rows16(grad), rows16(x), rows_f32(qs), rows16(grad), lse_c.data_ptr<float>(),
+             delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n,
+             ws_dq.data_ptr<float>(), nullptr);
+    });
+  }
   launch_sum_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);
   return {dx, dqs};
 }

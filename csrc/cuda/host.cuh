@@ -36,6 +36,10 @@ inline bool use_mma_fwd(const at::Tensor& x) {
   return (t == at::kHalf || t == at::kBFloat16) && x.size(2) <= tc::kMmaMaxChannels && has_tensor_cores();
 }
 
+// The backward kernels run on tensor cores for fp16/bf16 x with C <= 128 (two accumulator sets
+// per warp), the rest on the CUDA-core kernels.
+inline bool use_mma_bwd(const at::Tensor& x) { return use_mma_fwd(x) && x.size(2) <= tc::kMmaBwdMaxChannels; }
+
 // Calls f(E{}, std::integral_constant<int, CP>{}): E the tensor-core tag of x's 16-bit dtype, CP
 // the padded channels of C (the kernels' template arguments).
 template <typename F>
@@ -63,6 +67,12 @@ void with_mma_types(at::ScalarType type, int64_t C, F&& f) {
 // A 16-bit tensor's storage as the kernels take it (bit patterns).
 inline const uint16_t* bits16(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
 inline uint16_t* bits16(at::Tensor& t) { return static_cast<uint16_t*>(t.data_ptr()); }
+
+// A (B, rows, C) tensor as the tensor-core backward kernels take it.
+inline tc::Rows<uint16_t> rows16(const at::Tensor& t) { return {bits16(t), t.stride(0), t.stride(1), t.stride(2)}; }
+inline tc::Rows<float> rows_f32(const at::Tensor& t) {
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
 
 // out[b, n] = sum_k ws[b, k, n] over the chunks k of a (B, nchunks, N) fp32 workspace.
 template <typename T>

@@ -436,6 +436,20 @@ __device__ __forceinline__ FragA<E> a_from_c(const FragC& c0, const FragC& c1) {
   return a;
 }
 
+// The same operand as hi + lo, both 16-bit (lo = the rounding error of hi): a product with the
+// pair keeps the accumulators' fp32 values to about 2^-16 (bf16) or 2^-22 (fp16) relative.
+template <class E>
+__device__ __forceinline__ void split_a_from_c(const FragC& c0, const FragC& c1, FragA<E>& hi, FragA<E>& lo) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const FragC& c = r < 2 ? c0 : c1;
+    const float v0 = c.r[2 * (r & 1)], v1 = c.r[2 * (r & 1) + 1];
+    hi.r[r] = pack2(v0, v1, E{});
+    lo.r[r] = pack2(v0 - from_bits(static_cast<uint16_t>(hi.r[r]), E{}),
+                    v1 - from_bits(static_cast<uint16_t>(hi.r[r] >> 16), E{}), E{});
+  }
+}
+
 // tile[row * ld + col] = c for the lane's four elements.
 __device__ __forceinline__ void store_c(const FragC& c, float* tile, int ld) {
   const int lane = lane_id();

@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 // Shared memory through device.cuh's macro (under the emulation: NaN-filled per block), unless the
 // includer brings its own (the fiber runner of tests/test_mma.py, csrc/tests/mma_harness.cpp).
@@ -89,9 +90,10 @@ __device__ inline void load_rows_split(uint16_t* hi, uint16_t* lo, int ld, int C
   }
 }
 
-// rn[r] = 1 / max(||x_r||, eps) for the 64 rows of a tile, a warp per row.
+// rn[r] = 1 / max(||x_r||, eps) for the 64 rows of a tile, a warp per row; live[r] = 1 where
+// ||x_r|| > eps (the normalisation's gradient projects only there), when live is given.
 template <class E>
-__device__ inline void tile_rnorms(const uint16_t* x_sh, int ld, int CP, float* rn) {
+__device__ inline void tile_rnorms(const uint16_t* x_sh, int ld, int CP, float* rn, float* live = nullptr) {
   const int lane = lane_id();
   for (int r = static_cast<int>(threadIdx.x) >> 5; r < 64; r += static_cast<int>(blockDim.x) >> 5) {
     float s = 0.f;
@@ -100,7 +102,11 @@ __device__ inline void tile_rnorms(const uint16_t* x_sh, int ld, int CP, float* 
       s += v * v;
     }
     s = warp_sum32(s);
-    if (lane == 0) rn[r] = 1.f / fmaxf(sqrtf(s), kMmaNormEps);
+    if (lane == 0) {
+      const float nrm = sqrtf(s);
+      rn[r] = 1.f / fmaxf(nrm, kMmaNormEps);
+      if (live != nullptr) live[r] = nrm > kMmaNormEps ? 1.f : 0.f;
+    }
   }
 }
 
@@ -162,8 +168,34 @@ struct RowSoftmax {
   }
 };
 
-// acc = alpha acc + P V: P the warp's 16 x 64 probabilities (registers), V 64 rows x CP channels
-// at v (channel-minor: B[k][n] = v[k][n], stored k-major).
+// acc += P V: P a warp's 16 x 64 logit-shaped values (registers; as hi + lo 16-bit parts when
+// kSplitP), V 64 rows x CP channels at v_hi (+ v_lo when kSplitV), channel-minor: B[k][n] = v[k][n],
+// stored k-major. The small products go first.
+template <class E, int CP, bool kSplitP, bool kSplitV>
+__device__ __forceinline__ void rows_product(FragC (&acc)[CP / 8], const FragC (&p)[kMmaNB], const uint16_t* v_hi,
+                                             const uint16_t* v_lo, int ld) {
+#pragma unroll
+  for (int kk = 0; kk < kMmaNB / 2; ++kk) {
+    FragA<E> ph, pl;
+    if (kSplitP)
+      split_a_from_c<E>(p[2 * kk], p[2 * kk + 1], ph, pl);
+    else
+      ph = a_from_c<E>(p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int j = 0; j < CP / 8; ++j) {
+      FragB<E> vh, vl;
+      load_b_t(vh, v_hi + 16 * kk * ld + 8 * j, ld);
+      if (kSplitP) mma::mma(acc[j], pl, vh);
+      if (kSplitV) {
+        load_b_t(vl, v_lo + 16 * kk * ld + 8 * j, ld);
+        mma::mma(acc[j], ph, vl);
+      }
+      mma::mma(acc[j], ph, vh);
+    }
+  }
+}
+
+// acc = alpha acc + P V (the forward's value product, P rounded to the 16-bit type).
 template <class E, int CP>
 __device__ inline void value_product(FragC (&acc)[CP / 8], const FragC (&p)[kMmaNB], const float (&alpha)[2],
                                      const uint16_t* v, int ld) {
@@ -171,16 +203,7 @@ __device__ inline void value_product(FragC (&acc)[CP / 8], const FragC (&p)[kMma
   for (int j = 0; j < CP / 8; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j].r[i] *= alpha[i >> 1];
-#pragma unroll
-  for (int kk = 0; kk < kMmaNB / 2; ++kk) {
-    const FragA<E> pa = a_from_c<E>(p[2 * kk], p[2 * kk + 1]);
-#pragma unroll
-    for (int j = 0; j < CP / 8; ++j) {
-      FragB<E> vf;
-      load_b_t(vf, v + 16 * kk * ld + 8 * j, ld);
-      mma::mma(acc[j], pa, vf);
-    }
-  }
+  rows_product<E, CP, false, false>(acc, p, v, nullptr, ld);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -340,6 +363,308 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       if ((lane & 3) == 0 && l < nl) lse[b * L + l0 + l] = sm.m[h] + logf(sm.l[h]);
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward on tensor cores, for 16-bit x with C <= kMmaBwdMaxChannels. Two kernels, each
+// recomputing the logits of its tiles (cheap on tensor cores), rather than one holding the pixel
+// side's and the slot side's accumulators at once (three CP-wide sets per warp would spill):
+//   pixel_bwd_mma  grid (pixel-tile blocks, B); warp w: pixels 16 w .. of a tile of 64, all S slots
+//                  in tiles of 64. dx: clustering P^T G + the K path dA^T qs through the
+//                  normalisation, dispatch the K path; the dispatch also writes delta' per pixel
+//                  (B, L) for slot_bwd_mma.
+//   slot_bwd_mma   grid (slot tiles, chunks, B); warp w: slots 16 w .. of a tile of 64, the chunk's
+//                  pixels in tiles of 64. The chunk's partial dqs = dA K (dispatch: also
+//                  dslots = D grad) into fp32 workspaces, for sum_chunks.
+// Precision as on the CUDA cores: logits from qs as hi + lo, softmax statistics, P and dA in fp32
+// registers; dA enters its products as hi + lo, and dK = dA^T qs takes qs as hi + lo; P (and D) is
+// rounded to the 16-bit type, as in the forward's value product. dqs takes dA / ||x|| as its
+// operand: with fp16 x, a pixel with 0 < ||x|| below about 1e-5 can overflow it (fp16 tops out at
+// 65504); zero pixels contribute exactly zero.
+constexpr int kMmaBwdMaxChannels = 128;  // two CP-wide accumulator sets per warp: CP = 256 would spill
+
+// Dynamic shared memory of both: five 64-row 16-bit tiles and four 64-float rows.
+inline size_t bwd_mma_smem(int CP) { return static_cast<size_t>(5 * 64) * (CP + 8) * 2 + 4 * 64 * 4; }
+
+// A (B, rows, C) tensor with its strides, as the backward kernels take their operands.
+template <class T>
+struct Rows {
+  const T* p;
+  int64_t sb, sr, sc;
+};
+
+struct BwdSmem {
+  uint16_t *qh, *ql;  // qs hi and lo (a slot tile)
+  uint16_t* y;        // the other (S, C) operand: clustering G, dispatch slots (the same slot tile)
+  uint16_t *x, *h;    // x's pixel tile; the dispatch's grad pixel tile
+  float *rn, *live, *st0, *st1;  // per pixel 1 / ||x|| and liveness; two statistics per row
+};
+template <int CP>
+__device__ __forceinline__ BwdSmem carve_bwd(float* smem) {
+  constexpr int tile = 64 * (CP + 8);
+  BwdSmem s;
+  s.qh = reinterpret_cast<uint16_t*>(smem);
+  s.ql = s.qh + tile;
+  s.y = s.ql + tile;
+  s.x = s.y + tile;
+  s.h = s.x + tile;
+  s.rn = reinterpret_cast<float*>(s.h + tile);
+  s.live = s.rn + 64;
+  s.st0 = s.live + 64;
+  s.st1 = s.st0 + 64;
+  return s;
+}
+
+// dx of a warp's 16 pixels: value + (dK - K <K, dK>) / max(||x||, eps), K = x / max(||x||, eps),
+// the projection only where live; rows r0 .. of the tile, written for rows < nl and channels < C.
+template <class E, int CP, bool kValue>
+__device__ __forceinline__ void dx_rows(const FragC (&dk)[CP / 8], const FragC (&value)[CP / 8], const uint16_t* x_sh,
+                                        int ld, int r0, const float (&rn)[2], const float (&live)[2], int nl, int C,
+                                        uint16_t* dxb) {
+  const int lane = lane_id();
+  float dot[2] = {0.f, 0.f};  // <x, dK> per row; the padded channels of x are zeros
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const RC rc = c_rc(lane, i);
+      dot[i >> 1] += from_bits(x_sh[(r0 + rc.row) * ld + 8 * j + rc.col], E{}) * dk[j].r[i];
+    }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) dot[h] = row_sum(dot[h]) * rn[h] * live[h];  // <K, dK>, 0 where not live
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const RC rc = c_rc(lane, i);
+      const int l = r0 + rc.row, c = 8 * j + rc.col, h = i >> 1;
+      if (l < nl && c < C) {
+        const float k = from_bits(x_sh[l * ld + c], E{}) * rn[h];
+        float v = (dk[j].r[i] - k * dot[h]) * rn[h];
+        if (kValue) v += value[j].r[i];
+        dxb[static_cast<int64_t>(l) * C + c] = to_bits(v, E{});
+      }
+    }
+}
+
+// grid (ceil(pixel tiles / tiles_per_block), B), kMmaThreads threads. Clustering (!kDispatch):
+// g = G (B, S, C), stat0 / stat1 = lse / delta (B, S), sl unused. Dispatch: g = grad (B, L, C),
+// sl = slots (B, S, C), stat0 = lse (B, L), writes delta' (B, L) to dl_out. dx (B, L, C) contiguous.
+template <class E, int CP, bool kDispatch>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    pixel_bwd_mma(Rows<uint16_t> g, Rows<uint16_t> x, Rows<float> qs, Rows<uint16_t> sl,
+                  const float* __restrict__ stat0, const float* __restrict__ stat1, int64_t L, int S, int C,
+                  int tiles_per_block, uint16_t* __restrict__ dx, float* __restrict__ dl_out) {
+  constexpr int ld = CP + 8;
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  const BwdSmem sh = carve_bwd<CP>(smem);
+  const int64_t b = blockIdx.y;
+  const int lane = lane_id(), r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
+  const int nst = (S + kMmaCols - 1) / kMmaCols;
+  const Rows<uint16_t> y = kDispatch ? sl : g;
+
+  // Slot tile st of qs (hi, lo) and y, with the clustering's per-slot lse and delta; no barrier.
+  const auto load_slots = [&](int st) {
+    const int s0 = st * kMmaCols, ns = min(kMmaCols, S - s0);
+    load_rows_split<E>(sh.qh, sh.ql, ld, CP, qs.p + b * qs.sb, qs.sr, qs.sc, s0, ns, C);
+    load_rows16(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, s0, ns, C);
+    if (!kDispatch)
+      for (int s = threadIdx.x; s < 64; s += blockDim.x) {
+        sh.st0[s] = s < ns ? stat0[b * S + s0 + s] : 0.f;
+        sh.st1[s] = s < ns ? stat1[b * S + s0 + s] : 0.f;
+      }
+  };
+  // The warp's 16 pixels x 64 slots of tile st: a = P (clustering) or D (dispatch), e = dA
+  // (clustering) or dD (dispatch); zero at slots >= S.
+  const auto probabilities = [&](int st, const float (&rn)[2], const float (&lse)[2], FragC (&a)[kMmaNB],
+                                 FragC (&e)[kMmaNB]) {
+    logits<E, CP, false, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
+    logits<E, CP, false, false>(e, (kDispatch ? sh.h : sh.x) + r0 * ld, nullptr, sh.y, nullptr, ld);
+#pragma unroll
+    for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int s = 8 * j + c_rc(lane, i).col, h = i >> 1;
+        const bool ok = st * kMmaCols + s < S;
+        const float p = ok ? expf(a[j].r[i] * rn[h] - (kDispatch ? lse[h] : sh.st0[s])) : 0.f;
+        a[j].r[i] = p;
+        e[j].r[i] = ok ? (kDispatch ? e[j].r[i] : p * (e[j].r[i] - sh.st1[s])) : 0.f;
+      }
+  };
+
+  if (nst == 1) load_slots(0);  // read after the first tile's barriers
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
+  for (int64_t t = t_begin; t < t_begin + tiles_per_block && t * 64 < L; ++t) {
+    const int64_t l0 = t * 64;
+    const int nl = static_cast<int>(min(static_cast<int64_t>(64), L - l0));
+    __syncthreads();  // the previous tile's readers are done
+    load_rows16(sh.x, ld, CP, x.p + b * x.sb, x.sr, x.sc, l0, nl, C);
+    if (kDispatch) load_rows16(sh.h, ld, CP, g.p + b * g.sb, g.sr, g.sc, l0, nl, C);
+    __syncthreads();
+    tile_rnorms<E>(sh.x, ld, CP, sh.rn, sh.live);
+    __syncthreads();
+    float rn[2], live[2], lse[2] = {0.f, 0.f};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int l = r0 + (lane >> 2) + 8 * h;
+      rn[h] = sh.rn[l];
+      live[h] = sh.live[l];
+      if (kDispatch && l < nl) lse[h] = stat0[b * L + l0 + l];
+    }
+
+    // Dispatch: delta'[l] = sum_s D dD / sum_s D (dividing keeps sum_s dA = 0 although the
+    // recomputed D sums to 1 only up to lse's rounding), in a first pass when S spans tiles.
+    float dl[2] = {0.f, 0.f};
+    const auto delta_rows = [&](const FragC (&a)[kMmaNB], const FragC (&e)[kMmaNB], float (&num)[2], float (&den)[2]) {
+#pragma unroll
+      for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          num[i >> 1] = fmaf(a[j].r[i], e[j].r[i], num[i >> 1]);
+          den[i >> 1] += a[j].r[i];
+        }
+    };
+    if (kDispatch && nst > 1) {
+      float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
+      for (int st = 0; st < nst; ++st) {
+        __syncthreads();
+        load_slots(st);
+        __syncthreads();
+        FragC a[kMmaNB], e[kMmaNB];
+        probabilities(st, rn, lse, a, e);
+        delta_rows(a, e, num, den);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
+    }
+
+    FragC dk[CP / 8], dv[CP / 8];
+#pragma unroll
+    for (int j = 0; j < CP / 8; ++j) {
+      zero(dk[j]);
+      zero(dv[j]);
+    }
+    for (int st = 0; st < nst; ++st) {
+      if (nst > 1) {
+        __syncthreads();
+        load_slots(st);
+        __syncthreads();
+      }
+      FragC a[kMmaNB], e[kMmaNB];
+      probabilities(st, rn, lse, a, e);
+      if (kDispatch) {
+        if (nst == 1) {
+          float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
+          delta_rows(a, e, num, den);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
+        }
+#pragma unroll
+        for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) e[j].r[i] = a[j].r[i] * (e[j].r[i] - dl[i >> 1]);
+      } else {
+        rows_product<E, CP, false, false>(dv, a, sh.y, nullptr, ld);  // P^T G
+      }
+      rows_product<E, CP, true, true>(dk, e, sh.qh, sh.ql, ld);  // dA^T qs
+    }
+
+    dx_rows<E, CP, !kDispatch>(dk, dv, sh.x, ld, r0, rn, live, nl, C, dx + (b * L + l0) * C);
+    if (kDispatch)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int l = r0 + (lane >> 2) + 8 * h;
+        if ((lane & 3) == 0 && l < nl) dl_out[b * L + l0 + l] = dl[h];
+      }
+  }
+}
+
+// grid (slot tiles, chunks, B), kMmaThreads threads. Clustering (!kDispatch): g = G (B, S, C),
+// stat0 / stat1 = lse / delta (B, S), sl unused. Dispatch: g = grad (B, L, C), sl = slots,
+// stat0 / stat1 = lse / delta' (B, L). Writes the chunk's partial dqs to ws_dq (B, nchunks, S, C)
+// and, for the dispatch, dslots to ws_dv.
+template <class E, int CP, bool kDispatch>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    slot_bwd_mma(Rows<uint16_t> g, Rows<uint16_t> x, Rows<float> qs, Rows<uint16_t> sl,
+                 const float* __restrict__ stat0, const float* __restrict__ stat1, int L, int S, int C,
+                 int64_t chunk_len, int nchunks, float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
+  constexpr int ld = CP + 8;
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  const BwdSmem sh = carve_bwd<CP>(smem);
+  const int st = blockIdx.x, chunk = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int s0 = st * kMmaRows, ns = min(kMmaRows, S - s0);
+  const int64_t l_begin = chunk * chunk_len;
+  const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);
+  const int lane = lane_id(), r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
+  const Rows<uint16_t> y = kDispatch ? sl : g;
+
+  load_rows_split<E>(sh.qh, sh.ql, ld, CP, qs.p + b * qs.sb, qs.sr, qs.sc, s0, ns, C);
+  load_rows16(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, s0, ns, C);
+  float lse[2] = {0.f, 0.f}, dl[2] = {0.f, 0.f};  // clustering: the rows' (slots') statistics
+  if (!kDispatch)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int s = r0 + (lane >> 2) + 8 * h;
+      if (s < ns) {
+        lse[h] = stat0[b * S + s0 + s];
+        dl[h] = stat1[b * S + s0 + s];
+      }
+    }
+  FragC dq[CP / 8], dv[CP / 8];
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j) {
+    zero(dq[j]);
+    zero(dv[j]);
+  }
+
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += kMmaCols) {
+    const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), l_end - l0));
+    __syncthreads();  // the previous tile's readers are done
+    load_rows16(sh.x, ld, CP, x.p + b * x.sb, x.sr, x.sc, l0, nl, C);
+    if (kDispatch) {
+      load_rows16(sh.h, ld, CP, g.p + b * g.sb, g.sr, g.sc, l0, nl, C);
+      for (int l = threadIdx.x; l < 64; l += blockDim.x) {
+        sh.st0[l] = l < nl ? stat0[b * L + l0 + l] : 0.f;
+        sh.st1[l] = l < nl ? stat1[b * L + l0 + l] : 0.f;
+      }
+    }
+    __syncthreads();
+    tile_rnorms<E>(sh.x, ld, CP, sh.rn, sh.live);
+    __syncthreads();
+
+    // The warp's 16 slots x 64 pixels: a = P or D, e = dA / ||x|| (the dqs operand against x).
+    FragC a[kMmaNB], e[kMmaNB];
+    logits<E, CP, true, false>(a, sh.qh + r0 * ld, sh.ql + r0 * ld, sh.x, nullptr, ld);
+    logits<E, CP, false, false>(e, sh.y + r0 * ld, nullptr, kDispatch ? sh.h : sh.x, nullptr, ld);
+#pragma unroll
+    for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int l = 8 * j + c_rc(lane, i).col, h = i >> 1;
+        const float rn = sh.rn[l];
+        // Not live in fp16: a zero row of x, no contribution to dqs (and dA / eps could overflow).
+        const bool dq_ok = l < nl && (sh.live[l] != 0.f || !std::is_same<E, F16>::value);
+        const float p = l < nl ? expf(a[j].r[i] * rn - (kDispatch ? sh.st0[l] : lse[h])) : 0.f;
+        a[j].r[i] = p;
+        e[j].r[i] = dq_ok ? p * (e[j].r[i] - (kDispatch ? sh.st1[l] : dl[h])) * rn : 0.f;
+      }
+    rows_product<E, CP, true, false>(dq, e, sh.x, nullptr, ld);       // dA K
+    if (kDispatch) rows_product<E, CP, false, false>(dv, a, sh.h, nullptr, ld);  // D grad
+  }
+
+  const int64_t row0 = (b * nchunks + chunk) * S + s0 + r0;  // workspace row of the warp's slot 0
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const RC rc = c_rc(lane, i);
+      const int c = 8 * j + rc.col;
+      if (r0 + rc.row < ns && c < C) {
+        ws_dq[(row0 + rc.row) * C + c] = dq[j].r[i];
+        if (kDispatch) ws_dv[(row0 + rc.row) * C + c] = dv[j].r[i];
+      }
+    }
 }
 
 }  // namespace tc
