@@ -360,24 +360,25 @@ def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
     assert (torch.from_numpy(lse).view(B, L).double() - ref_lse).abs().max() < 1e-5 * ref_lse.abs().max()
 
 
-# ---------------------------------------------------------------- the tensor-core backward, through the ops
+# ---------------------------------------------------------------- the tensor-core kernels, through the ops
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
 @pytest.mark.parametrize(
     "B,L,C,S,layout,slots_layout",
     [
         (1, 150, 40, 70, "nchw", "transposed"),  # two slot tiles, three pixel tiles, tails in all three
-        (2, 67, 128, 9, "sliced", "contiguous"),  # the widest backward channel padding, 128; strided channels
+        (2, 67, 128, 9, "sliced", "contiguous"),  # the widest 16-bit backward padding, 128; strided channels
     ],
 )
-def test_backward_mma_through_the_ops(op, dtype, B, L, C, S, layout, slots_layout):
-    """The tensor-core backward (pixel_bwd_mma, slot_bwd_mma: fp16/bf16 x with C <= 128), as the
-    cuda_emulated ops launch it, against the float64 reference within the suite's tolerances; in
-    bf16 with zero pixels (the norm epsilon's branch; in fp16 their dx, dK / 1e-12, overflows)."""
+def test_mma_kernels_through_the_ops(op, dtype, B, L, C, S, layout, slots_layout):
+    """The tensor-core kernels as the cuda_emulated ops launch them (forward: fp16/bf16 C <= 256,
+    fp32 C <= 128 by 3xTF32; backward pixel_bwd_mma, slot_bwd_mma: fp16/bf16 C <= 128, fp32
+    C <= 64) against the float64 reference within the suite's tolerances; with zero pixels (the
+    norm epsilon's branch) except in fp16, where their dx, dK / 1e-12, overflows."""
     require("cuda_emulated", "cpu")
     case = Case(B, L, C, S, layout, slots_layout=slots_layout, dtype=dtype, seed=L)
-    if dtype == torch.bfloat16:
+    if dtype != torch.float16:
         case.view_x(case.x_base)[:, ::11] = 0  # whole pixels
     check_against_reference(case, op, "cuda_emulated")

@@ -38,10 +38,11 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
 
   if (mma) {
     const View xv = view_of(x), qv = view_of(qs);
-    with_mma_types(x.scalar_type(), C, [&](auto e, auto cp) {
+    with_mma_types<tc::kMmaMaxChannels, tc::kMmaTf32MaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
+      using E = decltype(e);
       constexpr int CP = decltype(cp)::value;
-      launch(tc::cluster_fwd_chunk_mma<decltype(e), CP>, grid, dim3(tc::kMmaThreads), tc::cluster_fwd_mma_smem(CP),
-             stream, bits16(x), xv.sb, xv.sr, xv.sc, qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, static_cast<int>(L),
+      launch(tc::cluster_fwd_chunk_mma<E, CP>, grid, dim3(tc::kMmaThreads), tc::cluster_fwd_mma_smem<E>(CP),
+             stream, elems<E>(x), xv.sb, xv.sr, xv.sc, qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, static_cast<int>(L),
              static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, ws_m.data_ptr<float>(), ws_l.data_ptr<float>(),
              ws_acc.data_ptr<float>());
     });
@@ -105,16 +106,16 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
   });
   if (mma) {
     const auto chp = plan::plan_dispatch_fwd_chunks(L, tc::kMmaCols, B, device_props());
-    with_mma_types(x.scalar_type(), C, [&](auto e, auto cp) {
+    with_mma_types<tc::kMmaBwdMaxChannels, tc::kMmaTf32BwdMaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
       using E = decltype(e);
       constexpr int CP = decltype(cp)::value;
-      const size_t mma_smem = tc::bwd_mma_smem(CP);
+      const size_t mma_smem = tc::bwd_mma_smem<E>(CP);
       launch(tc::pixel_bwd_mma<E, CP, false>, dim3(static_cast<unsigned>(chp.n), static_cast<unsigned>(B)),
-             dim3(tc::kMmaThreads), mma_smem, stream, rows16(grad), rows16(x), rows_f32(qs), rows16(grad),
+             dim3(tc::kMmaThreads), mma_smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad),
              lse_c.data_ptr<float>(), delta.data_ptr<float>(), L, static_cast<int>(S), static_cast<int>(C),
-             static_cast<int>(chp.len / tc::kMmaCols), bits16(dx), nullptr);
+             static_cast<int>(chp.len / tc::kMmaCols), elems<E>(dx), nullptr);
       launch(tc::slot_bwd_mma<E, CP, false>, dim3(t.nst, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads),
-             mma_smem, stream, rows16(grad), rows16(x), rows_f32(qs), rows16(grad), lse_c.data_ptr<float>(),
+             mma_smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad), lse_c.data_ptr<float>(),
              delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n,
              ws_dq.data_ptr<float>(), nullptr);
     });

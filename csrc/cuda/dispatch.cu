@@ -24,12 +24,13 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(dispatch_fwd)(const Tensor& x, const Te
   if (use_mma_fwd(x)) {  // tensor cores: pixel tiles of kMmaRows, several per block
     const auto ch = plan::plan_dispatch_fwd_chunks(L, tc::kMmaRows, B, device_props());
     const View xv = view_of(x), qv = view_of(qs), sv = view_of(slots);
-    with_mma_types(x.scalar_type(), C, [&](auto e, auto cp) {
+    with_mma_types<tc::kMmaMaxChannels, tc::kMmaTf32MaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
+      using E = decltype(e);
       constexpr int CP = decltype(cp)::value;
-      launch(tc::dispatch_fwd_mma<decltype(e), CP>, dim3(static_cast<unsigned>(ch.n), static_cast<unsigned>(B)),
-             dim3(tc::kMmaThreads), tc::dispatch_fwd_mma_smem(CP), stream, bits16(x), xv.sb, xv.sr, xv.sc,
-             qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, bits16(slots), sv.sb, sv.sr, sv.sc, L, static_cast<int>(S),
-             static_cast<int>(C), static_cast<int>(ch.len / tc::kMmaRows), bits16(out), lse.data_ptr<float>());
+      launch(tc::dispatch_fwd_mma<E, CP>, dim3(static_cast<unsigned>(ch.n), static_cast<unsigned>(B)),
+             dim3(tc::kMmaThreads), tc::dispatch_fwd_mma_smem<E>(CP), stream, elems<E>(x), xv.sb, xv.sr, xv.sc,
+             qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, elems<E>(slots), sv.sb, sv.sr, sv.sc, L, static_cast<int>(S),
+             static_cast<int>(C), static_cast<int>(ch.len / tc::kMmaRows), elems<E>(out), lse.data_ptr<float>());
     });
     return {out, lse};
   }
@@ -61,16 +62,16 @@ static void mma_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const
   auto ws_dq = empty_workspace({B, ch.n, S, C}, f32);
   auto ws_dv = empty_workspace({B, ch.n, S, C}, f32);
   const Stream stream = current_stream();
-  with_mma_types(x.scalar_type(), C, [&](auto e, auto cp) {
+  with_mma_types<tc::kMmaBwdMaxChannels, tc::kMmaTf32BwdMaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
     using E = decltype(e);
     constexpr int CP = decltype(cp)::value;
-    const size_t smem = tc::bwd_mma_smem(CP);
+    const size_t smem = tc::bwd_mma_smem<E>(CP);
     launch(tc::pixel_bwd_mma<E, CP, true>, dim3(static_cast<unsigned>(chp.n), static_cast<unsigned>(B)),
-           dim3(tc::kMmaThreads), smem, stream, rows16(grad), rows16(x), rows_f32(qs), rows16(slots),
+           dim3(tc::kMmaThreads), smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(slots),
            lse.data_ptr<float>(), nullptr, L, static_cast<int>(S), static_cast<int>(C),
-           static_cast<int>(chp.len / tc::kMmaCols), bits16(dx), dl.data_ptr<float>());
+           static_cast<int>(chp.len / tc::kMmaCols), elems<E>(dx), dl.data_ptr<float>());
     launch(tc::slot_bwd_mma<E, CP, true>, dim3(nst, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads), smem,
-           stream, rows16(grad), rows16(x), rows_f32(qs), rows16(slots), lse.data_ptr<float>(), dl.data_ptr<float>(),
+           stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(slots), lse.data_ptr<float>(), dl.data_ptr<float>(),
            static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, ws_dq.data_ptr<float>(),
            ws_dv.data_ptr<float>());
   });

@@ -29,47 +29,58 @@ inline plan::Tiles tiles_for(int64_t S, int64_t C, int budget, F smem_bytes, con
   return t;
 }
 
-// The forward kernels run on tensor cores (mma_kernels.cuh) for fp16/bf16 x with C <= 256; fp32
-// x and wider C stay on the CUDA-core kernels.
+// The forward kernels run on tensor cores (mma_kernels.cuh) for fp16/bf16 x with C <= 256, and
+// for fp32 x with C <= 128 (3xTF32); wider C stays on the CUDA-core kernels.
 inline bool use_mma_fwd(const at::Tensor& x) {
   const auto t = x.scalar_type();
-  return (t == at::kHalf || t == at::kBFloat16) && x.size(2) <= tc::kMmaMaxChannels && has_tensor_cores();
+  const int64_t C = x.size(2);
+  const bool fits = ((t == at::kHalf || t == at::kBFloat16) && C <= tc::kMmaMaxChannels) ||
+                    (t == at::kFloat && C <= tc::kMmaTf32MaxChannels);
+  return fits && has_tensor_cores();
 }
 
 // The backward kernels run on tensor cores for fp16/bf16 x with C <= 128 (two accumulator sets
-// per warp), the rest on the CUDA-core kernels.
-inline bool use_mma_bwd(const at::Tensor& x) { return use_mma_fwd(x) && x.size(2) <= tc::kMmaBwdMaxChannels; }
-
-// Calls f(E{}, std::integral_constant<int, CP>{}): E the tensor-core tag of x's 16-bit dtype, CP
-// the padded channels of C (the kernels' template arguments).
-template <typename F>
-void with_mma_types(at::ScalarType type, int64_t C, F&& f) {
-  const auto with_cp = [&](auto e) {
-    switch (tc::padded_channels(static_cast<int>(C))) {
-      case 16:
-        return f(e, std::integral_constant<int, 16>{});
-      case 32:
-        return f(e, std::integral_constant<int, 32>{});
-      case 64:
-        return f(e, std::integral_constant<int, 64>{});
-      case 128:
-        return f(e, std::integral_constant<int, 128>{});
-      default:
-        return f(e, std::integral_constant<int, 256>{});
-    }
-  };
-  if (type == at::kHalf)
-    with_cp(mma::F16{});
-  else
-    with_cp(mma::Bf16{});
+// per warp) and fp32 x with C <= 64 (shared memory), the rest on the CUDA-core kernels.
+inline bool use_mma_bwd(const at::Tensor& x) {
+  const int64_t C = x.size(2);
+  return use_mma_fwd(x) &&
+         C <= (x.scalar_type() == at::kFloat ? tc::kMmaTf32BwdMaxChannels : tc::kMmaBwdMaxChannels);
 }
 
-// A 16-bit tensor's storage as the kernels take it (bit patterns).
-inline const uint16_t* bits16(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
-inline uint16_t* bits16(at::Tensor& t) { return static_cast<uint16_t*>(t.data_ptr()); }
+// f(e, std::integral_constant<int, CP>{}) for the padded channels cp, CP from 16 up to kMax (the
+// last one standing for all wider cp): only the instantiations a launch can pick are compiled.
+template <int CP, int kMax, class E, class F>
+void with_padded_channels(int cp, E e, F& f) {
+  if constexpr (CP <= kMax) {
+    if (cp == CP || CP == kMax) return f(e, std::integral_constant<int, CP>{});
+    with_padded_channels<CP * 2, kMax>(cp, e, f);
+  }
+}
 
+// Calls f(E{}, std::integral_constant<int, CP>{}): E the tensor-core tag of x's dtype, CP the
+// padded channels of C (the kernels' template arguments), at most kMax16 (fp16/bf16) or kMaxTf32
+// (fp32): the bounds of the caller's use_mma_* test.
+template <int kMax16, int kMaxTf32, typename F>
+void with_mma_types(at::ScalarType type, int64_t C, F&& f) {
+  const int cp = tc::padded_channels(static_cast<int>(C));
+  if (type == at::kHalf)
+    with_padded_channels<16, kMax16>(cp, mma::F16{}, f);
+  else if (type == at::kBFloat16)
+    with_padded_channels<16, kMax16>(cp, mma::Bf16{}, f);
+  else
+    with_padded_channels<16, kMaxTf32>(cp, mma::Tf32{}, f);
+}
+
+// A tensor's storage as the tensor-core kernels of operand type E take it (16-bit: bit patterns).
+template <class E>
+inline tc::Elem<E>* elems(const at::Tensor& t) {
+  return static_cast<tc::Elem<E>*>(t.data_ptr());
+}
 // A (B, rows, C) tensor as the tensor-core backward kernels take it.
-inline tc::Rows<uint16_t> rows16(const at::Tensor& t) { return {bits16(t), t.stride(0), t.stride(1), t.stride(2)}; }
+template <class E>
+inline tc::Rows<tc::Elem<E>> rows_of(const at::Tensor& t) {
+  return {elems<E>(t), t.stride(0), t.stride(1), t.stride(2)};
+}
 inline tc::Rows<float> rows_f32(const at::Tensor& t) {
   return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
 }

@@ -450,6 +450,25 @@ __device__ __forceinline__ void split_a_from_c(const FragC& c0, const FragC& c1,
   }
 }
 
+// The tf32 A operand (16 x 8) of one accumulator block, split for 3xTF32, its columns permuted:
+// lane (g, t) holds the block's columns 2t and 2t + 1 (rows g, g + 8) where A's layout has columns
+// t and t + 4, so A's column t stands for the block's column 2t and t + 4 for 2t + 1. A product is
+// a sum over its columns in any order: load B with its rows permuted alike (load_b3_t_pairs).
+__device__ __forceinline__ FragA3 a3_from_c(const FragC& c) {
+  constexpr int src[4] = {0, 2, 1, 3};  // A's (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4)
+  FragA3 a;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) split_tf32(c.r[src[i]], a.hi.r[i], a.lo.r[i]);
+  return a;
+}
+// B (8 x 8, fp32 stored k-major: B[k][n] at tile[k * ld + n]) with rows 2t, 2t + 1 where the tf32
+// layout has rows t, t + 4: the partner of a3_from_c. Bank-conflict-free for ld % 32 == 4.
+__device__ __forceinline__ void load_b3_t_pairs(FragB3& b, const float* tile, int ld) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int i = 0; i < 2; ++i) split_tf32(tile[(2 * (lane & 3) + i) * ld + (lane >> 2)], b.hi.r[i], b.lo.r[i]);
+}
+
 // tile[row * ld + col] = c for the lane's four elements.
 __device__ __forceinline__ void store_c(const FragC& c, float* tile, int ld) {
   const int lane = lane_id();

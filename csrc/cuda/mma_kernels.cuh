@@ -41,6 +41,44 @@ constexpr int kMmaCols = 64;              // logit columns per tile: pixels (clu
 constexpr int kMmaNB = kMmaCols / 8;      // accumulator blocks of a warp's logits
 constexpr float kMmaNormEps = 1e-12f;
 constexpr int kMmaMaxChannels = 256;  // C above this stays on the CUDA-core kernels
+// fp32 x: dispatch_fwd_mma's four fp32 tiles at CP = 256 take 267 KB, above any SM's shared memory.
+constexpr int kMmaTf32MaxChannels = 128;
+
+// Shared-memory storage of an operand type: 16-bit bit patterns, or fp32 for tf32 (split into hi
+// and lo as the fragments load: 3xTF32). Row padding for conflict-free fragment loads (mma.cuh):
+// ld % 16 == 8 for ldmatrix, ld % 32 == 4 for the fp32 loads (CP is a multiple of 16).
+template <class E>
+struct Store {
+  using T = uint16_t;
+  static constexpr int kPad = 8;
+};
+template <>
+struct Store<Tf32> {
+  using T = float;
+  static constexpr int kPad = 4;
+};
+template <class E>
+using Elem = typename Store<E>::T;
+template <class E>
+constexpr bool kIsTf32 = std::is_same<E, Tf32>::value;
+template <class E, int CP>
+constexpr int tile_ld() {
+  return CP + Store<E>::kPad;
+}
+template <class E>
+__device__ __forceinline__ float value_of(Elem<E> v) {
+  if constexpr (kIsTf32<E>)
+    return v;
+  else
+    return from_bits(v, E{});
+}
+template <class E>
+__device__ __forceinline__ Elem<E> elem_of(float v) {
+  if constexpr (kIsTf32<E>)
+    return v;
+  else
+    return to_bits(v, E{});
+}
 
 // Channels padded for the products: CP in {16, 32, 64, 128, 256}, the smallest holding C. A warp's
 // accumulators take CP / 2 registers per lane: 256 fits (about 230 registers, no spill), 512 not.
@@ -51,18 +89,26 @@ inline int padded_channels(int C) {
 }
 // Dynamic shared memory: three 64-row 16-bit tiles (qs hi and lo, and x; dispatch one more for the
 // slots) and 64 floats of 1 / ||x||.
-inline size_t cluster_fwd_mma_smem(int CP) { return static_cast<size_t>(3 * 64) * (CP + 8) * 2 + 64 * 4; }
-inline size_t dispatch_fwd_mma_smem(int CP) { return static_cast<size_t>(4 * 64) * (CP + 8) * 2 + 64 * 4; }
+// (fp32 tiles for tf32: qs whole in the hi tile, the lo tile unused.)
+template <class E = F16>
+inline size_t cluster_fwd_mma_smem(int CP) {
+  return static_cast<size_t>(3 * 64) * (CP + Store<E>::kPad) * sizeof(Elem<E>) + 64 * 4;
+}
+template <class E = F16>
+inline size_t dispatch_fwd_mma_smem(int CP) {
+  return static_cast<size_t>(4 * 64) * (CP + Store<E>::kPad) * sizeof(Elem<E>) + 64 * 4;
+}
 
 __device__ __forceinline__ float warp_sum32(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
-// dst[r][c] = src row r0 + r, channel c (16-bit, strides sr, sc) for r < n, c < C; zeros up to 64
-// rows and CP channels. Consecutive threads walk the source's contiguous dimension.
-__device__ inline void load_rows16(uint16_t* dst, int ld, int CP, const uint16_t* src, int64_t sr, int64_t sc,
-                                   int64_t r0, int n, int C) {
+// dst[r][c] = src row r0 + r, channel c (strides sr, sc) for r < n, c < C; zeros up to 64 rows and
+// CP channels. Consecutive threads walk the source's contiguous dimension.
+template <class T>
+__device__ inline void load_rows(T* dst, int ld, int CP, const T* src, int64_t sr, int64_t sc, int64_t r0, int n,
+                                 int C) {
   const bool row_minor = sr == 1 && sc != 1;  // the NCHW view of x
   for (int i = threadIdx.x; i < 64 * CP; i += blockDim.x) {
     int r, c;
@@ -73,32 +119,37 @@ __device__ inline void load_rows16(uint16_t* dst, int ld, int CP, const uint16_t
       r = i / CP;
       c = i - r * CP;
     }
-    dst[r * ld + c] = (r < n && c < C) ? src[(r0 + r) * sr + c * sc] : uint16_t{0};
+    dst[r * ld + c] = (r < n && c < C) ? src[(r0 + r) * sr + c * sc] : T{0};
   }
 }
 
-// The same for fp32 rows (qs), split into hi and lo 16-bit tiles with v ~ hi + lo.
+// The same for fp32 rows (qs), split into hi and lo 16-bit tiles with v ~ hi + lo (tf32: whole
+// into hi, split later as the fragments load).
 template <class E>
-__device__ inline void load_rows_split(uint16_t* hi, uint16_t* lo, int ld, int CP, const float* src, int64_t sr,
+__device__ inline void load_rows_split(Elem<E>* hi, Elem<E>* lo, int ld, int CP, const float* src, int64_t sr,
                                        int64_t sc, int64_t r0, int n, int C) {
-  for (int i = threadIdx.x; i < 64 * CP; i += blockDim.x) {
-    const int r = i / CP, c = i - r * CP;
-    const float v = (r < n && c < C) ? src[(r0 + r) * sr + c * sc] : 0.f;
-    const uint16_t h = to_bits(v, E{});
-    hi[r * ld + c] = h;
-    lo[r * ld + c] = to_bits(v - from_bits(h, E{}), E{});
+  if constexpr (kIsTf32<E>) {
+    load_rows(hi, ld, CP, src, sr, sc, r0, n, C);
+  } else {
+    for (int i = threadIdx.x; i < 64 * CP; i += blockDim.x) {
+      const int r = i / CP, c = i - r * CP;
+      const float v = (r < n && c < C) ? src[(r0 + r) * sr + c * sc] : 0.f;
+      const uint16_t h = to_bits(v, E{});
+      hi[r * ld + c] = h;
+      lo[r * ld + c] = to_bits(v - from_bits(h, E{}), E{});
+    }
   }
 }
 
 // rn[r] = 1 / max(||x_r||, eps) for the 64 rows of a tile, a warp per row; live[r] = 1 where
 // ||x_r|| > eps (the normalisation's gradient projects only there), when live is given.
 template <class E>
-__device__ inline void tile_rnorms(const uint16_t* x_sh, int ld, int CP, float* rn, float* live = nullptr) {
+__device__ inline void tile_rnorms(const Elem<E>* x_sh, int ld, int CP, float* rn, float* live = nullptr) {
   const int lane = lane_id();
   for (int r = static_cast<int>(threadIdx.x) >> 5; r < 64; r += static_cast<int>(blockDim.x) >> 5) {
     float s = 0.f;
     for (int c = lane; c < CP; c += 32) {
-      const float v = from_bits(x_sh[r * ld + c], E{});
+      const float v = value_of<E>(x_sh[r * ld + c]);
       s += v * v;
     }
     s = warp_sum32(s);
@@ -114,25 +165,39 @@ __device__ inline void tile_rnorms(const uint16_t* x_sh, int ld, int CP, float* 
 // small part of a split operand, when kSplitA), B's 64 rows at b_hi (+ b_lo when kSplitB), both
 // channel-minor. The small products go first.
 template <class E, int CP, bool kSplitA, bool kSplitB>
-__device__ __forceinline__ void logits(FragC (&a)[kMmaNB], const uint16_t* a_hi, const uint16_t* a_lo,
-                                       const uint16_t* b_hi, const uint16_t* b_lo, int ld) {
+__device__ __forceinline__ void logits(FragC (&a)[kMmaNB], const Elem<E>* a_hi, const Elem<E>* a_lo,
+                                       const Elem<E>* b_hi, const Elem<E>* b_lo, int ld) {
 #pragma unroll
   for (int j = 0; j < kMmaNB; ++j) zero(a[j]);
+  if constexpr (kIsTf32<E>) {  // 3xTF32 on the fp32 tiles (a_lo, b_lo unused)
 #pragma unroll
-  for (int k0 = 0; k0 < CP; k0 += 16) {
-    FragA<E> ah, al;
-    load_a(ah, a_hi + k0, ld);
-    if (kSplitA) load_a(al, a_lo + k0, ld);
+    for (int k0 = 0; k0 < CP; k0 += 8) {
+      FragA3 af;
+      load_a(af, a_hi + k0, ld);
 #pragma unroll
-    for (int j = 0; j < kMmaNB; ++j) {
-      FragB<E> bh, bl;
-      load_b(bh, b_hi + 8 * j * ld + k0, ld);  // B[c][n] = b[n][c]: stored n-major
-      if (kSplitA) mma::mma(a[j], al, bh);
-      if (kSplitB) {
-        load_b(bl, b_lo + 8 * j * ld + k0, ld);
-        mma::mma(a[j], ah, bl);
+      for (int j = 0; j < kMmaNB; ++j) {
+        FragB3 bf;
+        load_b(bf, b_hi + 8 * j * ld + k0, ld);
+        mma::mma(a[j], af, bf);
       }
-      mma::mma(a[j], ah, bh);
+    }
+  } else {
+#pragma unroll
+    for (int k0 = 0; k0 < CP; k0 += 16) {
+      FragA<E> ah, al;
+      load_a(ah, a_hi + k0, ld);
+      if (kSplitA) load_a(al, a_lo + k0, ld);
+#pragma unroll
+      for (int j = 0; j < kMmaNB; ++j) {
+        FragB<E> bh, bl;
+        load_b(bh, b_hi + 8 * j * ld + k0, ld);  // B[c][n] = b[n][c]: stored n-major
+        if (kSplitA) mma::mma(a[j], al, bh);
+        if (kSplitB) {
+          load_b(bl, b_lo + 8 * j * ld + k0, ld);
+          mma::mma(a[j], ah, bl);
+        }
+        mma::mma(a[j], ah, bh);
+      }
     }
   }
 }
@@ -172,25 +237,38 @@ struct RowSoftmax {
 // kSplitP), V 64 rows x CP channels at v_hi (+ v_lo when kSplitV), channel-minor: B[k][n] = v[k][n],
 // stored k-major. The small products go first.
 template <class E, int CP, bool kSplitP, bool kSplitV>
-__device__ __forceinline__ void rows_product(FragC (&acc)[CP / 8], const FragC (&p)[kMmaNB], const uint16_t* v_hi,
-                                             const uint16_t* v_lo, int ld) {
+__device__ __forceinline__ void rows_product(FragC (&acc)[CP / 8], const FragC (&p)[kMmaNB], const Elem<E>* v_hi,
+                                             const Elem<E>* v_lo, int ld) {
+  if constexpr (kIsTf32<E>) {  // 3xTF32, P's columns paired (mma.cuh's a3_from_c); v_lo unused
 #pragma unroll
-  for (int kk = 0; kk < kMmaNB / 2; ++kk) {
-    FragA<E> ph, pl;
-    if (kSplitP)
-      split_a_from_c<E>(p[2 * kk], p[2 * kk + 1], ph, pl);
-    else
-      ph = a_from_c<E>(p[2 * kk], p[2 * kk + 1]);
+    for (int kb = 0; kb < kMmaNB; ++kb) {
+      const FragA3 pa = a3_from_c(p[kb]);
 #pragma unroll
-    for (int j = 0; j < CP / 8; ++j) {
-      FragB<E> vh, vl;
-      load_b_t(vh, v_hi + 16 * kk * ld + 8 * j, ld);
-      if (kSplitP) mma::mma(acc[j], pl, vh);
-      if (kSplitV) {
-        load_b_t(vl, v_lo + 16 * kk * ld + 8 * j, ld);
-        mma::mma(acc[j], ph, vl);
+      for (int j = 0; j < CP / 8; ++j) {
+        FragB3 vf;
+        load_b3_t_pairs(vf, v_hi + 8 * kb * ld + 8 * j, ld);
+        mma::mma(acc[j], pa, vf);
       }
-      mma::mma(acc[j], ph, vh);
+    }
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < kMmaNB / 2; ++kk) {
+      FragA<E> ph, pl;
+      if (kSplitP)
+        split_a_from_c<E>(p[2 * kk], p[2 * kk + 1], ph, pl);
+      else
+        ph = a_from_c<E>(p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+      for (int j = 0; j < CP / 8; ++j) {
+        FragB<E> vh, vl;
+        load_b_t(vh, v_hi + 16 * kk * ld + 8 * j, ld);
+        if (kSplitP) mma::mma(acc[j], pl, vh);
+        if (kSplitV) {
+          load_b_t(vl, v_lo + 16 * kk * ld + 8 * j, ld);
+          mma::mma(acc[j], ph, vl);
+        }
+        mma::mma(acc[j], ph, vh);
+      }
     }
   }
 }
@@ -198,7 +276,7 @@ __device__ __forceinline__ void rows_product(FragC (&acc)[CP / 8], const FragC (
 // acc = alpha acc + P V (the forward's value product, P rounded to the 16-bit type).
 template <class E, int CP>
 __device__ inline void value_product(FragC (&acc)[CP / 8], const FragC (&p)[kMmaNB], const float (&alpha)[2],
-                                     const uint16_t* v, int ld) {
+                                     const Elem<E>* v, int ld) {
 #pragma unroll
   for (int j = 0; j < CP / 8; ++j)
 #pragma unroll
@@ -214,15 +292,15 @@ __device__ inline void value_product(FragC (&acc)[CP / 8], const FragC (&p)[kMma
 // Writes ws_m, ws_l (B, nchunks, S) and ws_acc (B, nchunks, S, C) as cluster_fwd_chunk does.
 template <class E, int CP>
 __global__ void __launch_bounds__(kMmaThreads, 1)
-    cluster_fwd_chunk_mma(const uint16_t* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
+    cluster_fwd_chunk_mma(const Elem<E>* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
                           const float* __restrict__ qs, int64_t qsb, int64_t qsr, int64_t qsc, int L, int S, int C,
                           int64_t chunk_len, int nchunks, float* __restrict__ ws_m, float* __restrict__ ws_l,
                           float* __restrict__ ws_acc) {
-  constexpr int ld = CP + 8;
+  constexpr int ld = tile_ld<E, CP>();
   GLMIX_DYNAMIC_SMEM(float, smem);
-  uint16_t* qh_sh = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* ql_sh = qh_sh + 64 * ld;
-  uint16_t* x_sh = ql_sh + 64 * ld;
+  Elem<E>* qh_sh = reinterpret_cast<Elem<E>*>(smem);
+  Elem<E>* ql_sh = qh_sh + 64 * ld;
+  Elem<E>* x_sh = ql_sh + 64 * ld;
   float* rn_sh = reinterpret_cast<float*>(x_sh + 64 * ld);
 
   const int st = blockIdx.x, chunk = blockIdx.y;
@@ -241,7 +319,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   for (int64_t l0 = l_begin; l0 < l_end; l0 += kMmaCols) {
     const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), l_end - l0));
     __syncthreads();  // the previous tile's readers of x_sh / rn_sh are done
-    load_rows16(x_sh, ld, CP, x + b * xsb, xsr, xsc, l0, nl, C);
+    load_rows(x_sh, ld, CP, x + b * xsb, xsr, xsc, l0, nl, C);
     __syncthreads();
     tile_rnorms<E>(x_sh, ld, CP, rn_sh);
     __syncthreads();
@@ -289,26 +367,26 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // of type E; qs fp32. out (B, L, C) contiguous, 16-bit; lse (B, L) fp32.
 template <class E, int CP>
 __global__ void __launch_bounds__(kMmaThreads, 1)
-    dispatch_fwd_mma(const uint16_t* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
+    dispatch_fwd_mma(const Elem<E>* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
                      const float* __restrict__ qs, int64_t qsb, int64_t qsr, int64_t qsc,
-                     const uint16_t* __restrict__ sl, int64_t ssb, int64_t ssr, int64_t ssc, int64_t L, int S, int C,
-                     int tiles_per_block, uint16_t* __restrict__ out, float* __restrict__ lse) {
-  constexpr int ld = CP + 8;
+                     const Elem<E>* __restrict__ sl, int64_t ssb, int64_t ssr, int64_t ssc, int64_t L, int S, int C,
+                     int tiles_per_block, Elem<E>* __restrict__ out, float* __restrict__ lse) {
+  constexpr int ld = tile_ld<E, CP>();
   GLMIX_DYNAMIC_SMEM(float, smem);
-  uint16_t* qh_sh = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* ql_sh = qh_sh + 64 * ld;
-  uint16_t* sl_sh = ql_sh + 64 * ld;
-  uint16_t* x_sh = sl_sh + 64 * ld;
+  Elem<E>* qh_sh = reinterpret_cast<Elem<E>*>(smem);
+  Elem<E>* ql_sh = qh_sh + 64 * ld;
+  Elem<E>* sl_sh = ql_sh + 64 * ld;
+  Elem<E>* x_sh = sl_sh + 64 * ld;
   float* rn_sh = reinterpret_cast<float*>(x_sh + 64 * ld);
 
   const int64_t b = blockIdx.y;
   const int lane = lane_id(), warp = static_cast<int>(threadIdx.x) >> 5;
   const int nst = (S + kMmaCols - 1) / kMmaCols;
   const float* qsb_ = qs + b * qsb;
-  const uint16_t* slb = sl + b * ssb;
+  const Elem<E>* slb = sl + b * ssb;
   if (nst == 1) {  // read after the first tile's barriers
     load_rows_split<E>(qh_sh, ql_sh, ld, CP, qsb_, qsr, qsc, 0, S, C);
-    load_rows16(sl_sh, ld, CP, slb, ssr, ssc, 0, S, C);
+    load_rows(sl_sh, ld, CP, slb, ssr, ssc, 0, S, C);
   }
 
   const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
@@ -316,7 +394,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     const int64_t l0 = t * 64;
     const int nl = static_cast<int>(min(static_cast<int64_t>(64), L - l0));
     __syncthreads();  // the previous tile's readers of x_sh / rn_sh (and of the slot tiles) are done
-    load_rows16(x_sh, ld, CP, x + b * xsb, xsr, xsc, l0, nl, C);
+    load_rows(x_sh, ld, CP, x + b * xsb, xsr, xsc, l0, nl, C);
     __syncthreads();
     tile_rnorms<E>(x_sh, ld, CP, rn_sh);
 
@@ -330,7 +408,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         __syncthreads();  // the previous slot tile's readers are done
         const int s0 = st * kMmaCols, ns = min(kMmaCols, S - s0);
         load_rows_split<E>(qh_sh, ql_sh, ld, CP, qsb_, qsr, qsc, s0, ns, C);
-        load_rows16(sl_sh, ld, CP, slb, ssr, ssc, s0, ns, C);
+        load_rows(sl_sh, ld, CP, slb, ssr, ssc, s0, ns, C);
       }
       __syncthreads();
       if (st == 0) {
@@ -355,7 +433,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       for (int i = 0; i < 4; ++i) {
         const RC rc = c_rc(lane, i);
         const int l = 16 * warp + rc.row, c = 8 * j + rc.col;
-        if (l < nl && c < C) out[(b * L + l0 + l) * C + c] = to_bits(acc[j].r[i] / sm.l[i >> 1], E{});
+        if (l < nl && c < C) out[(b * L + l0 + l) * C + c] = elem_of<E>(acc[j].r[i] / sm.l[i >> 1]);
       }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -382,9 +460,14 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // operand: with fp16 x, a pixel with 0 < ||x|| below about 1e-5 can overflow it (fp16 tops out at
 // 65504); zero pixels contribute exactly zero.
 constexpr int kMmaBwdMaxChannels = 128;  // two CP-wide accumulator sets per warp: CP = 256 would spill
+// fp32 x (tf32 tiles, twice the bytes): five tiles at CP = 128 take 169 KB, above sm_80's 164 KB.
+constexpr int kMmaTf32BwdMaxChannels = 64;
 
 // Dynamic shared memory of both: five 64-row 16-bit tiles and four 64-float rows.
-inline size_t bwd_mma_smem(int CP) { return static_cast<size_t>(5 * 64) * (CP + 8) * 2 + 4 * 64 * 4; }
+template <class E>
+inline size_t bwd_mma_smem(int CP) {
+  return static_cast<size_t>(5 * 64) * (CP + Store<E>::kPad) * sizeof(Elem<E>) + 4 * 64 * 4;
+}
 
 // A (B, rows, C) tensor with its strides, as the backward kernels take their operands.
 template <class T>
@@ -393,17 +476,18 @@ struct Rows {
   int64_t sb, sr, sc;
 };
 
+template <class E>
 struct BwdSmem {
-  uint16_t *qh, *ql;  // qs hi and lo (a slot tile)
-  uint16_t* y;        // the other (S, C) operand: clustering G, dispatch slots (the same slot tile)
-  uint16_t *x, *h;    // x's pixel tile; the dispatch's grad pixel tile
+  Elem<E>*qh, *ql;  // qs hi and lo (a slot tile; tf32: qs whole in qh)
+  Elem<E>* y;       // the other (S, C) operand: clustering G, dispatch slots (the same slot tile)
+  Elem<E>*x, *h;    // x's pixel tile; the dispatch's grad pixel tile
   float *rn, *live, *st0, *st1;  // per pixel 1 / ||x|| and liveness; two statistics per row
 };
-template <int CP>
-__device__ __forceinline__ BwdSmem carve_bwd(float* smem) {
-  constexpr int tile = 64 * (CP + 8);
-  BwdSmem s;
-  s.qh = reinterpret_cast<uint16_t*>(smem);
+template <class E, int CP>
+__device__ __forceinline__ BwdSmem<E> carve_bwd(float* smem) {
+  constexpr int tile = 64 * tile_ld<E, CP>();
+  BwdSmem<E> s;
+  s.qh = reinterpret_cast<Elem<E>*>(smem);
   s.ql = s.qh + tile;
   s.y = s.ql + tile;
   s.x = s.y + tile;
@@ -418,9 +502,9 @@ __device__ __forceinline__ BwdSmem carve_bwd(float* smem) {
 // dx of a warp's 16 pixels: value + (dK - K <K, dK>) / max(||x||, eps), K = x / max(||x||, eps),
 // the projection only where live; rows r0 .. of the tile, written for rows < nl and channels < C.
 template <class E, int CP, bool kValue>
-__device__ __forceinline__ void dx_rows(const FragC (&dk)[CP / 8], const FragC (&value)[CP / 8], const uint16_t* x_sh,
+__device__ __forceinline__ void dx_rows(const FragC (&dk)[CP / 8], const FragC (&value)[CP / 8], const Elem<E>* x_sh,
                                         int ld, int r0, const float (&rn)[2], const float (&live)[2], int nl, int C,
-                                        uint16_t* dxb) {
+                                        Elem<E>* dxb) {
   const int lane = lane_id();
   float dot[2] = {0.f, 0.f};  // <x, dK> per row; the padded channels of x are zeros
 #pragma unroll
@@ -428,7 +512,7 @@ __device__ __forceinline__ void dx_rows(const FragC (&dk)[CP / 8], const FragC (
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const RC rc = c_rc(lane, i);
-      dot[i >> 1] += from_bits(x_sh[(r0 + rc.row) * ld + 8 * j + rc.col], E{}) * dk[j].r[i];
+      dot[i >> 1] += value_of<E>(x_sh[(r0 + rc.row) * ld + 8 * j + rc.col]) * dk[j].r[i];
     }
 #pragma unroll
   for (int h = 0; h < 2; ++h) dot[h] = row_sum(dot[h]) * rn[h] * live[h];  // <K, dK>, 0 where not live
@@ -439,10 +523,10 @@ __device__ __forceinline__ void dx_rows(const FragC (&dk)[CP / 8], const FragC (
       const RC rc = c_rc(lane, i);
       const int l = r0 + rc.row, c = 8 * j + rc.col, h = i >> 1;
       if (l < nl && c < C) {
-        const float k = from_bits(x_sh[l * ld + c], E{}) * rn[h];
+        const float k = value_of<E>(x_sh[l * ld + c]) * rn[h];
         float v = (dk[j].r[i] - k * dot[h]) * rn[h];
         if (kValue) v += value[j].r[i];
-        dxb[static_cast<int64_t>(l) * C + c] = to_bits(v, E{});
+        dxb[static_cast<int64_t>(l) * C + c] = elem_of<E>(v);
       }
     }
 }
@@ -452,22 +536,22 @@ __device__ __forceinline__ void dx_rows(const FragC (&dk)[CP / 8], const FragC (
 // sl = slots (B, S, C), stat0 = lse (B, L), writes delta' (B, L) to dl_out. dx (B, L, C) contiguous.
 template <class E, int CP, bool kDispatch>
 __global__ void __launch_bounds__(kMmaThreads, 1)
-    pixel_bwd_mma(Rows<uint16_t> g, Rows<uint16_t> x, Rows<float> qs, Rows<uint16_t> sl,
+    pixel_bwd_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl,
                   const float* __restrict__ stat0, const float* __restrict__ stat1, int64_t L, int S, int C,
-                  int tiles_per_block, uint16_t* __restrict__ dx, float* __restrict__ dl_out) {
-  constexpr int ld = CP + 8;
+                  int tiles_per_block, Elem<E>* __restrict__ dx, float* __restrict__ dl_out) {
+  constexpr int ld = tile_ld<E, CP>();
   GLMIX_DYNAMIC_SMEM(float, smem);
-  const BwdSmem sh = carve_bwd<CP>(smem);
+  const BwdSmem<E> sh = carve_bwd<E, CP>(smem);
   const int64_t b = blockIdx.y;
   const int lane = lane_id(), r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
   const int nst = (S + kMmaCols - 1) / kMmaCols;
-  const Rows<uint16_t> y = kDispatch ? sl : g;
+  const Rows<Elem<E>> y = kDispatch ? sl : g;
 
   // Slot tile st of qs (hi, lo) and y, with the clustering's per-slot lse and delta; no barrier.
   const auto load_slots = [&](int st) {
     const int s0 = st * kMmaCols, ns = min(kMmaCols, S - s0);
     load_rows_split<E>(sh.qh, sh.ql, ld, CP, qs.p + b * qs.sb, qs.sr, qs.sc, s0, ns, C);
-    load_rows16(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, s0, ns, C);
+    load_rows(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, s0, ns, C);
     if (!kDispatch)
       for (int s = threadIdx.x; s < 64; s += blockDim.x) {
         sh.st0[s] = s < ns ? stat0[b * S + s0 + s] : 0.f;
@@ -498,8 +582,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     const int64_t l0 = t * 64;
     const int nl = static_cast<int>(min(static_cast<int64_t>(64), L - l0));
     __syncthreads();  // the previous tile's readers are done
-    load_rows16(sh.x, ld, CP, x.p + b * x.sb, x.sr, x.sc, l0, nl, C);
-    if (kDispatch) load_rows16(sh.h, ld, CP, g.p + b * g.sb, g.sr, g.sc, l0, nl, C);
+    load_rows(sh.x, ld, CP, x.p + b * x.sb, x.sr, x.sc, l0, nl, C);
+    if (kDispatch) load_rows(sh.h, ld, CP, g.p + b * g.sb, g.sr, g.sc, l0, nl, C);
     __syncthreads();
     tile_rnorms<E>(sh.x, ld, CP, sh.rn, sh.live);
     __syncthreads();
@@ -585,22 +669,22 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // and, for the dispatch, dslots to ws_dv.
 template <class E, int CP, bool kDispatch>
 __global__ void __launch_bounds__(kMmaThreads, 1)
-    slot_bwd_mma(Rows<uint16_t> g, Rows<uint16_t> x, Rows<float> qs, Rows<uint16_t> sl,
+    slot_bwd_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl,
                  const float* __restrict__ stat0, const float* __restrict__ stat1, int L, int S, int C,
                  int64_t chunk_len, int nchunks, float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
-  constexpr int ld = CP + 8;
+  constexpr int ld = tile_ld<E, CP>();
   GLMIX_DYNAMIC_SMEM(float, smem);
-  const BwdSmem sh = carve_bwd<CP>(smem);
+  const BwdSmem<E> sh = carve_bwd<E, CP>(smem);
   const int st = blockIdx.x, chunk = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int s0 = st * kMmaRows, ns = min(kMmaRows, S - s0);
   const int64_t l_begin = chunk * chunk_len;
   const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);
   const int lane = lane_id(), r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
-  const Rows<uint16_t> y = kDispatch ? sl : g;
+  const Rows<Elem<E>> y = kDispatch ? sl : g;
 
   load_rows_split<E>(sh.qh, sh.ql, ld, CP, qs.p + b * qs.sb, qs.sr, qs.sc, s0, ns, C);
-  load_rows16(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, s0, ns, C);
+  load_rows(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, s0, ns, C);
   float lse[2] = {0.f, 0.f}, dl[2] = {0.f, 0.f};  // clustering: the rows' (slots') statistics
   if (!kDispatch)
 #pragma unroll
@@ -621,9 +705,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   for (int64_t l0 = l_begin; l0 < l_end; l0 += kMmaCols) {
     const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), l_end - l0));
     __syncthreads();  // the previous tile's readers are done
-    load_rows16(sh.x, ld, CP, x.p + b * x.sb, x.sr, x.sc, l0, nl, C);
+    load_rows(sh.x, ld, CP, x.p + b * x.sb, x.sr, x.sc, l0, nl, C);
     if (kDispatch) {
-      load_rows16(sh.h, ld, CP, g.p + b * g.sb, g.sr, g.sc, l0, nl, C);
+      load_rows(sh.h, ld, CP, g.p + b * g.sb, g.sr, g.sc, l0, nl, C);
       for (int l = threadIdx.x; l < 64; l += blockDim.x) {
         sh.st0[l] = l < nl ? stat0[b * L + l0 + l] : 0.f;
         sh.st1[l] = l < nl ? stat1[b * L + l0 + l] : 0.f;
