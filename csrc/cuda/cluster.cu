@@ -41,8 +41,8 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
     with_mma_types<tc::kMmaMaxChannels, tc::kMmaTf32MaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
       using E = decltype(e);
       constexpr int CP = decltype(cp)::value;
-      launch(tc::cluster_fwd_chunk_mma<E, CP>, grid, dim3(tc::kMmaThreads), tc::cluster_fwd_mma_smem<E>(CP),
-             stream, elems<E>(x), xv.sb, xv.sr, xv.sc, qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, static_cast<int>(L),
+      launch(tc::cluster_fwd_chunk_mma<E, CP>, grid, dim3(tc::kMmaThreads), tc::cluster_fwd_mma_smem<E>(CP), stream,
+             elems<E>(x), xv.sb, xv.sr, xv.sc, qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, static_cast<int>(L),
              static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, ws_m.data_ptr<float>(), ws_l.data_ptr<float>(),
              ws_acc.data_ptr<float>());
     });

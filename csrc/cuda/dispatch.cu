@@ -71,9 +71,9 @@ static void mma_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const
            lse.data_ptr<float>(), nullptr, L, static_cast<int>(S), static_cast<int>(C),
            static_cast<int>(chp.len / tc::kMmaCols), elems<E>(dx), dl.data_ptr<float>());
     launch(tc::slot_bwd_mma<E, CP, true>, dim3(nst, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads), smem,
-           stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(slots), lse.data_ptr<float>(), dl.data_ptr<float>(),
-           static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, ws_dq.data_ptr<float>(),
-           ws_dv.data_ptr<float>());
+           stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(slots), lse.data_ptr<float>(),
+           dl.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n,
+           ws_dq.data_ptr<float>(), ws_dv.data_ptr<float>());
   });
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_dispatch_bwd_cuda",
                             [&] { launch_sum_chunks<scalar_t>(ws_dv, dslots, B, ch.n, S * C, stream); });

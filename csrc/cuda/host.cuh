@@ -43,8 +43,7 @@ inline bool use_mma_fwd(const at::Tensor& x) {
 // per warp) and fp32 x with C <= 64 (shared memory), the rest on the CUDA-core kernels.
 inline bool use_mma_bwd(const at::Tensor& x) {
   const int64_t C = x.size(2);
-  return use_mma_fwd(x) &&
-         C <= (x.scalar_type() == at::kFloat ? tc::kMmaTf32BwdMaxChannels : tc::kMmaBwdMaxChannels);
+  return use_mma_fwd(x) && C <= (x.scalar_type() == at::kFloat ? tc::kMmaTf32BwdMaxChannels : tc::kMmaBwdMaxChannels);
 }
 
 // f(e, std::integral_constant<int, CP>{}) for the padded channels cp, CP from 16 up to kMax (the

@@ -32,8 +32,14 @@
 
 #include <cstdint>
 
+// The tensor-core instructions need sm_80 or newer (mma.sync m16n8k16 bf16, cvt.rna.tf32, cvt.rn.bf16x2).
+// Device code for an older architecture (the extension built for several) gets GLMIX_MMA_ARCH_OK 0:
+// the kernels of mma_kernels.cuh compile to a trap there, and the host never launches them on such a
+// device (has_tensor_cores()): the CUDA-core kernels serve it.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "csrc/cuda/mma.cuh needs sm_80 or newer (mma.sync m16n8k16 bf16, ldmatrix, cvt.rna.tf32)"
+#define GLMIX_MMA_ARCH_OK 0
+#else
+#define GLMIX_MMA_ARCH_OK 1
 #endif
 
 #ifdef GLMIX_CUDA_EMULATION
@@ -292,27 +298,34 @@ __device__ __forceinline__ void mma(FragC& d, const FragA3& a, const FragB3& b) 
 // transpose, B[k][n] at tile[n * ld + k], i.e. both row-major in K) or transposed ("t":
 // A[m][k] at tile[k * ld + m], B[k][n] at tile[k * ld + n]).
 
+// Fragment element i of A (kIsA) or B, as a_rc / b_rc give it.
+template <class E, bool kIsA>
+__host__ __device__ constexpr RC frag_rc(int lane, int i) {
+  return kIsA ? a_rc<E>(lane, i) : b_rc<E>(lane, i);
+}
+// Where element (row, col) of an operand sits in its tile: row-major or transposed.
+__device__ __forceinline__ int stored_at(RC rc, int ld, bool row_major) {
+  return row_major ? rc.row * ld + rc.col : rc.col * ld + rc.row;
+}
+
 #ifdef GLMIX_CUDA_EMULATION
 
+// The 16-bit fragments element by element (two per register, the lower-numbered in the low half).
+template <class E, bool kIsA, int N>
+__device__ inline void gather16(uint32_t (&r)[N], const uint16_t* tile, int ld, bool row_major) {
+  const int lane = lane_id();
+  for (int k = 0; k < N; ++k)
+    r[k] = tile[stored_at(frag_rc<E, kIsA>(lane, 2 * k), ld, row_major)] |
+           (static_cast<uint32_t>(tile[stored_at(frag_rc<E, kIsA>(lane, 2 * k + 1), ld, row_major)]) << 16);
+}
+// A is stored as multiplied (A[m][k] row-major) unless kTrans; B as its transpose unless kTrans.
 template <class E, bool kTrans>
 __device__ inline void load_a16(FragA<E>& a, const uint16_t* tile, int ld) {
-  const int lane = lane_id();
-  for (int r = 0; r < 4; ++r) {
-    const RC lo = a_rc<E>(lane, 2 * r), hi = a_rc<E>(lane, 2 * r + 1);
-    const uint16_t vl = kTrans ? tile[lo.col * ld + lo.row] : tile[lo.row * ld + lo.col];
-    const uint16_t vh = kTrans ? tile[hi.col * ld + hi.row] : tile[hi.row * ld + hi.col];
-    a.r[r] = vl | (static_cast<uint32_t>(vh) << 16);
-  }
+  gather16<E, true>(a.r, tile, ld, !kTrans);
 }
 template <class E, bool kTrans>
 __device__ inline void load_b16(FragB<E>& b, const uint16_t* tile, int ld) {
-  const int lane = lane_id();
-  for (int r = 0; r < 2; ++r) {
-    const RC lo = b_rc<E>(lane, 2 * r), hi = b_rc<E>(lane, 2 * r + 1);
-    const uint16_t vl = kTrans ? tile[lo.row * ld + lo.col] : tile[lo.col * ld + lo.row];
-    const uint16_t vh = kTrans ? tile[hi.row * ld + hi.col] : tile[hi.col * ld + hi.row];
-    b.r[r] = vl | (static_cast<uint32_t>(vh) << 16);
-  }
+  gather16<E, false>(b.r, tile, ld, kTrans);
 }
 
 #endif
@@ -341,35 +354,40 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// ldmatrix of N (4 or 2) 8x8 matrices, transposed when kTrans, from this lane's row start p.
+template <int N, bool kTrans>
+__device__ __forceinline__ void ldsm(uint32_t (&r)[N], const uint16_t* p) {
+  const uint32_t a = smem_u32(p);
+  if constexpr (N == 4 && kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+  else if constexpr (N == 4)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+  else if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a)
+                 : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a)
+                 : "memory");
+}
 template <class E, bool kTrans>
 __device__ __forceinline__ void load_a16(FragA<E>& a, const uint16_t* tile, int ld) {
   const RC rc = ldsm_a_row(lane_id(), kTrans);
-  const uint32_t p = smem_u32(tile + rc.row * ld + rc.col);
-  if (kTrans)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3])
-                 : "r"(p)
-                 : "memory");
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3])
-                 : "r"(p)
-                 : "memory");
+  ldsm<4, kTrans>(a.r, tile + rc.row * ld + rc.col);
 }
 template <class E, bool kTrans>
 __device__ __forceinline__ void load_b16(FragB<E>& b, const uint16_t* tile, int ld) {
   const RC rc = ldsm_b_row(lane_id(), kTrans);
-  const uint32_t p = smem_u32(tile + rc.row * ld + rc.col);
-  if (kTrans)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
-                 : "=r"(b.r[0]), "=r"(b.r[1])
-                 : "r"(p)
-                 : "memory");
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
-                 : "=r"(b.r[0]), "=r"(b.r[1])
-                 : "r"(p)
-                 : "memory");
+  ldsm<2, kTrans>(b.r, tile + rc.row * ld + rc.col);
 }
 
 #endif
@@ -392,28 +410,25 @@ __device__ __forceinline__ void load_b_t(FragB<E>& b, const uint16_t* tile, int 
 }
 
 // fp32 operands (16 x 8 A, 8 x 8 B), split for 3xTF32 as they are loaded; plain loads on both builds.
-template <bool kTrans>
-__device__ __forceinline__ void load_a3_impl(FragA3& a, const float* tile, int ld) {
+template <bool kIsA, int N>
+__device__ __forceinline__ void gather3(uint32_t (&hi)[N], uint32_t (&lo)[N], const float* tile, int ld,
+                                        bool row_major) {
   const int lane = lane_id();
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const RC rc = a_rc<Tf32>(lane, i);
-    split_tf32(kTrans ? tile[rc.col * ld + rc.row] : tile[rc.row * ld + rc.col], a.hi.r[i], a.lo.r[i]);
-  }
+  for (int i = 0; i < N; ++i) split_tf32(tile[stored_at(frag_rc<Tf32, kIsA>(lane, i), ld, row_major)], hi[i], lo[i]);
 }
-template <bool kTrans>
-__device__ __forceinline__ void load_b3_impl(FragB3& b, const float* tile, int ld) {
-  const int lane = lane_id();
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const RC rc = b_rc<Tf32>(lane, i);
-    split_tf32(kTrans ? tile[rc.row * ld + rc.col] : tile[rc.col * ld + rc.row], b.hi.r[i], b.lo.r[i]);
-  }
+__device__ __forceinline__ void load_a(FragA3& a, const float* tile, int ld) {
+  gather3<true>(a.hi.r, a.lo.r, tile, ld, true);
 }
-__device__ __forceinline__ void load_a(FragA3& a, const float* tile, int ld) { load_a3_impl<false>(a, tile, ld); }
-__device__ __forceinline__ void load_a_t(FragA3& a, const float* tile, int ld) { load_a3_impl<true>(a, tile, ld); }
-__device__ __forceinline__ void load_b(FragB3& b, const float* tile, int ld) { load_b3_impl<false>(b, tile, ld); }
-__device__ __forceinline__ void load_b_t(FragB3& b, const float* tile, int ld) { load_b3_impl<true>(b, tile, ld); }
+__device__ __forceinline__ void load_a_t(FragA3& a, const float* tile, int ld) {
+  gather3<true>(a.hi.r, a.lo.r, tile, ld, false);
+}
+__device__ __forceinline__ void load_b(FragB3& b, const float* tile, int ld) {
+  gather3<false>(b.hi.r, b.lo.r, tile, ld, false);
+}
+__device__ __forceinline__ void load_b_t(FragB3& b, const float* tile, int ld) {
+  gather3<false>(b.hi.r, b.lo.r, tile, ld, true);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Accumulators.

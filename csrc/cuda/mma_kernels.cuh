@@ -296,6 +296,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
                           const float* __restrict__ qs, int64_t qsb, int64_t qsr, int64_t qsc, int L, int S, int C,
                           int64_t chunk_len, int nchunks, float* __restrict__ ws_m, float* __restrict__ ws_l,
                           float* __restrict__ ws_acc) {
+#if GLMIX_MMA_ARCH_OK
   constexpr int ld = tile_ld<E, CP>();
   GLMIX_DYNAMIC_SMEM(float, smem);
   Elem<E>* qh_sh = reinterpret_cast<Elem<E>*>(smem);
@@ -356,6 +357,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       const int c = 8 * j + rc.col;
       if (16 * warp + rc.row < ns && c < C) ws_acc[(row0 + rc.row) * C + c] = acc[j].r[i];
     }
+#else
+  __trap();  // never launched below sm_80
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,10 +371,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // of type E; qs fp32. out (B, L, C) contiguous, 16-bit; lse (B, L) fp32.
 template <class E, int CP>
 __global__ void __launch_bounds__(kMmaThreads, 1)
-    dispatch_fwd_mma(const Elem<E>* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
-                     const float* __restrict__ qs, int64_t qsb, int64_t qsr, int64_t qsc,
-                     const Elem<E>* __restrict__ sl, int64_t ssb, int64_t ssr, int64_t ssc, int64_t L, int S, int C,
-                     int tiles_per_block, Elem<E>* __restrict__ out, float* __restrict__ lse) {
+    dispatch_fwd_mma(const Elem<E>* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc, const float* __restrict__ qs,
+                     int64_t qsb, int64_t qsr, int64_t qsc, const Elem<E>* __restrict__ sl, int64_t ssb, int64_t ssr,
+                     int64_t ssc, int64_t L, int S, int C, int tiles_per_block, Elem<E>* __restrict__ out,
+                     float* __restrict__ lse) {
+#if GLMIX_MMA_ARCH_OK
   constexpr int ld = tile_ld<E, CP>();
   GLMIX_DYNAMIC_SMEM(float, smem);
   Elem<E>* qh_sh = reinterpret_cast<Elem<E>*>(smem);
@@ -441,6 +446,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       if ((lane & 3) == 0 && l < nl) lse[b * L + l0 + l] = sm.m[h] + logf(sm.l[h]);
     }
   }
+#else
+  __trap();  // never launched below sm_80
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -478,9 +486,9 @@ struct Rows {
 
 template <class E>
 struct BwdSmem {
-  Elem<E>*qh, *ql;  // qs hi and lo (a slot tile; tf32: qs whole in qh)
-  Elem<E>* y;       // the other (S, C) operand: clustering G, dispatch slots (the same slot tile)
-  Elem<E>*x, *h;    // x's pixel tile; the dispatch's grad pixel tile
+  Elem<E>*qh, *ql;               // qs hi and lo (a slot tile; tf32: qs whole in qh)
+  Elem<E>* y;                    // the other (S, C) operand: clustering G, dispatch slots (the same slot tile)
+  Elem<E>*x, *h;                 // x's pixel tile; the dispatch's grad pixel tile
   float *rn, *live, *st0, *st1;  // per pixel 1 / ||x|| and liveness; two statistics per row
 };
 template <class E, int CP>
@@ -536,9 +544,10 @@ __device__ __forceinline__ void dx_rows(const FragC (&dk)[CP / 8], const FragC (
 // sl = slots (B, S, C), stat0 = lse (B, L), writes delta' (B, L) to dl_out. dx (B, L, C) contiguous.
 template <class E, int CP, bool kDispatch>
 __global__ void __launch_bounds__(kMmaThreads, 1)
-    pixel_bwd_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl,
-                  const float* __restrict__ stat0, const float* __restrict__ stat1, int64_t L, int S, int C,
-                  int tiles_per_block, Elem<E>* __restrict__ dx, float* __restrict__ dl_out) {
+    pixel_bwd_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl, const float* __restrict__ stat0,
+                  const float* __restrict__ stat1, int64_t L, int S, int C, int tiles_per_block,
+                  Elem<E>* __restrict__ dx, float* __restrict__ dl_out) {
+#if GLMIX_MMA_ARCH_OK
   constexpr int ld = tile_ld<E, CP>();
   GLMIX_DYNAMIC_SMEM(float, smem);
   const BwdSmem<E> sh = carve_bwd<E, CP>(smem);
@@ -560,8 +569,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   };
   // The warp's 16 pixels x 64 slots of tile st: a = P (clustering) or D (dispatch), e = dA
   // (clustering) or dD (dispatch); zero at slots >= S.
-  const auto probabilities = [&](int st, const float (&rn)[2], const float (&lse)[2], FragC (&a)[kMmaNB],
-                                 FragC (&e)[kMmaNB]) {
+  const auto probabilities = [&](int st, const float (&rn)[2], const float (&lse)[2], FragC(&a)[kMmaNB],
+                                 FragC(&e)[kMmaNB]) {
     logits<E, CP, false, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
     logits<E, CP, false, false>(e, (kDispatch ? sh.h : sh.x) + r0 * ld, nullptr, sh.y, nullptr, ld);
 #pragma unroll
@@ -599,7 +608,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     // Dispatch: delta'[l] = sum_s D dD / sum_s D (dividing keeps sum_s dA = 0 although the
     // recomputed D sums to 1 only up to lse's rounding), in a first pass when S spans tiles.
     float dl[2] = {0.f, 0.f};
-    const auto delta_rows = [&](const FragC (&a)[kMmaNB], const FragC (&e)[kMmaNB], float (&num)[2], float (&den)[2]) {
+    const auto delta_rows = [&](const FragC(&a)[kMmaNB], const FragC(&e)[kMmaNB], float (&num)[2], float (&den)[2]) {
 #pragma unroll
       for (int j = 0; j < kMmaNB; ++j)
 #pragma unroll
@@ -661,6 +670,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         if ((lane & 3) == 0 && l < nl) dl_out[b * L + l0 + l] = dl[h];
       }
   }
+#else
+  __trap();  // never launched below sm_80
+#endif
 }
 
 // grid (slot tiles, chunks, B), kMmaThreads threads. Clustering (!kDispatch): g = G (B, S, C),
@@ -669,9 +681,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // and, for the dispatch, dslots to ws_dv.
 template <class E, int CP, bool kDispatch>
 __global__ void __launch_bounds__(kMmaThreads, 1)
-    slot_bwd_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl,
-                 const float* __restrict__ stat0, const float* __restrict__ stat1, int L, int S, int C,
-                 int64_t chunk_len, int nchunks, float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
+    slot_bwd_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl, const float* __restrict__ stat0,
+                 const float* __restrict__ stat1, int L, int S, int C, int64_t chunk_len, int nchunks,
+                 float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
+#if GLMIX_MMA_ARCH_OK
   constexpr int ld = tile_ld<E, CP>();
   GLMIX_DYNAMIC_SMEM(float, smem);
   const BwdSmem<E> sh = carve_bwd<E, CP>(smem);
@@ -733,7 +746,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         a[j].r[i] = p;
         e[j].r[i] = dq_ok ? p * (e[j].r[i] - (kDispatch ? sh.st1[l] : dl[h])) * rn : 0.f;
       }
-    rows_product<E, CP, true, false>(dq, e, sh.x, nullptr, ld);       // dA K
+    rows_product<E, CP, true, false>(dq, e, sh.x, nullptr, ld);                  // dA K
     if (kDispatch) rows_product<E, CP, false, false>(dv, a, sh.h, nullptr, ld);  // D grad
   }
 
@@ -749,6 +762,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         if (kDispatch) ws_dv[(row0 + rc.row) * C + c] = dv[j].r[i];
       }
     }
+#else
+  __trap();  // never launched below sm_80
+#endif
 }
 
 }  // namespace tc
