@@ -286,11 +286,45 @@ __device__ __forceinline__ void mma(FragC& d, const FragA<Tf32>& a, const FragB<
 #endif
 
 // 3xTF32: the small cross terms first, so they are not lost against the large one.
+#ifdef GLMIX_CUDA_EMULATION
+// The same sums as three calls, with a third of the shuffles fewer (each moves a register's hi
+// and lo together): the emulation's time goes into its shuffles.
+inline void mma(FragC& d, const FragA3& a, const FragB3& b) {
+  const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+  float arow[2][2][8], bcol[2][2][8];  // [hi, lo][row g, g + 8 | column j][k]
+  for (int q = 0; q < 4; ++q) {
+    const int src = 4 * g + q;
+    for (int r = 0; r < 4; ++r) {
+      const uint64_t v = __shfl_sync(0xffffffffu, a.hi.r[r] | (static_cast<uint64_t>(a.lo.r[r]) << 32), src);
+      const RC rc = a_rc<Tf32>(src, r);
+      for (int p = 0; p < 2; ++p)
+        arow[p][rc.row == g ? 0 : 1][rc.col] = tf32_value(static_cast<uint32_t>(v >> (32 * p)));
+    }
+  }
+  for (int j = 0; j < 2; ++j)
+    for (int q = 0; q < 4; ++q) {
+      const int src = 4 * (2 * t + j) + q;
+      for (int r = 0; r < 2; ++r) {
+        const uint64_t v = __shfl_sync(0xffffffffu, b.hi.r[r] | (static_cast<uint64_t>(b.lo.r[r]) << 32), src);
+        const int k = b_rc<Tf32>(src, r).row;
+        for (int p = 0; p < 2; ++p) bcol[p][j][k] = tf32_value(static_cast<uint32_t>(v >> (32 * p)));
+      }
+    }
+  constexpr int parts[3][2] = {{1, 0}, {0, 1}, {0, 0}};  // (A, B): lo hi, hi lo, hi hi
+  for (const auto& ab : parts)
+    for (int i = 0; i < 4; ++i) {
+      float s = 0.f;
+      for (int k = 0; k < 8; ++k) s = std::fma(arow[ab[0]][i >> 1][k], bcol[ab[1]][i & 1][k], s);
+      d.r[i] += s;
+    }
+}
+#else
 __device__ __forceinline__ void mma(FragC& d, const FragA3& a, const FragB3& b) {
   mma(d, a.lo, b.hi);
   mma(d, a.hi, b.lo);
   mma(d, a.hi, b.hi);
 }
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Fragment loads from shared memory. `tile` points at element (0, 0) of the operand's block; the
