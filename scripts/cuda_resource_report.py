@@ -22,13 +22,20 @@ from collections import defaultdict
 
 # Kernels whose products must run on tensor cores (base names, without template arguments): the
 # test kernels, and every kernel of the backends named *_mma (forward and backward).
-TENSOR_CORE_KERNELS = {"mma_tile_test", "mma3_tile_test", "cluster_fwd_chunk_mma", "dispatch_fwd_mma", "pixel_bwd_mma",
-                       "slot_bwd_mma"}
+TENSOR_CORE_KERNELS = {
+    "mma_tile_test",
+    "mma3_tile_test",
+    "cluster_fwd_chunk_mma",
+    "dispatch_fwd_mma",
+    "pixel_bwd_mma",
+    "slot_bwd_mma",
+}
 
 
 def needs_tensor_cores(kernel):
     base = kernel.split("<")[0].split("::")[-1]
     return base in TENSOR_CORE_KERNELS or base.endswith("_mma")
+
 
 # Per-SM limits (registers, threads, blocks, shared memory per SM and reserved per block, bytes).
 SM_LIMITS = {

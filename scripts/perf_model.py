@@ -57,6 +57,38 @@ def kernels(L, C):
     }
 
 
+def n_chunks(L):
+    """plan_chunks for the tensor-core split-L kernels: 64-pixel tiles, B blocks per chunk (S <= 64)."""
+    return max(1, min(math.ceil(4 * SMS / B), math.ceil(L / 64)))
+
+
+def built_kernels(L, C):
+    """The tensor-core kernels as written (csrc/cuda/mma_kernels.cuh), 16-bit x: products counted
+    as issued (qs split in two for the logits; dA in two; dK = dA^T qs in three), the extra bytes of
+    the split-L workspaces (fp32, written and read) and of the backward's second pass over x (and
+    the dispatch's grad and delta'), and every launch. None where a kernel stays on CUDA cores:
+    forward C > 256, backward C > 128."""
+    x, stat_l = B * L * C * E, B * L * 4
+    ws = n_chunks(L) * B * S * C * 4 * 2  # one (B, chunks, S, C) fp32 workspace, written and read
+    k = kernels(L, C)
+    fwd = C <= 256
+    bwd = C <= 128
+    return {
+        # cluster_fwd_chunk_mma (logits 2, value 1) + cluster_fwd_combine
+        "cluster_fwd": fwd and dict(k["cluster_fwd"], bytes=k["cluster_fwd"]["bytes"] + ws, products=3, launches=2),
+        "dispatch_fwd": fwd and dict(k["dispatch_fwd"], products=3, launches=1),
+        # cluster_delta; pixel_bwd_mma (logits 2, G x^T 1, P^T G 1, dK 3); slot_bwd_mma (logits 2,
+        # G x^T 1, dqs 2); sum_chunks
+        "cluster_bwd": bwd
+        and dict(k["cluster_bwd"], bytes=k["cluster_bwd"]["bytes"] + x + ws, products=12, launches=4),
+        # pixel_bwd_mma (logits 2, dD 1, dK 3); slot_bwd_mma (logits 2, dD 1, dqs 2, dslots 1); two sum_chunks
+        "dispatch_bwd": bwd
+        and dict(
+            k["dispatch_bwd"], bytes=k["dispatch_bwd"]["bytes"] + 2 * x + 3 * stat_l + 2 * ws, products=12, launches=4
+        ),
+    }
+
+
 def design_time(k, L, C, bw):
     """max(memory, tensor cores + CUDA cores) + launches. One CTA per batch element (B = 128 fills
     128 of 132 SMs: plan_chunks needs no split of L), so compute runs on 128 SMs."""
@@ -81,13 +113,43 @@ def us(t):
     return f"{t * 1e6:,.0f}" if t >= 1e-5 else f"{t * 1e6:.1f}"
 
 
+def print_built():
+    """The kernels as written: tensor cores where the backend launches them, else the current time."""
+    print(
+        "| stage | kernel | runs on | MB | tensor-core GFLOP (as issued) | floor H100 (us) "
+        "| predicted H100 / H200 (us) | fraction of floor H100 / H200 |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for st, (L, C) in STAGES.items():
+        built = built_kernels(L, C)
+        for name, k in kernels(L, C).items():
+            b = built[name]
+            floor = {g: k["bytes"] / bw for g, bw in GPUS.items()}
+            if b:
+                t = {g: design_time(b, L, C, bw)[0] for g, bw in GPUS.items()}
+                mb, gf, where = b["bytes"] / 1e6, design_time(b, L, C, GPUS["H100"])[1] / 1e9, "tensor cores"
+            else:
+                t = {g: current_time(k, L, C, bw) for g, bw in GPUS.items()}
+                mb, gf, where = k["bytes"] / 1e6, 0.0, "CUDA cores"
+            frac = " / ".join(f"{floor[g] / t[g]:.0%}" for g in GPUS)
+            print(
+                f"| {st} | {name} | {where} | {mb:.1f} | {gf:.2f} | {us(floor['H100'])} | "
+                f"{us(t['H100'])} / {us(t['H200'])} | {frac} |"
+            )
+
+
 def main():
     import argparse
 
     global F_TC
     ap = argparse.ArgumentParser(description="print the model's table (markdown)")
     ap.add_argument("--f-tc", type=float, default=F_TC, help="fraction of the dense tensor-core peak reached")
-    F_TC = ap.parse_args().f_tc
+    ap.add_argument("--built", action="store_true", help="the kernels as written instead of the design")
+    args = ap.parse_args()
+    F_TC = args.f_tc
+    if args.built:
+        print_built()
+        return
     print(
         "| stage | kernel | min MB | tensor-core GFLOP | CUDA-core Mop | floor H100 / H200 (us) "
         "| current H100 (us) | design H100 / H200 (us) | design, fraction of floor H100 / H200 |"

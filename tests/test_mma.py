@@ -16,6 +16,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+
 from _helpers import Case, check_against_reference, require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
