@@ -383,3 +383,23 @@ def test_mma_kernels_through_the_ops(op, dtype, B, L, C, S, layout, slots_layout
     if dtype != torch.float16:
         case.view_x(case.x_base)[:, ::11] = 0  # whole pixels
     check_against_reference(case, op, "cuda_emulated")
+
+
+def test_resource_report_requires_tensor_cores_of_every_mma_kernel():
+    """scripts/cuda_resource_report.py fails a build whose *_mma kernels (forward and backward)
+    have no HMMA instruction; the CUDA-core kernels are exempt."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "scripts", "cuda_resource_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for kernel in (
+        "cluster_fwd_chunk_mma<Bf16,64>",
+        "dispatch_fwd_mma<Tf32,128>",
+        "pixel_bwd_mma<F16,128,true>",
+        "slot_bwd_mma<Bf16,16,false>",
+        "mma_tile_test<F16>",
+    ):
+        assert report.needs_tensor_cores(kernel), kernel
+    for kernel in ("cluster_bwd_chunk<float>", "dispatch_fwd<Half>", "sum_chunks<float>"):
+        assert not report.needs_tensor_cores(kernel), kernel
