@@ -62,7 +62,7 @@ using Elem = typename Store<E>::T;
 template <class E>
 constexpr bool kIsTf32 = std::is_same<E, Tf32>::value;
 template <class E, int CP>
-constexpr int tile_ld() {
+__host__ __device__ constexpr int tile_ld() {
   return CP + Store<E>::kPad;
 }
 template <class E>
