@@ -67,12 +67,12 @@ def built_kernels(L, C):
     as issued (qs split in two for the logits; dA in two; dK = dA^T qs in three), the extra bytes of
     the split-L workspaces (fp32, written and read) and of the backward's second pass over x (and
     the dispatch's grad and delta'), and every launch. None where a kernel stays on CUDA cores:
-    forward C > 256, backward C > 128."""
+    forward C > 256, backward C > 64."""
     x, stat_l = B * L * C * E, B * L * 4
     ws = n_chunks(L) * B * S * C * 4 * 2  # one (B, chunks, S, C) fp32 workspace, written and read
     k = kernels(L, C)
     fwd = C <= 256
-    bwd = C <= 128
+    bwd = C <= 64
     return {
         # cluster_fwd_chunk_mma (logits 2, value 1) + cluster_fwd_combine
         "cluster_fwd": fwd and dict(k["cluster_fwd"], bytes=k["cluster_fwd"]["bytes"] + ws, products=3, launches=2),

@@ -39,8 +39,8 @@ inline bool use_mma_fwd(const at::Tensor& x) {
   return fits && has_tensor_cores();
 }
 
-// The backward kernels run on tensor cores for fp16/bf16 x with C <= 128 (two accumulator sets
-// per warp) and fp32 x with C <= 64 (shared memory), the rest on the CUDA-core kernels.
+// The backward kernels run on tensor cores for fp16/bf16 x with C <= 64 and fp32 x with C <= 32
+// (registers: the resource report shows spills above), the rest on the CUDA-core kernels.
 inline bool use_mma_bwd(const at::Tensor& x) {
   const int64_t C = x.size(2);
   return use_mma_fwd(x) && C <= (x.scalar_type() == at::kFloat ? tc::kMmaTf32BwdMaxChannels : tc::kMmaBwdMaxChannels);

@@ -454,7 +454,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // Backward on tensor cores, for 16-bit x with C <= kMmaBwdMaxChannels. Two kernels, each
 // recomputing the logits of its tiles (cheap on tensor cores), rather than one holding the pixel
-// side's and the slot side's accumulators at once (three CP-wide sets per warp would spill):
+// side's and the slot side's accumulators at once (three CP-wide sets per warp would spill).
+// fp32 x with C <= kMmaTf32BwdMaxChannels runs them as 3xTF32:
 //   pixel_bwd_mma  grid (pixel-tile blocks, B); warp w: pixels 16 w .. of a tile of 64, all S slots
 //                  in tiles of 64. dx: clustering P^T G + the K path dA^T qs through the
 //                  normalisation, dispatch the K path; the dispatch also writes delta' per pixel
@@ -467,9 +468,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // rounded to the 16-bit type, as in the forward's value product. dqs takes dA / ||x|| as its
 // operand: with fp16 x, a pixel with 0 < ||x|| below about 1e-5 can overflow it (fp16 tops out at
 // 65504); zero pixels contribute exactly zero.
-constexpr int kMmaBwdMaxChannels = 128;  // two CP-wide accumulator sets per warp: CP = 256 would spill
-// fp32 x (tf32 tiles, twice the bytes): five tiles at CP = 128 take 169 KB, above sm_80's 164 KB.
-constexpr int kMmaTf32BwdMaxChannels = 64;
+// Two CP-wide accumulator sets per warp: the clustering's pixel_bwd_mma spills 28-40 bytes on
+// sm_90 at CP = 128 (the resource report), so 64.
+constexpr int kMmaBwdMaxChannels = 64;
+// fp32 x: 3xTF32 fragments take twice the registers; slot_bwd_mma spills at CP = 64, so 32.
+constexpr int kMmaTf32BwdMaxChannels = 32;
 
 // Dynamic shared memory of both: five 64-row 16-bit tiles and four 64-float rows.
 template <class E>
