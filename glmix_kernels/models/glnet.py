@@ -207,9 +207,9 @@ def _adaptive_avg_pool2d(x, size):
     """``F.adaptive_avg_pool2d(x, size)`` of an NCHW map to ``size x size``.
 
     Under torch.export it runs as two products with averaging matrices built from x's sizes, so
-    those sizes stay symbolic: torch's lowering of adaptive pooling computes the cells from the
-    traced sizes, and an exported (or ONNX) model would take only the traced image size. Same
-    cells, same means; only the order of the sums differs (rounding)."""
+    those sizes stay symbolic through every lowering: torch.onnx lowers adaptive pooling to cells
+    computed from the traced sizes, so the ONNX model would take only the traced image size.
+    Same cells, same means; only the order of the sums differs (rounding)."""
     if not torch.compiler.is_exporting():
         return F.adaptive_avg_pool2d(x, size)
     acc = torch.promote_types(x.dtype, torch.float32)
