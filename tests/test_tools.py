@@ -217,9 +217,9 @@ def dynamic_image_dims():
 
 # glnet_4g with one or two blocks of each kind, and at its full depth (4-4-18-4), each exported
 # once per run, at the smallest image that keeps every stage's map sizes symbolic (the last
-# stage's map needs two rows and columns). The full depth takes minutes (about 3.5 CPU minutes
-# on a 2-core machine, without the ONNX optimiser, whose passes the reduced depth runs): it runs
-# only with GLMIX_SLOW_TESTS=1.
+# stage's map needs two rows and columns). The full depth takes minutes (over two CPU minutes,
+# even without the ONNX optimiser, whose passes the reduced depth runs): it runs only with
+# GLMIX_SLOW_TESTS=1.
 ONNX_DEPTHS = {"depth-1-1-2-1": [1, 1, 2, 1], "full-depth": None}
 
 
