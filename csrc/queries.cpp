@@ -46,18 +46,22 @@ std::tuple<Tensor, Tensor> norms(const Tensor& init_slots) {
 // dozen S x C fp64 temporaries per call, and at small L their allocation and page faults cost
 // more than the kernels. Norms, projection and the batch sum in fp64, as there.
 
-// rows (S, C) = init_slots' batch element b in fp64, contiguous; norms[s] = the norm of row s
-// (unclamped). Pooled slots arrive with channels strided by S: read row by row, every element
-// would be a cache line of its own, so they are copied in blocks of 8 x 8 (8 source lines read
-// along s, 8 destination lines written whole, all within L1).
+// The row stride of the fp64 rows of C channels: whole cache lines, and never a multiple of 4 KiB
+// (rows of C = 512 doubles would all compete for one L1 set).
+int64_t row_stride(int64_t C) { return (C + 7) / 8 * 8 + 8; }
+
+// rows (S, C), row stride row_stride(C) = init_slots' batch element b in fp64; norms[s] = the
+// norm of row s (unclamped). Pooled slots arrive with channels strided by S: read row by row,
+// every element would be a cache line of its own, so they are copied in blocks of 8 x 8 (8 source
+// lines read along s, 8 destination lines written whole, all within L1).
 template <typename scalar_t>
 void load_rows(const Tensor& init_slots, int64_t b, double* rows, double* norms) {
   const int64_t S = init_slots.size(1), C = init_slots.size(2);
-  const int64_t ss = init_slots.stride(1), sc = init_slots.stride(2);
+  const int64_t ss = init_slots.stride(1), sc = init_slots.stride(2), ld = row_stride(C);
   const scalar_t* src = init_slots.const_data_ptr<scalar_t>() + b * init_slots.stride(0);
   if (sc <= ss) {
     for (int64_t s = 0; s < S; ++s) {
-      double* row = rows + s * C;
+      double* row = rows + s * ld;
       for (int64_t c = 0; c < C; ++c) row[c] = static_cast<double>(src[s * ss + c * sc]);
       double sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -76,7 +80,7 @@ void load_rows(const Tensor& init_slots, int64_t b, double* rows, double* norms)
         double sum = norms[s];
         for (int64_t c = c0; c < c1; ++c) {
           const double v = static_cast<double>(src[s * ss + c * sc]);
-          rows[s * C + c] = v;
+          rows[s * ld + c] = v;
           sum += v * v;
         }
         norms[s] = sum;
@@ -100,15 +104,16 @@ Tensor scaled_queries_cpu(const Tensor& init_slots, double scale, at::ScalarType
   Tensor qs = at::empty({Bs, S, C}, init_slots.options().dtype(acc));
   acc_t* out = qs.data_ptr<acc_t>();
   const acc_t scale_acc = static_cast<acc_t>(scale);
-  double* rows = row_buffer(S * C + S);
-  double* norms = rows + S * C;
+  const int64_t ld = row_stride(C);
+  double* rows = row_buffer(S * ld + S);
+  double* norms = rows + S * ld;
   for (int64_t b = 0; b < Bs; ++b) {
     load_rows<scalar_t>(init_slots, b, rows, norms);
     for (int64_t s = 0; s < S; ++s) {
       // A product with 1 / r, not a division per element: divisions are the loop's cost, and
       // the fp64 results differ by at most an fp64 ulp.
       const double rinv = 1.0 / std::max(norms[s], kNormEps);
-      const double* row = rows + s * C;
+      const double* row = rows + s * ld;
       acc_t* q = out + (b * S + s) * C;
       // q rounded to acc before the product, as in the at:: path.
 #pragma omp simd
@@ -126,14 +131,15 @@ Tensor scaled_queries_backward_cpu(const Tensor& dqs, const Tensor& init_slots, 
   Tensor d_init = at::empty({Bs, S, C}, init_slots.options().memory_format(at::MemoryFormat::Contiguous));
   const acc_t* g = dqs.const_data_ptr<acc_t>();
   scalar_t* d = d_init.data_ptr<scalar_t>();
-  double* rows = row_buffer(S * C + S + C);
-  double* norms = rows + S * C;
+  const int64_t ld = row_stride(C);
+  double* rows = row_buffer(S * ld + S + C);
+  double* norms = rows + S * ld;
   double* dq = norms + S;
   for (int64_t b = 0; b < Bs; ++b) {
     load_rows<scalar_t>(init_slots, b, rows, norms);
     for (int64_t s = 0; s < S; ++s) {
       const double norm = norms[s], rinv = 1.0 / std::max(norm, kNormEps);
-      double* q = rows + s * C;
+      double* q = rows + s * ld;
       std::fill(dq, dq + C, 0.0);
       // A (1, S, C) init_slots was broadcast over the batch: its gradient is the batch sum.
       for (int64_t bg = Bs == B ? b : 0; bg < (Bs == B ? b + 1 : B); ++bg) {
