@@ -123,6 +123,35 @@ Tensor scaled_queries_cpu(const Tensor& init_slots, double scale, at::ScalarType
   return qs;
 }
 
+// The same for init_slots with channels strided more than slots (pooled slots: (C, S) in memory),
+// computed in that layout: the norms summed over channels (in channel order, as above) one
+// running sum per slot, then qs written as (Bs, C, S) and returned as its (Bs, S, C) transpose.
+// No fp64 copy and no transposes here; and the kernels' products, which read qs^T, take it as it is.
+template <typename scalar_t>
+Tensor scaled_queries_channels_major_cpu(const Tensor& init_slots, double scale, at::ScalarType acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Bs = init_slots.size(0), S = init_slots.size(1), C = init_slots.size(2);
+  const int64_t ss = init_slots.stride(1), sc = init_slots.stride(2);
+  Tensor qT = at::empty({Bs, C, S}, init_slots.options().dtype(acc));
+  const acc_t scale_acc = static_cast<acc_t>(scale);
+  double* rinv = row_buffer(S);
+  for (int64_t b = 0; b < Bs; ++b) {
+    const scalar_t* src = init_slots.const_data_ptr<scalar_t>() + b * init_slots.stride(0);
+    acc_t* out = qT.data_ptr<acc_t>() + b * C * S;
+    std::fill(rinv, rinv + S, 0.0);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s) {
+        const double v = static_cast<double>(src[c * sc + s * ss]);
+        rinv[s] += v * v;
+      }
+    for (int64_t s = 0; s < S; ++s) rinv[s] = 1.0 / std::max(std::sqrt(rinv[s]), kNormEps);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s)
+        out[c * S + s] = static_cast<acc_t>(static_cast<double>(src[c * sc + s * ss]) * rinv[s]) * scale_acc;
+  }
+  return qT.transpose(1, 2);
+}
+
 // dqs (B, S, C) contiguous -> d_init_slots (Bs, S, C) in init_slots' dtype; adds sum(dqs * q) to dscale.
 template <typename scalar_t>
 Tensor scaled_queries_backward_cpu(const Tensor& dqs, const Tensor& init_slots, double scale, double& dscale) {
@@ -175,8 +204,12 @@ Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& s
   const auto acc = acc_dtype(x);
   if (x.device().is_cpu()) {
     Tensor qs;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, init_slots.scalar_type(), "glmix scaled_queries",
-                                    [&] { qs = scaled_queries_cpu<scalar_t>(init_slots, cpu_scalar(scale), acc); });
+    const bool channels_major = init_slots.stride(2) > init_slots.stride(1) && init_slots.size(1) > 1;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, init_slots.scalar_type(), "glmix scaled_queries", [&] {
+      const double s = cpu_scalar(scale);
+      qs = channels_major ? scaled_queries_channels_major_cpu<scalar_t>(init_slots, s, acc)
+                          : scaled_queries_cpu<scalar_t>(init_slots, s, acc);
+    });
     return qs.expand({x.size(0), -1, -1});
   }
   auto [r, s] = norms(init_slots);
