@@ -54,15 +54,21 @@ class TileConfig:
     block_c: int
     num_warps: int = 4
     num_stages: int = 2
+    # Split-L kernels: channels per step of the logits loop; 0: the S x C operands are held across
+    # the pixel loop (one C block) or the logits step by C blocks.
+    score_c: int = 0
 
-    def meta(self, C):
-        return dict(
+    def meta(self, C, fn):
+        meta = dict(
             BLOCK_S=self.block_s,
             BLOCK_L=self.block_l,
             BLOCK_C=self.block_c,
-            ONE_C_BLOCK=self.block_c >= C,
+            ONE_C_BLOCK=self.block_c >= C and not self.score_c,
             NUM_STAGES=self.num_stages,
         )
+        if "SCORE_C" in fn.arg_names:
+            meta["SCORE_C"] = self.score_c or self.block_c
+        return meta
 
 
 # The kernels that take a TileConfig: split-L kernels (a block of slots per program) and pixel
@@ -87,12 +93,12 @@ def pick_config(kernel, S, C, dtype):
     if kernel in SPLIT_L_KERNELS:
         # Fewer slot rows rather than several C blocks: each C block recomputes the logits over
         # all of C, while each slot block only reads x again (from L2).
-        block_s = min(_pow2(S), _MAX_BLOCK_S)
-        # Several C blocks: 64 channels per block (fp32: 16 slot rows).
-        block_s = min(block_s, max(16, budget // (c if c <= _ONE_C_BLOCK_MAX_C else 128)))
+        block_s = min(_pow2(S), _MAX_BLOCK_S, max(16, budget // c))
     else:
         block_s = _pow2(S)
     one_c = c <= _ONE_C_BLOCK_MAX_C and c * block_s <= budget
+    if kernel in SPLIT_L_KERNELS and not one_c:
+        return _looped_config(kernel, S, c, fp32)
     block_c = c if one_c else max(16, min(64, budget // 2 // block_s))
     big = one_c and block_s * block_c >= 4096  # large tiles held across the pixel loop
     block_l = 16 if fp32 else 64 if block_s <= 64 and one_c else 32
@@ -113,12 +119,31 @@ def pick_config(kernel, S, C, dtype):
     return TileConfig(block_s, block_l, block_c, num_warps, num_stages)
 
 
+# Split-L kernels too wide to hold their S x C operands: (widest C block, most slot x channel
+# elements) of the sums per program at 8 warps, (bf16/fp16, fp32). From the compile report:
+# wider or larger ones spill (slot_bwd's dispatch sums at 16 x 512 bf16 or 16 x 128 fp32).
+_LOOPED_TILES = {"cluster_fwd_chunk": ((512, 8192), (256, 4096)), "slot_bwd": ((256, 8192), (64, 1024))}
+
+
+def _looped_config(kernel, S, c, fp32):
+    """A split-L kernel whose logits take 64 (fp32: 32) channels per step over all of C, and whose
+    sums span C blocks as wide as fit: most shapes have one C block, so the logits of a tile are
+    computed once (not once per C block), at the price of fewer slot rows per program."""
+    max_c, elements = _LOOPED_TILES[kernel][fp32]
+    block_c = min(c, max_c)
+    block_s = max(16, min(_pow2(S), _MAX_BLOCK_S, elements // block_c))
+    # cluster_fwd_chunk's 32-pixel tiles spill at 512 channels; slot_bwd holds two sums.
+    block_l = 32 if kernel == "cluster_fwd_chunk" and not fp32 and block_c <= 256 else 16
+    num_stages = 2 if kernel == "cluster_fwd_chunk" else 1
+    return TileConfig(block_s, block_l, block_c, 8, num_stages, score_c=32 if fp32 else 64)
+
+
 def candidate_configs(kernel, S, C, dtype):
     """What ``GLMIX_TRITON_AUTOTUNE=1`` chooses among: the pinned config and, where it compiles
     without spills, one with the other warp count (4 or 8). The compile report checks them all."""
     pinned = pick_config(kernel, S, C, dtype)
-    if kernels.INTERPRET or (kernel == "slot_bwd" and pinned.block_c < C):
-        return [pinned]  # slot_bwd over several C blocks spills with 8 warps on sm_90
+    if kernels.INTERPRET or pinned.score_c:
+        return [pinned]  # the looped tiles spill with 4 warps
     return [pinned, replace(pinned, num_warps=12 - pinned.num_warps)]
 
 
@@ -126,12 +151,12 @@ def candidate_configs(kernel, S, C, dtype):
 def _pinned(fn, cfg, C):
     # A one-config autotuner: torch.compile and wrap_triton take it as they take any, and
     # Triton benchmarks nothing when there is a single config.
-    return triton.autotune([triton.Config(cfg.meta(C), num_warps=cfg.num_warps, num_stages=cfg.num_stages)], key=[])(fn)
+    return triton.autotune([triton.Config(cfg.meta(C, fn), num_warps=cfg.num_warps, num_stages=cfg.num_stages)], key=[])(fn)
 
 
 @functools.cache
 def _tuned(fn, cfgs, C):
-    configs = [triton.Config(c.meta(C), num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
+    configs = [triton.Config(c.meta(C, fn), num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
     # The op (CLUSTER) and x's layout change what is fastest; Triton adds the dtypes to the key.
     key = ["S", "C", "X_LAYOUT"] + (["CLUSTER"] if "CLUSTER" in fn.arg_names else [])
     return triton.autotune(configs, key=key)(fn)

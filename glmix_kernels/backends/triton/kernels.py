@@ -278,6 +278,7 @@ def cluster_fwd_chunk(
     BLOCK_S: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    SCORE_C: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -285,8 +286,10 @@ def cluster_fwd_chunk(
     unnormalised ``acc = sum exp(A - m) x`` (columns of this program's C block) per chunk.
 
     Grid (B * slot blocks, chunks, C blocks); the workspaces are contiguous fp32
-    ``(B, chunks, S)`` and ``(B, chunks, S, C)``. Without ``ONE_C_BLOCK`` each C block recomputes
-    the logits over all of C: every C's accumulator would not fit in registers. ``P @ x`` keeps
+    ``(B, chunks, S)`` and ``(B, chunks, S, C)``. Without ``ONE_C_BLOCK`` the S x C operands are
+    too large to hold across the pixel loop: the logits take ``SCORE_C`` channels at a time, over
+    all of C, and each C block computes them again (one C block spans all of C where the
+    accumulator fits, so most shapes compute them once). ``P @ x`` keeps
     about 16 bits of ``P`` (``_dot_fp32_a``). ``ONE_CHUNK``: the chunk is all of L, so the
     program writes the final ``slots`` (B, S, C) to ``acc`` and ``lse`` (B, S) to ``m``, and no
     combine runs.
@@ -334,7 +337,7 @@ def cluster_fwd_chunk(
                 SPLIT,
                 BLOCK_S,
                 BLOCK_L,
-                BLOCK_C,
+                SCORE_C,
                 UPCAST,
             )
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
@@ -711,14 +714,15 @@ def slot_bwd(
     BLOCK_S: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    SCORE_C: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """One L chunk's share of the sums over pixels: ``dqs = dA @ K``, and for dispatch
     ``dslots = D @ Hg``, for a block of slots and one C block.
 
-    Arguments as in ``pixel_bwd``; ``delta`` is clustering's (B, S) or dispatch's (B, L) one.
-    Grid (B * slot blocks, chunks, C blocks); partials go to contiguous fp32 workspaces
+    Arguments as in ``pixel_bwd``; ``delta`` is clustering's (B, S) or dispatch's (B, L) one; C
+    blocks and ``SCORE_C`` as in ``cluster_fwd_chunk``. Grid (B * slot blocks, chunks, C blocks); partials go to contiguous fp32 workspaces
     ``(B, chunks, S, C)`` that ``query_bwd`` and ``sum_chunks`` reduce.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -783,7 +787,7 @@ def slot_bwd(
                 SPLIT,
                 BLOCK_S,
                 BLOCK_L,
-                BLOCK_C,
+                SCORE_C,
                 UPCAST,
             )
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
