@@ -109,6 +109,10 @@ def pick_config(kernel, S, C, dtype):
         num_warps = 8
     if kernel == "pixel_bwd":
         block_l = 16  # it also holds G (and the dqs and dslots sums)
+    if kernel in PIXEL_KERNELS and not one_c and not fp32:
+        # Over C blocks the tiles hold no S x C operand: wide pixel tiles, each reloading the
+        # operands from L2 for more pixels (pixel_bwd's 64-pixel tiles spill on sm_80).
+        block_l, num_warps = 32 if kernel == "pixel_bwd" else 64, 8
     # slot_bwd holds two (BLOCK_S, BLOCK_C) sums (dispatch) beside the logits: no room for the
     # next pixel tile's loads in flight.
     num_stages = 1 if kernel == "slot_bwd" else 2
