@@ -78,7 +78,9 @@ def test_split_l_logits_over_c_steps(monkeypatch, op, dtype):
         return tb.replace(pinned(kernel, S, C, dtype), block_c=16)
 
     monkeypatch.setattr(tb, "pick_config", looped)
-    check_against_reference(Case(1, 45, 40, 20, "nchw", broadcast=True, dtype=dtype, device=DEVICE, seed=3), op, "triton")
+    check_against_reference(
+        Case(1, 45, 40, 20, "nchw", broadcast=True, dtype=dtype, device=DEVICE, seed=3), op, "triton"
+    )
 
 
 def test_pixel_bwd_sums_slot_partials_when_one_tile_holds_s_and_c():

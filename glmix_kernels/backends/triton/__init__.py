@@ -155,7 +155,9 @@ def candidate_configs(kernel, S, C, dtype):
 def _pinned(fn, cfg, C):
     # A one-config autotuner: torch.compile and wrap_triton take it as they take any, and
     # Triton benchmarks nothing when there is a single config.
-    return triton.autotune([triton.Config(cfg.meta(C, fn), num_warps=cfg.num_warps, num_stages=cfg.num_stages)], key=[])(fn)
+    return triton.autotune(
+        [triton.Config(cfg.meta(C, fn), num_warps=cfg.num_warps, num_stages=cfg.num_stages)], key=[]
+    )(fn)
 
 
 @functools.cache
@@ -209,9 +211,22 @@ def _device_guard(x):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _common(x):
-    """Arguments every tiled kernel takes, from ``x``."""
-    return dict(X_LAYOUT=_layout(x), SPLIT=x.dtype != torch.float32, UPCAST=_upcast(x))
+def _tile_args(x, qs_hi, qs_lo):
+    """Arguments every tiled kernel takes: ``x``, the split queries, the sizes, strides and flags."""
+    _, L, C = x.shape
+    return dict(
+        x_ptr=x,
+        qh_ptr=qs_hi,
+        ql_ptr=qs_lo,
+        S=qs_hi.shape[1],
+        L=L,
+        C=C,
+        **_strides("sx", x),
+        sq_b=_batch_stride(qs_hi),
+        X_LAYOUT=_layout(x),
+        SPLIT=x.dtype != torch.float32,
+        UPCAST=_upcast(x),
+    )
 
 
 def _split_l_grid(B, S, n_chunks, C):
@@ -360,20 +375,12 @@ def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor) 
         l_ws = lse if one_chunk else torch.empty_like(m_ws)
         acc_ws = slots if one_chunk else x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
         _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
-            x_ptr=x,
-            qh_ptr=qs_hi,
-            ql_ptr=qs_lo,
             m_ptr=m_ws,
             l_ptr=l_ws,
             acc_ptr=acc_ws,
-            S=S,
-            L=L,
-            C=C,
             chunk_len=chunk_len,
-            **_strides("sx", x),
-            sq_b=_batch_stride(qs_hi),
             ONE_CHUNK=one_chunk,
-            **_common(x),
+            **_tile_args(x, qs_hi, qs_lo),
         )
         if one_chunk:
             return slots, lse
@@ -405,20 +412,12 @@ def dispatch_fwd(
         qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
         chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
         _tiled("dispatch_fwd", S, C, x.dtype)[(B, n_chunks)](
-            x_ptr=x,
-            qh_ptr=qs_hi,
-            ql_ptr=qs_lo,
             v_ptr=slots,
             out_ptr=out,
             lse_ptr=lse,
-            S=S,
-            L=L,
-            C=C,
             chunk_len=chunk_len,
-            **_strides("sx", x),
-            sq_b=_batch_stride(qs_hi),
             **_strides("sv", slots),
-            **_common(x),
+            **_tile_args(x, qs_hi, qs_lo),
         )
     return out, lse
 
@@ -473,22 +472,14 @@ def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, 
     B, L, C = x.shape
     S = qs_hi.shape[1]
     args = dict(
-        x_ptr=x,
-        qh_ptr=qs_hi,
-        ql_ptr=qs_lo,
         g_ptr=grad,
         v_ptr=slots,
         lse_ptr=lse,
         delta_ptr=delta,
-        S=S,
-        L=L,
-        C=C,
-        **_strides("sx", x),
-        sq_b=_batch_stride(qs_hi),
         **_grad_strides(grad),
         **_strides("sv", slots),
         CLUSTER=cluster,
-        **_common(x),
+        **_tile_args(x, qs_hi, qs_lo),
     )
     slot_sums = pick_config("pixel_bwd", S, C, x.dtype).block_c >= C
     chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
