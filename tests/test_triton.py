@@ -49,10 +49,10 @@ def test_bf16_dispatch_delta_from_recomputed_probabilities():
 
 
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
-@pytest.mark.parametrize("shape", [(1, 77, 520, 40), (1, 77, 60, 40)], ids=["c-blocks", "one-c-block"])
+@pytest.mark.parametrize("shape", [(1, 77, 130, 40), (1, 77, 60, 40)], ids=["c-blocks", "one-c-block"])
 def test_tiled_channels_slot_blocks_and_split_l(op, shape):
-    """Shapes that take every tiling path: C over several C blocks and all of C in one block (the
-    hoisted operands; pixel_bwd summing the slot partials itself), S over several slot blocks of
+    """Shapes that take every tiling path: C over several C blocks (the last one partial) and all of
+    C in one block (the hoisted operands; pixel_bwd summing the slot partials itself), S over several slot blocks of
     the split-L kernels, L over several chunks (plus a partial last tile)."""
     tb = _ops()
     B, L, C, S = shape
