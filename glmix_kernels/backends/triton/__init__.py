@@ -54,8 +54,8 @@ class TileConfig:
     block_c: int
     num_warps: int = 4
     num_stages: int = 2
-    # Split-L kernels: channels per step of the logits loop; 0: the S x C operands are held across
-    # the pixel loop (one C block) or the logits step by C blocks.
+    # Split-L kernels: channels per step of the logits loop over all of C (``SCORE_C``). 0: with
+    # one C block the S x C operands are held across the pixel loop, else the steps are C blocks.
     score_c: int = 0
 
     def meta(self, C, fn):

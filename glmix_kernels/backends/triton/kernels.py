@@ -196,6 +196,54 @@ def _scores(
 
 
 @triton.jit
+def _tile_logits(
+    qh_ptr,
+    ql_ptr,
+    x_ptr,
+    sx_l,
+    sx_c,
+    s0,
+    l0,
+    S,
+    n_l,
+    C,
+    SPLIT: tl.constexpr,
+    BS: tl.constexpr,
+    BL: tl.constexpr,
+    BC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``(A, sum of squares of x)`` of one tile over ``BC``-channel steps: the forward kernels'
+    ``_scores``, without a second product."""
+    _, a, _, sumsq = _scores(
+        qh_ptr,
+        ql_ptr,
+        C,
+        x_ptr,
+        sx_l,
+        sx_c,
+        qh_ptr,
+        0,
+        0,
+        x_ptr,
+        0,
+        0,
+        s0,
+        l0,
+        S,
+        n_l,
+        C,
+        SCORE_NONE,
+        SPLIT,
+        BS,
+        BL,
+        BC,
+        UPCAST,
+    )
+    return a, sumsq
+
+
+@triton.jit
 def scaled_queries(
     s0_ptr,
     scale_ptr,
@@ -315,30 +363,8 @@ def cluster_fwd_chunk(
             sumsq = tl.sum(xf * xf, 1)
             _, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
         else:
-            _, a, _, sumsq = _scores(
-                qh_ptr,
-                ql_ptr,
-                C,
-                x_ptr,
-                sx_l,
-                sx_c,
-                qh_ptr,
-                0,
-                0,
-                x_ptr,
-                0,
-                0,
-                s0,
-                l0,
-                S,
-                l_end,
-                C,
-                SCORE_NONE,
-                SPLIT,
-                BLOCK_S,
-                BLOCK_L,
-                SCORE_C,
-                UPCAST,
+            a, sumsq = _tile_logits(
+                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, s0, l0, S, l_end, C, SPLIT, BLOCK_S, BLOCK_L, SCORE_C, UPCAST
             )
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
         a = a * _inv_norm(sumsq)[None, :]
@@ -447,30 +473,8 @@ def dispatch_fwd(
             xf = xf.to(tl.float32)
             sumsq = tl.sum(xf * xf, 1)
         else:
-            _, a, _, sumsq = _scores(
-                qh_ptr,
-                ql_ptr,
-                C,
-                x_ptr,
-                sx_l,
-                sx_c,
-                qh_ptr,
-                0,
-                0,
-                x_ptr,
-                0,
-                0,
-                0,
-                l0,
-                S,
-                L,
-                C,
-                SCORE_NONE,
-                SPLIT,
-                BLOCK_S,
-                BLOCK_L,
-                BLOCK_C,
-                UPCAST,
+            a, sumsq = _tile_logits(
+                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, 0, l0, S, L, C, SPLIT, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST
             )
         a = tl.where(valid_s, a * _inv_norm(sumsq)[None, :], float("-inf"))
         m = tl.max(a, 0)
