@@ -23,7 +23,9 @@ Logits are never stored: each kernel recomputes ``A = qs @ x^T / ||x||`` for its
 with raw ``x``, the per-pixel ``1/||x||`` applied after), and all softmax statistics and
 accumulators are fp32. With ``ONE_C_BLOCK`` (all of C in one tile, fixed at compile time) the
 S x C operands are loaded once per program before the loop over pixel tiles, and each ``x`` tile
-serves both the logits and the value product.
+serves both the logits and the value product. Wider, the logits take ``BLOCK_C`` channels at a
+time (split-L kernels: ``SCORE_C``, and their sums span C blocks as wide as fit in registers, so
+most tiles' logits are computed once rather than once per 64 channels).
 """
 
 import os
