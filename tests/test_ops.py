@@ -50,9 +50,10 @@ def shape_id(s):
 def test_matches_reference(backend, device, op, dtype, shape):
     require(backend, device)
     B, L, C, S, layout, broadcast, slots_layout = shape
-    if backend == "triton" and device == "cpu" and C >= 384 and dtype == torch.float16:
-        # A minute each under the interpreter; fp16 takes bf16's tile configs, tested at these shapes.
-        pytest.skip("the interpreter runs the widest shapes in fp32 and bf16 only")
+    if backend == "triton" and device == "cpu" and C >= 384 and dtype != torch.bfloat16:
+        # Minutes each under the interpreter. fp16 takes bf16's tile configs; fp32's C blocks are
+        # tested at a narrower C in test_triton.py.
+        pytest.skip("the interpreter runs the widest shapes in bf16 only")
     case = Case(
         B,
         L,

@@ -1,5 +1,8 @@
 """Whole-model reliability: compile, inference mode, DDP, and the high-resolution memory claim."""
 
+import time
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,28 +12,14 @@ from torch import nn
 import glmix_kernels
 from _helpers import backend_params, require
 from glmix_kernels.backends import BACKENDS
-from glmix_kernels.models import GLNet, create_model
+from glmix_kernels.models import create_model
 from glmix_kernels.models import glnet as glnet_module
+from test_models import tiny
 
 
-def tiny_glnet(backend, seed=0):
+def tiny_glnet(backend):
     """The glnet_4g layout (overlapped stem, conv position embedding, hybrid third stage) at toy size."""
-    torch.manual_seed(seed)
-    return GLNet(
-        depth=(1, 1, 2, 1),
-        embed_dim=(32, 32, 64, 64),
-        head_dim=16,
-        mlp_ratios=(2, 2, 2, 2),
-        norm_layer=nn.BatchNorm2d,
-        mixing_modes=("glmix", "glmix", "glmix.mha_nchw", "mha_nchw"),
-        slot_init="ada_avgpool",
-        num_slots=16,
-        cpe_ks=3,
-        downsample_style="ovlp",
-        mlp_dw=True,
-        num_classes=10,
-        backend=backend,
-    )
+    return tiny("hybrid", backend=backend)
 
 
 def loss_and_grads(model, images, run=None):
@@ -65,7 +54,9 @@ def test_inference_mode_matches_reference(backend, device):
 
 
 def _ddp_worker(rank, world, store, images, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     try:
         torch.set_num_threads(1)
         model = nn.parallel.DistributedDataParallel(tiny_glnet("cpu").eval())
@@ -77,7 +68,7 @@ def _ddp_worker(rank, world, store, images, out_file):
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     """Gradients averaged over two gloo processes, each on half the batch, equal one process on all.
 
     The model runs in eval mode: BatchNorm's batch statistics differ per half (SyncBatchNorm is
@@ -86,7 +77,16 @@ def test_ddp_two_processes_match_one(tmp_path):
     require("cpu", "cpu")
     images = torch.randn(4, 3, 64, 64)
     out_file = tmp_path / "grads.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), images, str(out_file)), nprocs=2, join=True)
+    # Loopback only: where the host name resolves to an address nothing answers on, gloo would
+    # wait out its timeout. The processes inherit the variable.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    workers = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), images, str(out_file)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail("the two gloo processes did not finish within 180 s")
     distributed = torch.load(out_file)
     _, single = loss_and_grads(tiny_glnet("cpu").eval(), images)
     assert distributed.keys() == single.keys()
