@@ -14,7 +14,8 @@ using at::Tensor;
 
 // Checks init_slots and scale against x (the contract's rules) and returns
 // qs = scale * normalize(init_slots), (B, S, C) in the accumulation dtype, batch stride 0 for a
-// (1, S, C) init_slots. The normalisation runs in fp64.
+// (1, S, C) init_slots; on the CPU, for init_slots with channels strided more than slots (pooled
+// slots), the transpose of a contiguous (Bs, C, S) tensor. The normalisation runs in fp64.
 Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& scale);
 
 // The backward of scaled_queries: dqs (B, S, C) -> (d_init_slots like init_slots, summed over the

@@ -120,7 +120,7 @@ def _bind(fn, config, kwargs, arch):
 
 def _config_name(fn, config, kwargs):
     meta = {**kwargs, **config.all_kwargs()}
-    keys = ("BLOCK_S", "BLOCK_L", "BLOCK_C", "BLOCK", "NUM_STAGES", "num_warps", "num_stages", "CLUSTER")
+    keys = ("BLOCK_S", "BLOCK_L", "BLOCK_C", "SCORE_C", "BLOCK", "NUM_STAGES", "num_warps", "num_stages", "CLUSTER")
     return ",".join(f"{k}={meta[k]}" for k in keys if k in meta)
 
 

@@ -56,6 +56,12 @@ def _plan(kernel, L, C):
     return cfg, n_chunks, math.ceil(S / cfg.block_s), math.ceil(C / cfg.block_c)
 
 
+def _held(cfg, cb):
+    """Whether a split-L kernel holds its S x C operands across the pixel loop (one C block, no
+    logits steps)."""
+    return cb == 1 and not getattr(cfg, "score_c", 0)
+
+
 def after(L, C):
     """{op: [(kernel, hbm, l2, macs)]} of the reworked kernels."""
     x, sc, s32, slc = B * L * C * E, B * S * C * E, B * S * C * 4, B * S * L * C
@@ -70,40 +76,50 @@ def after(L, C):
     def operands(n_programs, n_tiles, cb, per_tile):  # S x C operands from L2: hoisted or per tile
         return (n_programs if cb == 1 else n_tiles) * per_tile
 
-    fwd_chunk_l2 = x * cf_cb * cf_sb + operands(
-        B * cf_chunks * cf_sb, B * L / cf.block_l * cf_sb * cf_cb, cf_cb, 2 * cf.block_s * C * E
-    )
+    def split_l_x(cfg, sb, cb):
+        """Reads of x (per x) by a split-L kernel's slot and C blocks: with the operands held,
+        once; else once per C block for the logits, plus the value tiles (once over the C blocks)."""
+        return sb if _held(cfg, cb) else sb * (cb + 1)
+
+    def split_l_operands(cfg, n_chunks, sb, cb, k):  # k S x C operands, per program or per tile
+        held = _held(cfg, cb)
+        return operands(B * n_chunks * sb, B * L / cfg.block_l * sb * cb, 1 if held else 2, k * cfg.block_s * C * E)
+
+    fwd_chunk_l2 = x * split_l_x(cf, cf_sb, cf_cb) + split_l_operands(cf, cf_chunks, cf_sb, cf_cb, 2)
+    # MACs: logits (qs_hi and qs_lo) once per C block, the value product (P in two parts) once.
+    fwd_chunk_macs = 2 * slc * cf_cb + 2 * slc
     pix = lambda cb, n, k: x * (cb > 1) + operands(B * n, tiles, cb, k * S * C * E)  # noqa: E731
     slot_l2 = lambda k_x: (  # noqa: E731
-        k_x * x * sb_cb * sb_sb
-        + operands(B * sb_chunks * sb_sb, B * L / sb.block_l * sb_sb * sb_cb, sb_cb, 3 * sb.block_s * C * E)
+        k_x * x * split_l_x(sb, sb_sb, sb_cb) + split_l_operands(sb, sb_chunks, sb_sb, sb_cb, 3)
     )
+    # Logits (two parts) and dP once per C block; dqs (two parts) and dslots once.
+    slot_macs = lambda k_v: 3 * slc * sb_cb + (2 + k_v) * slc  # noqa: E731
     fused = pb_cb == 1  # pixel_bwd sums the slot partials itself; no slot_bwd
     model = {
         "cluster_fwd": [
             q_fwd,
-            ("cluster_fwd_chunk", x + ws(cf_chunks), fwd_chunk_l2, 4 * slc * cf_cb),
+            ("cluster_fwd_chunk", x + ws(cf_chunks), fwd_chunk_l2, fwd_chunk_macs),
             ("cluster_fwd_combine", ws(cf_chunks) + s32, 0, 0),
         ],
         "dispatch_fwd": [q_fwd, ("dispatch_fwd", 2 * x + sc + B * L * 4, pix(df_cb, df_chunks, 3), 3 * slc)],
         "cluster_bwd": [
             ("scaled_queries", 2 * sc + s32 + 3 * sc, 0, 0),
             ("pixel_bwd", 2 * x + B * S * 8, pix(pb_cb, pb_chunks, 3), 5 * slc),
-            ("slot_bwd", x + ws(sb_chunks), slot_l2(1), 5 * slc * sb_cb),
+            ("slot_bwd", x + ws(sb_chunks), slot_l2(1), slot_macs(0)),
             ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0),
             ("sum_chunks #dscale", 0, 0, 0),
         ],
         "dispatch_bwd": [
             q_fwd,
             ("pixel_bwd", 3 * x + B * L * 8, pix(pb_cb, pb_chunks, 3), 4 * slc),
-            ("slot_bwd", 2 * x + 2 * ws(sb_chunks), slot_l2(2), 5 * slc * sb_cb + slc),
+            ("slot_bwd", 2 * x + 2 * ws(sb_chunks), slot_l2(2), slot_macs(1)),
             ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0),
             ("sum_chunks #dscale", 0, 0, 0),
             ("sum_chunks", ws(sb_chunks) + sc, 0, 0),
         ],
     }
     if cf_chunks == 1:  # the chunk kernel writes slots and lse: no workspace, no combine
-        model["cluster_fwd"][1:] = [("cluster_fwd_chunk", x + s32, fwd_chunk_l2, 4 * slc * cf_cb)]
+        model["cluster_fwd"][1:] = [("cluster_fwd_chunk", x + s32, fwd_chunk_l2, fwd_chunk_macs)]
     if (pb_chunks if fused else sb_chunks) == 1:  # dslots written directly: no chunk sum
         kernels = model["dispatch_bwd"]
         kernels.pop()

@@ -3,6 +3,7 @@ model conventions, and the same through timm itself when it imports."""
 
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -218,7 +219,7 @@ def authors_adaptive_pool(x, out):
     return torch.stack(cells, dim=1)  # (B, out * out, C), row-major like flatten(2)
 
 
-@pytest.mark.parametrize("hw", [(56, 56), (13, 7), (5, 3), (25, 38)])
+@pytest.mark.parametrize("hw", [(56, 56), (13, 7), (5, 3), (25, 38), (1, 2)])
 def test_slot_initialisation_is_the_authors_pooling(hw):
     block = GLMixBlock(16, 1, num_slots=64).eval()
     x = torch.randn(2, 16, *hw, dtype=torch.float64)
@@ -228,6 +229,11 @@ def test_slot_initialisation_is_the_authors_pooling(hw):
     torch.testing.assert_close(
         init_slots, F.adaptive_avg_pool2d(x, 8).permute(0, 2, 3, 1).flatten(1, 2), rtol=0, atol=0
     )
+    # Under torch.export the same cells are averaged by products with pooling matrices (sizes
+    # stay symbolic); the means agree to rounding.
+    with mock.patch.object(torch.compiler, "is_exporting", return_value=True):
+        _, _, _, exported = block._mixer_inputs(x)
+    torch.testing.assert_close(exported, init_slots, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- timm's model conventions

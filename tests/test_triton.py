@@ -64,6 +64,25 @@ def test_tiled_channels_slot_blocks_and_split_l(op, shape):
     check_against_reference(Case(B, L, C, S, "nchw", broadcast=True, device=DEVICE), op, "triton")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+def test_split_l_logits_over_c_steps(monkeypatch, op, dtype):
+    """The split-L kernels' path for wide C (stages 3-4), at a tiny shape: logits over all of C
+    in ``score_c`` steps, sums over several C blocks, slot_bwd run (pixel_bwd without the sums)."""
+    tb = _ops()
+    pinned = tb.pick_config
+
+    def looped(kernel, S, C, dtype):
+        if kernel in tb.SPLIT_L_KERNELS:
+            return tb.TileConfig(16, 16, 32, score_c=16)
+        return tb.replace(pinned(kernel, S, C, dtype), block_c=16)
+
+    monkeypatch.setattr(tb, "pick_config", looped)
+    check_against_reference(
+        Case(1, 45, 40, 20, "nchw", broadcast=True, dtype=dtype, device=DEVICE, seed=3), op, "triton"
+    )
+
+
 def test_pixel_bwd_sums_slot_partials_when_one_tile_holds_s_and_c():
     tb = _ops()
     cfg = tb.pick_config("pixel_bwd", 24, 32, torch.float16)

@@ -104,7 +104,8 @@ void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Te
       const acc_t* g = G_acc.const_data_ptr<acc_t>() + b * S * C;
       for (const auto s : c10::irange(S)) {
         acc_t sum = 0;
-        for (const auto c : c10::irange(C)) sum += g[s * C + c] * sl[(b * S + s) * C + c];
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < C; ++c) sum += g[s * C + c] * sl[(b * S + s) * C + c];
         d[b * S + s] = sum;
       }
     }

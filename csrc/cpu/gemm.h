@@ -59,7 +59,7 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* 
   if constexpr (std::is_same_v<T, float>) {
     thread_local std::vector<float> at_buf;
     at_buf.resize(std::max<size_t>(at_buf.size(), m * k));
-    transpose(a, lda, m, k, at_buf.data());  // (m, k) = a^T
+    transpose(a, lda, m, k, at_buf.data(), k);  // (m, k) = a^T
     return gemm_nn(m, n, k, at_buf.data(), k, b, ldb, c, ldc, accumulate);
   }
 #endif

@@ -80,14 +80,14 @@ constexpr int64_t kTransposeBlock = 8;
 constexpr int64_t kTransposeBlock = 0;  // element by element
 #endif
 
-C10_ALWAYS_INLINE void transpose_impl(const float* src, int64_t ld, int64_t n, int64_t C, float* dst) {
+C10_ALWAYS_INLINE void transpose_impl(const float* src, int64_t ld, int64_t n, int64_t C, float* dst, int64_t ldd) {
   const int64_t nb = kTransposeBlock ? n / kTransposeBlock * kTransposeBlock : 0;
   const int64_t Cb = kTransposeBlock ? C / kTransposeBlock * kTransposeBlock : 0;
   for (int64_t l = 0; l < n; ++l)  // what the blocks leave: the last rows, the last columns
-    for (int64_t c = l < nb ? Cb : 0; c < C; ++c) dst[l * C + c] = src[c * ld + l];
+    for (int64_t c = l < nb ? Cb : 0; c < C; ++c) dst[l * ldd + c] = src[c * ld + l];
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
   for (int64_t l = 0; l < nb; l += 8)
-    for (int64_t c = 0; c < Cb; c += 8) transpose8x8(src + c * ld + l, ld, dst + l * C + c, C);
+    for (int64_t c = 0; c < Cb; c += 8) transpose8x8(src + c * ld + l, ld, dst + l * ldd + c, ldd);
 #endif
 }
 
@@ -207,8 +207,8 @@ C10_ALWAYS_INLINE void scale_rows_impl(T* a, int64_t S, int64_t C, const T* w) {
 }  // namespace
 
 // One multiversioned entry point per pass and dtype; the templates above inline into each clone.
-GLMIX_CLONES void transpose(const float* src, int64_t ld, int64_t n, int64_t C, float* dst) {
-  transpose_impl(src, ld, n, C, dst);
+GLMIX_CLONES void transpose(const float* src, int64_t ld, int64_t n, int64_t C, float* dst, int64_t ldd) {
+  transpose_impl(src, ld, n, C, dst, ldd);
 }
 
 #define GLMIX_DEFINE_TILE_KERNELS(T)                                                                             \

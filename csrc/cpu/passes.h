@@ -11,8 +11,9 @@ namespace glmix::cpu {
 // column) or over slots (dispatch: statistics per pixel, i.e. per row).
 enum class Over { Pixels, Slots };
 
-// dst (n, C) = the transpose of src (C, n) with row stride ld: a tile of the NCHW view of x.
-void transpose(const float* src, int64_t ld, int64_t n, int64_t C, float* dst);
+// dst (n, C) with row stride ldd = the transpose of src (C, n) with row stride ld: a tile of the
+// NCHW view of x, or a transposed operand.
+void transpose(const float* src, int64_t ld, int64_t n, int64_t C, float* dst, int64_t ldd);
 
 #define GLMIX_DECLARE_TILE_KERNELS(T)                                                                            \
   /* rinv[l] = 1 / max(||x_l||, eps) and the normalisation's backward coefficient proj[l] */                     \

@@ -128,7 +128,7 @@ struct Rows {
   void gather(int64_t b, int64_t l0, int64_t n, acc_t* dst) const {
     const scalar_t* src = data + b * sb + l0 * sl;
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-      if (sl == 1) return transpose(src, sc, n, C, dst);
+      if (sl == 1) return transpose(src, sc, n, C, dst, C);
     }
     if (sc == 1) {
       for (const auto l : c10::irange(n)) {
@@ -157,14 +157,15 @@ class Operand {
   Operand(const Tensor& t, at::ScalarType acc, Scratch role) : t_(unbroadcast(t)) {
     if (t_.scalar_type() == acc && t_.is_contiguous()) return;
     Tensor copy = scratch(role, t_.numel(), t_.options().dtype(acc)).view(t_.sizes());
-    t_ = copy.copy_(t_);
+    copy_rows(t_, copy);
+    t_ = copy;
   }
   // The parts side by side along the last dimension, (B, R, sum of K).
   static Operand stacked(const Tensor& a, const Tensor& b, at::ScalarType acc, Scratch role) {
     const int64_t B = a.size(0), R = a.size(1), Ka = a.size(2), Kb = b.size(2);
     Tensor out = scratch(role, B * R * (Ka + Kb), a.options().dtype(acc)).view({B, R, Ka + Kb});
-    out.narrow(2, 0, Ka).copy_(a);
-    out.narrow(2, Ka, Kb).copy_(b);
+    copy_rows(a, out.narrow(2, 0, Ka));
+    copy_rows(b, out.narrow(2, Ka, Kb));
     return Operand(out, acc, role);
   }
   template <typename T>
@@ -174,6 +175,19 @@ class Operand {
 
  private:
   static Tensor unbroadcast(const Tensor& t) { return t.size(0) > 1 && t.stride(0) == 0 ? t.narrow(0, 0, 1) : t; }
+  // dst = src for dst (B, R, K) with unit last stride. A float transposed view (unit middle
+  // stride: qs^T, slots^T) goes through transpose() in 8 x 8 blocks; ATen's copy_ reads it
+  // element by element, at small L a tenth of the op.
+  static void copy_rows(const Tensor& src, Tensor dst) {
+    const int64_t R = src.size(1), K = src.size(2);
+    if (src.scalar_type() == at::kFloat && dst.scalar_type() == at::kFloat && src.stride(1) == 1 && R > 1) {
+      for (const auto b : c10::irange(src.size(0)))
+        transpose(src.const_data_ptr<float>() + b * src.stride(0), src.stride(2), R, K,
+                  dst.data_ptr<float>() + b * dst.stride(0), dst.stride(1));
+      return;
+    }
+    dst.copy_(src);
+  }
   Tensor t_;
 };
 

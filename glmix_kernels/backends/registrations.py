@@ -2,8 +2,9 @@
 
 - FLOP formulas (``torch.utils.flop_counter``): each op counts the matrix products the reference
   math runs for it, so ``FlopCounterMode`` gives a fused model the reference's total.
-- Decompositions to the reference math, for ``ExportedProgram.run_decompositions``: torch only
-  decomposes its own operators and composite ones by default, so the table comes from
+- Decompositions to the reference math, for ``ExportedProgram.run_decompositions``: its default
+  table decomposes a custom op only through a CompositeImplicitAutograd kernel, and only when the
+  op has no kernel for the tensors' device (torch 2.13), which ours have; so the table comes from
   ``core_aten_decompositions()`` (torch's default table plus these).
 """
 

@@ -192,6 +192,32 @@ class MHSANCHWBlock(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
+def _pooling_matrix(n, size, device, dtype):
+    """``(size, n)``: row i averages entries floor(i n / size) .. ceil((i + 1) n / size) - 1, the
+    cells of adaptive average pooling (they overlap, or repeat entries when n < size)."""
+    i = torch.arange(size, device=device)
+    start = torch.div(i * n, size, rounding_mode="floor")
+    end = torch.div((i + 1) * n + size - 1, size, rounding_mode="floor")
+    j = torch.arange(n, device=device)
+    cells = (j >= start.unsqueeze(1)) & (j < end.unsqueeze(1))
+    return cells.to(dtype) / (end - start).unsqueeze(1).to(dtype)
+
+
+def _adaptive_avg_pool2d(x, size):
+    """``F.adaptive_avg_pool2d(x, size)`` of an NCHW map to ``size x size``.
+
+    Under torch.export it runs as two products with averaging matrices built from x's sizes, so
+    those sizes stay symbolic through every lowering: torch.onnx lowers adaptive pooling to cells
+    computed from the traced sizes, so the ONNX model would take only the traced image size.
+    Same cells, same means; only the order of the sums differs (rounding)."""
+    if not torch.compiler.is_exporting():
+        return F.adaptive_avg_pool2d(x, size)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rows = _pooling_matrix(x.shape[-2], size, x.device, acc)
+    cols = _pooling_matrix(x.shape[-1], size, x.device, acc)
+    return (rows @ x.to(acc) @ cols.T).to(x.dtype)
+
+
 class GLMixBlock(nn.Module):
     """The GLMix block: soft-clustered global attention plus a depthwise-conv local branch, then a
     conv MLP (docs/math.md#glmix-block).
@@ -280,7 +306,7 @@ class GLMixBlock(nn.Module):
         that map as ``(B, L, C)`` pixels (a view, no copy) and the initial slots."""
         if self.slot_init == "ada_avgpool":
             # Pooled from the block input, before the position conv (as the authors do).
-            init_slots = F.adaptive_avg_pool2d(x, self.pool_size).flatten(2).transpose(1, 2)
+            init_slots = _adaptive_avg_pool2d(x, self.pool_size).flatten(2).transpose(1, 2)
         else:
             init_slots = self.init_slots
         if self.with_conv_pos_emb:

@@ -54,15 +54,21 @@ class TileConfig:
     block_c: int
     num_warps: int = 4
     num_stages: int = 2
+    # Split-L kernels: channels per step of the logits loop over all of C (``SCORE_C``). 0: with
+    # one C block the S x C operands are held across the pixel loop, else the steps are C blocks.
+    score_c: int = 0
 
-    def meta(self, C):
-        return dict(
+    def meta(self, C, fn):
+        meta = dict(
             BLOCK_S=self.block_s,
             BLOCK_L=self.block_l,
             BLOCK_C=self.block_c,
-            ONE_C_BLOCK=self.block_c >= C,
+            ONE_C_BLOCK=self.block_c >= C and not self.score_c,
             NUM_STAGES=self.num_stages,
         )
+        if "SCORE_C" in fn.arg_names:
+            meta["SCORE_C"] = self.score_c or self.block_c
+        return meta
 
 
 # The kernels that take a TileConfig: split-L kernels (a block of slots per program) and pixel
@@ -87,12 +93,12 @@ def pick_config(kernel, S, C, dtype):
     if kernel in SPLIT_L_KERNELS:
         # Fewer slot rows rather than several C blocks: each C block recomputes the logits over
         # all of C, while each slot block only reads x again (from L2).
-        block_s = min(_pow2(S), _MAX_BLOCK_S)
-        # Several C blocks: 64 channels per block (fp32: 16 slot rows).
-        block_s = min(block_s, max(16, budget // (c if c <= _ONE_C_BLOCK_MAX_C else 128)))
+        block_s = min(_pow2(S), _MAX_BLOCK_S, max(16, budget // c))
     else:
         block_s = _pow2(S)
     one_c = c <= _ONE_C_BLOCK_MAX_C and c * block_s <= budget
+    if kernel in SPLIT_L_KERNELS and not one_c:
+        return _looped_config(kernel, S, c, fp32)
     block_c = c if one_c else max(16, min(64, budget // 2 // block_s))
     big = one_c and block_s * block_c >= 4096  # large tiles held across the pixel loop
     block_l = 16 if fp32 else 64 if block_s <= 64 and one_c else 32
@@ -103,6 +109,10 @@ def pick_config(kernel, S, C, dtype):
         num_warps = 8
     if kernel == "pixel_bwd":
         block_l = 16  # it also holds G (and the dqs and dslots sums)
+    if kernel in PIXEL_KERNELS and not one_c and not fp32:
+        # Over C blocks the tiles hold no S x C operand: wide pixel tiles, each reloading the
+        # operands from L2 for more pixels (pixel_bwd's 64-pixel tiles spill on sm_80).
+        block_l, num_warps = 32 if kernel == "pixel_bwd" else 64, 8
     # slot_bwd holds two (BLOCK_S, BLOCK_C) sums (dispatch) beside the logits: no room for the
     # next pixel tile's loads in flight.
     num_stages = 1 if kernel == "slot_bwd" else 2
@@ -113,12 +123,31 @@ def pick_config(kernel, S, C, dtype):
     return TileConfig(block_s, block_l, block_c, num_warps, num_stages)
 
 
+# Split-L kernels too wide to hold their S x C operands: (widest C block, most slot x channel
+# elements) of the sums per program at 8 warps, (bf16/fp16, fp32). From the compile report:
+# wider or larger ones spill (slot_bwd's dispatch sums at 16 x 512 bf16 or 16 x 128 fp32).
+_LOOPED_TILES = {"cluster_fwd_chunk": ((512, 8192), (256, 4096)), "slot_bwd": ((256, 8192), (64, 1024))}
+
+
+def _looped_config(kernel, S, c, fp32):
+    """A split-L kernel whose logits take 64 (fp32: 32) channels per step over all of C, and whose
+    sums span C blocks as wide as fit: most shapes have one C block, so the logits of a tile are
+    computed once (not once per C block), at the price of fewer slot rows per program."""
+    max_c, elements = _LOOPED_TILES[kernel][fp32]
+    block_c = min(c, max_c)
+    block_s = max(16, min(_pow2(S), _MAX_BLOCK_S, elements // block_c))
+    # cluster_fwd_chunk's 32-pixel tiles spill at 512 channels; slot_bwd holds two sums.
+    block_l = 32 if kernel == "cluster_fwd_chunk" and not fp32 and block_c <= 256 else 16
+    num_stages = 2 if kernel == "cluster_fwd_chunk" else 1
+    return TileConfig(block_s, block_l, block_c, 8, num_stages, score_c=32 if fp32 else 64)
+
+
 def candidate_configs(kernel, S, C, dtype):
     """What ``GLMIX_TRITON_AUTOTUNE=1`` chooses among: the pinned config and, where it compiles
     without spills, one with the other warp count (4 or 8). The compile report checks them all."""
     pinned = pick_config(kernel, S, C, dtype)
-    if kernels.INTERPRET or (kernel == "slot_bwd" and pinned.block_c < C):
-        return [pinned]  # slot_bwd over several C blocks spills with 8 warps on sm_90
+    if kernels.INTERPRET or pinned.score_c:
+        return [pinned]  # the looped tiles spill with 4 warps
     return [pinned, replace(pinned, num_warps=12 - pinned.num_warps)]
 
 
@@ -126,12 +155,14 @@ def candidate_configs(kernel, S, C, dtype):
 def _pinned(fn, cfg, C):
     # A one-config autotuner: torch.compile and wrap_triton take it as they take any, and
     # Triton benchmarks nothing when there is a single config.
-    return triton.autotune([triton.Config(cfg.meta(C), num_warps=cfg.num_warps, num_stages=cfg.num_stages)], key=[])(fn)
+    return triton.autotune(
+        [triton.Config(cfg.meta(C, fn), num_warps=cfg.num_warps, num_stages=cfg.num_stages)], key=[]
+    )(fn)
 
 
 @functools.cache
 def _tuned(fn, cfgs, C):
-    configs = [triton.Config(c.meta(C), num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
+    configs = [triton.Config(c.meta(C, fn), num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs]
     # The op (CLUSTER) and x's layout change what is fastest; Triton adds the dtypes to the key.
     key = ["S", "C", "X_LAYOUT"] + (["CLUSTER"] if "CLUSTER" in fn.arg_names else [])
     return triton.autotune(configs, key=key)(fn)
@@ -180,9 +211,22 @@ def _device_guard(x):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _common(x):
-    """Arguments every tiled kernel takes, from ``x``."""
-    return dict(X_LAYOUT=_layout(x), SPLIT=x.dtype != torch.float32, UPCAST=_upcast(x))
+def _tile_args(x, qs_hi, qs_lo):
+    """Arguments every tiled kernel takes: ``x``, the split queries, the sizes, strides and flags."""
+    _, L, C = x.shape
+    return dict(
+        x_ptr=x,
+        qh_ptr=qs_hi,
+        ql_ptr=qs_lo,
+        S=qs_hi.shape[1],
+        L=L,
+        C=C,
+        **_strides("sx", x),
+        sq_b=_batch_stride(qs_hi),
+        X_LAYOUT=_layout(x),
+        SPLIT=x.dtype != torch.float32,
+        UPCAST=_upcast(x),
+    )
 
 
 def _split_l_grid(B, S, n_chunks, C):
@@ -331,20 +375,12 @@ def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor) 
         l_ws = lse if one_chunk else torch.empty_like(m_ws)
         acc_ws = slots if one_chunk else x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
         _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
-            x_ptr=x,
-            qh_ptr=qs_hi,
-            ql_ptr=qs_lo,
             m_ptr=m_ws,
             l_ptr=l_ws,
             acc_ptr=acc_ws,
-            S=S,
-            L=L,
-            C=C,
             chunk_len=chunk_len,
-            **_strides("sx", x),
-            sq_b=_batch_stride(qs_hi),
             ONE_CHUNK=one_chunk,
-            **_common(x),
+            **_tile_args(x, qs_hi, qs_lo),
         )
         if one_chunk:
             return slots, lse
@@ -376,20 +412,12 @@ def dispatch_fwd(
         qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
         chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
         _tiled("dispatch_fwd", S, C, x.dtype)[(B, n_chunks)](
-            x_ptr=x,
-            qh_ptr=qs_hi,
-            ql_ptr=qs_lo,
             v_ptr=slots,
             out_ptr=out,
             lse_ptr=lse,
-            S=S,
-            L=L,
-            C=C,
             chunk_len=chunk_len,
-            **_strides("sx", x),
-            sq_b=_batch_stride(qs_hi),
             **_strides("sv", slots),
-            **_common(x),
+            **_tile_args(x, qs_hi, qs_lo),
         )
     return out, lse
 
@@ -444,22 +472,14 @@ def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, 
     B, L, C = x.shape
     S = qs_hi.shape[1]
     args = dict(
-        x_ptr=x,
-        qh_ptr=qs_hi,
-        ql_ptr=qs_lo,
         g_ptr=grad,
         v_ptr=slots,
         lse_ptr=lse,
         delta_ptr=delta,
-        S=S,
-        L=L,
-        C=C,
-        **_strides("sx", x),
-        sq_b=_batch_stride(qs_hi),
         **_grad_strides(grad),
         **_strides("sv", slots),
         CLUSTER=cluster,
-        **_common(x),
+        **_tile_args(x, qs_hi, qs_lo),
     )
     slot_sums = pick_config("pixel_bwd", S, C, x.dtype).block_c >= C
     chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)

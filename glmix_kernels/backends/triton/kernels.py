@@ -23,7 +23,9 @@ Logits are never stored: each kernel recomputes ``A = qs @ x^T / ||x||`` for its
 with raw ``x``, the per-pixel ``1/||x||`` applied after), and all softmax statistics and
 accumulators are fp32. With ``ONE_C_BLOCK`` (all of C in one tile, fixed at compile time) the
 S x C operands are loaded once per program before the loop over pixel tiles, and each ``x`` tile
-serves both the logits and the value product.
+serves both the logits and the value product. Wider, the logits take ``BLOCK_C`` channels at a
+time (split-L kernels: ``SCORE_C``, and their sums span C blocks as wide as fit in registers, so
+most tiles' logits are computed once rather than once per 64 channels).
 """
 
 import os
@@ -196,6 +198,54 @@ def _scores(
 
 
 @triton.jit
+def _tile_logits(
+    qh_ptr,
+    ql_ptr,
+    x_ptr,
+    sx_l,
+    sx_c,
+    s0,
+    l0,
+    S,
+    n_l,
+    C,
+    SPLIT: tl.constexpr,
+    BS: tl.constexpr,
+    BL: tl.constexpr,
+    BC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``(A, sum of squares of x)`` of one tile over ``BC``-channel steps: the forward kernels'
+    ``_scores``, without a second product."""
+    _, a, _, sumsq = _scores(
+        qh_ptr,
+        ql_ptr,
+        C,
+        x_ptr,
+        sx_l,
+        sx_c,
+        qh_ptr,
+        0,
+        0,
+        x_ptr,
+        0,
+        0,
+        s0,
+        l0,
+        S,
+        n_l,
+        C,
+        SCORE_NONE,
+        SPLIT,
+        BS,
+        BL,
+        BC,
+        UPCAST,
+    )
+    return a, sumsq
+
+
+@triton.jit
 def scaled_queries(
     s0_ptr,
     scale_ptr,
@@ -278,6 +328,7 @@ def cluster_fwd_chunk(
     BLOCK_S: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    SCORE_C: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -285,8 +336,10 @@ def cluster_fwd_chunk(
     unnormalised ``acc = sum exp(A - m) x`` (columns of this program's C block) per chunk.
 
     Grid (B * slot blocks, chunks, C blocks); the workspaces are contiguous fp32
-    ``(B, chunks, S)`` and ``(B, chunks, S, C)``. Without ``ONE_C_BLOCK`` each C block recomputes
-    the logits over all of C: every C's accumulator would not fit in registers. ``P @ x`` keeps
+    ``(B, chunks, S)`` and ``(B, chunks, S, C)``. Without ``ONE_C_BLOCK`` the S x C operands are
+    too large to hold across the pixel loop: the logits take ``SCORE_C`` channels at a time, over
+    all of C, and each C block computes them again (one C block spans all of C where the
+    accumulator fits, so most shapes compute them once). ``P @ x`` keeps
     about 16 bits of ``P`` (``_dot_fp32_a``). ``ONE_CHUNK``: the chunk is all of L, so the
     program writes the final ``slots`` (B, S, C) to ``acc`` and ``lse`` (B, S) to ``m``, and no
     combine runs.
@@ -312,30 +365,8 @@ def cluster_fwd_chunk(
             sumsq = tl.sum(xf * xf, 1)
             _, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
         else:
-            _, a, _, sumsq = _scores(
-                qh_ptr,
-                ql_ptr,
-                C,
-                x_ptr,
-                sx_l,
-                sx_c,
-                qh_ptr,
-                0,
-                0,
-                x_ptr,
-                0,
-                0,
-                s0,
-                l0,
-                S,
-                l_end,
-                C,
-                SCORE_NONE,
-                SPLIT,
-                BLOCK_S,
-                BLOCK_L,
-                BLOCK_C,
-                UPCAST,
+            a, sumsq = _tile_logits(
+                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, s0, l0, S, l_end, C, SPLIT, BLOCK_S, BLOCK_L, SCORE_C, UPCAST
             )
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
         a = a * _inv_norm(sumsq)[None, :]
@@ -444,30 +475,8 @@ def dispatch_fwd(
             xf = xf.to(tl.float32)
             sumsq = tl.sum(xf * xf, 1)
         else:
-            _, a, _, sumsq = _scores(
-                qh_ptr,
-                ql_ptr,
-                C,
-                x_ptr,
-                sx_l,
-                sx_c,
-                qh_ptr,
-                0,
-                0,
-                x_ptr,
-                0,
-                0,
-                0,
-                l0,
-                S,
-                L,
-                C,
-                SCORE_NONE,
-                SPLIT,
-                BLOCK_S,
-                BLOCK_L,
-                BLOCK_C,
-                UPCAST,
+            a, sumsq = _tile_logits(
+                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, 0, l0, S, L, C, SPLIT, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST
             )
         a = tl.where(valid_s, a * _inv_norm(sumsq)[None, :], float("-inf"))
         m = tl.max(a, 0)
@@ -523,6 +532,183 @@ def _key_projection(da, a_hi, sumsq, inv_r):
 
 
 @triton.jit
+def _batch_rows(b, x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, sx_b, sq_b, sg_b, sv_b):
+    """The backward kernels' operands moved to batch element ``b``."""
+    return x_ptr + b * sx_b, qh_ptr + b * sq_b, ql_ptr + b * sq_b, g_ptr + b * sg_b, v_ptr + b * sv_b
+
+
+@triton.jit
+def _slot_stats(lse_ptr, delta_ptr, b, s0, S, BS: tl.constexpr):
+    """Clustering's per-slot ``lse`` and ``delta`` of slots ``s0..``, as ``(BS, 1)`` columns."""
+    s = s0 + tl.arange(0, BS)
+    lse = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
+    return lse, tl.load(delta_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
+
+
+@triton.jit
+def _held_operands(
+    qh_ptr,
+    ql_ptr,
+    g_ptr,
+    sg_r,
+    sg_c,
+    v_ptr,
+    sv_s,
+    sv_c,
+    s0,
+    S,
+    C,
+    CLUSTER: tl.constexpr,
+    ONE_C_BLOCK: tl.constexpr,
+    BS: tl.constexpr,
+    BC: tl.constexpr,
+    DT: tl.constexpr,
+):
+    """The S x C operands a backward program holds across its pixel loop (``ONE_C_BLOCK``):
+    ``qs_hi``, ``qs_lo`` and the rows of ``dP`` (clustering's G, dispatch's slots) in x's dtype.
+    Over several C blocks nothing is held: unused zeros."""
+    if ONE_C_BLOCK:
+        q_hi = _load(qh_ptr, s0, 0, S, C, C, 1, BS, BC)
+        q_lo = _load(ql_ptr, s0, 0, S, C, C, 1, BS, BC)
+        if CLUSTER:
+            yt = _load(g_ptr, s0, 0, S, C, sg_r, sg_c, BS, BC).to(DT)
+        else:
+            yt = _load(v_ptr, s0, 0, S, C, sv_s, sv_c, BS, BC).to(DT)
+    else:
+        q_hi = tl.zeros([BS, BC], DT)
+        q_lo = q_hi
+        yt = q_hi
+    return q_hi, q_lo, yt
+
+
+@triton.jit
+def _bwd_scores(
+    x_ptr,
+    qh_ptr,
+    ql_ptr,
+    g_ptr,
+    v_ptr,
+    q_hi,
+    q_lo,
+    yt,
+    s0,
+    l0,
+    S,
+    n_l,
+    C,
+    sx_l,
+    sx_c,
+    sg_r,
+    sg_c,
+    sv_s,
+    sv_c,
+    CLUSTER: tl.constexpr,
+    ONE_C_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BS: tl.constexpr,
+    BL: tl.constexpr,
+    BC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One tile of the backward kernels: ``(A_hi, A, dP, sum of squares of x, x tile, g tile)``,
+    the logits before the per-pixel ``1/||x||`` (see ``_scores``) and ``dP`` (clustering
+    ``G x^T``, dispatch ``slots Hg^T``) for slots ``s0..`` and pixels ``l0..`` (of ``n_l``).
+    With ``ONE_C_BLOCK`` from the held operands and one x (and Hg) tile over all of C, which are
+    returned for the value products; else over ``BC``-channel steps, and the tiles are zeros."""
+    if ONE_C_BLOCK:
+        xt = _load(x_ptr, l0, 0, n_l, C, sx_l, sx_c, BL, BC)
+        a_hi, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
+        xf = xt.to(tl.float32)
+        sumsq = tl.sum(xf * xf, 1)
+        if CLUSTER:
+            gt = xt  # no Hg: any tile
+            dp = _dot(yt, tl.trans(xt), None, UPCAST)
+        else:
+            gt = _load(g_ptr, l0, 0, n_l, C, sg_r, sg_c, BL, BC)
+            dp = _dot(yt, tl.trans(gt), None, UPCAST)
+    else:
+        if CLUSTER:
+            y_ptr, sy_r, sy_c = g_ptr, sg_r, sg_c
+        else:
+            y_ptr, sy_r, sy_c = v_ptr, sv_s, sv_c
+        a_hi, a, dp, sumsq = _scores(
+            qh_ptr,
+            ql_ptr,
+            C,
+            x_ptr,
+            sx_l,
+            sx_c,
+            y_ptr,
+            sy_r,
+            sy_c,
+            g_ptr,
+            sg_r,
+            sg_c,
+            s0,
+            l0,
+            S,
+            n_l,
+            C,
+            SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G,
+            SPLIT,
+            BS,
+            BL,
+            BC,
+            UPCAST,
+        )
+        xt = tl.zeros([BL, BC], x_ptr.dtype.element_ty)
+        gt = xt
+    return a_hi, a, dp, sumsq, xt, gt
+
+
+@triton.jit
+def _dx_tile(
+    dx_ptr,
+    x_ptr,
+    qh_ptr,
+    g_ptr,
+    q_hi,
+    yt,
+    xt,
+    da,
+    p,
+    inv_r,
+    kdk,
+    l0,
+    S,
+    L,
+    C,
+    sx_l,
+    sx_c,
+    sg_r,
+    sg_c,
+    CLUSTER: tl.constexpr,
+    ONE_C_BLOCK: tl.constexpr,
+    BS: tl.constexpr,
+    BL: tl.constexpr,
+    BC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Stores ``dx = [P^T G] + (dK - K <K, dK>) / r`` of one pixel tile, ``dK = dA^T qs`` (the
+    ``dA``, ``P`` of all S slots in x's dtype), from the held operands or per C block."""
+    ck = (inv_r * kdk)[:, None]
+    if ONE_C_BLOCK:
+        dx = (_dot(tl.trans(da), q_hi, None, UPCAST) - xt.to(tl.float32) * ck) * inv_r[:, None]
+        if CLUSTER:
+            dx = _dot(tl.trans(p), yt, dx, UPCAST)
+        _store(dx_ptr, dx, l0, 0, L, C, C, 1, BL, BC)
+    else:
+        for c0 in range(0, C, BC):
+            qt = _load(qh_ptr, 0, c0, S, C, C, 1, BS, BC)
+            xc = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BL, BC).to(tl.float32)
+            dx = (_dot(tl.trans(da), qt, None, UPCAST) - xc * ck) * inv_r[:, None]
+            if CLUSTER:
+                gt = _load(g_ptr, 0, c0, S, C, sg_r, sg_c, BS, BC).to(p.dtype)
+                dx = _dot(tl.trans(p), gt, dx, UPCAST)
+            _store(dx_ptr, dx, l0, c0, L, C, C, 1, BL, BC)
+
+
+@triton.jit
 def pixel_bwd(
     x_ptr,
     qh_ptr,
@@ -573,22 +759,12 @@ def pixel_bwd(
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     l_begin, l_end = _chunk(L, chunk_len)
-    x_ptr += b * sx_b
-    qh_ptr += b * sq_b
-    ql_ptr += b * sq_b
-    g_ptr += b * sg_b
-    v_ptr += b * sv_b
-    s = tl.arange(0, BLOCK_S)
+    x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr = _batch_rows(b, x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, sx_b, sq_b, sg_b, sv_b)
     if CLUSTER:  # per slot, for every tile
-        lse = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
-        delta = tl.load(delta_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
-        y_ptr, sy_r, sy_c = g_ptr, sg_r, sg_c
-    else:
-        y_ptr, sy_r, sy_c = v_ptr, sv_s, sv_c
-    if ONE_C_BLOCK:  # loop-invariant: loaded once
-        q_hi = _load(qh_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
-        q_lo = _load(ql_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
-        yt = _load(y_ptr, 0, 0, S, C, sy_r, sy_c, BLOCK_S, BLOCK_C).to(DT)
+        lse, delta = _slot_stats(lse_ptr, delta_ptr, b, 0, S, BLOCK_S)
+    q_hi, q_lo, yt = _held_operands(
+        qh_ptr, ql_ptr, g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, 0, S, C, CLUSTER, ONE_C_BLOCK, BLOCK_S, BLOCK_C, DT
+    )
     if SLOT_SUMS:
         dq = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         dv = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
@@ -597,42 +773,10 @@ def pixel_bwd(
         pix = l0 + tl.arange(0, BLOCK_L)
         if not CLUSTER:
             lse = tl.load(lse_ptr + b * L + pix, mask=pix < L, other=0.0)[None, :]
-        if ONE_C_BLOCK:
-            xt = _load(x_ptr, l0, 0, L, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
-            a_hi, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
-            xf = xt.to(tl.float32)
-            sumsq = tl.sum(xf * xf, 1)
-            if CLUSTER:
-                dp = _dot(yt, tl.trans(xt), None, UPCAST)
-            else:
-                gt = _load(g_ptr, l0, 0, L, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
-                dp = _dot(yt, tl.trans(gt), None, UPCAST)
-        else:
-            a_hi, a, dp, sumsq = _scores(
-                qh_ptr,
-                ql_ptr,
-                C,
-                x_ptr,
-                sx_l,
-                sx_c,
-                y_ptr,
-                sy_r,
-                sy_c,
-                g_ptr,
-                sg_r,
-                sg_c,
-                0,
-                l0,
-                S,
-                L,
-                C,
-                SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G,
-                SPLIT,
-                BLOCK_S,
-                BLOCK_L,
-                BLOCK_C,
-                UPCAST,
-            )
+        a_hi, a, dp, sumsq, xt, gt = _bwd_scores(
+            x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, q_hi, q_lo, yt, 0, l0, S, L, C, sx_l, sx_c, sg_r, sg_c, sv_s, sv_c,
+            CLUSTER, ONE_C_BLOCK, SPLIT, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+        )  # fmt: skip
         inv_r = _inv_norm(sumsq)
         p = _probabilities(a * inv_r[None, :], lse, 0, l0, S, L, BLOCK_S, BLOCK_L)
         if CLUSTER:
@@ -648,20 +792,10 @@ def pixel_bwd(
             dq = _dq_product(da32, inv_r, xt, dq, UPCAST)
             if not CLUSTER:
                 dv = _dot(p.to(DT), gt, dv, UPCAST)
-        if ONE_C_BLOCK:
-            dx = (_dot(tl.trans(da), q_hi, None, UPCAST) - xf * (inv_r * kdk)[:, None]) * inv_r[:, None]
-            if CLUSTER:
-                dx = _dot(tl.trans(p.to(DT)), yt, dx, UPCAST)
-            _store(dx_ptr + b * L * C, dx, l0, 0, L, C, C, 1, BLOCK_L, BLOCK_C)
-        else:
-            for c0 in range(0, C, BLOCK_C):
-                qt = _load(qh_ptr, 0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
-                xc = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BLOCK_L, BLOCK_C).to(tl.float32)
-                dx = (_dot(tl.trans(da), qt, None, UPCAST) - xc * (inv_r * kdk)[:, None]) * inv_r[:, None]
-                if CLUSTER:
-                    gt = _load(g_ptr, 0, c0, S, C, sg_r, sg_c, BLOCK_S, BLOCK_C).to(DT)
-                    dx = _dot(tl.trans(p.to(DT)), gt, dx, UPCAST)
-                _store(dx_ptr + b * L * C, dx, l0, c0, L, C, C, 1, BLOCK_L, BLOCK_C)
+        _dx_tile(
+            dx_ptr + b * L * C, x_ptr, qh_ptr, g_ptr, q_hi, yt, xt, da, p.to(DT), inv_r, kdk, l0, S, L, C,
+            sx_l, sx_c, sg_r, sg_c, CLUSTER, ONE_C_BLOCK, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+        )  # fmt: skip
     if SLOT_SUMS:
         row = b * tl.num_programs(1) + tl.program_id(1)
         _store(dq_ptr + row * S * C, dq, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
@@ -711,37 +845,29 @@ def slot_bwd(
     BLOCK_S: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    SCORE_C: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """One L chunk's share of the sums over pixels: ``dqs = dA @ K``, and for dispatch
     ``dslots = D @ Hg``, for a block of slots and one C block.
 
-    Arguments as in ``pixel_bwd``; ``delta`` is clustering's (B, S) or dispatch's (B, L) one.
-    Grid (B * slot blocks, chunks, C blocks); partials go to contiguous fp32 workspaces
-    ``(B, chunks, S, C)`` that ``query_bwd`` and ``sum_chunks`` reduce.
+    Arguments as in ``pixel_bwd``; ``delta`` is clustering's (B, S) or dispatch's (B, L) one; C
+    blocks and ``SCORE_C`` as in ``cluster_fwd_chunk``. Grid (B * slot blocks, chunks, C blocks);
+    partials go to contiguous fp32 workspaces ``(B, chunks, S, C)`` that ``query_bwd`` and
+    ``sum_chunks`` reduce.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
     c_out = tl.program_id(2) * BLOCK_C
     l_begin, l_end = _chunk(L, chunk_len)
     row = b * tl.num_programs(1) + tl.program_id(1)
-    x_ptr += b * sx_b
-    qh_ptr += b * sq_b
-    ql_ptr += b * sq_b
-    g_ptr += b * sg_b
-    v_ptr += b * sv_b
-    s = s0 + tl.arange(0, BLOCK_S)
+    x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr = _batch_rows(b, x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, sx_b, sq_b, sg_b, sv_b)
     if CLUSTER:
-        lse = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
-        delta = tl.load(delta_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
-        y_ptr, sy_r, sy_c = g_ptr, sg_r, sg_c
-    else:
-        y_ptr, sy_r, sy_c = v_ptr, sv_s, sv_c
-    if ONE_C_BLOCK:  # loop-invariant: loaded once
-        q_hi = _load(qh_ptr, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
-        q_lo = _load(ql_ptr, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
-        yt = _load(y_ptr, s0, 0, S, C, sy_r, sy_c, BLOCK_S, BLOCK_C).to(DT)
+        lse, delta = _slot_stats(lse_ptr, delta_ptr, b, s0, S, BLOCK_S)
+    q_hi, q_lo, yt = _held_operands(
+        qh_ptr, ql_ptr, g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, s0, S, C, CLUSTER, ONE_C_BLOCK, BLOCK_S, BLOCK_C, DT
+    )
 
     dq = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
@@ -750,42 +876,11 @@ def slot_bwd(
         if not CLUSTER:
             lse = tl.load(lse_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
             delta = tl.load(delta_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
-        if ONE_C_BLOCK:
-            xt = _load(x_ptr, l0, 0, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
-            _, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
-            xf = xt.to(tl.float32)
-            sumsq = tl.sum(xf * xf, 1)
-            if CLUSTER:
-                dp = _dot(yt, tl.trans(xt), None, UPCAST)
-            else:
-                gt = _load(g_ptr, l0, 0, l_end, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
-                dp = _dot(yt, tl.trans(gt), None, UPCAST)
-        else:
-            _, a, dp, sumsq = _scores(
-                qh_ptr,
-                ql_ptr,
-                C,
-                x_ptr,
-                sx_l,
-                sx_c,
-                y_ptr,
-                sy_r,
-                sy_c,
-                g_ptr,
-                sg_r,
-                sg_c,
-                s0,
-                l0,
-                S,
-                l_end,
-                C,
-                SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G,
-                SPLIT,
-                BLOCK_S,
-                BLOCK_L,
-                BLOCK_C,
-                UPCAST,
-            )
+        _, a, dp, sumsq, xt, gt = _bwd_scores(
+            x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, q_hi, q_lo, yt, s0, l0, S, l_end, C, sx_l, sx_c, sg_r, sg_c,
+            sv_s, sv_c, CLUSTER, ONE_C_BLOCK, SPLIT, BLOCK_S, BLOCK_L, SCORE_C, UPCAST,
+        )  # fmt: skip
+        if not ONE_C_BLOCK:  # this program's C block of the value tiles
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
             if not CLUSTER:
                 gt = _load(g_ptr, l0, c_out, l_end, C, sg_r, sg_c, BLOCK_L, BLOCK_C)
