@@ -528,6 +528,21 @@ __device__ __forceinline__ void store_c(const FragC& c, float* tile, int ld) {
   }
 }
 
+// A warp's 16 x CP accumulator tiles into rows row0.. of a row-major fp32 array with C columns:
+// only the first `rows` rows and the first C columns (the tile may pad both).
+template <int CP>
+__device__ __forceinline__ void store_rows(const FragC (&acc)[CP / 8], float* out, int64_t row0, int rows, int C) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const RC rc = c_rc(lane, i);
+      const int c = 8 * j + rc.col;
+      if (rc.row < rows && c < C) out[(row0 + rc.row) * C + c] = acc[j].r[i];
+    }
+}
+
 // Reductions over an accumulator row: the four lanes of a group hold its eight columns.
 __device__ __forceinline__ float row_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);

@@ -349,14 +349,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       ws_l[row0 + s] = sm.l[h];
     }
   }
-#pragma unroll
-  for (int j = 0; j < CP / 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const RC rc = c_rc(lane, i);
-      const int c = 8 * j + rc.col;
-      if (16 * warp + rc.row < ns && c < C) ws_acc[(row0 + rc.row) * C + c] = acc[j].r[i];
-    }
+  store_rows<CP>(acc, ws_acc, row0, ns - 16 * warp, C);
 #else
   __trap();  // never launched below sm_80
 #endif
@@ -754,17 +747,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   }
 
   const int64_t row0 = (b * nchunks + chunk) * S + s0 + r0;  // workspace row of the warp's slot 0
-#pragma unroll
-  for (int j = 0; j < CP / 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const RC rc = c_rc(lane, i);
-      const int c = 8 * j + rc.col;
-      if (r0 + rc.row < ns && c < C) {
-        ws_dq[(row0 + rc.row) * C + c] = dq[j].r[i];
-        if (kDispatch) ws_dv[(row0 + rc.row) * C + c] = dv[j].r[i];
-      }
-    }
+  store_rows<CP>(dq, ws_dq, row0, ns - r0, C);
+  if (kDispatch) store_rows<CP>(dv, ws_dv, row0, ns - r0, C);
 #else
   __trap();  // never launched below sm_80
 #endif
