@@ -9,7 +9,7 @@
 
 import torch
 
-from . import _validate, reference
+from . import _export, _validate, reference
 from ._autograd import ClusterFn, DispatchFn
 from .backends import GLMixFallbackWarning, available_backends, resolve
 
@@ -39,6 +39,8 @@ def soft_cluster(x, init_slots, scale, *, backend="auto"):
     b = resolve(backend, x, init_slots.shape[1])
     if b.load is None:
         return reference.soft_cluster(x, init_slots, scale)
+    if torch.compiler.is_exporting():  # one node in the exported graph (see _export.py)
+        return _export.soft_cluster(x, init_slots, scale, b.name)
     return ClusterFn.apply(x, init_slots, scale, b.name)
 
 
@@ -50,4 +52,6 @@ def soft_dispatch(x, init_slots, scale, slots, *, backend="auto"):
     b = resolve(backend, x, init_slots.shape[1])
     if b.load is None or x.shape[1] == 0:  # no pixels: nothing for a kernel to do
         return reference.soft_dispatch(x, init_slots, scale, slots)
+    if torch.compiler.is_exporting():
+        return _export.soft_dispatch(x, init_slots, scale, slots, b.name)
     return DispatchFn.apply(x, init_slots, scale, slots, b.name)

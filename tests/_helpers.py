@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glmix_kernels.backends import BACKENDS, why_unavailable
 
@@ -14,6 +15,18 @@ DEVICES = ["cpu", "cuda"]
 # fp32 accumulators, so the error is a few output roundings (2^-11, 2^-8) plus the rounding of
 # the probabilities fed to the value products.
 TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+
+class OpLog(TorchDispatchMode):
+    """The operators dispatched inside it, by packet name (e.g. ``"glmix_kernels.cluster_fwd"``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
 
 
 def backend_params(names=FUSED, devices=DEVICES):

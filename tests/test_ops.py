@@ -9,12 +9,12 @@ import zlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import glmix_kernels
 from _helpers import (
     TOL,
     Case,
+    OpLog,
     assert_close_normwise,
     backend_params,
     check_against_reference,
@@ -288,29 +288,19 @@ def test_kernel_outputs_follow_the_contract(backend, device):
             assert (g.shape, g.dtype, g.is_contiguous()) == (w.shape, w.dtype, True), name
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def dispatched_ops(op, backend, device):
     """The operators dispatched by one forward and (separately) one backward of ``op``."""
     case = Case(2, 37, 16, 8, "nchw", broadcast=True, slots_layout="transposed", device=device)
     xb, s0b, scale, slots = case.leaves(torch.float32)
     x, s0, slots_view = case.view_x(xb), case.view_slots(s0b), case.view_slots(slots)
-    with _OpLog() as fwd:
+    with OpLog() as fwd:
         if op == "cluster":
             out = glmix_kernels.soft_cluster(x, s0, scale, backend=backend)
         else:
             out = glmix_kernels.soft_dispatch(x, s0, scale, slots_view, backend=backend)
     grad = torch.randn(out.shape, device=device)
     inputs = [x, s0, scale] + ([] if op == "cluster" else [slots_view])
-    with _OpLog() as bwd:
+    with OpLog() as bwd:
         torch.autograd.grad(out, inputs, grad)
     return fwd.ops, bwd.ops
 

@@ -11,9 +11,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import glmix_kernels
-from _helpers import FUSED
+from _helpers import FUSED, OpLog
 from glmix_kernels.backends import BACKENDS, why_unavailable
-from glmix_kernels.backends.registrations import core_aten_decompositions
 from glmix_kernels.models import GLMixBlock, create_model
 from test_models import tiny
 
@@ -151,17 +150,17 @@ def test_ops_never_read_tensor_values_on_the_host(backend):
 # ---------------------------------------------------------------- torch.export
 
 
-def fused_op_names():
-    names = set()
-    for b in FUSED:
-        if why_unavailable(b, "cpu") is None:
-            module = BACKENDS[b].load()
-            names |= {_qualname(getattr(module, op)) for op in ("cluster_fwd", "dispatch_fwd")}
-    return {n.replace("::", ".") + ".default" for n in names}
+EXPORTED_OPS = {"glmix.soft_cluster.default", "glmix.soft_dispatch.default"}
 
 
 def call_targets(ep):
     return [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def kernel_ops(backend):
+    """The packet names (as ``OpLog`` records them) of the backend's two forward kernel ops."""
+    module = BACKENDS[backend].load()
+    return {_qualname(getattr(module, op)).replace("::", ".") for op in ("cluster_fwd", "dispatch_fwd")}
 
 
 @pytest.mark.parametrize("backend", FUSED_CPU)
@@ -173,23 +172,21 @@ def test_export_keeps_the_ops_as_single_nodes_and_decomposes_to_core_aten(backen
     x = torch.randn(2, 3, 45, 61)
     ep = torch.export.export(model, (x,))
     n_glmix = sum(isinstance(m, GLMixBlock) for m in model.modules())
-    fused = [t for t in call_targets(ep) if t in fused_op_names()]
-    assert len(fused) == 2 * n_glmix, call_targets(ep)  # one clustering and one dispatch per block
+    nodes = [n for n in ep.graph.nodes if str(n.target) in EXPORTED_OPS]
+    assert len(nodes) == 2 * n_glmix, call_targets(ep)  # one clustering and one dispatch per block
+    assert {n.args[-1] for n in nodes} == {backend}
+    with torch.no_grad(), OpLog() as ran:
+        got = ep.module()(x)
+    assert kernel_ops(backend) <= set(ran.ops), "the exported program should run the fused kernels"
     with torch.no_grad():
         want = reference(x)
-        torch.testing.assert_close(ep.module()(x), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
-    table = core_aten_decompositions()
-    core = ep.run_decompositions(table)
+    core = ep.run_decompositions()  # torch's default table
     for node in core.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            # Core ATen, or an op torch's own decomposition keeps (linalg_vector_norm, the
-            # exported program's runtime assertions).
-            assert torch.Tag.core in node.target.tags or node.target not in table, (
-                f"{node.target} should have been decomposed"
-            )
             assert node.target.namespace == "aten", f"{node.target} is not an ATen op"
-    assert not set(call_targets(core)) & fused_op_names()
+    assert not set(call_targets(core)) & EXPORTED_OPS
     with torch.no_grad():
         torch.testing.assert_close(core.module()(x), want, rtol=1e-4, atol=1e-5)
 
@@ -235,9 +232,7 @@ def glnet_4g_onnx(request, tmp_path_factory):
     model = create_model("glnet_4g", backend="cpu", **({} if depth is None else {"depth": depth})).eval()
     reference = copy.deepcopy(model).set_backend("reference")
     ep = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=(dynamic_image_dims(),))
-    program = torch.onnx.export(
-        ep.run_decompositions(core_aten_decompositions()), dynamo=True, optimize=depth is not None
-    )
+    program = torch.onnx.export(ep, dynamo=True, optimize=depth is not None)
     path = tmp_path_factory.mktemp("onnx") / f"glnet_4g-{request.param}.onnx"
     program.save(str(path))
     return path, reference
@@ -277,7 +272,7 @@ def test_export_with_dynamic_batch_and_image_size(backend):
     ep = torch.export.export(
         model.set_backend(backend), (torch.randn(2, 3, 45, 61),), dynamic_shapes=(dynamic_image_dims(),)
     )
-    core = ep.run_decompositions(core_aten_decompositions())
+    core = ep.run_decompositions()
     for size in [(1, 3, 97, 131), (3, 3, 64, 40)]:
         x = torch.randn(size)
         with torch.no_grad():
