@@ -72,7 +72,7 @@ def test_split_l_logits_over_c_steps(monkeypatch, op, dtype):
     tb = _ops()
     pinned = tb.pick_config
 
-    def looped(kernel, S, C, dtype):
+    def looped(kernel, S, C, dtype, L=None):
         if kernel in tb.SPLIT_L_KERNELS:
             return tb.TileConfig(16, 16, 32, score_c=16)
         return tb.replace(pinned(kernel, S, C, dtype), block_c=16)
@@ -88,6 +88,23 @@ def test_pixel_bwd_sums_slot_partials_when_one_tile_holds_s_and_c():
     cfg = tb.pick_config("pixel_bwd", 24, 32, torch.float16)
     assert cfg.block_s >= 24 and cfg.block_c >= 32
     check_against_reference(Case(2, 203, 32, 24, "nchw", dtype=torch.float16, device=DEVICE), "dispatch", "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+def test_pixel_bwd_sums_slot_partials_over_c_blocks_when_one_tile_holds_a_chunk(monkeypatch, op, dtype):
+    """Few pixels, more channels than one tile holds (stages 3-4): each chunk is one pixel tile
+    of all S slots, and pixel_bwd writes its slot sums C block by C block; slot_bwd does not run.
+    Two chunks (the second partial) per batch element, two batch elements."""
+    tb = _ops()
+    B, L, C, S = 2, 40, 136, 5
+    cfg = tb.pick_config("pixel_bwd", S, C, dtype, L)
+    assert cfg.one_tile and cfg.block_c < C and cfg.block_l < L <= 2 * cfg.block_l
+    launched = []
+    tiled = tb._tiled
+    monkeypatch.setattr(tb, "_tiled", lambda name, *a: launched.append(name) or tiled(name, *a))
+    check_against_reference(Case(B, L, C, S, "nchw", dtype=dtype, device=DEVICE, seed=6), op, "triton")
+    assert "pixel_bwd" in launched and "slot_bwd" not in launched
 
 
 def test_direct_op_calls_check_inputs():

@@ -57,6 +57,9 @@ class TileConfig:
     # Split-L kernels: channels per step of the logits loop over all of C (``SCORE_C``). 0: with
     # one C block the S x C operands are held across the pixel loop, else the steps are C blocks.
     score_c: int = 0
+    # pixel_bwd over C blocks: a chunk is one tile of ``block_l`` pixels, whose slot sums it writes
+    # (``_one_tile_config``).
+    one_tile: bool = False
 
     def meta(self, C, fn):
         meta = dict(
@@ -81,10 +84,18 @@ def _pow2(n, lo=16):
     return max(lo, triton.next_power_of_2(n))  # tl.dot needs 16 per side
 
 
-def pick_config(kernel, S, C, dtype):
-    """The pinned tile configuration of ``kernel`` for S slots, C channels and x's ``dtype``.
-    Every rule comes from the compile report (sm_80 and sm_90, Triton 3.6 and 3.9): no config
-    it picks spills registers or needs more shared memory than an SM has."""
+def pick_config(kernel, S, C, dtype, L=None):
+    """The pinned tile configuration of ``kernel`` for S slots, C channels and x's ``dtype`` (and
+    for ``pixel_bwd`` L pixels, see ``_one_tile_config``). Every rule comes from the compile
+    report (sm_80 and sm_90, Triton 3.6 and 3.9): no config it picks spills registers or needs
+    more shared memory than an SM has."""
+    cfg = _tile_config(kernel, S, C, dtype)
+    if kernel == "pixel_bwd" and cfg.block_c < C:
+        return _one_tile_config(S, L, dtype) or cfg
+    return cfg
+
+
+def _tile_config(kernel, S, C, dtype):
     fp32 = dtype == torch.float32
     budget = _ONE_C_BLOCK_ELEMENTS // (4 if fp32 else 1)
     if kernel in ("pixel_bwd", "slot_bwd"):
@@ -142,12 +153,39 @@ def _looped_config(kernel, S, c, fp32):
     return TileConfig(block_s, block_l, block_c, 8, num_stages, score_c=32 if fp32 else 64)
 
 
-def candidate_configs(kernel, S, C, dtype):
+# pixel_bwd over C blocks with one tile per chunk: at most this many (slot, pixel) elements per
+# tile (three fp32 tiles of them live through the logits loop) and at most this many chunks (each
+# adds an fp32 (S, C) partial per batch element to write and sum).
+_ONE_TILE_ELEMENTS = 64 * 128
+_ONE_TILE_MAX_CHUNKS = 2
+
+
+def _one_tile_config(S, L, dtype):
+    """``pixel_bwd`` where one tile holds all S slots and a whole chunk of few pixels (glnet's
+    stages 3-4), but not all of C (``pick_config`` asks only then): it then also writes the
+    chunk's ``dqs`` (and ``dslots``) sums, C block by C block, and no ``slot_bwd`` runs, which
+    would compute the logits again and reload its S x C operands every 16 pixels. None where
+    that does not apply (fp32: its tf32x3 tiles spill at these sizes; more than 64 slots: not in
+    the compile report)."""
+    block_s = _pow2(S)
+    if L is None or dtype == torch.float32 or block_s > 64:
+        return None
+    block_l = min(_pow2(L), 128, _ONE_TILE_ELEMENTS // block_s)
+    if kernels.INTERPRET:
+        block_l = min(block_l, kernels.CHUNK_QUANTUM)
+    if triton.cdiv(L, block_l) > _ONE_TILE_MAX_CHUNKS:
+        return None
+    # 32-channel blocks spill on sm_80 at 64 x 64 tiles over 512 channels (dispatch), 4 warps at
+    # any of these sizes: 16 channels, 8 warps only. The pixel loop runs once: no pipelining.
+    return TileConfig(block_s, block_l, 16, num_warps=8, num_stages=1, one_tile=True)
+
+
+def candidate_configs(kernel, S, C, dtype, L=None):
     """What ``GLMIX_TRITON_AUTOTUNE=1`` chooses among: the pinned config and, where it compiles
     without spills, one with the other warp count (4 or 8). The compile report checks them all."""
-    pinned = pick_config(kernel, S, C, dtype)
-    if kernels.INTERPRET or pinned.score_c:
-        return [pinned]  # the looped tiles spill with 4 warps
+    pinned = pick_config(kernel, S, C, dtype, L)
+    if kernels.INTERPRET or pinned.score_c or pinned.one_tile:
+        return [pinned]  # the looped and one-tile configs spill with 4 warps
     return [pinned, replace(pinned, num_warps=12 - pinned.num_warps)]
 
 
@@ -168,12 +206,12 @@ def _tuned(fn, cfgs, C):
     return triton.autotune(configs, key=key)(fn)
 
 
-def _tiled(name, S, C, dtype):
+def _tiled(name, S, C, dtype, L=None):
     """Kernel ``name`` with its tile configuration bound."""
     fn = getattr(kernels, name)
     if AUTOTUNE:
-        return _launch(_tuned(fn, tuple(candidate_configs(name, S, C, dtype)), C))
-    return _launch(_pinned(fn, pick_config(name, S, C, dtype), C))
+        return _launch(_tuned(fn, tuple(candidate_configs(name, S, C, dtype, L)), C))
+    return _launch(_pinned(fn, pick_config(name, S, C, dtype, L), C))
 
 
 @functools.cache
@@ -465,8 +503,8 @@ def dispatch_bwd(
 
 def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, dslots=None):
     """``dx`` and the (B, chunks, S, C) partials of ``dqs`` and (dispatch) ``dslots``: ``pixel_bwd``
-    alone when one tile holds all of S and C (it sums the partials as it goes), else ``pixel_bwd``
-    then ``slot_bwd``. ``slots``: clustering's fp32 forward result or dispatch's values;
+    alone when one tile holds all of S and C (it sums the partials as it goes) or all of S and a
+    whole chunk of pixels (few pixels: one chunk per tile), else ``pixel_bwd`` then ``slot_bwd``. ``slots``: clustering's fp32 forward result or dispatch's values;
     ``delta``: clustering's from ``scaled_queries``, dispatch's for ``pixel_bwd`` to write.
     With a single chunk, dispatch's ``dslots`` partials are the result: written to ``dslots``."""
     B, L, C = x.shape
@@ -481,11 +519,15 @@ def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, 
         CLUSTER=cluster,
         **_tile_args(x, qs_hi, qs_lo),
     )
-    slot_sums = pick_config("pixel_bwd", S, C, x.dtype).block_c >= C
-    chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
+    cfg = pick_config("pixel_bwd", S, C, x.dtype, L)
+    slot_sums = cfg.block_c >= C or cfg.one_tile
+    if cfg.one_tile:
+        chunk_len, n_chunks = cfg.block_l, triton.cdiv(L, cfg.block_l)
+    else:
+        chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
     # Without slot_sums the partials' pointers are not read: any valid tensor.
     dq_ws, dv_ws = _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots) if slot_sums else (dx, dx)
-    _tiled("pixel_bwd", S, C, x.dtype)[(B, n_chunks)](
+    _tiled("pixel_bwd", S, C, x.dtype, L)[(B, n_chunks)](
         dx_ptr=dx, dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, SLOT_SUMS=slot_sums, **args
     )
     if slot_sums:

@@ -664,12 +664,15 @@ def _bwd_scores(
 @triton.jit
 def _dx_tile(
     dx_ptr,
+    dq_ptr,
+    dv_ptr,
     x_ptr,
     qh_ptr,
     g_ptr,
     q_hi,
     yt,
     xt,
+    da32,
     da,
     p,
     inv_r,
@@ -684,13 +687,18 @@ def _dx_tile(
     sg_c,
     CLUSTER: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
+    SLOT_SUMS: tl.constexpr,
     BS: tl.constexpr,
     BL: tl.constexpr,
     BC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Stores ``dx = [P^T G] + (dK - K <K, dK>) / r`` of one pixel tile, ``dK = dA^T qs`` (the
-    ``dA``, ``P`` of all S slots in x's dtype), from the held operands or per C block."""
+    ``dA``, ``P`` of all S slots in x's dtype), from the held operands or per C block.
+
+    Per C block with ``SLOT_SUMS`` (the tile is the whole chunk): also the chunk's sums ``dqs``
+    (from the fp32 ``dA``) and dispatch's ``dslots = D @ Hg``, stored to ``dq_ptr``, ``dv_ptr``
+    from the x (and Hg) block the ``dx`` block loads anyway."""
     ck = (inv_r * kdk)[:, None]
     if ONE_C_BLOCK:
         dx = (_dot(tl.trans(da), q_hi, None, UPCAST) - xt.to(tl.float32) * ck) * inv_r[:, None]
@@ -700,12 +708,17 @@ def _dx_tile(
     else:
         for c0 in range(0, C, BC):
             qt = _load(qh_ptr, 0, c0, S, C, C, 1, BS, BC)
-            xc = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BL, BC).to(tl.float32)
-            dx = (_dot(tl.trans(da), qt, None, UPCAST) - xc * ck) * inv_r[:, None]
+            xc = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BL, BC)
+            dx = (_dot(tl.trans(da), qt, None, UPCAST) - xc.to(tl.float32) * ck) * inv_r[:, None]
             if CLUSTER:
                 gt = _load(g_ptr, 0, c0, S, C, sg_r, sg_c, BS, BC).to(p.dtype)
                 dx = _dot(tl.trans(p), gt, dx, UPCAST)
             _store(dx_ptr, dx, l0, c0, L, C, C, 1, BL, BC)
+            if SLOT_SUMS:
+                _store(dq_ptr, _dq_product(da32, inv_r, xc, None, UPCAST), 0, c0, S, C, C, 1, BS, BC)
+                if not CLUSTER:
+                    hg = _load(g_ptr, l0, c0, L, C, sg_r, sg_c, BL, BC)
+                    _store(dv_ptr, _dot(p, hg.to(p.dtype), None, UPCAST), 0, c0, S, C, C, 1, BS, BC)
 
 
 @triton.jit
@@ -752,13 +765,16 @@ def pixel_bwd(
     ``dx = [P^T G] + (dK - K <K, dK>) / r`` with ``dK = dA^T qs``. ``delta``: clustering reads
     the (B, S) ``rowsum(G * slots)`` of ``scaled_queries``; dispatch writes its (B, L)
     ``delta' = sum_s D dD`` there for ``slot_bwd``, whose slot blocks may hold only some slots.
-    ``SLOT_SUMS`` (with ``ONE_C_BLOCK``): also this chunk's partial sums of ``dqs`` (and
-    ``dslots``), as ``slot_bwd`` would write them; then no ``slot_bwd`` runs, and neither the
-    logits nor ``x`` are read a second time. Grid (B, chunks); ``dx`` is contiguous.
+    ``SLOT_SUMS``: also this chunk's partial sums of ``dqs`` (and ``dslots``), as ``slot_bwd``
+    would write them; then no ``slot_bwd`` runs, and neither the logits nor ``x`` are read a
+    second time. With ``ONE_C_BLOCK`` they are accumulated over the chunk's tiles; over several
+    C blocks the chunk is one tile (at most ``BLOCK_L`` pixels, small L), whose sums go out per C
+    block beside ``dx``. Grid (B, chunks); ``dx`` is contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     l_begin, l_end = _chunk(L, chunk_len)
+    row = b * tl.num_programs(1) + tl.program_id(1)  # this chunk's partial sums (SLOT_SUMS)
     x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr = _batch_rows(b, x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, sx_b, sq_b, sg_b, sv_b)
     if CLUSTER:  # per slot, for every tile
         lse, delta = _slot_stats(lse_ptr, delta_ptr, b, 0, S, BLOCK_S)
@@ -788,16 +804,16 @@ def pixel_bwd(
             da32 = p * (dp - delta_l)
         da = da32.to(DT)
         kdk = _key_projection(da, a_hi, sumsq, inv_r)
-        if SLOT_SUMS:
+        if SLOT_SUMS and ONE_C_BLOCK:
             dq = _dq_product(da32, inv_r, xt, dq, UPCAST)
             if not CLUSTER:
                 dv = _dot(p.to(DT), gt, dv, UPCAST)
         _dx_tile(
-            dx_ptr + b * L * C, x_ptr, qh_ptr, g_ptr, q_hi, yt, xt, da, p.to(DT), inv_r, kdk, l0, S, L, C,
-            sx_l, sx_c, sg_r, sg_c, CLUSTER, ONE_C_BLOCK, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+            dx_ptr + b * L * C, dq_ptr + row * S * C, dv_ptr + row * S * C, x_ptr, qh_ptr, g_ptr, q_hi, yt, xt,
+            da32, da, p.to(DT), inv_r, kdk, l0, S, L, C, sx_l, sx_c, sg_r, sg_c,
+            CLUSTER, ONE_C_BLOCK, SLOT_SUMS, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
         )  # fmt: skip
-    if SLOT_SUMS:
-        row = b * tl.num_programs(1) + tl.program_id(1)
+    if SLOT_SUMS and ONE_C_BLOCK:
         _store(dq_ptr + row * S * C, dq, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
         if not CLUSTER:
             _store(dv_ptr + row * S * C, dv, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
