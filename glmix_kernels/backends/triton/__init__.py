@@ -505,8 +505,9 @@ def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, 
     """``dx`` and the (B, chunks, S, C) partials of ``dqs`` and (dispatch) ``dslots``: ``pixel_bwd``
     alone when one tile holds all of S and C (it sums the partials as it goes) or all of S and a
     whole chunk of pixels (few pixels: one chunk per tile), else ``pixel_bwd`` then ``slot_bwd``.
-    ``slots``: clustering's fp32 forward result or dispatch's values; ``delta``: clustering's from ``scaled_queries``, dispatch's for ``pixel_bwd`` to write.
-    With a single chunk, dispatch's ``dslots`` partials are the result: written to ``dslots``."""
+    ``slots``: clustering's fp32 forward result or dispatch's values; ``delta``: clustering's
+    from ``scaled_queries``, dispatch's for ``pixel_bwd`` to write. With a single chunk,
+    dispatch's ``dslots`` partials are the result: written to ``dslots``."""
     B, L, C = x.shape
     S = qs_hi.shape[1]
     args = dict(
