@@ -91,6 +91,7 @@ def after(L, C):
     fwd_chunk_l2 = x * split_l_x(cf, cf_sb, cf_cb) + split_l_operands(cf, cf_chunks, cf_sb, cf_cb, 2)
     # MACs: logits (qs_hi and qs_lo) once per C block, the value product (P in two parts) once.
     fwd_chunk_macs = 2 * slc * cf_cb + 2 * slc
+
     def pix(cfg, n, cb, k, k_looped, x_again):
         """L2 bytes of a pixel kernel: ``k`` S x C operands loaded once per program when held,
         else ``k_looped`` per pixel tile (the logits loop and the value loop each load theirs),
@@ -110,7 +111,10 @@ def after(L, C):
             ("cluster_fwd_chunk", x + 2 * sc + ws(cf_chunks), fwd_chunk_l2, fwd_chunk_macs),
             ("cluster_fwd_combine", ws(cf_chunks) + s32, 0, 0),
         ],
-        "dispatch_fwd": [q_fwd, ("dispatch_fwd", 2 * x + ops + B * L * 4, pix(df, df_chunks, df_cb, 3, 3, False), 3 * slc)],
+        "dispatch_fwd": [
+            q_fwd,
+            ("dispatch_fwd", 2 * x + ops + B * L * 4, pix(df, df_chunks, df_cb, 3, 3, False), 3 * slc),
+        ],
         "cluster_bwd": [
             ("scaled_queries", 2 * sc + s32 + 3 * sc, 0, 0),
             ("pixel_bwd", 2 * x + ops + B * S * 8, pix(pb, pb_chunks, pb_cb, 3, 5, True), 5 * slc),
@@ -147,11 +151,13 @@ def after(L, C):
 
 
 def _one_tile_backward(model, L, C, n):
-    """The backward where ``pixel_bwd`` runs one tile of all S slots per chunk of ``n`` over C
-    blocks and writes the slot sums itself. Each program reads its S x C operands and x chunk in
-    the logits loop, then ``qs_hi``, x and G (dispatch: Hg) again per C block, from L2 (it just
-    read them); the other chunk of a batch element reads the operands from L2 too."""
-    x, sc, slc = B * L * C * E, B * S * C * E, B * S * L * C
+    """The backward where ``pixel_bwd`` runs one tile of all S slots per chunk (``n`` of them) over
+    C blocks, writes the slot sums itself, and makes ``qs`` from ``init_slots`` itself (and
+    clustering's ``delta``): no ``scaled_queries``, no ``slot_bwd``. Each program reads
+    ``init_slots`` three times (its norms, the logits loop, the dx loop), G three times
+    (clustering: ``delta``, ``dP``, ``P^T G``) and the fp32 slots once, or the slots once
+    (dispatch), x and Hg twice; HBM serves the first read of each per batch element, L2 the rest."""
+    x, sc, s32, slc = B * L * C * E, B * S * C * E, B * S * C * 4, B * S * L * C
     ws = B * n * S * C * 4
     query = ("query_bwd", ws + 2 * sc, 0, 0)
     # logits (2), dP, dK, dqs (2) and clustering's P^T G or dispatch's D @ Hg
@@ -159,14 +165,12 @@ def _one_tile_backward(model, L, C, n):
     # dslots written directly with one chunk (else partials and a chunk sum)
     dv = sc if n == 1 else ws
     model["cluster_bwd"] = [
-        model["cluster_bwd"][0],
-        ("pixel_bwd", 2 * x + 3 * sc + B * S * 8 + ws, x + (5 * n - 3) * sc, macs),
+        ("pixel_bwd", 2 * x + 2 * sc + s32 + B * S * 4 + ws, x + 2 * (3 * n - 1) * sc + (n - 1) * s32, macs),
         query,
         ("sum_chunks #dscale", 0, 0, 0),
     ]
     model["dispatch_bwd"] = [
-        model["dispatch_bwd"][0],
-        ("pixel_bwd", 3 * x + 3 * sc + B * L * 4 + ws + dv, 2 * x + (4 * n - 3) * sc, macs),
+        ("pixel_bwd", 3 * x + 2 * sc + B * L * 4 + ws + dv, 2 * x + (3 * n - 1 + n - 1) * sc, macs),
         query,
         ("sum_chunks #dscale", 0, 0, 0),
     ] + ([("sum_chunks", ws + sc, 0, 0)] if n > 1 else [])

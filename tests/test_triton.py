@@ -94,17 +94,21 @@ def test_pixel_bwd_sums_slot_partials_when_one_tile_holds_s_and_c():
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
 def test_pixel_bwd_sums_slot_partials_over_c_blocks_when_one_tile_holds_a_chunk(monkeypatch, op, dtype):
     """Few pixels, more channels than one tile holds (stages 3-4): each chunk is one pixel tile
-    of all S slots, and pixel_bwd writes its slot sums C block by C block; slot_bwd does not run.
-    Two chunks (the second partial) per batch element, two batch elements."""
+    of all S slots, and pixel_bwd writes its slot sums C block by C block, normalising the
+    (transposed, for clustering broadcast) init_slots itself; neither scaled_queries nor slot_bwd
+    runs in the backward. Two chunks (the second partial) per batch element, two batch elements."""
     tb = _ops()
     B, L, C, S = 2, 40, 136, 5
     cfg = tb.pick_config("pixel_bwd", S, C, dtype, L)
     assert cfg.one_tile and cfg.block_c < C and cfg.block_l < L <= 2 * cfg.block_l
-    launched = []
-    tiled = tb._tiled
+    launched, tiled, queries, backward = [], tb._tiled, tb._queries, tb._backward_kernels
     monkeypatch.setattr(tb, "_tiled", lambda name, *a: launched.append(name) or tiled(name, *a))
-    check_against_reference(Case(B, L, C, S, "nchw", dtype=dtype, device=DEVICE, seed=6), op, "triton")
-    assert "pixel_bwd" in launched and "slot_bwd" not in launched
+    monkeypatch.setattr(tb, "_queries", lambda *a: launched.append("scaled_queries") or queries(*a))
+    monkeypatch.setattr(tb, "_backward_kernels", lambda *a, **k: launched.append("backward") or backward(*a, **k))
+    case = Case(B, L, C, S, "nchw", op == "cluster", "transposed", dtype=dtype, device=DEVICE, seed=6)
+    check_against_reference(case, op, "triton")
+    bwd = launched[launched.index("backward") :]
+    assert "pixel_bwd" in bwd and "slot_bwd" not in bwd and "scaled_queries" not in bwd
 
 
 def test_direct_op_calls_check_inputs():

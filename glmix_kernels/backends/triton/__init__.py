@@ -474,8 +474,7 @@ def cluster_bwd(
     _check("cluster_bwd", x, init_slots, scale, grad=grad, grad_shape=(B, S, C))
     dx, d_init, dscale = contract.cluster_bwd_outputs(grad, x, init_slots, scale, slots, lse)
     with _device_guard(x):
-        qs_hi, qs_lo, delta = _queries(x, init_slots, scale, grad, slots)
-        dq_ws = _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, cluster=True)[0]
+        dq_ws = _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, cluster=True)[0]
         _query_grads(dq_ws, init_slots, scale, d_init, dscale)
     return dx, d_init, dscale
 
@@ -492,24 +491,30 @@ def dispatch_bwd(
     _check("dispatch_bwd", x, init_slots, scale, slots, grad=grad, grad_shape=x.shape)
     dx, d_init, dscale, dslots = contract.dispatch_bwd_outputs(grad, x, init_slots, scale, slots, lse)
     with _device_guard(x):
-        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
-        delta = x.new_empty(x.shape[:2], dtype=torch.float32)  # written by pixel_bwd
-        dq_ws, dv_ws = _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, cluster=False, dslots=dslots)
+        dq_ws, dv_ws = _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, cluster=False, dslots=dslots)
         _query_grads(dq_ws, init_slots, scale, d_init, dscale)
         if dv_ws is not dslots:
             _sum_chunks(dv_ws, dslots)
     return dx, d_init, dscale, dslots
 
 
-def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, dslots=None):
+def _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, *, cluster, dslots=None):
     """``dx`` and the (B, chunks, S, C) partials of ``dqs`` and (dispatch) ``dslots``: ``pixel_bwd``
     alone when one tile holds all of S and C (it sums the partials as it goes) or all of S and a
-    whole chunk of pixels (few pixels: one chunk per tile), else ``pixel_bwd`` then ``slot_bwd``.
-    ``slots``: clustering's fp32 forward result or dispatch's values; ``delta``: clustering's
-    from ``scaled_queries``, dispatch's for ``pixel_bwd`` to write. With a single chunk,
-    dispatch's ``dslots`` partials are the result: written to ``dslots``."""
+    whole chunk of pixels (few pixels: one chunk per tile; it then also normalises ``init_slots``
+    and computes clustering's ``delta`` itself), else ``scaled_queries``, ``pixel_bwd``, then
+    ``slot_bwd``. ``slots``: clustering's fp32 forward result or dispatch's values. With a single
+    chunk, dispatch's ``dslots`` partials are the result: written to ``dslots``."""
     B, L, C = x.shape
-    S = qs_hi.shape[1]
+    S = init_slots.shape[1]
+    cfg = pick_config("pixel_bwd", S, C, x.dtype, L)
+    if cfg.one_tile:  # not read: any valid tensors
+        qs_hi, qs_lo, delta = init_slots, init_slots, lse
+    elif cluster:
+        qs_hi, qs_lo, delta = _queries(x, init_slots, scale, grad, slots)
+    else:
+        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
+        delta = x.new_empty(x.shape[:2], dtype=torch.float32)  # written by pixel_bwd
     args = dict(
         g_ptr=grad,
         v_ptr=slots,
@@ -520,7 +525,6 @@ def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, 
         CLUSTER=cluster,
         **_tile_args(x, qs_hi, qs_lo),
     )
-    cfg = pick_config("pixel_bwd", S, C, x.dtype, L)
     slot_sums = cfg.block_c >= C or cfg.one_tile
     if cfg.one_tile:
         chunk_len, n_chunks = cfg.block_l, triton.cdiv(L, cfg.block_l)
@@ -529,7 +533,16 @@ def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, 
     # Without slot_sums the partials' pointers are not read: any valid tensor.
     dq_ws, dv_ws = _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots) if slot_sums else (dx, dx)
     _tiled("pixel_bwd", S, C, x.dtype, L)[(B, n_chunks)](
-        dx_ptr=dx, dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, SLOT_SUMS=slot_sums, **args
+        dx_ptr=dx,
+        dq_ptr=dq_ws,
+        dv_ptr=dv_ws,
+        s0_ptr=init_slots,
+        scale_ptr=scale,
+        **_strides("ss", init_slots),
+        chunk_len=chunk_len,
+        SLOT_SUMS=slot_sums,
+        NORMALIZE=cfg.one_tile,
+        **args,
     )
     if slot_sums:
         return dq_ws, dv_ws

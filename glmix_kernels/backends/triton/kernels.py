@@ -145,10 +145,79 @@ def _inv_norm(sumsq):
 
 
 @triton.jit
+def _query_norms(s0_ptr, ss_s, ss_c, s0, S, C, BS: tl.constexpr, BC: tl.constexpr):
+    """``1 / max(||init_slots||, eps)`` of slots ``s0..``, in fp64: ``q`` is what the backward's
+    projection removes from ``dq``, its rounding would not cancel."""
+    sumsq = tl.zeros([BS], tl.float64)
+    for c0 in range(0, C, BC):
+        t = _load(s0_ptr, s0, c0, S, C, ss_s, ss_c, BS, BC).to(tl.float64)
+        sumsq += tl.sum(t * t, 1)
+    return 1.0 / tl.maximum(tl.sqrt(sumsq), NORM_EPS)
+
+
+@triton.jit
+def _split_queries(t, inv_q, scale, DT: tl.constexpr):
+    """``qs = scale * q`` of an ``init_slots`` block ``t`` (``q`` rounded to fp32, the product in
+    fp32) as ``(qs_hi, qs_lo)`` in ``DT``."""
+    qs = scale * (t.to(tl.float64) * inv_q[:, None]).to(tl.float32)
+    hi = qs.to(DT)
+    return hi, (qs - hi.to(tl.float32)).to(DT)
+
+
+@triton.jit
+def _query_block(
+    qh_ptr,
+    ql_ptr,
+    sq_s,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
+    s0,
+    c0,
+    S,
+    C,
+    NORMALIZE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BS: tl.constexpr,
+    BC: tl.constexpr,
+    DT: tl.constexpr,
+):
+    """``(qs_hi, qs_lo)`` of slots ``s0..`` and channels ``c0..``: loaded (``qs_lo`` is ``qs_hi``
+    without ``SPLIT``), or with ``NORMALIZE`` made from ``init_slots`` as ``scaled_queries``
+    makes them (``inv_q`` from ``_query_norms``)."""
+    if NORMALIZE:
+        q_hi, q_lo = _split_queries(_load(s0_ptr, s0, c0, S, C, ss_s, ss_c, BS, BC), inv_q, scale, DT)
+    else:
+        q_hi = _load(qh_ptr, s0, c0, S, C, sq_s, 1, BS, BC)
+        q_lo = q_hi
+        if SPLIT:
+            q_lo = _load(ql_ptr, s0, c0, S, C, sq_s, 1, BS, BC)
+    return q_hi, q_lo
+
+
+@triton.jit
+def _delta_rows(g_ptr, sg_s, sg_c, v_ptr, sv_s, sv_c, s0, S, C, BS: tl.constexpr, BC: tl.constexpr):
+    """Clustering's ``delta = rowsum(G * slots)`` of slots ``s0..``, in fp32."""
+    delta = tl.zeros([BS], tl.float32)
+    for c0 in range(0, C, BC):
+        g = _load(g_ptr, s0, c0, S, C, sg_s, sg_c, BS, BC).to(tl.float32)
+        v = _load(v_ptr, s0, c0, S, C, sv_s, sv_c, BS, BC).to(tl.float32)
+        delta += tl.sum(g * v, 1)
+    return delta
+
+
+@triton.jit
 def _scores(
     qh_ptr,
     ql_ptr,
     sq_s,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
     x_ptr,
     sx_l,
     sx_c,
@@ -164,6 +233,7 @@ def _scores(
     L,
     C,
     SECOND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     SPLIT: tl.constexpr,
     BS: tl.constexpr,
     BL: tl.constexpr,
@@ -173,7 +243,7 @@ def _scores(
     """Unnormalised logits of one ``(BS, BL)`` tile over all of C (several C blocks), plus what
     shares its C loop: ``(A_hi, A, second, sum of squares of x)`` with ``A = qs x^T`` before the
     per-pixel ``1/||x||``; ``second`` is ``SCORE_ROWS_X``: ``y x^T``, ``SCORE_ROWS_G``: ``y g^T``.
-    Pixels ``>= L`` load as zeros.
+    Pixels ``>= L`` load as zeros. ``qs`` as ``_query_block`` gives it.
     """
     a_hi = tl.zeros([BS, BL], tl.float32)
     a = tl.zeros([BS, BL], tl.float32)
@@ -183,10 +253,12 @@ def _scores(
         xt = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BL, BC)
         xf = xt.to(tl.float32)
         sumsq += tl.sum(xf * xf, 1)
-        q_hi = _load(qh_ptr, s0, c0, S, C, sq_s, 1, BS, BC)
+        q_hi, q_lo = _query_block(
+            qh_ptr, ql_ptr, sq_s, s0_ptr, ss_s, ss_c, inv_q, scale, s0, c0, S, C, NORMALIZE, SPLIT, BS, BC, xt.dtype
+        )
         a_hi = _dot(q_hi, tl.trans(xt), a_hi, UPCAST)
         if SPLIT:
-            a = _dot(_load(ql_ptr, s0, c0, S, C, sq_s, 1, BS, BC), tl.trans(xt), a, UPCAST)
+            a = _dot(q_lo, tl.trans(xt), a, UPCAST)
         if SECOND == SCORE_ROWS_X:
             yt = _load(y_ptr, s0, c0, S, C, sy_r, sy_c, BS, BC).to(xt.dtype)
             second = _dot(yt, tl.trans(xt), second, UPCAST)
@@ -221,6 +293,11 @@ def _tile_logits(
         qh_ptr,
         ql_ptr,
         C,
+        qh_ptr,
+        0,
+        0,
+        0.0,
+        0.0,
         x_ptr,
         sx_l,
         sx_c,
@@ -236,6 +313,7 @@ def _tile_logits(
         n_l,
         C,
         SCORE_NONE,
+        False,
         SPLIT,
         BS,
         BL,
@@ -283,25 +361,16 @@ def scaled_queries(
     b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
     s = s0 + tl.arange(0, BLOCK_S)
     if b < Bq:
-        sumsq = tl.zeros([BLOCK_S], tl.float64)
-        for c0 in range(0, C, BLOCK_C):
-            t = _load(s0_ptr + b * ss_b, s0, c0, S, C, ss_s, ss_c, BLOCK_S, BLOCK_C).to(tl.float64)
-            sumsq += tl.sum(t * t, 1)
-        inv_r = 1.0 / tl.maximum(tl.sqrt(sumsq), NORM_EPS)
+        inv_q = _query_norms(s0_ptr + b * ss_b, ss_s, ss_c, s0, S, C, BLOCK_S, BLOCK_C)
         scale = tl.load(scale_ptr).to(tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            t = _load(s0_ptr + b * ss_b, s0, c0, S, C, ss_s, ss_c, BLOCK_S, BLOCK_C).to(tl.float64)
-            qs = scale * (t * inv_r[:, None]).to(tl.float32)
-            hi = qs.to(qh_ptr.dtype.element_ty)
+            t = _load(s0_ptr + b * ss_b, s0, c0, S, C, ss_s, ss_c, BLOCK_S, BLOCK_C)
+            hi, lo = _split_queries(t, inv_q, scale, qh_ptr.dtype.element_ty)
             _store(qh_ptr + b * S * C, hi, s0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
             if SPLIT:
-                _store(ql_ptr + b * S * C, qs - hi.to(tl.float32), s0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
+                _store(ql_ptr + b * S * C, lo, s0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
     if WITH_DELTA:
-        delta = tl.zeros([BLOCK_S], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            g = _load(g_ptr + b * sg_b, s0, c0, S, C, sg_s, sg_c, BLOCK_S, BLOCK_C).to(tl.float32)
-            v = _load(v_ptr + b * sv_b, s0, c0, S, C, sv_s, sv_c, BLOCK_S, BLOCK_C).to(tl.float32)
-            delta += tl.sum(g * v, 1)
+        delta = _delta_rows(g_ptr + b * sg_b, sg_s, sg_c, v_ptr + b * sv_b, sv_s, sv_c, s0, S, C, BLOCK_S, BLOCK_C)
         tl.store(delta_ptr + b * S + s, delta, mask=s < S)
 
 
@@ -591,6 +660,11 @@ def _bwd_scores(
     q_hi,
     q_lo,
     yt,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
     s0,
     l0,
     S,
@@ -604,6 +678,7 @@ def _bwd_scores(
     sv_c,
     CLUSTER: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     SPLIT: tl.constexpr,
     BS: tl.constexpr,
     BL: tl.constexpr,
@@ -635,6 +710,11 @@ def _bwd_scores(
             qh_ptr,
             ql_ptr,
             C,
+            s0_ptr,
+            ss_s,
+            ss_c,
+            inv_q,
+            scale,
             x_ptr,
             sx_l,
             sx_c,
@@ -650,6 +730,7 @@ def _bwd_scores(
             n_l,
             C,
             SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G,
+            NORMALIZE,
             SPLIT,
             BS,
             BL,
@@ -677,6 +758,11 @@ def _dx_tile(
     p,
     inv_r,
     kdk,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
     l0,
     S,
     L,
@@ -688,6 +774,7 @@ def _dx_tile(
     CLUSTER: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
     SLOT_SUMS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     BS: tl.constexpr,
     BL: tl.constexpr,
     BC: tl.constexpr,
@@ -707,7 +794,9 @@ def _dx_tile(
         _store(dx_ptr, dx, l0, 0, L, C, C, 1, BL, BC)
     else:
         for c0 in range(0, C, BC):
-            qt = _load(qh_ptr, 0, c0, S, C, C, 1, BS, BC)
+            qt, _ = _query_block(
+                qh_ptr, qh_ptr, C, s0_ptr, ss_s, ss_c, inv_q, scale, 0, c0, S, C, NORMALIZE, False, BS, BC, da.dtype
+            )
             xc = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BL, BC)
             dx = (_dot(tl.trans(da), qt, None, UPCAST) - xc.to(tl.float32) * ck) * inv_r[:, None]
             if CLUSTER:
@@ -733,6 +822,8 @@ def pixel_bwd(
     dx_ptr,
     dq_ptr,
     dv_ptr,
+    s0_ptr,
+    scale_ptr,
     S,
     L,
     C,
@@ -747,8 +838,12 @@ def pixel_bwd(
     sv_b,
     sv_s,
     sv_c,
+    ss_b,
+    ss_s,
+    ss_c,
     CLUSTER: tl.constexpr,
     SLOT_SUMS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     X_LAYOUT: tl.constexpr,
     SPLIT: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
@@ -769,15 +864,30 @@ def pixel_bwd(
     would write them; then no ``slot_bwd`` runs, and neither the logits nor ``x`` are read a
     second time. With ``ONE_C_BLOCK`` they are accumulated over the chunk's tiles; over several
     C blocks the chunk is one tile (at most ``BLOCK_L`` pixels, small L), whose sums go out per C
-    block beside ``dx``. Grid (B, chunks); ``dx`` is contiguous.
+    block beside ``dx``. ``NORMALIZE`` (only then): ``qs_hi``, ``qs_lo`` are made from
+    ``init_slots`` (``s0``) and ``scale`` as ``scaled_queries`` makes them, and clustering's
+    ``delta`` is computed here, so no ``scaled_queries`` runs before. Grid (B, chunks); ``dx`` is
+    contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     l_begin, l_end = _chunk(L, chunk_len)
     row = b * tl.num_programs(1) + tl.program_id(1)  # this chunk's partial sums (SLOT_SUMS)
     x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr = _batch_rows(b, x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, sx_b, sq_b, sg_b, sv_b)
+    if NORMALIZE:  # each S x C operand is read once per program: normalising here costs little
+        s0_ptr += b * ss_b
+        inv_q = _query_norms(s0_ptr, ss_s, ss_c, 0, S, C, BLOCK_S, BLOCK_C)
+        scale = tl.load(scale_ptr).to(tl.float32)
+    else:
+        inv_q = 0.0
+        scale = 0.0
     if CLUSTER:  # per slot, for every tile
-        lse, delta = _slot_stats(lse_ptr, delta_ptr, b, 0, S, BLOCK_S)
+        s = tl.arange(0, BLOCK_S)
+        lse = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
+        if NORMALIZE:
+            delta = _delta_rows(g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, 0, S, C, BLOCK_S, BLOCK_C)[:, None]
+        else:
+            delta = tl.load(delta_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
     q_hi, q_lo, yt = _held_operands(
         qh_ptr, ql_ptr, g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, 0, S, C, CLUSTER, ONE_C_BLOCK, BLOCK_S, BLOCK_C, DT
     )
@@ -790,8 +900,9 @@ def pixel_bwd(
         if not CLUSTER:
             lse = tl.load(lse_ptr + b * L + pix, mask=pix < L, other=0.0)[None, :]
         a_hi, a, dp, sumsq, xt, gt = _bwd_scores(
-            x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, q_hi, q_lo, yt, 0, l0, S, L, C, sx_l, sx_c, sg_r, sg_c, sv_s, sv_c,
-            CLUSTER, ONE_C_BLOCK, SPLIT, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+            x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, q_hi, q_lo, yt, s0_ptr, ss_s, ss_c, inv_q, scale, 0, l0, S, L, C,
+            sx_l, sx_c, sg_r, sg_c, sv_s, sv_c, CLUSTER, ONE_C_BLOCK, NORMALIZE, SPLIT, BLOCK_S, BLOCK_L, BLOCK_C,
+            UPCAST,
         )  # fmt: skip
         inv_r = _inv_norm(sumsq)
         p = _probabilities(a * inv_r[None, :], lse, 0, l0, S, L, BLOCK_S, BLOCK_L)
@@ -810,8 +921,8 @@ def pixel_bwd(
                 dv = _dot(p.to(DT), gt, dv, UPCAST)
         _dx_tile(
             dx_ptr + b * L * C, dq_ptr + row * S * C, dv_ptr + row * S * C, x_ptr, qh_ptr, g_ptr, q_hi, yt, xt,
-            da32, da, p.to(DT), inv_r, kdk, l0, S, L, C, sx_l, sx_c, sg_r, sg_c,
-            CLUSTER, ONE_C_BLOCK, SLOT_SUMS, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+            da32, da, p.to(DT), inv_r, kdk, s0_ptr, ss_s, ss_c, inv_q, scale, l0, S, L, C, sx_l, sx_c, sg_r, sg_c,
+            CLUSTER, ONE_C_BLOCK, SLOT_SUMS, NORMALIZE, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
         )  # fmt: skip
     if SLOT_SUMS and ONE_C_BLOCK:
         _store(dq_ptr + row * S * C, dq, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
@@ -893,8 +1004,8 @@ def slot_bwd(
             lse = tl.load(lse_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
             delta = tl.load(delta_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
         _, a, dp, sumsq, xt, gt = _bwd_scores(
-            x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, q_hi, q_lo, yt, s0, l0, S, l_end, C, sx_l, sx_c, sg_r, sg_c,
-            sv_s, sv_c, CLUSTER, ONE_C_BLOCK, SPLIT, BLOCK_S, BLOCK_L, SCORE_C, UPCAST,
+            x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, q_hi, q_lo, yt, qh_ptr, 0, 0, 0.0, 0.0, s0, l0, S, l_end, C,
+            sx_l, sx_c, sg_r, sg_c, sv_s, sv_c, CLUSTER, ONE_C_BLOCK, False, SPLIT, BLOCK_S, BLOCK_L, SCORE_C, UPCAST,
         )  # fmt: skip
         if not ONE_C_BLOCK:  # this program's C block of the value tiles
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
