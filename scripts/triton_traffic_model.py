@@ -30,6 +30,7 @@ SM_COUNT = 132
 B, S = 128, 64
 E = 2  # bytes per bf16
 STAGES = {"stage 1": (64, 3136), "stage 3": (256, 196), "stage 4": (512, 49)}
+NORMALIZING_DISPATCH = True  # dispatch_fwd over C blocks makes qs itself (False: "previous")
 
 
 def floor_bytes(L, C):
@@ -133,6 +134,11 @@ def after(L, C):
     }
     if cf_chunks == 1:  # the chunk kernel writes slots and lse: no workspace, no combine
         model["cluster_fwd"][1:] = [("cluster_fwd_chunk", x + 2 * sc + s32, fwd_chunk_l2, fwd_chunk_macs)]
+    if df_cb > 1 and NORMALIZING_DISPATCH:
+        # dispatch_fwd makes qs from init_slots (read from HBM once, then per pixel tile from L2
+        # with the slots): no scaled_queries.
+        l2 = pix(df, df_chunks, df_cb, 2, 2, False)
+        model["dispatch_fwd"] = [("dispatch_fwd", 2 * x + 2 * sc + B * L * 4, l2, 3 * slc)]
     if pb.one_tile:
         return _one_tile_backward(model, L, C, pb_chunks)
     if (pb_chunks if fused else sb_chunks) == 1:  # dslots written directly: no chunk sum
@@ -178,13 +184,15 @@ def _one_tile_backward(model, L, C, n):
 
 
 def previous(L, C):
-    """``after`` without the one-tile ``pixel_bwd``: ``slot_bwd`` at stages 3-4."""
+    """``after`` as the kernels were before the one-tile ``pixel_bwd`` (``slot_bwd`` at stages 3-4)
+    and before ``dispatch_fwd`` made ``qs`` itself."""
+    global NORMALIZING_DISPATCH
     saved = tb._one_tile_config
-    tb._one_tile_config = lambda *args: None
+    tb._one_tile_config, NORMALIZING_DISPATCH = (lambda *args: None), False
     try:
         return after(L, C)
     finally:
-        tb._one_tile_config = saved
+        tb._one_tile_config, NORMALIZING_DISPATCH = saved, True
 
 
 def before(L, C):

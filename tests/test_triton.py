@@ -96,7 +96,8 @@ def test_pixel_bwd_sums_slot_partials_over_c_blocks_when_one_tile_holds_a_chunk(
     """Few pixels, more channels than one tile holds (stages 3-4): each chunk is one pixel tile
     of all S slots, and pixel_bwd writes its slot sums C block by C block, normalising the
     (transposed, for clustering broadcast) init_slots itself; neither scaled_queries nor slot_bwd
-    runs in the backward. Two chunks (the second partial) per batch element, two batch elements."""
+    runs in the backward, and dispatch_fwd over C blocks normalises them itself too. Two chunks
+    (the second partial) per batch element, two batch elements."""
     tb = _ops()
     B, L, C, S = 2, 40, 136, 5
     cfg = tb.pick_config("pixel_bwd", S, C, dtype, L)
@@ -109,6 +110,7 @@ def test_pixel_bwd_sums_slot_partials_over_c_blocks_when_one_tile_holds_a_chunk(
     check_against_reference(case, op, "triton")
     bwd = launched[launched.index("backward") :]
     assert "pixel_bwd" in bwd and "slot_bwd" not in bwd and "scaled_queries" not in bwd
+    assert ("scaled_queries" in launched) == (op == "cluster")  # cluster_fwd_chunk's
 
 
 def test_direct_op_calls_check_inputs():

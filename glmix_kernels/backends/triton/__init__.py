@@ -447,14 +447,21 @@ def dispatch_fwd(
     S = init_slots.shape[1]
     out, lse = contract.dispatch_fwd_outputs(x, init_slots, scale, slots)
     with _device_guard(x):
-        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
+        # Over several C blocks the kernel makes qs itself, as it loads it per pixel tile anyway
+        # (not fp32's 16-pixel tiles: four times the work per pixel).
+        normalize = x.dtype != torch.float32 and pick_config("dispatch_fwd", S, C, x.dtype).block_c < C
+        qs_hi, qs_lo = (init_slots, init_slots) if normalize else _queries(x, init_slots, scale)[:2]
         chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
         _tiled("dispatch_fwd", S, C, x.dtype)[(B, n_chunks)](
             v_ptr=slots,
             out_ptr=out,
             lse_ptr=lse,
+            s0_ptr=init_slots,
+            scale_ptr=scale,
             chunk_len=chunk_len,
+            NORMALIZE=normalize,
             **_strides("sv", slots),
+            **_strides("ss", init_slots),
             **_tile_args(x, qs_hi, qs_lo),
         )
     return out, lse

@@ -276,11 +276,17 @@ def _tile_logits(
     x_ptr,
     sx_l,
     sx_c,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
     s0,
     l0,
     S,
     n_l,
     C,
+    NORMALIZE: tl.constexpr,
     SPLIT: tl.constexpr,
     BS: tl.constexpr,
     BL: tl.constexpr,
@@ -293,11 +299,11 @@ def _tile_logits(
         qh_ptr,
         ql_ptr,
         C,
-        qh_ptr,
-        0,
-        0,
-        0.0,
-        0.0,
+        s0_ptr,
+        ss_s,
+        ss_c,
+        inv_q,
+        scale,
         x_ptr,
         sx_l,
         sx_c,
@@ -313,7 +319,7 @@ def _tile_logits(
         n_l,
         C,
         SCORE_NONE,
-        False,
+        NORMALIZE,
         SPLIT,
         BS,
         BL,
@@ -435,8 +441,9 @@ def cluster_fwd_chunk(
             _, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
         else:
             a, sumsq = _tile_logits(
-                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, s0, l0, S, l_end, C, SPLIT, BLOCK_S, BLOCK_L, SCORE_C, UPCAST
-            )
+                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, qh_ptr, 0, 0, 0.0, 0.0, s0, l0, S, l_end, C, False, SPLIT,
+                BLOCK_S, BLOCK_L, SCORE_C, UPCAST,
+            )  # fmt: skip
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
         a = a * _inv_norm(sumsq)[None, :]
         a = tl.where((l0 + tl.arange(0, BLOCK_L) < l_end)[None, :], a, float("-inf"))
@@ -500,6 +507,8 @@ def dispatch_fwd(
     v_ptr,
     out_ptr,
     lse_ptr,
+    s0_ptr,
+    scale_ptr,
     S,
     L,
     C,
@@ -511,6 +520,10 @@ def dispatch_fwd(
     sv_b,
     sv_s,
     sv_c,
+    ss_b,
+    ss_s,
+    ss_c,
+    NORMALIZE: tl.constexpr,
     X_LAYOUT: tl.constexpr,
     SPLIT: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
@@ -522,7 +535,10 @@ def dispatch_fwd(
 ):
     """Softmax over all S slots for each pixel tile of a chunk, then ``out = D^T @ slots``.
 
-    Grid (B, chunks); ``out`` (B, L, C) and ``lse`` (B, L) are contiguous.
+    ``NORMALIZE`` (over several C blocks, where the S x C operands are loaded per pixel tile
+    anyway): ``qs_hi``, ``qs_lo`` are made from ``init_slots`` (``s0``) and ``scale`` as
+    ``scaled_queries`` makes them, which then does not run. Grid (B, chunks); ``out`` (B, L, C)
+    and ``lse`` (B, L) are contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
@@ -531,6 +547,13 @@ def dispatch_fwd(
     qh_ptr += b * sq_b
     ql_ptr += b * sq_b
     v_ptr += b * sv_b
+    if NORMALIZE:
+        s0_ptr += b * ss_b
+        inv_q = _query_norms(s0_ptr, ss_s, ss_c, 0, S, C, BLOCK_S, BLOCK_C)
+        scale = tl.load(scale_ptr).to(tl.float32)
+    else:
+        inv_q = 0.0
+        scale = 0.0
     valid_s = (tl.arange(0, BLOCK_S) < S)[:, None]
     if ONE_C_BLOCK:  # loop-invariant: loaded once
         q_hi = _load(qh_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
@@ -545,8 +568,9 @@ def dispatch_fwd(
             sumsq = tl.sum(xf * xf, 1)
         else:
             a, sumsq = _tile_logits(
-                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, 0, l0, S, L, C, SPLIT, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST
-            )
+                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, s0_ptr, ss_s, ss_c, inv_q, scale, 0, l0, S, L, C, NORMALIZE,
+                SPLIT, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+            )  # fmt: skip
         a = tl.where(valid_s, a * _inv_norm(sumsq)[None, :], float("-inf"))
         m = tl.max(a, 0)
         e = tl.exp(a - m[None, :])
