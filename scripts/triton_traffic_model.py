@@ -30,7 +30,8 @@ SM_COUNT = 132
 B, S = 128, 64
 E = 2  # bytes per bf16
 STAGES = {"stage 1": (64, 3136), "stage 3": (256, 196), "stage 4": (512, 49)}
-NORMALIZING_DISPATCH = True  # dispatch_fwd over C blocks makes qs itself (False: "previous")
+# The one-tile kernels and dispatch_fwd making qs itself (False: the "previous" kernels).
+NEW_KERNELS = True
 
 
 def floor_bytes(L, C):
@@ -134,7 +135,20 @@ def after(L, C):
     }
     if cf_chunks == 1:  # the chunk kernel writes slots and lse: no workspace, no combine
         model["cluster_fwd"][1:] = [("cluster_fwd_chunk", x + 2 * sc + s32, fwd_chunk_l2, fwd_chunk_macs)]
-    if df_cb > 1 and NORMALIZING_DISPATCH:
+    tile = tb.pick_config("cluster_fwd_tile", S, C, torch.bfloat16, L) if cf.score_c and NEW_KERNELS else None
+    if tile:
+        # One program per chunk holds all slots: init_slots read for its norms (HBM) and by the
+        # logits loop (L2), x by the logits loop (HBM) and the value loop (L2); no scaled_queries.
+        n = math.ceil(L / tile.block_l)
+        l2 = x + (2 * n - 1) * sc
+        if n == 1:
+            model["cluster_fwd"] = [("cluster_fwd_tile", x + sc + s32 + B * S * 4, l2, 4 * slc)]
+        else:
+            model["cluster_fwd"] = [
+                ("cluster_fwd_tile", x + sc + ws(n), l2, 4 * slc),
+                ("cluster_fwd_combine", ws(n) + s32, 0, 0),
+            ]
+    if df_cb > 1 and NEW_KERNELS:
         # dispatch_fwd makes qs from init_slots (read from HBM once, then per pixel tile from L2
         # with the slots): no scaled_queries.
         l2 = pix(df, df_chunks, df_cb, 2, 2, False)
@@ -185,14 +199,14 @@ def _one_tile_backward(model, L, C, n):
 
 def previous(L, C):
     """``after`` as the kernels were before the one-tile ``pixel_bwd`` (``slot_bwd`` at stages 3-4)
-    and before ``dispatch_fwd`` made ``qs`` itself."""
-    global NORMALIZING_DISPATCH
+    and ``cluster_fwd_tile``, and before ``dispatch_fwd`` made ``qs`` itself."""
+    global NEW_KERNELS
     saved = tb._one_tile_config
-    tb._one_tile_config, NORMALIZING_DISPATCH = (lambda *args: None), False
+    tb._one_tile_config, NEW_KERNELS = (lambda *args: None), False
     try:
         return after(L, C)
     finally:
-        tb._one_tile_config, NORMALIZING_DISPATCH = saved, True
+        tb._one_tile_config, NEW_KERNELS = saved, True
 
 
 def before(L, C):

@@ -75,6 +75,8 @@ def test_split_l_logits_over_c_steps(monkeypatch, op, dtype):
     def looped(kernel, S, C, dtype, L=None):
         if kernel in tb.SPLIT_L_KERNELS:
             return tb.TileConfig(16, 16, 32, score_c=16)
+        if kernel == "cluster_fwd_tile":
+            return None  # cluster_fwd_chunk's steps over C, not one tile per chunk
         return tb.replace(pinned(kernel, S, C, dtype), block_c=16)
 
     monkeypatch.setattr(tb, "pick_config", looped)
@@ -95,7 +97,8 @@ def test_pixel_bwd_sums_slot_partials_over_c_blocks_when_one_tile_holds_a_chunk(
     """Few pixels, more channels than one tile holds (stages 3-4): each chunk is one pixel tile
     of all S slots, and pixel_bwd writes its slot sums C block by C block, normalising the
     (transposed, for clustering broadcast) init_slots itself; neither scaled_queries nor slot_bwd
-    runs in the backward, and dispatch_fwd over C blocks normalises them itself too. Two chunks
+    runs in the backward, and the forwards (cluster_fwd_tile, dispatch_fwd over C blocks)
+    normalise them themselves too. Two chunks
     (the second partial) per batch element, two batch elements. fp16; bf16 takes the same path
     in test_ops.py (C=1024, L=45)."""
     tb = _ops()
@@ -111,7 +114,7 @@ def test_pixel_bwd_sums_slot_partials_over_c_blocks_when_one_tile_holds_a_chunk(
     check_against_reference(case, op, "triton")
     bwd = launched[launched.index("backward") :]
     assert "pixel_bwd" in bwd and "slot_bwd" not in bwd and "scaled_queries" not in bwd
-    assert ("scaled_queries" in launched) == (op == "cluster")  # cluster_fwd_chunk's
+    assert "scaled_queries" not in launched and ("cluster_fwd_tile" in launched) == (op == "cluster")
 
 
 def test_direct_op_calls_check_inputs():

@@ -71,7 +71,7 @@ class TileConfig:
         )
         if "SCORE_C" in fn.arg_names:
             meta["SCORE_C"] = self.score_c or self.block_c
-        return meta
+        return {k: v for k, v in meta.items() if k in fn.arg_names}
 
 
 # The kernels that take a TileConfig: split-L kernels (a block of slots per program) and pixel
@@ -89,6 +89,8 @@ def pick_config(kernel, S, C, dtype, L=None):
     for ``pixel_bwd`` L pixels, see ``_one_tile_config``). Every rule comes from the compile
     report (sm_80 and sm_90, Triton 3.6 and 3.9): no config it picks spills registers or needs
     more shared memory than an SM has."""
+    if kernel == "cluster_fwd_tile":
+        return _one_tile_config(S, L, dtype, 2 * _ONE_TILE_ELEMENTS)
     cfg = _tile_config(kernel, S, C, dtype)
     if kernel == "pixel_bwd" and cfg.block_c < C:
         return _one_tile_config(S, L, dtype) or cfg
@@ -154,23 +156,26 @@ def _looped_config(kernel, S, c, fp32):
 
 
 # pixel_bwd over C blocks with one tile per chunk: at most this many (slot, pixel) elements per
-# tile (three fp32 tiles of them live through the logits loop) and at most this many chunks (each
-# adds an fp32 (S, C) partial per batch element to write and sum).
+# tile (three fp32 tiles of them live through the logits loop; cluster_fwd_tile: twice as many,
+# 206 registers at 64 x 256) and at most this many chunks (each adds an fp32 (S, C) partial per
+# batch element to write and sum).
 _ONE_TILE_ELEMENTS = 64 * 128
 _ONE_TILE_MAX_CHUNKS = 2
 
 
-def _one_tile_config(S, L, dtype):
+def _one_tile_config(S, L, dtype, elements=_ONE_TILE_ELEMENTS):
     """``pixel_bwd`` where one tile holds all S slots and a whole chunk of few pixels (glnet's
     stages 3-4), but not all of C (``pick_config`` asks only then): it then also writes the
     chunk's ``dqs`` (and ``dslots``) sums, C block by C block, and no ``slot_bwd`` runs, which
-    would compute the logits again and reload its S x C operands every 16 pixels. None where
-    that does not apply (fp32: its tf32x3 tiles spill at these sizes; more than 64 slots: not in
-    the compile report)."""
+    would compute the logits again and reload its S x C operands every 16 pixels. Tiles of up to
+    twice as many pixels (``elements``) for ``cluster_fwd_tile``, where ``cluster_fwd_chunk``
+    would step its logits over C. None
+    where that does not apply (fp32: its tf32x3 tiles spill at these sizes; more than 64 slots:
+    not in the compile report)."""
     block_s = _pow2(S)
     if L is None or dtype == torch.float32 or block_s > 64:
         return None
-    block_l = min(_pow2(L), 128, _ONE_TILE_ELEMENTS // block_s)
+    block_l = min(_pow2(L), elements // 64, elements // block_s)
     if kernels.INTERPRET:
         block_l = min(block_l, kernels.CHUNK_QUANTUM)
     if triton.cdiv(L, block_l) > _ONE_TILE_MAX_CHUNKS:
@@ -405,21 +410,37 @@ def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor) 
     S = init_slots.shape[1]
     slots, lse = contract.cluster_fwd_outputs(x, init_slots, scale)
     with _device_guard(x):
-        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
-        block_s = pick_config("cluster_fwd_chunk", S, C, x.dtype).block_s
-        chunk_len, n_chunks = plan_chunks(B, S, L, x.device, block_s)
+        cfg = pick_config("cluster_fwd_chunk", S, C, x.dtype)
+        tile = pick_config("cluster_fwd_tile", S, C, x.dtype, L) if cfg.score_c else None
+        if tile:  # one tile of all slots per chunk
+            block_s, chunk_len, n_chunks = tile.block_s, tile.block_l, triton.cdiv(L, tile.block_l)
+        else:
+            block_s = cfg.block_s
+            chunk_len, n_chunks = plan_chunks(B, S, L, x.device, block_s)
         one_chunk = n_chunks == 1  # the kernel writes the results: no workspaces, no combine
         m_ws = lse if one_chunk else x.new_empty((B, n_chunks, S), dtype=torch.float32)
         l_ws = lse if one_chunk else torch.empty_like(m_ws)
         acc_ws = slots if one_chunk else x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
-        _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
-            m_ptr=m_ws,
-            l_ptr=l_ws,
-            acc_ptr=acc_ws,
-            chunk_len=chunk_len,
-            ONE_CHUNK=one_chunk,
-            **_tile_args(x, qs_hi, qs_lo),
-        )
+        out = dict(m_ptr=m_ws, l_ptr=l_ws, acc_ptr=acc_ws, ONE_CHUNK=one_chunk)
+        if tile:
+            _tiled("cluster_fwd_tile", S, C, x.dtype, L)[(B, n_chunks)](
+                x_ptr=x,
+                s0_ptr=init_slots,
+                scale_ptr=scale,
+                S=S,
+                L=L,
+                C=C,
+                **_strides("sx", x),
+                **_strides("ss", init_slots),
+                X_LAYOUT=_layout(x),
+                UPCAST=_upcast(x),
+                **out,
+            )
+        else:
+            qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
+            _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
+                chunk_len=chunk_len, **out, **_tile_args(x, qs_hi, qs_lo)
+            )
         if one_chunk:
             return slots, lse
         block_c = min(_pow2(C), 128)

@@ -467,6 +467,66 @@ def cluster_fwd_chunk(
 
 
 @triton.jit
+def cluster_fwd_tile(
+    x_ptr,
+    s0_ptr,
+    scale_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    S,
+    L,
+    C,
+    sx_b,
+    sx_l,
+    sx_c,
+    ss_b,
+    ss_s,
+    ss_c,
+    ONE_CHUNK: tl.constexpr,
+    X_LAYOUT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``cluster_fwd_chunk`` for few pixels and many channels (16-bit x): one program per chunk of
+    ``BLOCK_L`` pixels holds all S slots in one tile, computes its logits over ``BLOCK_C``-channel
+    steps once, then ``P @ x`` C block by C block. Each S x C operand is read once per program,
+    so it makes ``qs_hi``, ``qs_lo`` from ``init_slots`` and ``scale`` itself, as
+    ``scaled_queries`` would. Outputs as ``cluster_fwd_chunk``'s; grid (B, chunks).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    l_begin, l_end = _chunk(L, BLOCK_L)
+    row = b * tl.num_programs(1) + tl.program_id(1)
+    x_ptr += b * sx_b
+    s0_ptr += b * ss_b
+    inv_q = _query_norms(s0_ptr, ss_s, ss_c, 0, S, C, BLOCK_S, BLOCK_C)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    a, sumsq = _tile_logits(
+        s0_ptr, s0_ptr, x_ptr, sx_l, sx_c, s0_ptr, ss_s, ss_c, inv_q, scale, 0, l_begin, S, l_end, C, True, True,
+        BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+    )  # fmt: skip
+    a = a * _inv_norm(sumsq)[None, :]
+    a = tl.where((l_begin + tl.arange(0, BLOCK_L) < l_end)[None, :], a, float("-inf"))
+    m = tl.max(a, 1)  # finite: every chunk has a pixel
+    p = tl.exp(a - m[:, None])
+    tot = tl.sum(p, 1)
+    for c0 in range(0, C, BLOCK_C):
+        xt = _load(x_ptr, l_begin, c0, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
+        acc = _dot_fp32_a(p, xt, None, UPCAST)
+        if ONE_CHUNK:
+            acc = acc / tot[:, None]
+        _store(acc_ptr + row * S * C, acc, 0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
+    s = tl.arange(0, BLOCK_S)
+    if ONE_CHUNK:
+        tl.store(m_ptr + row * S + s, m + tl.log(tot), mask=s < S)
+    else:
+        tl.store(m_ptr + row * S + s, m, mask=s < S)
+        tl.store(l_ptr + row * S + s, tot, mask=s < S)
+
+
+@triton.jit
 def cluster_fwd_combine(
     m_ptr, l_ptr, acc_ptr, slots_ptr, lse_ptr, S, C, n_chunks, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr
 ):
