@@ -5,12 +5,17 @@ Kernels, in the order a call runs them:
 - ``scaled_queries``: ``qs = scale * init_slots / ||init_slots||`` (the norm in fp64), written once
   per call as two operands in x's dtype, ``qs_hi + qs_lo`` (fp32 ``x``: ``qs`` itself), so the
   other kernels never split it again; the backward's launch also writes clustering's
-  ``delta = rowsum(G * slots)`` once.
+  ``delta = rowsum(G * slots)`` once. Kernels that read each S x C operand once per program
+  (``cluster_fwd_tile``, ``pixel_bwd`` with one tile per chunk, ``dispatch_fwd`` over C blocks)
+  make ``qs`` themselves with the same arithmetic (``_query_norms``, ``_split_queries``) and no
+  ``scaled_queries`` runs.
 - ``cluster_fwd_chunk`` / ``cluster_fwd_combine``: per-chunk online-softmax partials over L, then
-  their log-sum-exp combine.
+  their log-sum-exp combine; ``cluster_fwd_tile``: the same for few pixels and many channels,
+  one tile of all slots per chunk.
 - ``dispatch_fwd``: softmax over all S slots per pixel tile, ``out = D^T slots``.
-- ``pixel_bwd``: ``dx`` per pixel tile (and dispatch's ``delta'``); ``slot_bwd``: per chunk, the
-  partial sums over L of ``dqs`` (and ``dslots``); ``query_bwd``: the chunk sum of ``dqs`` and the
+- ``pixel_bwd``: ``dx`` per pixel tile (and dispatch's ``delta'``), and where one tile holds all
+  slots and all of C or a whole chunk, the chunk's sums of ``dqs`` (and ``dslots``); else
+  ``slot_bwd``: per chunk, the partial sums over L of ``dqs`` (and ``dslots``); ``query_bwd``: the chunk sum of ``dqs`` and the
   normalisation's backward into ``d_init_slots`` and per-program parts of ``dscale``;
   ``sum_chunks``: chunk-ordered sums (``dslots``, ``dscale``).
 
