@@ -15,9 +15,9 @@ Kernels, in the order a call runs them:
 - ``dispatch_fwd``: softmax over all S slots per pixel tile, ``out = D^T slots``.
 - ``pixel_bwd``: ``dx`` per pixel tile (and dispatch's ``delta'``), and where one tile holds all
   slots and all of C or a whole chunk, the chunk's sums of ``dqs`` (and ``dslots``); else
-  ``slot_bwd``: per chunk, the partial sums over L of ``dqs`` (and ``dslots``); ``query_bwd``: the chunk sum of ``dqs`` and the
-  normalisation's backward into ``d_init_slots`` and per-program parts of ``dscale``;
-  ``sum_chunks``: chunk-ordered sums (``dslots``, ``dscale``).
+  ``slot_bwd``: per chunk, the partial sums over L of ``dqs`` (and ``dslots``); ``query_bwd``: the
+  chunk sum of ``dqs`` and the normalisation's backward into ``d_init_slots`` and per-program
+  parts of ``dscale``; ``sum_chunks``: chunk-ordered sums (``dslots``, ``dscale``).
 
 Every ``(rows, C)`` input is addressed as ``base + row * s_row + c * s_c`` with the caller's
 strides, so an NCHW view ``(C*L, 1, L)``, broadcast slots (batch stride 0) and expanded gradients
