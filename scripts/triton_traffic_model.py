@@ -1,6 +1,7 @@
 """Predicted HBM bytes, L2 bytes, tensor-core work and time of the Triton kernels, per kernel, at
 glnet_4g stages (B=128, S=64, bf16, per-batch pooled init_slots), for the kernels as they are
-and as they were before the rework; prints the markdown tables of docs/performance.md.
+("after"), as they were before the one-tile kernels ("previous") and before the rework
+("before"); prints the markdown tables of docs/performance.md.
 
     python scripts/triton_traffic_model.py
 
