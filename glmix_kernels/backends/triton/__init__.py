@@ -3,11 +3,16 @@
 Entry points, by op (kernels in ``kernels.py``):
 
 - ``cluster_fwd``: ``scaled_queries``, ``cluster_fwd_chunk`` over (batch x slot block, chunk,
-  C block), ``cluster_fwd_combine`` (log-sum-exp combine of the chunks) into fp32 slots.
-- ``dispatch_fwd``: ``scaled_queries``, ``dispatch_fwd`` over (batch, chunk); a tile holds all S.
+  C block), ``cluster_fwd_combine`` (log-sum-exp combine of the chunks) into fp32 slots; at few
+  pixels and many channels (16-bit) ``cluster_fwd_tile`` over (batch, chunk) instead of the
+  first two, one tile of all slots per chunk.
+- ``dispatch_fwd``: ``scaled_queries``, ``dispatch_fwd`` over (batch, chunk); a tile holds all S
+  (over several C blocks in 16-bit, ``dispatch_fwd`` makes ``qs`` itself).
 - ``cluster_bwd`` / ``dispatch_bwd``: ``scaled_queries`` (with clustering's ``delta``),
   ``pixel_bwd`` (``dx``), ``slot_bwd`` (per-chunk partials of ``dqs``, ``dslots``; ``pixel_bwd``
-  sums them itself when one tile holds all of S and C, as at the first GLNet stages),
+  sums them itself when one tile holds all of S and C, as at the first GLNet stages, or all of S
+  and a whole chunk, as at the last ones, where it also makes ``qs`` and ``delta`` and no
+  ``scaled_queries`` runs),
   ``query_bwd`` (``d_init_slots``, parts of ``dscale``), ``sum_chunks`` (``dscale``, ``dslots``).
   Sums run in a fixed order: results are bitwise reproducible without atomics.
 
@@ -57,7 +62,7 @@ class TileConfig:
     # Split-L kernels: channels per step of the logits loop over all of C (``SCORE_C``). 0: with
     # one C block the S x C operands are held across the pixel loop, else the steps are C blocks.
     score_c: int = 0
-    # pixel_bwd over C blocks: a chunk is one tile of ``block_l`` pixels, whose slot sums it writes
+    # pixel_bwd over C blocks and cluster_fwd_tile: a chunk is one tile of ``block_l`` pixels
     # (``_one_tile_config``).
     one_tile: bool = False
 
@@ -169,9 +174,8 @@ def _one_tile_config(S, L, dtype, elements=_ONE_TILE_ELEMENTS):
     chunk's ``dqs`` (and ``dslots``) sums, C block by C block, and no ``slot_bwd`` runs, which
     would compute the logits again and reload its S x C operands every 16 pixels. Tiles of up to
     twice as many pixels (``elements``) for ``cluster_fwd_tile``, where ``cluster_fwd_chunk``
-    would step its logits over C. None
-    where that does not apply (fp32: its tf32x3 tiles spill at these sizes; more than 64 slots:
-    not in the compile report)."""
+    would step its logits over C. None where that does not apply (fp32: its tf32x3 tiles spill
+    at these sizes; more than 64 slots: not in the compile report)."""
     block_s = _pow2(S)
     if L is None or dtype == torch.float32 or block_s > 64:
         return None
@@ -180,8 +184,8 @@ def _one_tile_config(S, L, dtype, elements=_ONE_TILE_ELEMENTS):
         block_l = min(block_l, kernels.CHUNK_QUANTUM)
     if triton.cdiv(L, block_l) > _ONE_TILE_MAX_CHUNKS:
         return None
-    # 32-channel blocks spill on sm_80 at 64 x 64 tiles over 512 channels (dispatch), 4 warps at
-    # any of these sizes: 16 channels, 8 warps only. The pixel loop runs once: no pipelining.
+    # pixel_bwd spills with 32-channel blocks on sm_80 at 64 x 64 tiles over 512 channels
+    # (dispatch), with 4 warps at 64 x 128: 16 channels, 8 warps only. One tile: no pipelining.
     return TileConfig(block_s, block_l, 16, num_warps=8, num_stages=1, one_tile=True)
 
 
