@@ -1,6 +1,7 @@
 """Predicted HBM bytes, L2 bytes, tensor-core work and time of the Triton kernels, per kernel, at
 glnet_4g stages (B=128, S=64, bf16, per-batch pooled init_slots), for the kernels as they are
-and as they were before the rework; prints the markdown tables of docs/performance.md.
+("after"), as they were before the one-tile kernels ("previous") and before the rework
+("before"); prints the markdown tables of docs/performance.md.
 
     python scripts/triton_traffic_model.py
 
@@ -30,6 +31,8 @@ SM_COUNT = 132
 B, S = 128, 64
 E = 2  # bytes per bf16
 STAGES = {"stage 1": (64, 3136), "stage 3": (256, 196), "stage 4": (512, 49)}
+# The one-tile kernels and dispatch_fwd making qs itself (False: the "previous" kernels).
+NEW_KERNELS = True
 
 
 def floor_bytes(L, C):
@@ -50,9 +53,11 @@ def _us(hbm, l2=0.0, macs=0.0):
 
 def _plan(kernel, L, C):
     tb._programs_wanted = lambda device: 2 * SM_COUNT
-    cfg = tb.pick_config(kernel, S, C, torch.bfloat16)
+    cfg = tb.pick_config(kernel, S, C, torch.bfloat16, L)
     block_s = cfg.block_s if kernel in tb.SPLIT_L_KERNELS else None
     _, n_chunks = tb.plan_chunks(B, S, L, torch.device("cuda"), block_s)
+    if cfg.one_tile:  # a chunk is one tile
+        n_chunks = math.ceil(L / cfg.block_l)
     return cfg, n_chunks, math.ceil(S / cfg.block_s), math.ceil(C / cfg.block_c)
 
 
@@ -63,15 +68,16 @@ def _held(cfg, cb):
 
 
 def after(L, C):
-    """{op: [(kernel, hbm, l2, macs)]} of the reworked kernels."""
+    """{op: [(kernel, hbm, l2, macs)]} of the reworked kernels. HBM bytes include the S x C
+    operands a kernel reads (``qs_hi``, ``qs_lo``, G or the slots) once per batch element."""
     x, sc, s32, slc = B * L * C * E, B * S * C * E, B * S * C * 4, B * S * L * C
     ws = lambda n: B * n * S * C * 4  # noqa: E731  a (B, chunks, S, C) fp32 workspace
     q_fwd = ("scaled_queries", sc + 2 * sc, 0, 0)
+    ops = 3 * sc  # the S x C operands of every main kernel: qs_hi, qs_lo and G or the slots
     cf, cf_chunks, cf_sb, cf_cb = _plan("cluster_fwd_chunk", L, C)
-    _, df_chunks, _, df_cb = _plan("dispatch_fwd", L, C)
+    df, df_chunks, _, df_cb = _plan("dispatch_fwd", L, C)
     pb, pb_chunks, _, pb_cb = _plan("pixel_bwd", L, C)
     sb, sb_chunks, sb_sb, sb_cb = _plan("slot_bwd", L, C)
-    tiles = B * L / pb.block_l  # pixel tiles of the pixel kernels
 
     def operands(n_programs, n_tiles, cb, per_tile):  # S x C operands from L2: hoisted or per tile
         return (n_programs if cb == 1 else n_tiles) * per_tile
@@ -88,7 +94,14 @@ def after(L, C):
     fwd_chunk_l2 = x * split_l_x(cf, cf_sb, cf_cb) + split_l_operands(cf, cf_chunks, cf_sb, cf_cb, 2)
     # MACs: logits (qs_hi and qs_lo) once per C block, the value product (P in two parts) once.
     fwd_chunk_macs = 2 * slc * cf_cb + 2 * slc
-    pix = lambda cb, n, k: x * (cb > 1) + operands(B * n, tiles, cb, k * S * C * E)  # noqa: E731
+
+    def pix(cfg, n, cb, k, k_looped, x_again):
+        """L2 bytes of a pixel kernel: ``k`` S x C operands loaded once per program when held,
+        else ``k_looped`` per pixel tile (the logits loop and the value loop each load theirs),
+        and with ``x_again`` x read a second time by the value loop."""
+        tiles = B * L / cfg.block_l
+        return x * x_again * (cb > 1) + operands(B * n, tiles, cb, (k if cb == 1 else k_looped) * S * C * E)
+
     slot_l2 = lambda k_x: (  # noqa: E731
         k_x * x * split_l_x(sb, sb_sb, sb_cb) + split_l_operands(sb, sb_chunks, sb_sb, sb_cb, 3)
     )
@@ -98,28 +111,51 @@ def after(L, C):
     model = {
         "cluster_fwd": [
             q_fwd,
-            ("cluster_fwd_chunk", x + ws(cf_chunks), fwd_chunk_l2, fwd_chunk_macs),
+            ("cluster_fwd_chunk", x + 2 * sc + ws(cf_chunks), fwd_chunk_l2, fwd_chunk_macs),
             ("cluster_fwd_combine", ws(cf_chunks) + s32, 0, 0),
         ],
-        "dispatch_fwd": [q_fwd, ("dispatch_fwd", 2 * x + sc + B * L * 4, pix(df_cb, df_chunks, 3), 3 * slc)],
+        "dispatch_fwd": [
+            q_fwd,
+            ("dispatch_fwd", 2 * x + ops + B * L * 4, pix(df, df_chunks, df_cb, 3, 3, False), 3 * slc),
+        ],
         "cluster_bwd": [
             ("scaled_queries", 2 * sc + s32 + 3 * sc, 0, 0),
-            ("pixel_bwd", 2 * x + B * S * 8, pix(pb_cb, pb_chunks, 3), 5 * slc),
-            ("slot_bwd", x + ws(sb_chunks), slot_l2(1), slot_macs(0)),
+            ("pixel_bwd", 2 * x + ops + B * S * 8, pix(pb, pb_chunks, pb_cb, 3, 5, True), 5 * slc),
+            ("slot_bwd", x + ops + ws(sb_chunks), slot_l2(1), slot_macs(0)),
             ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0),
             ("sum_chunks #dscale", 0, 0, 0),
         ],
         "dispatch_bwd": [
             q_fwd,
-            ("pixel_bwd", 3 * x + B * L * 8, pix(pb_cb, pb_chunks, 3), 4 * slc),
-            ("slot_bwd", 2 * x + 2 * ws(sb_chunks), slot_l2(2), slot_macs(1)),
+            ("pixel_bwd", 3 * x + ops + B * L * 8, pix(pb, pb_chunks, pb_cb, 3, 4, True), 4 * slc),
+            ("slot_bwd", 2 * x + ops + 2 * ws(sb_chunks), slot_l2(2), slot_macs(1)),
             ("query_bwd", ws(sb_chunks) + 2 * sc, 0, 0),
             ("sum_chunks #dscale", 0, 0, 0),
             ("sum_chunks", ws(sb_chunks) + sc, 0, 0),
         ],
     }
     if cf_chunks == 1:  # the chunk kernel writes slots and lse: no workspace, no combine
-        model["cluster_fwd"][1:] = [("cluster_fwd_chunk", x + s32, fwd_chunk_l2, fwd_chunk_macs)]
+        model["cluster_fwd"][1:] = [("cluster_fwd_chunk", x + 2 * sc + s32, fwd_chunk_l2, fwd_chunk_macs)]
+    tile = tb.pick_config("cluster_fwd_tile", S, C, torch.bfloat16, L) if cf.score_c and NEW_KERNELS else None
+    if tile:
+        # One program per chunk holds all slots: init_slots read for its norms (HBM) and by the
+        # logits loop (L2), x by the logits loop (HBM) and the value loop (L2); no scaled_queries.
+        n = math.ceil(L / tile.block_l)
+        l2 = x + (2 * n - 1) * sc
+        if n == 1:
+            model["cluster_fwd"] = [("cluster_fwd_tile", x + sc + s32 + B * S * 4, l2, 4 * slc)]
+        else:
+            model["cluster_fwd"] = [
+                ("cluster_fwd_tile", x + sc + ws(n), l2, 4 * slc),
+                ("cluster_fwd_combine", ws(n) + s32, 0, 0),
+            ]
+    if df_cb > 1 and NEW_KERNELS:
+        # dispatch_fwd makes qs from init_slots (read from HBM once, then per pixel tile from L2
+        # with the slots): no scaled_queries.
+        l2 = pix(df, df_chunks, df_cb, 2, 2, False)
+        model["dispatch_fwd"] = [("dispatch_fwd", 2 * x + 2 * sc + B * L * 4, l2, 3 * slc)]
+    if pb.one_tile:
+        return _one_tile_backward(model, L, C, pb_chunks)
     if (pb_chunks if fused else sb_chunks) == 1:  # dslots written directly: no chunk sum
         kernels = model["dispatch_bwd"]
         kernels.pop()
@@ -133,6 +169,45 @@ def after(L, C):
             kernels[1] = (name, hbm + k_ws * ws(pb_chunks), l2, macs + 2 * slc + (k_ws - 1) * slc)
             assert slot[0] == "slot_bwd"
     return model
+
+
+def _one_tile_backward(model, L, C, n):
+    """The backward where ``pixel_bwd`` runs one tile of all S slots per chunk (``n`` of them) over
+    C blocks, writes the slot sums itself, and makes ``qs`` from ``init_slots`` itself (and
+    clustering's ``delta``): no ``scaled_queries``, no ``slot_bwd``. Each program reads
+    ``init_slots`` three times (its norms, the logits loop, the dx loop), G three times
+    (clustering: ``delta``, ``dP``, ``P^T G``) and the fp32 slots once, or the slots once
+    (dispatch), x and Hg twice; HBM serves the first read of each per batch element, L2 the rest."""
+    x, sc, s32, slc = B * L * C * E, B * S * C * E, B * S * C * 4, B * S * L * C
+    ws = B * n * S * C * 4
+    query = ("query_bwd", ws + 2 * sc, 0, 0)
+    # logits (2), dP, dK, dqs (2) and clustering's P^T G or dispatch's D @ Hg
+    macs = 7 * slc
+    # dslots written directly with one chunk (else partials and a chunk sum)
+    dv = sc if n == 1 else ws
+    model["cluster_bwd"] = [
+        ("pixel_bwd", 2 * x + 2 * sc + s32 + B * S * 4 + ws, x + 2 * (3 * n - 1) * sc + (n - 1) * s32, macs),
+        query,
+        ("sum_chunks #dscale", 0, 0, 0),
+    ]
+    model["dispatch_bwd"] = [
+        ("pixel_bwd", 3 * x + 2 * sc + B * L * 4 + ws + dv, 2 * x + (3 * n - 1 + n - 1) * sc, macs),
+        query,
+        ("sum_chunks #dscale", 0, 0, 0),
+    ] + ([("sum_chunks", ws + sc, 0, 0)] if n > 1 else [])
+    return model
+
+
+def previous(L, C):
+    """``after`` as the kernels were before the one-tile ``pixel_bwd`` (``slot_bwd`` at stages 3-4)
+    and ``cluster_fwd_tile``, and before ``dispatch_fwd`` made ``qs`` itself."""
+    global NEW_KERNELS
+    saved = tb._one_tile_config
+    tb._one_tile_config, NEW_KERNELS = (lambda *args: None), False
+    try:
+        return after(L, C)
+    finally:
+        tb._one_tile_config, NEW_KERNELS = saved, True
 
 
 def before(L, C):
@@ -219,4 +294,5 @@ def _merged(kernels):
 
 if __name__ == "__main__":
     table("before", before)
+    table("previous", previous)
     table("after", after)

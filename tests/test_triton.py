@@ -72,9 +72,11 @@ def test_split_l_logits_over_c_steps(monkeypatch, op, dtype):
     tb = _ops()
     pinned = tb.pick_config
 
-    def looped(kernel, S, C, dtype):
+    def looped(kernel, S, C, dtype, L=None):
         if kernel in tb.SPLIT_L_KERNELS:
             return tb.TileConfig(16, 16, 32, score_c=16)
+        if kernel == "cluster_fwd_tile":
+            return None  # cluster_fwd_chunk's steps over C, not one tile per chunk
         return tb.replace(pinned(kernel, S, C, dtype), block_c=16)
 
     monkeypatch.setattr(tb, "pick_config", looped)
@@ -88,6 +90,31 @@ def test_pixel_bwd_sums_slot_partials_when_one_tile_holds_s_and_c():
     cfg = tb.pick_config("pixel_bwd", 24, 32, torch.float16)
     assert cfg.block_s >= 24 and cfg.block_c >= 32
     check_against_reference(Case(2, 203, 32, 24, "nchw", dtype=torch.float16, device=DEVICE), "dispatch", "triton")
+
+
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+def test_pixel_bwd_sums_slot_partials_over_c_blocks_when_one_tile_holds_a_chunk(monkeypatch, op):
+    """Few pixels, more channels than one tile holds (stages 3-4): each chunk is one pixel tile
+    of all S slots, and pixel_bwd writes its slot sums C block by C block, normalising the
+    (transposed, for clustering broadcast) init_slots itself; neither scaled_queries nor slot_bwd
+    runs in the backward, and the forwards (cluster_fwd_tile, dispatch_fwd over C blocks)
+    normalise them themselves too. Two chunks
+    (the second partial) per batch element, two batch elements. fp16; bf16 takes the same path
+    in test_ops.py (C=1024, L=45)."""
+    tb = _ops()
+    dtype = torch.float16
+    B, L, C, S = 2, 40, 136, 5
+    cfg = tb.pick_config("pixel_bwd", S, C, dtype, L)
+    assert cfg.one_tile and cfg.block_c < C and cfg.block_l < L <= 2 * cfg.block_l
+    launched, tiled, queries, backward = [], tb._tiled, tb._queries, tb._backward_kernels
+    monkeypatch.setattr(tb, "_tiled", lambda name, *a: launched.append(name) or tiled(name, *a))
+    monkeypatch.setattr(tb, "_queries", lambda *a: launched.append("scaled_queries") or queries(*a))
+    monkeypatch.setattr(tb, "_backward_kernels", lambda *a, **k: launched.append("backward") or backward(*a, **k))
+    case = Case(B, L, C, S, "nchw", op == "cluster", "transposed", dtype=dtype, device=DEVICE, seed=6)
+    check_against_reference(case, op, "triton")
+    bwd = launched[launched.index("backward") :]
+    assert "pixel_bwd" in bwd and "slot_bwd" not in bwd and "scaled_queries" not in bwd
+    assert "scaled_queries" not in launched and ("cluster_fwd_tile" in launched) == (op == "cluster")
 
 
 def test_direct_op_calls_check_inputs():

@@ -3,11 +3,16 @@
 Entry points, by op (kernels in ``kernels.py``):
 
 - ``cluster_fwd``: ``scaled_queries``, ``cluster_fwd_chunk`` over (batch x slot block, chunk,
-  C block), ``cluster_fwd_combine`` (log-sum-exp combine of the chunks) into fp32 slots.
-- ``dispatch_fwd``: ``scaled_queries``, ``dispatch_fwd`` over (batch, chunk); a tile holds all S.
+  C block), ``cluster_fwd_combine`` (log-sum-exp combine of the chunks) into fp32 slots; at few
+  pixels and many channels (16-bit) ``cluster_fwd_tile`` over (batch, chunk) instead of the
+  first two, one tile of all slots per chunk.
+- ``dispatch_fwd``: ``scaled_queries``, ``dispatch_fwd`` over (batch, chunk); a tile holds all S
+  (over several C blocks in 16-bit, ``dispatch_fwd`` makes ``qs`` itself).
 - ``cluster_bwd`` / ``dispatch_bwd``: ``scaled_queries`` (with clustering's ``delta``),
   ``pixel_bwd`` (``dx``), ``slot_bwd`` (per-chunk partials of ``dqs``, ``dslots``; ``pixel_bwd``
-  sums them itself when one tile holds all of S and C, as at the first GLNet stages),
+  sums them itself when one tile holds all of S and C, as at the first GLNet stages, or all of S
+  and a whole chunk, as at the last ones, where it also makes ``qs`` and ``delta`` and no
+  ``scaled_queries`` runs),
   ``query_bwd`` (``d_init_slots``, parts of ``dscale``), ``sum_chunks`` (``dscale``, ``dslots``).
   Sums run in a fixed order: results are bitwise reproducible without atomics.
 
@@ -57,6 +62,9 @@ class TileConfig:
     # Split-L kernels: channels per step of the logits loop over all of C (``SCORE_C``). 0: with
     # one C block the S x C operands are held across the pixel loop, else the steps are C blocks.
     score_c: int = 0
+    # pixel_bwd over C blocks and cluster_fwd_tile: a chunk is one tile of ``block_l`` pixels
+    # (``_one_tile_config``).
+    one_tile: bool = False
 
     def meta(self, C, fn):
         meta = dict(
@@ -68,7 +76,7 @@ class TileConfig:
         )
         if "SCORE_C" in fn.arg_names:
             meta["SCORE_C"] = self.score_c or self.block_c
-        return meta
+        return {k: v for k, v in meta.items() if k in fn.arg_names}
 
 
 # The kernels that take a TileConfig: split-L kernels (a block of slots per program) and pixel
@@ -81,10 +89,20 @@ def _pow2(n, lo=16):
     return max(lo, triton.next_power_of_2(n))  # tl.dot needs 16 per side
 
 
-def pick_config(kernel, S, C, dtype):
-    """The pinned tile configuration of ``kernel`` for S slots, C channels and x's ``dtype``.
-    Every rule comes from the compile report (sm_80 and sm_90, Triton 3.6 and 3.9): no config
-    it picks spills registers or needs more shared memory than an SM has."""
+def pick_config(kernel, S, C, dtype, L=None):
+    """The pinned tile configuration of ``kernel`` for S slots, C channels and x's ``dtype`` (and
+    for ``pixel_bwd`` L pixels, see ``_one_tile_config``). Every rule comes from the compile
+    report (sm_80 and sm_90, Triton 3.6 and 3.9): no config it picks spills registers or needs
+    more shared memory than an SM has."""
+    if kernel == "cluster_fwd_tile":
+        return _one_tile_config(S, L, dtype, 2 * _ONE_TILE_ELEMENTS)
+    cfg = _tile_config(kernel, S, C, dtype)
+    if kernel == "pixel_bwd" and cfg.block_c < C:
+        return _one_tile_config(S, L, dtype) or cfg
+    return cfg
+
+
+def _tile_config(kernel, S, C, dtype):
     fp32 = dtype == torch.float32
     budget = _ONE_C_BLOCK_ELEMENTS // (4 if fp32 else 1)
     if kernel in ("pixel_bwd", "slot_bwd"):
@@ -142,12 +160,41 @@ def _looped_config(kernel, S, c, fp32):
     return TileConfig(block_s, block_l, block_c, 8, num_stages, score_c=32 if fp32 else 64)
 
 
-def candidate_configs(kernel, S, C, dtype):
+# pixel_bwd over C blocks with one tile per chunk: at most this many (slot, pixel) elements per
+# tile (three fp32 tiles of them live through the logits loop; cluster_fwd_tile: twice as many,
+# 206 registers at 64 x 256) and at most this many chunks (each adds an fp32 (S, C) partial per
+# batch element to write and sum).
+_ONE_TILE_ELEMENTS = 64 * 128
+_ONE_TILE_MAX_CHUNKS = 2
+
+
+def _one_tile_config(S, L, dtype, elements=_ONE_TILE_ELEMENTS):
+    """``pixel_bwd`` where one tile holds all S slots and a whole chunk of few pixels (glnet's
+    stages 3-4), but not all of C (``pick_config`` asks only then): it then also writes the
+    chunk's ``dqs`` (and ``dslots``) sums, C block by C block, and no ``slot_bwd`` runs, which
+    would compute the logits again and reload its S x C operands every 16 pixels. Tiles of up to
+    twice as many pixels (``elements``) for ``cluster_fwd_tile``, where ``cluster_fwd_chunk``
+    would step its logits over C. None where that does not apply (fp32: its tf32x3 tiles spill
+    at these sizes; more than 64 slots: not in the compile report)."""
+    block_s = _pow2(S)
+    if L is None or dtype == torch.float32 or block_s > 64:
+        return None
+    block_l = min(_pow2(L), elements // 64, elements // block_s)
+    if kernels.INTERPRET:
+        block_l = min(block_l, kernels.CHUNK_QUANTUM)
+    if triton.cdiv(L, block_l) > _ONE_TILE_MAX_CHUNKS:
+        return None
+    # pixel_bwd spills with 32-channel blocks on sm_80 at 64 x 64 tiles over 512 channels
+    # (dispatch), with 4 warps at 64 x 128: 16 channels, 8 warps only. One tile: no pipelining.
+    return TileConfig(block_s, block_l, 16, num_warps=8, num_stages=1, one_tile=True)
+
+
+def candidate_configs(kernel, S, C, dtype, L=None):
     """What ``GLMIX_TRITON_AUTOTUNE=1`` chooses among: the pinned config and, where it compiles
     without spills, one with the other warp count (4 or 8). The compile report checks them all."""
-    pinned = pick_config(kernel, S, C, dtype)
-    if kernels.INTERPRET or pinned.score_c:
-        return [pinned]  # the looped tiles spill with 4 warps
+    pinned = pick_config(kernel, S, C, dtype, L)
+    if kernels.INTERPRET or pinned.score_c or pinned.one_tile:
+        return [pinned]  # the looped and one-tile configs spill with 4 warps
     return [pinned, replace(pinned, num_warps=12 - pinned.num_warps)]
 
 
@@ -168,12 +215,12 @@ def _tuned(fn, cfgs, C):
     return triton.autotune(configs, key=key)(fn)
 
 
-def _tiled(name, S, C, dtype):
+def _tiled(name, S, C, dtype, L=None):
     """Kernel ``name`` with its tile configuration bound."""
     fn = getattr(kernels, name)
     if AUTOTUNE:
-        return _launch(_tuned(fn, tuple(candidate_configs(name, S, C, dtype)), C))
-    return _launch(_pinned(fn, pick_config(name, S, C, dtype), C))
+        return _launch(_tuned(fn, tuple(candidate_configs(name, S, C, dtype, L)), C))
+    return _launch(_pinned(fn, pick_config(name, S, C, dtype, L), C))
 
 
 @functools.cache
@@ -367,21 +414,37 @@ def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor) 
     S = init_slots.shape[1]
     slots, lse = contract.cluster_fwd_outputs(x, init_slots, scale)
     with _device_guard(x):
-        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
-        block_s = pick_config("cluster_fwd_chunk", S, C, x.dtype).block_s
-        chunk_len, n_chunks = plan_chunks(B, S, L, x.device, block_s)
+        cfg = pick_config("cluster_fwd_chunk", S, C, x.dtype)
+        tile = pick_config("cluster_fwd_tile", S, C, x.dtype, L) if cfg.score_c else None
+        if tile:  # one tile of all slots per chunk
+            block_s, chunk_len, n_chunks = tile.block_s, tile.block_l, triton.cdiv(L, tile.block_l)
+        else:
+            block_s = cfg.block_s
+            chunk_len, n_chunks = plan_chunks(B, S, L, x.device, block_s)
         one_chunk = n_chunks == 1  # the kernel writes the results: no workspaces, no combine
         m_ws = lse if one_chunk else x.new_empty((B, n_chunks, S), dtype=torch.float32)
         l_ws = lse if one_chunk else torch.empty_like(m_ws)
         acc_ws = slots if one_chunk else x.new_empty((B, n_chunks, S, C), dtype=torch.float32)
-        _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
-            m_ptr=m_ws,
-            l_ptr=l_ws,
-            acc_ptr=acc_ws,
-            chunk_len=chunk_len,
-            ONE_CHUNK=one_chunk,
-            **_tile_args(x, qs_hi, qs_lo),
-        )
+        out = dict(m_ptr=m_ws, l_ptr=l_ws, acc_ptr=acc_ws, ONE_CHUNK=one_chunk)
+        if tile:
+            _tiled("cluster_fwd_tile", S, C, x.dtype, L)[(B, n_chunks)](
+                x_ptr=x,
+                s0_ptr=init_slots,
+                scale_ptr=scale,
+                S=S,
+                L=L,
+                C=C,
+                **_strides("sx", x),
+                **_strides("ss", init_slots),
+                X_LAYOUT=_layout(x),
+                UPCAST=_upcast(x),
+                **out,
+            )
+        else:
+            qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
+            _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
+                chunk_len=chunk_len, **out, **_tile_args(x, qs_hi, qs_lo)
+            )
         if one_chunk:
             return slots, lse
         block_c = min(_pow2(C), 128)
@@ -409,14 +472,21 @@ def dispatch_fwd(
     S = init_slots.shape[1]
     out, lse = contract.dispatch_fwd_outputs(x, init_slots, scale, slots)
     with _device_guard(x):
-        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
+        # Over several C blocks the kernel makes qs itself, as it loads it per pixel tile anyway
+        # (not fp32's 16-pixel tiles: four times the work per pixel).
+        normalize = x.dtype != torch.float32 and pick_config("dispatch_fwd", S, C, x.dtype).block_c < C
+        qs_hi, qs_lo = (init_slots, init_slots) if normalize else _queries(x, init_slots, scale)[:2]
         chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
         _tiled("dispatch_fwd", S, C, x.dtype)[(B, n_chunks)](
             v_ptr=slots,
             out_ptr=out,
             lse_ptr=lse,
+            s0_ptr=init_slots,
+            scale_ptr=scale,
             chunk_len=chunk_len,
+            NORMALIZE=normalize,
             **_strides("sv", slots),
+            **_strides("ss", init_slots),
             **_tile_args(x, qs_hi, qs_lo),
         )
     return out, lse
@@ -436,8 +506,7 @@ def cluster_bwd(
     _check("cluster_bwd", x, init_slots, scale, grad=grad, grad_shape=(B, S, C))
     dx, d_init, dscale = contract.cluster_bwd_outputs(grad, x, init_slots, scale, slots, lse)
     with _device_guard(x):
-        qs_hi, qs_lo, delta = _queries(x, init_slots, scale, grad, slots)
-        dq_ws = _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, cluster=True)[0]
+        dq_ws = _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, cluster=True)[0]
         _query_grads(dq_ws, init_slots, scale, d_init, dscale)
     return dx, d_init, dscale
 
@@ -454,23 +523,30 @@ def dispatch_bwd(
     _check("dispatch_bwd", x, init_slots, scale, slots, grad=grad, grad_shape=x.shape)
     dx, d_init, dscale, dslots = contract.dispatch_bwd_outputs(grad, x, init_slots, scale, slots, lse)
     with _device_guard(x):
-        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
-        delta = x.new_empty(x.shape[:2], dtype=torch.float32)  # written by pixel_bwd
-        dq_ws, dv_ws = _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, cluster=False, dslots=dslots)
+        dq_ws, dv_ws = _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, cluster=False, dslots=dslots)
         _query_grads(dq_ws, init_slots, scale, d_init, dscale)
         if dv_ws is not dslots:
             _sum_chunks(dv_ws, dslots)
     return dx, d_init, dscale, dslots
 
 
-def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, dslots=None):
+def _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, *, cluster, dslots=None):
     """``dx`` and the (B, chunks, S, C) partials of ``dqs`` and (dispatch) ``dslots``: ``pixel_bwd``
-    alone when one tile holds all of S and C (it sums the partials as it goes), else ``pixel_bwd``
-    then ``slot_bwd``. ``slots``: clustering's fp32 forward result or dispatch's values;
-    ``delta``: clustering's from ``scaled_queries``, dispatch's for ``pixel_bwd`` to write.
-    With a single chunk, dispatch's ``dslots`` partials are the result: written to ``dslots``."""
+    alone when one tile holds all of S and C (it sums the partials as it goes) or all of S and a
+    whole chunk of pixels (few pixels: one chunk per tile; it then also normalises ``init_slots``
+    and computes clustering's ``delta`` itself), else ``scaled_queries``, ``pixel_bwd``, then
+    ``slot_bwd``. ``slots``: clustering's fp32 forward result or dispatch's values. With a single
+    chunk, dispatch's ``dslots`` partials are the result: written to ``dslots``."""
     B, L, C = x.shape
-    S = qs_hi.shape[1]
+    S = init_slots.shape[1]
+    cfg = pick_config("pixel_bwd", S, C, x.dtype, L)
+    if cfg.one_tile:  # not read: any valid tensors
+        qs_hi, qs_lo, delta = init_slots, init_slots, lse
+    elif cluster:
+        qs_hi, qs_lo, delta = _queries(x, init_slots, scale, grad, slots)
+    else:
+        qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
+        delta = x.new_empty(x.shape[:2], dtype=torch.float32)  # written by pixel_bwd
     args = dict(
         g_ptr=grad,
         v_ptr=slots,
@@ -481,12 +557,24 @@ def _backward_kernels(grad, x, qs_hi, qs_lo, slots, lse, delta, dx, *, cluster, 
         CLUSTER=cluster,
         **_tile_args(x, qs_hi, qs_lo),
     )
-    slot_sums = pick_config("pixel_bwd", S, C, x.dtype).block_c >= C
-    chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
+    slot_sums = cfg.block_c >= C or cfg.one_tile
+    if cfg.one_tile:
+        chunk_len, n_chunks = cfg.block_l, triton.cdiv(L, cfg.block_l)
+    else:
+        chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
     # Without slot_sums the partials' pointers are not read: any valid tensor.
     dq_ws, dv_ws = _slot_workspaces(B, n_chunks, S, C, x, cluster, dslots) if slot_sums else (dx, dx)
-    _tiled("pixel_bwd", S, C, x.dtype)[(B, n_chunks)](
-        dx_ptr=dx, dq_ptr=dq_ws, dv_ptr=dv_ws, chunk_len=chunk_len, SLOT_SUMS=slot_sums, **args
+    _tiled("pixel_bwd", S, C, x.dtype, L)[(B, n_chunks)](
+        dx_ptr=dx,
+        dq_ptr=dq_ws,
+        dv_ptr=dv_ws,
+        s0_ptr=init_slots,
+        scale_ptr=scale,
+        **_strides("ss", init_slots),
+        chunk_len=chunk_len,
+        SLOT_SUMS=slot_sums,
+        NORMALIZE=cfg.one_tile,
+        **args,
     )
     if slot_sums:
         return dq_ws, dv_ws

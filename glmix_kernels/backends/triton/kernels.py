@@ -5,14 +5,19 @@ Kernels, in the order a call runs them:
 - ``scaled_queries``: ``qs = scale * init_slots / ||init_slots||`` (the norm in fp64), written once
   per call as two operands in x's dtype, ``qs_hi + qs_lo`` (fp32 ``x``: ``qs`` itself), so the
   other kernels never split it again; the backward's launch also writes clustering's
-  ``delta = rowsum(G * slots)`` once.
+  ``delta = rowsum(G * slots)`` once. Kernels that read each S x C operand once per program
+  (``cluster_fwd_tile``, ``pixel_bwd`` with one tile per chunk, ``dispatch_fwd`` over C blocks)
+  make ``qs`` themselves with the same arithmetic (``_query_norms``, ``_split_queries``) and no
+  ``scaled_queries`` runs.
 - ``cluster_fwd_chunk`` / ``cluster_fwd_combine``: per-chunk online-softmax partials over L, then
-  their log-sum-exp combine.
+  their log-sum-exp combine; ``cluster_fwd_tile``: the same for few pixels and many channels,
+  one tile of all slots per chunk.
 - ``dispatch_fwd``: softmax over all S slots per pixel tile, ``out = D^T slots``.
-- ``pixel_bwd``: ``dx`` per pixel tile (and dispatch's ``delta'``); ``slot_bwd``: per chunk, the
-  partial sums over L of ``dqs`` (and ``dslots``); ``query_bwd``: the chunk sum of ``dqs`` and the
-  normalisation's backward into ``d_init_slots`` and per-program parts of ``dscale``;
-  ``sum_chunks``: chunk-ordered sums (``dslots``, ``dscale``).
+- ``pixel_bwd``: ``dx`` per pixel tile (and dispatch's ``delta'``), and where one tile holds all
+  slots and all of C or a whole chunk, the chunk's sums of ``dqs`` (and ``dslots``); else
+  ``slot_bwd``: per chunk, the partial sums over L of ``dqs`` (and ``dslots``); ``query_bwd``: the
+  chunk sum of ``dqs`` and the normalisation's backward into ``d_init_slots`` and per-program
+  parts of ``dscale``; ``sum_chunks``: chunk-ordered sums (``dslots``, ``dscale``).
 
 Every ``(rows, C)`` input is addressed as ``base + row * s_row + c * s_c`` with the caller's
 strides, so an NCHW view ``(C*L, 1, L)``, broadcast slots (batch stride 0) and expanded gradients
@@ -145,10 +150,79 @@ def _inv_norm(sumsq):
 
 
 @triton.jit
+def _query_norms(s0_ptr, ss_s, ss_c, s0, S, C, BS: tl.constexpr, BC: tl.constexpr):
+    """``1 / max(||init_slots||, eps)`` of slots ``s0..``, in fp64: ``q`` is what the backward's
+    projection removes from ``dq``, its rounding would not cancel."""
+    sumsq = tl.zeros([BS], tl.float64)
+    for c0 in range(0, C, BC):
+        t = _load(s0_ptr, s0, c0, S, C, ss_s, ss_c, BS, BC).to(tl.float64)
+        sumsq += tl.sum(t * t, 1)
+    return 1.0 / tl.maximum(tl.sqrt(sumsq), NORM_EPS)
+
+
+@triton.jit
+def _split_queries(t, inv_q, scale, DT: tl.constexpr):
+    """``qs = scale * q`` of an ``init_slots`` block ``t`` (``q`` rounded to fp32, the product in
+    fp32) as ``(qs_hi, qs_lo)`` in ``DT``."""
+    qs = scale * (t.to(tl.float64) * inv_q[:, None]).to(tl.float32)
+    hi = qs.to(DT)
+    return hi, (qs - hi.to(tl.float32)).to(DT)
+
+
+@triton.jit
+def _query_block(
+    qh_ptr,
+    ql_ptr,
+    sq_s,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
+    s0,
+    c0,
+    S,
+    C,
+    NORMALIZE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BS: tl.constexpr,
+    BC: tl.constexpr,
+    DT: tl.constexpr,
+):
+    """``(qs_hi, qs_lo)`` of slots ``s0..`` and channels ``c0..``: loaded (``qs_lo`` is ``qs_hi``
+    without ``SPLIT``), or with ``NORMALIZE`` made from ``init_slots`` as ``scaled_queries``
+    makes them (``inv_q`` from ``_query_norms``)."""
+    if NORMALIZE:
+        q_hi, q_lo = _split_queries(_load(s0_ptr, s0, c0, S, C, ss_s, ss_c, BS, BC), inv_q, scale, DT)
+    else:
+        q_hi = _load(qh_ptr, s0, c0, S, C, sq_s, 1, BS, BC)
+        q_lo = q_hi
+        if SPLIT:
+            q_lo = _load(ql_ptr, s0, c0, S, C, sq_s, 1, BS, BC)
+    return q_hi, q_lo
+
+
+@triton.jit
+def _delta_rows(g_ptr, sg_s, sg_c, v_ptr, sv_s, sv_c, s0, S, C, BS: tl.constexpr, BC: tl.constexpr):
+    """Clustering's ``delta = rowsum(G * slots)`` of slots ``s0..``, in fp32."""
+    delta = tl.zeros([BS], tl.float32)
+    for c0 in range(0, C, BC):
+        g = _load(g_ptr, s0, c0, S, C, sg_s, sg_c, BS, BC).to(tl.float32)
+        v = _load(v_ptr, s0, c0, S, C, sv_s, sv_c, BS, BC).to(tl.float32)
+        delta += tl.sum(g * v, 1)
+    return delta
+
+
+@triton.jit
 def _scores(
     qh_ptr,
     ql_ptr,
     sq_s,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
     x_ptr,
     sx_l,
     sx_c,
@@ -164,6 +238,7 @@ def _scores(
     L,
     C,
     SECOND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     SPLIT: tl.constexpr,
     BS: tl.constexpr,
     BL: tl.constexpr,
@@ -173,7 +248,7 @@ def _scores(
     """Unnormalised logits of one ``(BS, BL)`` tile over all of C (several C blocks), plus what
     shares its C loop: ``(A_hi, A, second, sum of squares of x)`` with ``A = qs x^T`` before the
     per-pixel ``1/||x||``; ``second`` is ``SCORE_ROWS_X``: ``y x^T``, ``SCORE_ROWS_G``: ``y g^T``.
-    Pixels ``>= L`` load as zeros.
+    Pixels ``>= L`` load as zeros. ``qs`` as ``_query_block`` gives it.
     """
     a_hi = tl.zeros([BS, BL], tl.float32)
     a = tl.zeros([BS, BL], tl.float32)
@@ -183,10 +258,12 @@ def _scores(
         xt = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BL, BC)
         xf = xt.to(tl.float32)
         sumsq += tl.sum(xf * xf, 1)
-        q_hi = _load(qh_ptr, s0, c0, S, C, sq_s, 1, BS, BC)
+        q_hi, q_lo = _query_block(
+            qh_ptr, ql_ptr, sq_s, s0_ptr, ss_s, ss_c, inv_q, scale, s0, c0, S, C, NORMALIZE, SPLIT, BS, BC, xt.dtype
+        )
         a_hi = _dot(q_hi, tl.trans(xt), a_hi, UPCAST)
         if SPLIT:
-            a = _dot(_load(ql_ptr, s0, c0, S, C, sq_s, 1, BS, BC), tl.trans(xt), a, UPCAST)
+            a = _dot(q_lo, tl.trans(xt), a, UPCAST)
         if SECOND == SCORE_ROWS_X:
             yt = _load(y_ptr, s0, c0, S, C, sy_r, sy_c, BS, BC).to(xt.dtype)
             second = _dot(yt, tl.trans(xt), second, UPCAST)
@@ -204,11 +281,17 @@ def _tile_logits(
     x_ptr,
     sx_l,
     sx_c,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
     s0,
     l0,
     S,
     n_l,
     C,
+    NORMALIZE: tl.constexpr,
     SPLIT: tl.constexpr,
     BS: tl.constexpr,
     BL: tl.constexpr,
@@ -221,6 +304,11 @@ def _tile_logits(
         qh_ptr,
         ql_ptr,
         C,
+        s0_ptr,
+        ss_s,
+        ss_c,
+        inv_q,
+        scale,
         x_ptr,
         sx_l,
         sx_c,
@@ -236,6 +324,7 @@ def _tile_logits(
         n_l,
         C,
         SCORE_NONE,
+        NORMALIZE,
         SPLIT,
         BS,
         BL,
@@ -283,25 +372,16 @@ def scaled_queries(
     b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
     s = s0 + tl.arange(0, BLOCK_S)
     if b < Bq:
-        sumsq = tl.zeros([BLOCK_S], tl.float64)
-        for c0 in range(0, C, BLOCK_C):
-            t = _load(s0_ptr + b * ss_b, s0, c0, S, C, ss_s, ss_c, BLOCK_S, BLOCK_C).to(tl.float64)
-            sumsq += tl.sum(t * t, 1)
-        inv_r = 1.0 / tl.maximum(tl.sqrt(sumsq), NORM_EPS)
+        inv_q = _query_norms(s0_ptr + b * ss_b, ss_s, ss_c, s0, S, C, BLOCK_S, BLOCK_C)
         scale = tl.load(scale_ptr).to(tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            t = _load(s0_ptr + b * ss_b, s0, c0, S, C, ss_s, ss_c, BLOCK_S, BLOCK_C).to(tl.float64)
-            qs = scale * (t * inv_r[:, None]).to(tl.float32)
-            hi = qs.to(qh_ptr.dtype.element_ty)
+            t = _load(s0_ptr + b * ss_b, s0, c0, S, C, ss_s, ss_c, BLOCK_S, BLOCK_C)
+            hi, lo = _split_queries(t, inv_q, scale, qh_ptr.dtype.element_ty)
             _store(qh_ptr + b * S * C, hi, s0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
             if SPLIT:
-                _store(ql_ptr + b * S * C, qs - hi.to(tl.float32), s0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
+                _store(ql_ptr + b * S * C, lo, s0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
     if WITH_DELTA:
-        delta = tl.zeros([BLOCK_S], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            g = _load(g_ptr + b * sg_b, s0, c0, S, C, sg_s, sg_c, BLOCK_S, BLOCK_C).to(tl.float32)
-            v = _load(v_ptr + b * sv_b, s0, c0, S, C, sv_s, sv_c, BLOCK_S, BLOCK_C).to(tl.float32)
-            delta += tl.sum(g * v, 1)
+        delta = _delta_rows(g_ptr + b * sg_b, sg_s, sg_c, v_ptr + b * sv_b, sv_s, sv_c, s0, S, C, BLOCK_S, BLOCK_C)
         tl.store(delta_ptr + b * S + s, delta, mask=s < S)
 
 
@@ -366,8 +446,9 @@ def cluster_fwd_chunk(
             _, a = _logits_of_tile(q_hi, q_lo, xt, SPLIT, UPCAST)
         else:
             a, sumsq = _tile_logits(
-                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, s0, l0, S, l_end, C, SPLIT, BLOCK_S, BLOCK_L, SCORE_C, UPCAST
-            )
+                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, qh_ptr, 0, 0, 0.0, 0.0, s0, l0, S, l_end, C, False, SPLIT,
+                BLOCK_S, BLOCK_L, SCORE_C, UPCAST,
+            )  # fmt: skip
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
         a = a * _inv_norm(sumsq)[None, :]
         a = tl.where((l0 + tl.arange(0, BLOCK_L) < l_end)[None, :], a, float("-inf"))
@@ -388,6 +469,66 @@ def cluster_fwd_chunk(
         if tl.program_id(2) == 0:
             tl.store(m_ptr + row * S + s, m, mask=s < S)
             tl.store(l_ptr + row * S + s, tot, mask=s < S)
+
+
+@triton.jit
+def cluster_fwd_tile(
+    x_ptr,
+    s0_ptr,
+    scale_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    S,
+    L,
+    C,
+    sx_b,
+    sx_l,
+    sx_c,
+    ss_b,
+    ss_s,
+    ss_c,
+    ONE_CHUNK: tl.constexpr,
+    X_LAYOUT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``cluster_fwd_chunk`` for few pixels and many channels (16-bit x): one program per chunk of
+    ``BLOCK_L`` pixels holds all S slots in one tile, computes its logits over ``BLOCK_C``-channel
+    steps once, then ``P @ x`` C block by C block. Each S x C operand is read once per program,
+    so it makes ``qs_hi``, ``qs_lo`` from ``init_slots`` and ``scale`` itself, as
+    ``scaled_queries`` would. Outputs as ``cluster_fwd_chunk``'s; grid (B, chunks).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    l_begin, l_end = _chunk(L, BLOCK_L)
+    row = b * tl.num_programs(1) + tl.program_id(1)
+    x_ptr += b * sx_b
+    s0_ptr += b * ss_b
+    inv_q = _query_norms(s0_ptr, ss_s, ss_c, 0, S, C, BLOCK_S, BLOCK_C)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    a, sumsq = _tile_logits(
+        s0_ptr, s0_ptr, x_ptr, sx_l, sx_c, s0_ptr, ss_s, ss_c, inv_q, scale, 0, l_begin, S, l_end, C, True, True,
+        BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+    )  # fmt: skip
+    a = a * _inv_norm(sumsq)[None, :]
+    a = tl.where((l_begin + tl.arange(0, BLOCK_L) < l_end)[None, :], a, float("-inf"))
+    m = tl.max(a, 1)  # finite: every chunk has a pixel
+    p = tl.exp(a - m[:, None])
+    tot = tl.sum(p, 1)
+    for c0 in range(0, C, BLOCK_C):
+        xt = _load(x_ptr, l_begin, c0, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
+        acc = _dot_fp32_a(p, xt, None, UPCAST)
+        if ONE_CHUNK:
+            acc = acc / tot[:, None]
+        _store(acc_ptr + row * S * C, acc, 0, c0, S, C, C, 1, BLOCK_S, BLOCK_C)
+    s = tl.arange(0, BLOCK_S)
+    if ONE_CHUNK:
+        tl.store(m_ptr + row * S + s, m + tl.log(tot), mask=s < S)
+    else:
+        tl.store(m_ptr + row * S + s, m, mask=s < S)
+        tl.store(l_ptr + row * S + s, tot, mask=s < S)
 
 
 @triton.jit
@@ -431,6 +572,8 @@ def dispatch_fwd(
     v_ptr,
     out_ptr,
     lse_ptr,
+    s0_ptr,
+    scale_ptr,
     S,
     L,
     C,
@@ -442,6 +585,10 @@ def dispatch_fwd(
     sv_b,
     sv_s,
     sv_c,
+    ss_b,
+    ss_s,
+    ss_c,
+    NORMALIZE: tl.constexpr,
     X_LAYOUT: tl.constexpr,
     SPLIT: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
@@ -453,7 +600,10 @@ def dispatch_fwd(
 ):
     """Softmax over all S slots for each pixel tile of a chunk, then ``out = D^T @ slots``.
 
-    Grid (B, chunks); ``out`` (B, L, C) and ``lse`` (B, L) are contiguous.
+    ``NORMALIZE`` (over several C blocks, where the S x C operands are loaded per pixel tile
+    anyway): ``qs_hi``, ``qs_lo`` are made from ``init_slots`` (``s0``) and ``scale`` as
+    ``scaled_queries`` makes them, which then does not run. Grid (B, chunks); ``out`` (B, L, C)
+    and ``lse`` (B, L) are contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
@@ -462,6 +612,13 @@ def dispatch_fwd(
     qh_ptr += b * sq_b
     ql_ptr += b * sq_b
     v_ptr += b * sv_b
+    if NORMALIZE:
+        s0_ptr += b * ss_b
+        inv_q = _query_norms(s0_ptr, ss_s, ss_c, 0, S, C, BLOCK_S, BLOCK_C)
+        scale = tl.load(scale_ptr).to(tl.float32)
+    else:
+        inv_q = 0.0
+        scale = 0.0
     valid_s = (tl.arange(0, BLOCK_S) < S)[:, None]
     if ONE_C_BLOCK:  # loop-invariant: loaded once
         q_hi = _load(qh_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
@@ -476,8 +633,9 @@ def dispatch_fwd(
             sumsq = tl.sum(xf * xf, 1)
         else:
             a, sumsq = _tile_logits(
-                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, 0, l0, S, L, C, SPLIT, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST
-            )
+                qh_ptr, ql_ptr, x_ptr, sx_l, sx_c, s0_ptr, ss_s, ss_c, inv_q, scale, 0, l0, S, L, C, NORMALIZE,
+                SPLIT, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+            )  # fmt: skip
         a = tl.where(valid_s, a * _inv_norm(sumsq)[None, :], float("-inf"))
         m = tl.max(a, 0)
         e = tl.exp(a - m[None, :])
@@ -591,6 +749,11 @@ def _bwd_scores(
     q_hi,
     q_lo,
     yt,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
     s0,
     l0,
     S,
@@ -604,6 +767,7 @@ def _bwd_scores(
     sv_c,
     CLUSTER: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     SPLIT: tl.constexpr,
     BS: tl.constexpr,
     BL: tl.constexpr,
@@ -635,6 +799,11 @@ def _bwd_scores(
             qh_ptr,
             ql_ptr,
             C,
+            s0_ptr,
+            ss_s,
+            ss_c,
+            inv_q,
+            scale,
             x_ptr,
             sx_l,
             sx_c,
@@ -650,6 +819,7 @@ def _bwd_scores(
             n_l,
             C,
             SCORE_ROWS_X if CLUSTER else SCORE_ROWS_G,
+            NORMALIZE,
             SPLIT,
             BS,
             BL,
@@ -664,16 +834,24 @@ def _bwd_scores(
 @triton.jit
 def _dx_tile(
     dx_ptr,
+    dq_ptr,
+    dv_ptr,
     x_ptr,
     qh_ptr,
     g_ptr,
     q_hi,
     yt,
     xt,
+    da32,
     da,
     p,
     inv_r,
     kdk,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
     l0,
     S,
     L,
@@ -684,13 +862,19 @@ def _dx_tile(
     sg_c,
     CLUSTER: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
+    SLOT_SUMS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     BS: tl.constexpr,
     BL: tl.constexpr,
     BC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Stores ``dx = [P^T G] + (dK - K <K, dK>) / r`` of one pixel tile, ``dK = dA^T qs`` (the
-    ``dA``, ``P`` of all S slots in x's dtype), from the held operands or per C block."""
+    ``dA``, ``P`` of all S slots in x's dtype), from the held operands or per C block.
+
+    Per C block with ``SLOT_SUMS`` (the tile is the whole chunk): also the chunk's sums ``dqs``
+    (from the fp32 ``dA``) and dispatch's ``dslots = D @ Hg``, stored to ``dq_ptr``, ``dv_ptr``
+    from the x (and Hg) block the ``dx`` block loads anyway."""
     ck = (inv_r * kdk)[:, None]
     if ONE_C_BLOCK:
         dx = (_dot(tl.trans(da), q_hi, None, UPCAST) - xt.to(tl.float32) * ck) * inv_r[:, None]
@@ -699,13 +883,20 @@ def _dx_tile(
         _store(dx_ptr, dx, l0, 0, L, C, C, 1, BL, BC)
     else:
         for c0 in range(0, C, BC):
-            qt = _load(qh_ptr, 0, c0, S, C, C, 1, BS, BC)
-            xc = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BL, BC).to(tl.float32)
-            dx = (_dot(tl.trans(da), qt, None, UPCAST) - xc * ck) * inv_r[:, None]
+            qt, _ = _query_block(
+                qh_ptr, qh_ptr, C, s0_ptr, ss_s, ss_c, inv_q, scale, 0, c0, S, C, NORMALIZE, False, BS, BC, da.dtype
+            )
+            xc = _load(x_ptr, l0, c0, L, C, sx_l, sx_c, BL, BC)
+            dx = (_dot(tl.trans(da), qt, None, UPCAST) - xc.to(tl.float32) * ck) * inv_r[:, None]
             if CLUSTER:
                 gt = _load(g_ptr, 0, c0, S, C, sg_r, sg_c, BS, BC).to(p.dtype)
                 dx = _dot(tl.trans(p), gt, dx, UPCAST)
             _store(dx_ptr, dx, l0, c0, L, C, C, 1, BL, BC)
+            if SLOT_SUMS:
+                _store(dq_ptr, _dq_product(da32, inv_r, xc, None, UPCAST), 0, c0, S, C, C, 1, BS, BC)
+                if not CLUSTER:
+                    hg = _load(g_ptr, l0, c0, L, C, sg_r, sg_c, BL, BC)
+                    _store(dv_ptr, _dot(p, hg.to(p.dtype), None, UPCAST), 0, c0, S, C, C, 1, BS, BC)
 
 
 @triton.jit
@@ -720,6 +911,8 @@ def pixel_bwd(
     dx_ptr,
     dq_ptr,
     dv_ptr,
+    s0_ptr,
+    scale_ptr,
     S,
     L,
     C,
@@ -734,8 +927,12 @@ def pixel_bwd(
     sv_b,
     sv_s,
     sv_c,
+    ss_b,
+    ss_s,
+    ss_c,
     CLUSTER: tl.constexpr,
     SLOT_SUMS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     X_LAYOUT: tl.constexpr,
     SPLIT: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
@@ -752,16 +949,34 @@ def pixel_bwd(
     ``dx = [P^T G] + (dK - K <K, dK>) / r`` with ``dK = dA^T qs``. ``delta``: clustering reads
     the (B, S) ``rowsum(G * slots)`` of ``scaled_queries``; dispatch writes its (B, L)
     ``delta' = sum_s D dD`` there for ``slot_bwd``, whose slot blocks may hold only some slots.
-    ``SLOT_SUMS`` (with ``ONE_C_BLOCK``): also this chunk's partial sums of ``dqs`` (and
-    ``dslots``), as ``slot_bwd`` would write them; then no ``slot_bwd`` runs, and neither the
-    logits nor ``x`` are read a second time. Grid (B, chunks); ``dx`` is contiguous.
+    ``SLOT_SUMS``: also this chunk's partial sums of ``dqs`` (and ``dslots``), as ``slot_bwd``
+    would write them; then no ``slot_bwd`` runs, and neither the logits nor ``x`` are read a
+    second time. With ``ONE_C_BLOCK`` they are accumulated over the chunk's tiles; over several
+    C blocks the chunk is one tile (at most ``BLOCK_L`` pixels, small L), whose sums go out per C
+    block beside ``dx``. ``NORMALIZE`` (only then): ``qs_hi``, ``qs_lo`` are made from
+    ``init_slots`` (``s0``) and ``scale`` as ``scaled_queries`` makes them, and clustering's
+    ``delta`` is computed here, so no ``scaled_queries`` runs before. Grid (B, chunks); ``dx`` is
+    contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     l_begin, l_end = _chunk(L, chunk_len)
+    row = b * tl.num_programs(1) + tl.program_id(1)  # this chunk's partial sums (SLOT_SUMS)
     x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr = _batch_rows(b, x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, sx_b, sq_b, sg_b, sv_b)
+    if NORMALIZE:  # each S x C operand is read once per program: normalising here costs little
+        s0_ptr += b * ss_b
+        inv_q = _query_norms(s0_ptr, ss_s, ss_c, 0, S, C, BLOCK_S, BLOCK_C)
+        scale = tl.load(scale_ptr).to(tl.float32)
+    else:
+        inv_q = 0.0
+        scale = 0.0
     if CLUSTER:  # per slot, for every tile
-        lse, delta = _slot_stats(lse_ptr, delta_ptr, b, 0, S, BLOCK_S)
+        s = tl.arange(0, BLOCK_S)
+        lse = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
+        if NORMALIZE:
+            delta = _delta_rows(g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, 0, S, C, BLOCK_S, BLOCK_C)[:, None]
+        else:
+            delta = tl.load(delta_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
     q_hi, q_lo, yt = _held_operands(
         qh_ptr, ql_ptr, g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, 0, S, C, CLUSTER, ONE_C_BLOCK, BLOCK_S, BLOCK_C, DT
     )
@@ -774,8 +989,9 @@ def pixel_bwd(
         if not CLUSTER:
             lse = tl.load(lse_ptr + b * L + pix, mask=pix < L, other=0.0)[None, :]
         a_hi, a, dp, sumsq, xt, gt = _bwd_scores(
-            x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, q_hi, q_lo, yt, 0, l0, S, L, C, sx_l, sx_c, sg_r, sg_c, sv_s, sv_c,
-            CLUSTER, ONE_C_BLOCK, SPLIT, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+            x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, q_hi, q_lo, yt, s0_ptr, ss_s, ss_c, inv_q, scale, 0, l0, S, L, C,
+            sx_l, sx_c, sg_r, sg_c, sv_s, sv_c, CLUSTER, ONE_C_BLOCK, NORMALIZE, SPLIT, BLOCK_S, BLOCK_L, BLOCK_C,
+            UPCAST,
         )  # fmt: skip
         inv_r = _inv_norm(sumsq)
         p = _probabilities(a * inv_r[None, :], lse, 0, l0, S, L, BLOCK_S, BLOCK_L)
@@ -788,16 +1004,16 @@ def pixel_bwd(
             da32 = p * (dp - delta_l)
         da = da32.to(DT)
         kdk = _key_projection(da, a_hi, sumsq, inv_r)
-        if SLOT_SUMS:
+        if SLOT_SUMS and ONE_C_BLOCK:
             dq = _dq_product(da32, inv_r, xt, dq, UPCAST)
             if not CLUSTER:
                 dv = _dot(p.to(DT), gt, dv, UPCAST)
         _dx_tile(
-            dx_ptr + b * L * C, x_ptr, qh_ptr, g_ptr, q_hi, yt, xt, da, p.to(DT), inv_r, kdk, l0, S, L, C,
-            sx_l, sx_c, sg_r, sg_c, CLUSTER, ONE_C_BLOCK, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+            dx_ptr + b * L * C, dq_ptr + row * S * C, dv_ptr + row * S * C, x_ptr, qh_ptr, g_ptr, q_hi, yt, xt,
+            da32, da, p.to(DT), inv_r, kdk, s0_ptr, ss_s, ss_c, inv_q, scale, l0, S, L, C, sx_l, sx_c, sg_r, sg_c,
+            CLUSTER, ONE_C_BLOCK, SLOT_SUMS, NORMALIZE, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
         )  # fmt: skip
-    if SLOT_SUMS:
-        row = b * tl.num_programs(1) + tl.program_id(1)
+    if SLOT_SUMS and ONE_C_BLOCK:
         _store(dq_ptr + row * S * C, dq, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
         if not CLUSTER:
             _store(dv_ptr + row * S * C, dv, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
@@ -877,8 +1093,8 @@ def slot_bwd(
             lse = tl.load(lse_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
             delta = tl.load(delta_ptr + b * L + pix, mask=pix < l_end, other=0.0)[None, :]
         _, a, dp, sumsq, xt, gt = _bwd_scores(
-            x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, q_hi, q_lo, yt, s0, l0, S, l_end, C, sx_l, sx_c, sg_r, sg_c,
-            sv_s, sv_c, CLUSTER, ONE_C_BLOCK, SPLIT, BLOCK_S, BLOCK_L, SCORE_C, UPCAST,
+            x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, q_hi, q_lo, yt, qh_ptr, 0, 0, 0.0, 0.0, s0, l0, S, l_end, C,
+            sx_l, sx_c, sg_r, sg_c, sv_s, sv_c, CLUSTER, ONE_C_BLOCK, False, SPLIT, BLOCK_S, BLOCK_L, SCORE_C, UPCAST,
         )  # fmt: skip
         if not ONE_C_BLOCK:  # this program's C block of the value tiles
             xt = _load(x_ptr, l0, c_out, l_end, C, sx_l, sx_c, BLOCK_L, BLOCK_C)
