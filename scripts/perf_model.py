@@ -66,17 +66,17 @@ def n_chunks(L, blocks=B):
 def built_kernels(L, C):
     """The tensor-core kernels as written (csrc/cuda/mma_kernels.cuh), 16-bit x: products counted
     as issued (qs split in two for the logits; dA in two; dK = dA^T qs in three; slot_bwd_mma's
-    logits once per channel chunk of 64), the extra bytes of the split-L workspaces (fp32, written
-    and read) and of the backward's second pass over x (and the dispatch's grad and delta'), and
-    every launch. slot_bwd_mma's blocks of one tile's channel chunks run side by side and read the
-    same x tile: counted once (from L2 after the first). None where a kernel stays on CUDA cores:
-    C > 256."""
+    logits once per channel chunk: 128 channels for the clustering, 64 for the dispatch), the
+    extra bytes of the split-L workspaces (fp32, written and read) and of the backward's second
+    pass over x (and the dispatch's grad and delta'), and every launch. slot_bwd_mma's blocks of
+    one tile's channel chunks run side by side and read the same x tile: counted once (from L2
+    after the first). None where a kernel stays on CUDA cores: C > 256."""
     x, stat_l = B * L * C * E, B * L * 4
-    ncc = max(1, C // 64)  # channel chunks of the backward
     ws = n_chunks(L) * B * S * C * 4 * 2  # one (B, chunks, S, C) fp32 workspace, written and read
-    ws_b = n_chunks(L, B * ncc) * B * S * C * 4 * 2
     k = kernels(L, C)
     fwd = bwd = C <= 256
+    ncc = {"cluster_bwd": max(1, C // 128), "dispatch_bwd": max(1, C // 64)}  # slot_bwd_mma's channel chunks
+    ws_b = {name: n_chunks(L, B * n) * B * S * C * 4 * 2 for name, n in ncc.items()}
     return {
         # cluster_fwd_chunk_mma (logits 2, value 1) + cluster_fwd_combine
         "cluster_fwd": fwd and dict(k["cluster_fwd"], bytes=k["cluster_fwd"]["bytes"] + ws, products=3, launches=2),
@@ -85,15 +85,18 @@ def built_kernels(L, C):
         # G x^T 1, per channel chunk; dqs 2); sum_chunks
         "cluster_bwd": bwd
         and dict(
-            k["cluster_bwd"], bytes=k["cluster_bwd"]["bytes"] + x + ws_b, products=9 + 3 * ncc, launches=4
+            k["cluster_bwd"],
+            bytes=k["cluster_bwd"]["bytes"] + x + ws_b["cluster_bwd"],
+            products=9 + 3 * ncc["cluster_bwd"],
+            launches=4,
         ),
         # pixel_bwd_mma (logits 2, dD 1, dK 3); slot_bwd_mma (logits 2, dD 1, per channel chunk;
         # dqs 2, dslots 1); two sum_chunks
         "dispatch_bwd": bwd
         and dict(
             k["dispatch_bwd"],
-            bytes=k["dispatch_bwd"]["bytes"] + 2 * x + 3 * stat_l + 2 * ws_b,
-            products=9 + 3 * ncc,
+            bytes=k["dispatch_bwd"]["bytes"] + 2 * x + 3 * stat_l + 2 * ws_b["dispatch_bwd"],
+            products=9 + 3 * ncc["dispatch_bwd"],
             launches=4,
         ),
     }

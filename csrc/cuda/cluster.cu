@@ -80,7 +80,7 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
   // a block per channel chunk; else cluster_bwd_chunk with the planned CUDA-core tiles.
   const bool mma = use_mma_bwd(x, false);
   const int mma_nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows);
-  const int mma_ncc = tc::bwd_channel_chunks(static_cast<int>(C), x.scalar_type() == at::kFloat);
+  const int mma_ncc = tc::bwd_channel_chunks(static_cast<int>(C), x.scalar_type() == at::kFloat, true);
   const auto t =
       mma ? plan::Tiles{tc::kMmaCols, tc::kMmaRows, mma_nst, 0}
           : tiles_for(

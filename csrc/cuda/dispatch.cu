@@ -55,7 +55,7 @@ static void mma_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const
                     Tensor& dx, Tensor& dqs, Tensor& dslots) {
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   const int nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows);
-  const int ncc = tc::bwd_channel_chunks(static_cast<int>(C), x.scalar_type() == at::kFloat);
+  const int ncc = tc::bwd_channel_chunks(static_cast<int>(C), x.scalar_type() == at::kFloat, false);
   const auto chp = plan::plan_dispatch_fwd_chunks(L, tc::kMmaCols, B, device_props());
   const auto ch = plan::plan_chunks(L, tc::kMmaCols, B * nst * ncc, device_props());
   TORCH_CHECK(ch.n <= 65535 && nst * ncc <= 65535, "glmix_kernels.dispatch_bwd: grid too large");

@@ -458,7 +458,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 //                  tile of 64, the chunk's pixels in tiles of 64. The chunk's partial dqs = dA K
 //                  (dispatch: also dslots = D grad) into fp32 workspaces, for sum_chunks.
 // Wide C: the logits take all CP channels from shared memory, the products' accumulators only a
-// chunk of bwd_chunk() channels (two chunk-wide sets per warp: registers do not grow with C).
+// chunk of bwd_chunk() channels (at most two chunk-wide sets per warp: registers do not grow
+// with C).
 // pixel_bwd_mma walks the chunks keeping the logits in registers when one slot tile holds all S
 // (else recomputing them per chunk); slot_bwd_mma gives each chunk its own block, which recomputes
 // the logits of its tiles. <K, dK> of the normalisation's gradient comes from the logits
@@ -471,18 +472,23 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 constexpr int kMmaBwdMaxChannels = 256;
 constexpr int kMmaTf32BwdMaxChannels = 128;
 
-// Output channels per pass: 64 (16-bit), 32 (fp32: 3xTF32 fragments take twice the registers).
-// Unchunked, pixel_bwd_mma spilled at 16-bit CP = 128 and slot_bwd_mma at fp32 CP = 64.
+// Output channels per pass: 64 (16-bit), 32 (fp32: 3xTF32 fragments take more registers); twice
+// that for a kernel with one accumulator set (kOneSet: the clustering's slot_bwd_mma, the
+// dispatch's pixel_bwd_mma). Unchunked, pixel_bwd_mma spilled at 16-bit CP = 128.
 constexpr int kMmaBwdChunk = 64;
 constexpr int kMmaTf32BwdChunk = 32;
-template <class E, int CP>
+__host__ __device__ constexpr int bwd_chunk_of(int CP, bool tf32, bool one_set) {
+  const int w = (tf32 ? kMmaTf32BwdChunk : kMmaBwdChunk) * (one_set ? 2 : 1);
+  return CP < w ? CP : w;
+}
+template <class E, int CP, bool kOneSet>
 __host__ __device__ constexpr int bwd_chunk() {
-  return CP < (kIsTf32<E> ? kMmaTf32BwdChunk : kMmaBwdChunk) ? CP : (kIsTf32<E> ? kMmaTf32BwdChunk : kMmaBwdChunk);
+  return bwd_chunk_of(CP, kIsTf32<E>, kOneSet);
 }
 // Channel chunks for C channels: slot_bwd_mma's blocks per slot tile.
-inline int bwd_channel_chunks(int C, bool tf32) {
-  const int cp = padded_channels(C), cw = tf32 ? kMmaTf32BwdChunk : kMmaBwdChunk;
-  return cp > cw ? cp / cw : 1;
+inline int bwd_channel_chunks(int C, bool tf32, bool one_set) {
+  const int cp = padded_channels(C);
+  return cp / bwd_chunk_of(cp, tf32, one_set);
 }
 
 // Dynamic shared memory of both: four 64-row tiles (the dispatch five) and four 64-float rows.
@@ -553,7 +559,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
                   const float* __restrict__ stat1, int64_t L, int S, int C, int tiles_per_block,
                   Elem<E>* __restrict__ dx, float* __restrict__ dl_out) {
 #if GLMIX_MMA_ARCH_OK
-  constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP>();
+  constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP, kDispatch>();
   GLMIX_DYNAMIC_SMEM(float, smem);
   const BwdSmem<E> sh = carve_bwd<E, CP, kDispatch>(smem);
   const int64_t b = blockIdx.y;
@@ -706,7 +712,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
                  const float* __restrict__ stat1, int L, int S, int C, int64_t chunk_len, int nchunks,
                  float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
 #if GLMIX_MMA_ARCH_OK
-  constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP>();
+  constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP, !kDispatch>();
   GLMIX_DYNAMIC_SMEM(float, smem);
   const BwdSmem<E> sh = carve_bwd<E, CP, kDispatch>(smem);
   const int st = static_cast<int>(blockIdx.x) / (CP / CW), c0 = static_cast<int>(blockIdx.x) % (CP / CW) * CW;
