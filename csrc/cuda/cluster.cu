@@ -115,10 +115,10 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
              dim3(tc::kMmaThreads), mma_smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad),
              lse_c.data_ptr<float>(), delta.data_ptr<float>(), L, static_cast<int>(S), static_cast<int>(C),
              static_cast<int>(chp.len / tc::kMmaCols), elems<E>(dx), nullptr);
-      launch(tc::slot_bwd_mma<E, CP, false>, dim3(t.nst * mma_ncc, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads),
-             mma_smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad), lse_c.data_ptr<float>(),
-             delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n,
-             ws_dq.data_ptr<float>(), nullptr);
+      launch(tc::slot_bwd_mma<E, CP, false>, dim3(t.nst * mma_ncc, ch.n, static_cast<unsigned>(B)),
+             dim3(tc::kMmaThreads), mma_smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad),
+             lse_c.data_ptr<float>(), delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S),
+             static_cast<int>(C), ch.len, ch.n, ws_dq.data_ptr<float>(), nullptr);
     });
   }
   launch_sum_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);

@@ -462,7 +462,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // with C).
 // pixel_bwd_mma walks the chunks keeping the logits in registers when one slot tile holds all S
 // (else recomputing them per chunk); slot_bwd_mma gives each chunk its own block, which recomputes
-// the logits of its tiles. <K, dK> of the normalisation's gradient comes from the logits
+// the logits of its tiles. <K, dK> of the normalisation's gradient: from dK itself in a single
+// chunk (so the projection cancels to rounding: at C = 1 dx is ~0), from the logits when chunked
 // (sum_s dA z, z = <K, qs>), so dx's chunks need no other chunk's dK.
 // Precision as on the CUDA cores: logits from qs as hi + lo, softmax statistics, P and dA in fp32
 // registers; dA enters its products as hi + lo, and dK = dA^T qs takes qs as hi + lo; P (and D) is
@@ -550,6 +551,23 @@ __device__ __forceinline__ void dx_rows(const FragC (&dk)[CW / 8], const FragC (
     }
 }
 
+// <K, dK> of a warp's 16 pixels from dK's registers (all CP channels in them), 0 where not live.
+template <class E, int CP>
+__device__ __forceinline__ void dot_k(const FragC (&dk)[CP / 8], const Elem<E>* x_sh, int ld, int r0,
+                                      const float (&rn)[2], const float (&live)[2], float (&dot)[2]) {
+  const int lane = lane_id();
+  float d[2] = {0.f, 0.f};  // <x, dK> per row; the padded channels of x are zeros
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const RC rc = c_rc(lane, i);
+      d[i >> 1] += value_of<E>(x_sh[(r0 + rc.row) * ld + 8 * j + rc.col]) * dk[j].r[i];
+    }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) dot[h] = row_sum(d[h]) * rn[h] * live[h];
+}
+
 // grid (ceil(pixel tiles / tiles_per_block), B), kMmaThreads threads. Clustering (!kDispatch):
 // g = G (B, S, C), stat0 / stat1 = lse / delta (B, S), sl unused. Dispatch: g = grad (B, L, C),
 // sl = slots (B, S, C), stat0 = lse (B, L), writes delta' (B, L) to dl_out. dx (B, L, C) contiguous.
@@ -560,6 +578,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
                   Elem<E>* __restrict__ dx, float* __restrict__ dl_out) {
 #if GLMIX_MMA_ARCH_OK
   constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP, kDispatch>();
+  constexpr bool kChunked = CW < CP;  // <K, dK> from the logits
   GLMIX_DYNAMIC_SMEM(float, smem);
   const BwdSmem<E> sh = carve_bwd<E, CP, kDispatch>(smem);
   const int64_t b = blockIdx.y;
@@ -581,8 +600,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   // The warp's 16 pixels x 64 slots of tile st: a = P (clustering) or D (dispatch), e = dA
   // (clustering) or dD (dispatch); zero at slots >= S. Adds to z the parts of <K, dK> per row:
   // z[h] the sum of dA z (clustering) or D dD z (dispatch), z[2 + h] the dispatch's sum of D z
-  // (its dA = D (dD - delta'), with delta' not yet known). Only the first pass over the slot tiles
-  // counts; later passes add to z unread (cheaper than a branch).
+  // (its dA = D (dD - delta'), with delta' not yet known), when kChunked. Only the first pass over
+  // the slot tiles counts; later passes add to z unread (cheaper than a branch).
   const auto probabilities = [&](int st, const float (&rn)[2], const float (&lse)[2], FragC(&a)[kMmaNB],
                                  FragC(&e)[kMmaNB], float (&z)[4]) {
     logits<E, CP, false, true, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
@@ -597,8 +616,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         const float p = ok ? expf(zl - (kDispatch ? lse[h] : sh.st0[s])) : 0.f;
         a[j].r[i] = p;
         e[j].r[i] = ok ? (kDispatch ? e[j].r[i] : p * (e[j].r[i] - sh.st1[s])) : 0.f;
-        z[h] = fmaf(kDispatch ? p * e[j].r[i] : e[j].r[i], zl, z[h]);
-        if (kDispatch) z[2 + h] = fmaf(p, zl, z[2 + h]);
+        if (kChunked) z[h] = fmaf(kDispatch ? p * e[j].r[i] : e[j].r[i], zl, z[h]);
+        if (kChunked && kDispatch) z[2 + h] = fmaf(p, zl, z[2 + h]);
       }
   };
 
@@ -650,7 +669,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     }
 
     // Channel chunks; the logits of every slot tile once (nst == 1: kept for all chunks), or per
-    // chunk. <K, dK> from the first chunk's pass.
+    // chunk. <K, dK> from dK (one chunk) or the first chunk's pass over the logits.
 #pragma unroll
     for (int i = 0; i < 4; ++i) z[i] = 0.f;
     for (int c0 = 0; c0 < CP; c0 += CW) {
@@ -682,12 +701,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
           }
         }
         if (!kDispatch) rows_product<E, CW, false, false>(dv, a, sh.y + c0, nullptr, ld);  // P^T G
-        rows_product<E, CW, true, true>(dk, e, sh.qh + c0, sh.ql + c0, ld);                 // dA^T qs
+        rows_product<E, CW, true, true>(dk, e, sh.qh + c0, sh.ql + c0, ld);                // dA^T qs
       }
-      if (c0 == 0)
+      if constexpr (!kChunked) {
+        dot_k<E, CW>(dk, sh.x, ld, r0, rn, live, dot);
+      } else if (c0 == 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h)
           dot[h] = (kDispatch ? row_sum(z[h]) - dl[h] * row_sum(z[2 + h]) : row_sum(z[h])) * live[h];
+      }
       dx_rows<E, CW, !kDispatch>(dk, dv, sh.x, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
     }
     if (kDispatch)
