@@ -40,8 +40,8 @@ inline bool use_mma_fwd(const at::Tensor& x) {
 }
 
 // The backward kernels run on tensor cores for fp16/bf16 x with C <= 256 and fp32 x with C <= 128
-// where their shared memory fits this device (the dispatch's five tiles at C > 128 exceed an
-// A100's), the rest on the CUDA-core kernels.
+// where their shared memory fits this device (the dispatch's five tiles at 16-bit C > 128 or fp32
+// C > 64 exceed an A100's), the rest on the CUDA-core kernels.
 inline bool use_mma_bwd(const at::Tensor& x, bool dispatch) {
   const int64_t C = x.size(2);
   const bool tf32 = x.scalar_type() == at::kFloat;
