@@ -57,34 +57,47 @@ def kernels(L, C):
     }
 
 
-def n_chunks(L):
-    """plan_chunks for the tensor-core split-L kernels: 64-pixel tiles, B blocks per chunk (S <= 64)."""
-    return max(1, min(math.ceil(4 * SMS / B), math.ceil(L / 64)))
+def n_chunks(L, blocks=B):
+    """plan_chunks for the tensor-core split-L kernels: 64-pixel tiles, `blocks` blocks per chunk
+    (B for S <= 64; the backward's slot_bwd_mma B times its channel chunks)."""
+    return max(1, min(math.ceil(4 * SMS / blocks), math.ceil(L / 64)))
 
 
 def built_kernels(L, C):
     """The tensor-core kernels as written (csrc/cuda/mma_kernels.cuh), 16-bit x: products counted
-    as issued (qs split in two for the logits; dA in two; dK = dA^T qs in three), the extra bytes of
-    the split-L workspaces (fp32, written and read) and of the backward's second pass over x (and
-    the dispatch's grad and delta'), and every launch. None where a kernel stays on CUDA cores:
-    forward C > 256, backward C > 64."""
+    as issued (qs split in two for the logits; dA in two; dK = dA^T qs in three; slot_bwd_mma's
+    logits once per channel chunk: 128 channels for the clustering, 64 for the dispatch), the
+    extra bytes of the split-L workspaces (fp32, written and read) and of the backward's second
+    pass over x (and the dispatch's grad and delta'), and every launch. slot_bwd_mma's blocks of
+    one tile's channel chunks run side by side and read the same x tile: counted once (from L2
+    after the first). None where a kernel stays on CUDA cores: C > 256."""
     x, stat_l = B * L * C * E, B * L * 4
     ws = n_chunks(L) * B * S * C * 4 * 2  # one (B, chunks, S, C) fp32 workspace, written and read
     k = kernels(L, C)
-    fwd = C <= 256
-    bwd = C <= 64
+    fwd = bwd = C <= 256
+    ncc = {"cluster_bwd": max(1, C // 128), "dispatch_bwd": max(1, C // 64)}  # slot_bwd_mma's channel chunks
+    ws_b = {name: n_chunks(L, B * n) * B * S * C * 4 * 2 for name, n in ncc.items()}
     return {
         # cluster_fwd_chunk_mma (logits 2, value 1) + cluster_fwd_combine
         "cluster_fwd": fwd and dict(k["cluster_fwd"], bytes=k["cluster_fwd"]["bytes"] + ws, products=3, launches=2),
         "dispatch_fwd": fwd and dict(k["dispatch_fwd"], products=3, launches=1),
         # cluster_delta; pixel_bwd_mma (logits 2, G x^T 1, P^T G 1, dK 3); slot_bwd_mma (logits 2,
-        # G x^T 1, dqs 2); sum_chunks
+        # G x^T 1, per channel chunk; dqs 2); sum_chunks
         "cluster_bwd": bwd
-        and dict(k["cluster_bwd"], bytes=k["cluster_bwd"]["bytes"] + x + ws, products=12, launches=4),
-        # pixel_bwd_mma (logits 2, dD 1, dK 3); slot_bwd_mma (logits 2, dD 1, dqs 2, dslots 1); two sum_chunks
+        and dict(
+            k["cluster_bwd"],
+            bytes=k["cluster_bwd"]["bytes"] + x + ws_b["cluster_bwd"],
+            products=9 + 3 * ncc["cluster_bwd"],
+            launches=4,
+        ),
+        # pixel_bwd_mma (logits 2, dD 1, dK 3); slot_bwd_mma (logits 2, dD 1, per channel chunk;
+        # dqs 2, dslots 1); two sum_chunks
         "dispatch_bwd": bwd
         and dict(
-            k["dispatch_bwd"], bytes=k["dispatch_bwd"]["bytes"] + 2 * x + 3 * stat_l + 2 * ws, products=12, launches=4
+            k["dispatch_bwd"],
+            bytes=k["dispatch_bwd"]["bytes"] + 2 * x + 3 * stat_l + 2 * ws_b["dispatch_bwd"],
+            products=9 + 3 * ncc["dispatch_bwd"],
+            launches=4,
         ),
     }
 

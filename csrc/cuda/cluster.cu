@@ -76,15 +76,16 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
   if (B == 0) return {dx, dqs};
 
   const auto lse_c = lse.contiguous();
-  // Tensor cores: pixel_bwd_mma (dx) and slot_bwd_mma (chunk partials of dqs), tiles of 64 x 64;
-  // else cluster_bwd_chunk with the planned CUDA-core tiles.
-  const bool mma = use_mma_bwd(x);
+  // Tensor cores: pixel_bwd_mma (dx) and slot_bwd_mma (chunk partials of dqs), tiles of 64 x 64,
+  // a block per channel chunk; else cluster_bwd_chunk with the planned CUDA-core tiles.
+  const bool mma = use_mma_bwd(x, false);
   const int mma_nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows);
+  const int mma_ncc = tc::bwd_channel_chunks(static_cast<int>(C), x.scalar_type() == at::kFloat, true);
   const auto t =
       mma ? plan::Tiles{tc::kMmaCols, tc::kMmaRows, mma_nst, 0}
           : tiles_for(
                 S, C, kBwdAcc * kThreads, [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); }, op);
-  const auto ch = plan::plan_chunks(L, t.TL, B * (mma ? t.nst : 1), device_props());
+  const auto ch = plan::plan_chunks(L, t.TL, B * (mma ? t.nst * mma_ncc : 1), device_props());
   TORCH_CHECK(ch.n <= 65535, op, ": grid too large");
   auto f32 = x.options().dtype(at::kFloat);
   auto delta = empty_workspace({B, S}, f32);
@@ -109,15 +110,15 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
     with_mma_types<tc::kMmaBwdMaxChannels, tc::kMmaTf32BwdMaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
       using E = decltype(e);
       constexpr int CP = decltype(cp)::value;
-      const size_t mma_smem = tc::bwd_mma_smem<E>(CP);
+      const size_t mma_smem = tc::bwd_mma_smem<E>(CP, false);
       launch(tc::pixel_bwd_mma<E, CP, false>, dim3(static_cast<unsigned>(chp.n), static_cast<unsigned>(B)),
              dim3(tc::kMmaThreads), mma_smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad),
              lse_c.data_ptr<float>(), delta.data_ptr<float>(), L, static_cast<int>(S), static_cast<int>(C),
              static_cast<int>(chp.len / tc::kMmaCols), elems<E>(dx), nullptr);
-      launch(tc::slot_bwd_mma<E, CP, false>, dim3(t.nst, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads),
-             mma_smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad), lse_c.data_ptr<float>(),
-             delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n,
-             ws_dq.data_ptr<float>(), nullptr);
+      launch(tc::slot_bwd_mma<E, CP, false>, dim3(t.nst * mma_ncc, ch.n, static_cast<unsigned>(B)),
+             dim3(tc::kMmaThreads), mma_smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad),
+             lse_c.data_ptr<float>(), delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S),
+             static_cast<int>(C), ch.len, ch.n, ws_dq.data_ptr<float>(), nullptr);
     });
   }
   launch_sum_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);

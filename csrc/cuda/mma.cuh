@@ -528,10 +528,11 @@ __device__ __forceinline__ void store_c(const FragC& c, float* tile, int ld) {
   }
 }
 
-// A warp's 16 x CP accumulator tiles into rows row0.. of a row-major fp32 array with C columns:
-// only the first `rows` rows and the first C columns (the tile may pad both).
+// A warp's 16 x CP accumulator tiles into rows row0.. of a row-major fp32 array with rows of ld
+// elements: only the first `rows` rows and the first `cols` columns (the tile may pad both).
 template <int CP>
-__device__ __forceinline__ void store_rows(const FragC (&acc)[CP / 8], float* out, int64_t row0, int rows, int C) {
+__device__ __forceinline__ void store_rows(const FragC (&acc)[CP / 8], float* out, int64_t row0, int rows, int ld,
+                                           int cols) {
   const int lane = lane_id();
 #pragma unroll
   for (int j = 0; j < CP / 8; ++j)
@@ -539,7 +540,7 @@ __device__ __forceinline__ void store_rows(const FragC (&acc)[CP / 8], float* ou
     for (int i = 0; i < 4; ++i) {
       const RC rc = c_rc(lane, i);
       const int c = 8 * j + rc.col;
-      if (rc.row < rows && c < C) out[(row0 + rc.row) * C + c] = acc[j].r[i];
+      if (rc.row < rows && c < cols) out[(row0 + rc.row) * ld + c] = acc[j].r[i];
     }
 }
 

@@ -163,14 +163,16 @@ __device__ inline void tile_rnorms(const Elem<E>* x_sh, int ld, int CP, float* r
 
 // a[j] = A B^T over CP channels for a warp's 16 rows x 64 columns: A's rows at a_hi (+ a_lo, the
 // small part of a split operand, when kSplitA), B's 64 rows at b_hi (+ b_lo when kSplitB), both
-// channel-minor. The small products go first.
-template <class E, int CP, bool kSplitA, bool kSplitB>
+// channel-minor. The small products go first. kRolled keeps the 3xTF32 channel loop rolled: the
+// backward's two logits of one tile share an operand, and unrolled, ptxas kept its split fragments
+// live from one to the other (slot_bwd_mma spilled 0.9-3 KB at fp32 CP = 64, 128).
+template <class E, int CP, bool kSplitA, bool kSplitB, bool kRolled = false>
 __device__ __forceinline__ void logits(FragC (&a)[kMmaNB], const Elem<E>* a_hi, const Elem<E>* a_lo,
                                        const Elem<E>* b_hi, const Elem<E>* b_lo, int ld) {
 #pragma unroll
   for (int j = 0; j < kMmaNB; ++j) zero(a[j]);
   if constexpr (kIsTf32<E>) {  // 3xTF32 on the fp32 tiles (a_lo, b_lo unused)
-#pragma unroll
+#pragma unroll(kRolled ? 1 : CP / 8)
     for (int k0 = 0; k0 < CP; k0 += 8) {
       FragA3 af;
       load_a(af, a_hi + k0, ld);
@@ -349,7 +351,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       ws_l[row0 + s] = sm.l[h];
     }
   }
-  store_rows<CP>(acc, ws_acc, row0, ns - 16 * warp, C);
+  store_rows<CP>(acc, ws_acc, row0, ns - 16 * warp, C, C);
 #else
   __trap();  // never launched below sm_80
 #endif
@@ -445,32 +447,55 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward on tensor cores, for 16-bit x with C <= kMmaBwdMaxChannels. Two kernels, each
-// recomputing the logits of its tiles (cheap on tensor cores), rather than one holding the pixel
-// side's and the slot side's accumulators at once (three CP-wide sets per warp would spill).
-// fp32 x with C <= kMmaTf32BwdMaxChannels runs them as 3xTF32:
+// Backward on tensor cores, for 16-bit x with C <= kMmaBwdMaxChannels and fp32 x (3xTF32) with
+// C <= kMmaTf32BwdMaxChannels. Two kernels, each recomputing the logits of its tiles (cheap on
+// tensor cores), rather than one holding the pixel side's and the slot side's accumulators at once:
 //   pixel_bwd_mma  grid (pixel-tile blocks, B); warp w: pixels 16 w .. of a tile of 64, all S slots
 //                  in tiles of 64. dx: clustering P^T G + the K path dA^T qs through the
 //                  normalisation, dispatch the K path; the dispatch also writes delta' per pixel
 //                  (B, L) for slot_bwd_mma.
-//   slot_bwd_mma   grid (slot tiles, chunks, B); warp w: slots 16 w .. of a tile of 64, the chunk's
-//                  pixels in tiles of 64. The chunk's partial dqs = dA K (dispatch: also
-//                  dslots = D grad) into fp32 workspaces, for sum_chunks.
+//   slot_bwd_mma   grid (slot tiles x channel chunks, chunks of L, B); warp w: slots 16 w .. of a
+//                  tile of 64, the chunk's pixels in tiles of 64. The chunk's partial dqs = dA K
+//                  (dispatch: also dslots = D grad) into fp32 workspaces, for sum_chunks.
+// Wide C: the logits take all CP channels from shared memory, the products' accumulators only a
+// chunk of bwd_chunk() channels (at most two chunk-wide sets per warp: registers do not grow
+// with C).
+// pixel_bwd_mma walks the chunks keeping the logits in registers when one slot tile holds all S
+// (else recomputing them per chunk); slot_bwd_mma gives each chunk its own block, which recomputes
+// the logits of its tiles. <K, dK> of the normalisation's gradient: from dK itself in a single
+// chunk (so the projection cancels to rounding: at C = 1 dx is ~0), from the logits when chunked
+// (sum_s dA z, z = <K, qs>), so dx's chunks need no other chunk's dK.
 // Precision as on the CUDA cores: logits from qs as hi + lo, softmax statistics, P and dA in fp32
 // registers; dA enters its products as hi + lo, and dK = dA^T qs takes qs as hi + lo; P (and D) is
 // rounded to the 16-bit type, as in the forward's value product. dqs takes dA / ||x|| as its
 // operand: with fp16 x, a pixel with 0 < ||x|| below about 1e-5 can overflow it (fp16 tops out at
 // 65504); zero pixels contribute exactly zero.
-// Two CP-wide accumulator sets per warp: the clustering's pixel_bwd_mma spills 28-40 bytes on
-// sm_90 at CP = 128 (the resource report), so 64.
-constexpr int kMmaBwdMaxChannels = 64;
-// fp32 x: 3xTF32 fragments take twice the registers; slot_bwd_mma spills at CP = 64, so 32.
-constexpr int kMmaTf32BwdMaxChannels = 32;
+constexpr int kMmaBwdMaxChannels = 256;
+constexpr int kMmaTf32BwdMaxChannels = 128;
 
-// Dynamic shared memory of both: five 64-row 16-bit tiles and four 64-float rows.
+// Output channels per pass: 64 (16-bit), 32 (fp32: 3xTF32 fragments take more registers); twice
+// that for a kernel with one accumulator set (kOneSet: the clustering's slot_bwd_mma, the
+// dispatch's pixel_bwd_mma). Unchunked, pixel_bwd_mma spilled at 16-bit CP = 128.
+constexpr int kMmaBwdChunk = 64;
+constexpr int kMmaTf32BwdChunk = 32;
+__host__ __device__ constexpr int bwd_chunk_of(int CP, bool tf32, bool one_set) {
+  const int w = (tf32 ? kMmaTf32BwdChunk : kMmaBwdChunk) * (one_set ? 2 : 1);
+  return CP < w ? CP : w;
+}
+template <class E, int CP, bool kOneSet>
+__host__ __device__ constexpr int bwd_chunk() {
+  return bwd_chunk_of(CP, kIsTf32<E>, kOneSet);
+}
+// Channel chunks for C channels: slot_bwd_mma's blocks per slot tile.
+inline int bwd_channel_chunks(int C, bool tf32, bool one_set) {
+  const int cp = padded_channels(C);
+  return cp / bwd_chunk_of(cp, tf32, one_set);
+}
+
+// Dynamic shared memory of both: four 64-row tiles (the dispatch five) and four 64-float rows.
 template <class E>
-inline size_t bwd_mma_smem(int CP) {
-  return static_cast<size_t>(5 * 64) * (CP + Store<E>::kPad) * sizeof(Elem<E>) + 4 * 64 * 4;
+inline size_t bwd_mma_smem(int CP, bool dispatch) {
+  return static_cast<size_t>((dispatch ? 5 : 4) * 64) * (CP + Store<E>::kPad) * sizeof(Elem<E>) + 4 * 64 * 4;
 }
 
 // A (B, rows, C) tensor with its strides, as the backward kernels take their operands.
@@ -484,10 +509,10 @@ template <class E>
 struct BwdSmem {
   Elem<E>*qh, *ql;               // qs hi and lo (a slot tile; tf32: qs whole in qh)
   Elem<E>* y;                    // the other (S, C) operand: clustering G, dispatch slots (the same slot tile)
-  Elem<E>*x, *h;                 // x's pixel tile; the dispatch's grad pixel tile
+  Elem<E>*x, *h;                 // x's pixel tile; the dispatch's grad pixel tile (clustering: none)
   float *rn, *live, *st0, *st1;  // per pixel 1 / ||x|| and liveness; two statistics per row
 };
-template <class E, int CP>
+template <class E, int CP, bool kDispatch>
 __device__ __forceinline__ BwdSmem<E> carve_bwd(float* smem) {
   constexpr int tile = 64 * tile_ld<E, CP>();
   BwdSmem<E> s;
@@ -495,37 +520,28 @@ __device__ __forceinline__ BwdSmem<E> carve_bwd(float* smem) {
   s.ql = s.qh + tile;
   s.y = s.ql + tile;
   s.x = s.y + tile;
-  s.h = s.x + tile;
-  s.rn = reinterpret_cast<float*>(s.h + tile);
+  s.h = kDispatch ? s.x + tile : nullptr;
+  s.rn = reinterpret_cast<float*>(s.x + (kDispatch ? 2 : 1) * tile);
   s.live = s.rn + 64;
   s.st0 = s.live + 64;
   s.st1 = s.st0 + 64;
   return s;
 }
 
-// dx of a warp's 16 pixels: value + (dK - K <K, dK>) / max(||x||, eps), K = x / max(||x||, eps),
-// the projection only where live; rows r0 .. of the tile, written for rows < nl and channels < C.
-template <class E, int CP, bool kValue>
-__device__ __forceinline__ void dx_rows(const FragC (&dk)[CP / 8], const FragC (&value)[CP / 8], const Elem<E>* x_sh,
-                                        int ld, int r0, const float (&rn)[2], const float (&live)[2], int nl, int C,
-                                        Elem<E>* dxb) {
+// dx of a warp's 16 pixels at channels c0 .. c0 + CW: value + (dK - K <K, dK>) / max(||x||, eps),
+// K = x / max(||x||, eps); dot = <K, dK>, 0 where not live (the projection only where live). Rows
+// r0 .. of the tile, written for rows < nl and channels < C.
+template <class E, int CW, bool kValue>
+__device__ __forceinline__ void dx_rows(const FragC (&dk)[CW / 8], const FragC (&value)[CW / 8], const Elem<E>* x_sh,
+                                        int ld, int r0, int c0, const float (&rn)[2], const float (&dot)[2], int nl,
+                                        int C, Elem<E>* dxb) {
   const int lane = lane_id();
-  float dot[2] = {0.f, 0.f};  // <x, dK> per row; the padded channels of x are zeros
 #pragma unroll
-  for (int j = 0; j < CP / 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const RC rc = c_rc(lane, i);
-      dot[i >> 1] += value_of<E>(x_sh[(r0 + rc.row) * ld + 8 * j + rc.col]) * dk[j].r[i];
-    }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) dot[h] = row_sum(dot[h]) * rn[h] * live[h];  // <K, dK>, 0 where not live
-#pragma unroll
-  for (int j = 0; j < CP / 8; ++j)
+  for (int j = 0; j < CW / 8; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const RC rc = c_rc(lane, i);
-      const int l = r0 + rc.row, c = 8 * j + rc.col, h = i >> 1;
+      const int l = r0 + rc.row, c = c0 + 8 * j + rc.col, h = i >> 1;
       if (l < nl && c < C) {
         const float k = value_of<E>(x_sh[l * ld + c]) * rn[h];
         float v = (dk[j].r[i] - k * dot[h]) * rn[h];
@@ -533,6 +549,23 @@ __device__ __forceinline__ void dx_rows(const FragC (&dk)[CP / 8], const FragC (
         dxb[static_cast<int64_t>(l) * C + c] = elem_of<E>(v);
       }
     }
+}
+
+// <K, dK> of a warp's 16 pixels from dK's registers (all CP channels in them), 0 where not live.
+template <class E, int CP>
+__device__ __forceinline__ void dot_k(const FragC (&dk)[CP / 8], const Elem<E>* x_sh, int ld, int r0,
+                                      const float (&rn)[2], const float (&live)[2], float (&dot)[2]) {
+  const int lane = lane_id();
+  float d[2] = {0.f, 0.f};  // <x, dK> per row; the padded channels of x are zeros
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const RC rc = c_rc(lane, i);
+      d[i >> 1] += value_of<E>(x_sh[(r0 + rc.row) * ld + 8 * j + rc.col]) * dk[j].r[i];
+    }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) dot[h] = row_sum(d[h]) * rn[h] * live[h];
 }
 
 // grid (ceil(pixel tiles / tiles_per_block), B), kMmaThreads threads. Clustering (!kDispatch):
@@ -544,9 +577,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
                   const float* __restrict__ stat1, int64_t L, int S, int C, int tiles_per_block,
                   Elem<E>* __restrict__ dx, float* __restrict__ dl_out) {
 #if GLMIX_MMA_ARCH_OK
-  constexpr int ld = tile_ld<E, CP>();
+  constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP, kDispatch>();
+  constexpr bool kChunked = CW < CP;  // <K, dK> from the logits
   GLMIX_DYNAMIC_SMEM(float, smem);
-  const BwdSmem<E> sh = carve_bwd<E, CP>(smem);
+  const BwdSmem<E> sh = carve_bwd<E, CP, kDispatch>(smem);
   const int64_t b = blockIdx.y;
   const int lane = lane_id(), r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
   const int nst = (S + kMmaCols - 1) / kMmaCols;
@@ -564,20 +598,26 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       }
   };
   // The warp's 16 pixels x 64 slots of tile st: a = P (clustering) or D (dispatch), e = dA
-  // (clustering) or dD (dispatch); zero at slots >= S.
+  // (clustering) or dD (dispatch); zero at slots >= S. Adds to z the parts of <K, dK> per row:
+  // z[h] the sum of dA z (clustering) or D dD z (dispatch), z[2 + h] the dispatch's sum of D z
+  // (its dA = D (dD - delta'), with delta' not yet known), when kChunked. Only the first pass over
+  // the slot tiles counts; later passes add to z unread (cheaper than a branch).
   const auto probabilities = [&](int st, const float (&rn)[2], const float (&lse)[2], FragC(&a)[kMmaNB],
-                                 FragC(&e)[kMmaNB]) {
-    logits<E, CP, false, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
-    logits<E, CP, false, false>(e, (kDispatch ? sh.h : sh.x) + r0 * ld, nullptr, sh.y, nullptr, ld);
+                                 FragC(&e)[kMmaNB], float (&z)[4]) {
+    logits<E, CP, false, true, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
+    logits<E, CP, false, false, true>(e, (kDispatch ? sh.h : sh.x) + r0 * ld, nullptr, sh.y, nullptr, ld);
 #pragma unroll
     for (int j = 0; j < kMmaNB; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int s = 8 * j + c_rc(lane, i).col, h = i >> 1;
         const bool ok = st * kMmaCols + s < S;
-        const float p = ok ? expf(a[j].r[i] * rn[h] - (kDispatch ? lse[h] : sh.st0[s])) : 0.f;
+        const float zl = ok ? a[j].r[i] * rn[h] : 0.f;
+        const float p = ok ? expf(zl - (kDispatch ? lse[h] : sh.st0[s])) : 0.f;
         a[j].r[i] = p;
         e[j].r[i] = ok ? (kDispatch ? e[j].r[i] : p * (e[j].r[i] - sh.st1[s])) : 0.f;
+        if (kChunked) z[h] = fmaf(kDispatch ? p * e[j].r[i] : e[j].r[i], zl, z[h]);
+        if (kChunked && kDispatch) z[2 + h] = fmaf(p, zl, z[2 + h]);
       }
   };
 
@@ -613,52 +653,65 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
           den[i >> 1] += a[j].r[i];
         }
     };
+    FragC a[kMmaNB], e[kMmaNB];
+    float z[4] = {0.f, 0.f, 0.f, 0.f}, dot[2] = {0.f, 0.f};
     if (kDispatch && nst > 1) {
       float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
       for (int st = 0; st < nst; ++st) {
         __syncthreads();
         load_slots(st);
         __syncthreads();
-        FragC a[kMmaNB], e[kMmaNB];
-        probabilities(st, rn, lse, a, e);
+        probabilities(st, rn, lse, a, e, z);
         delta_rows(a, e, num, den);
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
     }
 
-    FragC dk[CP / 8], dv[CP / 8];
+    // Channel chunks; the logits of every slot tile once (nst == 1: kept for all chunks), or per
+    // chunk. <K, dK> from dK (one chunk) or the first chunk's pass over the logits.
 #pragma unroll
-    for (int j = 0; j < CP / 8; ++j) {
-      zero(dk[j]);
-      zero(dv[j]);
-    }
-    for (int st = 0; st < nst; ++st) {
-      if (nst > 1) {
-        __syncthreads();
-        load_slots(st);
-        __syncthreads();
+    for (int i = 0; i < 4; ++i) z[i] = 0.f;
+    for (int c0 = 0; c0 < CP; c0 += CW) {
+      FragC dk[CW / 8], dv[CW / 8];
+#pragma unroll
+      for (int j = 0; j < CW / 8; ++j) {
+        zero(dk[j]);
+        zero(dv[j]);
       }
-      FragC a[kMmaNB], e[kMmaNB];
-      probabilities(st, rn, lse, a, e);
-      if (kDispatch) {
-        if (nst == 1) {
-          float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
-          delta_rows(a, e, num, den);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
+      for (int st = 0; st < nst; ++st) {
+        if (nst > 1) {
+          __syncthreads();
+          load_slots(st);
+          __syncthreads();
         }
+        if (nst > 1 || c0 == 0) {
+          probabilities(st, rn, lse, a, e, z);
+          if (kDispatch) {
+            if (nst == 1) {
+              float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
+              delta_rows(a, e, num, den);
 #pragma unroll
-        for (int j = 0; j < kMmaNB; ++j)
+              for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
+            }
 #pragma unroll
-          for (int i = 0; i < 4; ++i) e[j].r[i] = a[j].r[i] * (e[j].r[i] - dl[i >> 1]);
-      } else {
-        rows_product<E, CP, false, false>(dv, a, sh.y, nullptr, ld);  // P^T G
+            for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) e[j].r[i] = a[j].r[i] * (e[j].r[i] - dl[i >> 1]);
+          }
+        }
+        if (!kDispatch) rows_product<E, CW, false, false>(dv, a, sh.y + c0, nullptr, ld);  // P^T G
+        rows_product<E, CW, true, true>(dk, e, sh.qh + c0, sh.ql + c0, ld);                // dA^T qs
       }
-      rows_product<E, CP, true, true>(dk, e, sh.qh, sh.ql, ld);  // dA^T qs
+      if constexpr (!kChunked) {
+        dot_k<E, CW>(dk, sh.x, ld, r0, rn, live, dot);
+      } else if (c0 == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          dot[h] = (kDispatch ? row_sum(z[h]) - dl[h] * row_sum(z[2 + h]) : row_sum(z[h])) * live[h];
+      }
+      dx_rows<E, CW, !kDispatch>(dk, dv, sh.x, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
     }
-
-    dx_rows<E, CP, !kDispatch>(dk, dv, sh.x, ld, r0, rn, live, nl, C, dx + (b * L + l0) * C);
     if (kDispatch)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -671,20 +724,21 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 #endif
 }
 
-// grid (slot tiles, chunks, B), kMmaThreads threads. Clustering (!kDispatch): g = G (B, S, C),
-// stat0 / stat1 = lse / delta (B, S), sl unused. Dispatch: g = grad (B, L, C), sl = slots,
-// stat0 / stat1 = lse / delta' (B, L). Writes the chunk's partial dqs to ws_dq (B, nchunks, S, C)
-// and, for the dispatch, dslots to ws_dv.
+// grid (slot tiles x CP / bwd_chunk, chunks of L, B), kMmaThreads threads; blockIdx.x = slot tile
+// x chunks + channel chunk. Clustering (!kDispatch): g = G (B, S, C), stat0 / stat1 = lse / delta
+// (B, S), sl unused. Dispatch: g = grad (B, L, C), sl = slots, stat0 / stat1 = lse / delta' (B, L).
+// Writes the chunk's partial dqs to ws_dq (B, nchunks, S, C) and, for the dispatch, dslots to ws_dv.
 template <class E, int CP, bool kDispatch>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     slot_bwd_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl, const float* __restrict__ stat0,
                  const float* __restrict__ stat1, int L, int S, int C, int64_t chunk_len, int nchunks,
                  float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
 #if GLMIX_MMA_ARCH_OK
-  constexpr int ld = tile_ld<E, CP>();
+  constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP, !kDispatch>();
   GLMIX_DYNAMIC_SMEM(float, smem);
-  const BwdSmem<E> sh = carve_bwd<E, CP>(smem);
-  const int st = blockIdx.x, chunk = blockIdx.y;
+  const BwdSmem<E> sh = carve_bwd<E, CP, kDispatch>(smem);
+  const int st = static_cast<int>(blockIdx.x) / (CP / CW), c0 = static_cast<int>(blockIdx.x) % (CP / CW) * CW;
+  const int chunk = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int s0 = st * kMmaRows, ns = min(kMmaRows, S - s0);
   const int64_t l_begin = chunk * chunk_len;
@@ -704,9 +758,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         dl[h] = stat1[b * S + s0 + s];
       }
     }
-  FragC dq[CP / 8], dv[CP / 8];
+  FragC dq[CW / 8], dv[CW / 8];
 #pragma unroll
-  for (int j = 0; j < CP / 8; ++j) {
+  for (int j = 0; j < CW / 8; ++j) {
     zero(dq[j]);
     zero(dv[j]);
   }
@@ -728,8 +782,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 
     // The warp's 16 slots x 64 pixels: a = P or D, e = dA / ||x|| (the dqs operand against x).
     FragC a[kMmaNB], e[kMmaNB];
-    logits<E, CP, true, false>(a, sh.qh + r0 * ld, sh.ql + r0 * ld, sh.x, nullptr, ld);
-    logits<E, CP, false, false>(e, sh.y + r0 * ld, nullptr, kDispatch ? sh.h : sh.x, nullptr, ld);
+    logits<E, CP, true, false, true>(a, sh.qh + r0 * ld, sh.ql + r0 * ld, sh.x, nullptr, ld);
+    logits<E, CP, false, false, true>(e, sh.y + r0 * ld, nullptr, kDispatch ? sh.h : sh.x, nullptr, ld);
 #pragma unroll
     for (int j = 0; j < kMmaNB; ++j)
 #pragma unroll
@@ -742,13 +796,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         a[j].r[i] = p;
         e[j].r[i] = dq_ok ? p * (e[j].r[i] - (kDispatch ? sh.st1[l] : dl[h])) * rn : 0.f;
       }
-    rows_product<E, CP, true, false>(dq, e, sh.x, nullptr, ld);                  // dA K
-    if (kDispatch) rows_product<E, CP, false, false>(dv, a, sh.h, nullptr, ld);  // D grad
+    rows_product<E, CW, true, false>(dq, e, sh.x + c0, nullptr, ld);                  // dA K
+    if (kDispatch) rows_product<E, CW, false, false>(dv, a, sh.h + c0, nullptr, ld);  // D grad
   }
 
   const int64_t row0 = (b * nchunks + chunk) * S + s0 + r0;  // workspace row of the warp's slot 0
-  store_rows<CP>(dq, ws_dq, row0, ns - r0, C);
-  if (kDispatch) store_rows<CP>(dv, ws_dv, row0, ns - r0, C);
+  store_rows<CW>(dq, ws_dq + c0, row0, ns - r0, C, C - c0);
+  if (kDispatch) store_rows<CW>(dv, ws_dv + c0, row0, ns - r0, C, C - c0);
 #else
   __trap();  // never launched below sm_80
 #endif
