@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
 #include "cpu/passes.h"
 
@@ -55,18 +56,38 @@ Tensor query_source(const Tensor& init_slots) {
   return init_slots.stride(2) == 1 || init_slots.stride(1) == 1 ? init_slots : init_slots.contiguous();
 }
 
+// The loops run on blocks of kSlotBlock slots, in parallel when there are enough: at small L they
+// are a good part of an op, and the rest of it runs on every thread. The blocks depend on the
+// shapes only, so dscale (summed per block, then over blocks in order) does not depend on the
+// thread count.
+constexpr int64_t kSlotBlock = 16;
+
+template <typename F>
+void for_slot_blocks(int64_t S, int64_t C, const F& fn) {
+  const int64_t blocks = (S + kSlotBlock - 1) / kSlotBlock;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kSlotBlock * C));  // about 16K elements per task
+  at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) fn(k, k * kSlotBlock, std::min(S, (k + 1) * kSlotBlock));
+  });
+}
+
 // qs (Bs, S, C) in acc; for channels-major init_slots the transpose of a contiguous (Bs, C, S)
 // tensor, which the kernels' products (they read qs^T) take as it is.
 template <typename scalar_t>
 Tensor scaled_queries_cpu(const Tensor& init_slots, double scale, at::ScalarType acc) {
   using acc_t = at::opmath_type<scalar_t>;
   const Tensor src = query_source(init_slots);
-  const int64_t Bs = src.size(0), S = src.size(1), C = src.size(2);
-  const bool channels_major = src.stride(2) != 1;
+  const int64_t Bs = src.size(0), S = src.size(1), C = src.size(2), ss = src.stride(1), sc = src.stride(2);
+  const bool channels_major = sc != 1;
   Tensor qs = at::empty(channels_major ? at::IntArrayRef{Bs, C, S} : at::IntArrayRef{Bs, S, C}, src.options().dtype(acc));
-  for (int64_t b = 0; b < Bs; ++b)
-    cpu::scaled_queries(src.const_data_ptr<scalar_t>() + b * src.stride(0), S, C, src.stride(1), src.stride(2), scale,
-                        qs.data_ptr<acc_t>() + b * S * C);
+  for (int64_t b = 0; b < Bs; ++b) {
+    const scalar_t* src_b = src.const_data_ptr<scalar_t>() + b * src.stride(0);
+    acc_t* qs_b = qs.data_ptr<acc_t>() + b * S * C;
+    for_slot_blocks(S, C, [&](int64_t, int64_t s0, int64_t s1) {
+      cpu::scaled_queries(src_b + s0 * ss, s1 - s0, C, ss, sc, scale, qs_b + (channels_major ? s0 : s0 * C),
+                          channels_major ? S : C);
+    });
+  }
   return channels_major ? qs.transpose(1, 2) : qs;
 }
 
@@ -76,12 +97,20 @@ Tensor scaled_queries_backward_cpu(const Tensor& dqs, const Tensor& init_slots, 
   using acc_t = at::opmath_type<scalar_t>;
   const Tensor src = query_source(init_slots);
   const int64_t B = dqs.size(0), Bs = src.size(0), S = src.size(1), C = src.size(2);
+  const int64_t ss = src.stride(1), sc = src.stride(2);
   Tensor d_init = at::empty({Bs, S, C}, init_slots.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t summed = Bs == B ? 1 : B;  // a (1, S, C) init_slots takes the batch sum
-  for (int64_t b = 0; b < Bs; ++b)
-    cpu::scaled_queries_backward(dqs.const_data_ptr<acc_t>() + b * S * C, summed, S * C,
-                                 src.const_data_ptr<scalar_t>() + b * src.stride(0), S, C, src.stride(1),
-                                 src.stride(2), scale, d_init.data_ptr<scalar_t>() + b * S * C, &dscale);
+  std::vector<double> block_dscale((S + kSlotBlock - 1) / kSlotBlock);
+  for (int64_t b = 0; b < Bs; ++b) {
+    const scalar_t* src_b = src.const_data_ptr<scalar_t>() + b * src.stride(0);
+    for_slot_blocks(S, C, [&](int64_t k, int64_t s0, int64_t s1) {
+      block_dscale[k] = 0;
+      cpu::scaled_queries_backward(dqs.const_data_ptr<acc_t>() + (b * S + s0) * C, summed, S * C, src_b + s0 * ss,
+                                   s1 - s0, C, ss, sc, scale, d_init.data_ptr<scalar_t>() + (b * S + s0) * C,
+                                   &block_dscale[k]);
+    });
+    for (const double d : block_dscale) dscale += d;
+  }
   return d_init;
 }
 

@@ -269,14 +269,14 @@ C10_ALWAYS_INLINE void transpose_rows(const T* src, int64_t ld, int64_t n, int64
 
 template <typename T, typename A>
 C10_ALWAYS_INLINE void scaled_queries_impl(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale,
-                                           A* qs) {
+                                           A* qs, int64_t ldq) {
   const A scale_a = static_cast<A>(scale);
   if (sc == 1) {
     for (int64_t s = 0; s < S; ++s) {
       const T* row = src + s * ss;
       // A product with 1 / r, not a division per element: within an fp64 ulp, and cheaper.
       const double rinv = inverse_norm(row_norm(row, C));
-      A* q = qs + s * C;
+      A* q = qs + s * ldq;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) q[c] = static_cast<A>(static_cast<double>(row[c]) * rinv) * scale_a;
     }
@@ -287,7 +287,7 @@ C10_ALWAYS_INLINE void scaled_queries_impl(const T* src, int64_t S, int64_t C, i
   for (int64_t s = 0; s < S; ++s) rinv[s] = inverse_norm(rinv[s]);
   for (int64_t c = 0; c < C; ++c) {
     const T* row = src + c * sc;
-    A* q = qs + c * S;
+    A* q = qs + c * ldq;
 #pragma omp simd
     for (int64_t s = 0; s < S; ++s) q[s] = static_cast<A>(static_cast<double>(row[s]) * rinv[s]) * scale_a;
   }
@@ -394,8 +394,8 @@ GLMIX_DEFINE_TILE_KERNELS(double)
 
 #define GLMIX_DEFINE_QUERY_PASSES(T, A)                                                                             \
   GLMIX_CLONES void scaled_queries(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale,        \
-                                   A* qs) {                                                                         \
-    scaled_queries_impl(src, S, C, ss, sc, scale, qs);                                                              \
+                                   A* qs, int64_t ldq) {                                                            \
+    scaled_queries_impl(src, S, C, ss, sc, scale, qs, ldq);                                                         \
   }                                                                                                                 \
   GLMIX_CLONES void scaled_queries_backward(const A* dqs, int64_t nb, int64_t batch_stride, const T* src, int64_t S, \
                                             int64_t C, int64_t ss, int64_t sc, double scale, T* d_init,            \

@@ -50,8 +50,9 @@ GLMIX_DECLARE_TILE_KERNELS(double)
 // (channels-major: pooled slots, (C, S) in memory). Norms, projection and batch sum in fp64; q is
 // rounded to A before the product with the scale.
 #define GLMIX_DECLARE_QUERY_PASSES(T, A)                                                                      \
-  /* qs in src's layout: (S, C) rows for sc == 1, else (C, S) for ss == 1 */                                  \
-  void scaled_queries(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale, A* qs);       \
+  /* qs in src's layout: (S, C) rows for sc == 1, else (C, S) for ss == 1; row stride ldq */                  \
+  void scaled_queries(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale, A* qs,        \
+                      int64_t ldq);                                                                           \
   /* d_init (S, C) contiguous from dqs (S, C) contiguous summed over nb batch elements batch_stride apart; \
      adds sum(dqs * q) to dscale */                                                                           \
   void scaled_queries_backward(const A* dqs, int64_t nb, int64_t batch_stride, const T* src, int64_t S,        \
