@@ -79,7 +79,8 @@ Tensor scaled_queries_cpu(const Tensor& init_slots, double scale, at::ScalarType
   const Tensor src = query_source(init_slots);
   const int64_t Bs = src.size(0), S = src.size(1), C = src.size(2), ss = src.stride(1), sc = src.stride(2);
   const bool channels_major = sc != 1;
-  Tensor qs = at::empty(channels_major ? at::IntArrayRef{Bs, C, S} : at::IntArrayRef{Bs, S, C}, src.options().dtype(acc));
+  Tensor qs =
+      at::empty(channels_major ? at::IntArrayRef{Bs, C, S} : at::IntArrayRef{Bs, S, C}, src.options().dtype(acc));
   for (int64_t b = 0; b < Bs; ++b) {
     const scalar_t* src_b = src.const_data_ptr<scalar_t>() + b * src.stride(0);
     acc_t* qs_b = qs.data_ptr<acc_t>() + b * S * C;

@@ -392,15 +392,15 @@ GLMIX_CLONES void transpose(const float* src, int64_t ld, int64_t n, int64_t C, 
 GLMIX_DEFINE_TILE_KERNELS(float)
 GLMIX_DEFINE_TILE_KERNELS(double)
 
-#define GLMIX_DEFINE_QUERY_PASSES(T, A)                                                                             \
-  GLMIX_CLONES void scaled_queries(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale,        \
-                                   A* qs, int64_t ldq) {                                                            \
-    scaled_queries_impl(src, S, C, ss, sc, scale, qs, ldq);                                                         \
-  }                                                                                                                 \
+#define GLMIX_DEFINE_QUERY_PASSES(T, A)                                                                              \
+  GLMIX_CLONES void scaled_queries(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale, A* qs,  \
+                                   int64_t ldq) {                                                                    \
+    scaled_queries_impl(src, S, C, ss, sc, scale, qs, ldq);                                                          \
+  }                                                                                                                  \
   GLMIX_CLONES void scaled_queries_backward(const A* dqs, int64_t nb, int64_t batch_stride, const T* src, int64_t S, \
-                                            int64_t C, int64_t ss, int64_t sc, double scale, T* d_init,            \
-                                            double* dscale) {                                                       \
-    scaled_queries_backward_impl(dqs, nb, batch_stride, src, S, C, ss, sc, scale, d_init, dscale);                  \
+                                            int64_t C, int64_t ss, int64_t sc, double scale, T* d_init,              \
+                                            double* dscale) {                                                        \
+    scaled_queries_backward_impl(dqs, nb, batch_stride, src, S, C, ss, sc, scale, d_init, dscale);                   \
   }
 
 GLMIX_DEFINE_QUERY_PASSES(c10::Half, float)
