@@ -5,6 +5,7 @@
 #pragma once
 #include <tuple>
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -28,15 +29,19 @@ void define_ops(torch::Library& m);
 // The four ops of one device, wrapped around its four kernel functions, which take qs:
 //   cluster_fwd(x, qs) -> (slots, lse)           cluster_bwd(grad, x, qs, slots, lse) -> (dx, dqs)
 //   dispatch_fwd(x, qs, slots) -> (out, lse)     dispatch_bwd(grad, x, qs, slots, lse) -> (dx, dqs, dslots)
-// The backwards recompute qs: S x C work, cheaper than saving it.
+// The backwards recompute qs: S x C work, cheaper than saving it. Each op runs below autograd:
+// nothing inside needs it, and otherwise every view a kernel takes of a tile (select, narrow)
+// went through ADInplaceOrView and built autograd view metadata.
 template <auto kClusterFwd, auto kClusterBwd, auto kDispatchFwd, auto kDispatchBwd>
 struct QueryOps {
   static std::tuple<Tensor, Tensor> cluster_fwd(const Tensor& x, const Tensor& init_slots, const Tensor& scale) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return kClusterFwd(x, scaled_queries(x, init_slots, scale));
   }
 
   static std::tuple<Tensor, Tensor, Tensor> cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& init_slots,
                                                         const Tensor& scale, const Tensor& slots, const Tensor& lse) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [dx, dqs] = kClusterBwd(grad, x, scaled_queries(x, init_slots, scale), slots, lse);
     auto [d_init_slots, dscale] = scaled_queries_backward(dqs, init_slots, scale);
     return {dx, d_init_slots, dscale};
@@ -44,12 +49,14 @@ struct QueryOps {
 
   static std::tuple<Tensor, Tensor> dispatch_fwd(const Tensor& x, const Tensor& init_slots, const Tensor& scale,
                                                  const Tensor& slots) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return kDispatchFwd(x, scaled_queries(x, init_slots, scale), slots);
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor> dispatch_bwd(const Tensor& grad, const Tensor& x,
                                                                  const Tensor& init_slots, const Tensor& scale,
                                                                  const Tensor& slots, const Tensor& lse) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [dx, dqs, dslots] = kDispatchBwd(grad, x, scaled_queries(x, init_slots, scale), slots, lse);
     auto [d_init_slots, dscale] = scaled_queries_backward(dqs, init_slots, scale);
     return {dx, d_init_slots, dscale, dslots};

@@ -62,22 +62,19 @@ void cluster_fwd(const Tensor& x, const Tensor& qs, Tensor& slots, Tensor& lse) 
   // About 32K multiply-adds per task: below that, waking a thread costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, 32768 / (J * C));
   at::parallel_for(0, B * S, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<acc_t> row(C);
+    acc_t w[kMaxChunks];
     for (const auto i : c10::irange(i0, i1)) {
       const int64_t b = i / S, s = i % S;
       acc_t M = -std::numeric_limits<acc_t>::infinity();
       for (const auto j : c10::irange(J)) M = std::max(M, mp[(b * J + j) * S + s]);
       acc_t Z = 0;
-      std::fill(row.begin(), row.end(), acc_t(0));
       for (const auto j : c10::irange(J)) {
         const int64_t bjs = (b * J + j) * S + s;
-        const acc_t w = std::exp(mp[bjs] - M);
-        Z += w * zp[bjs];
-        const acc_t* a = ap + bjs * C;
-        for (const auto c : c10::irange(C)) row[c] += w * a[c];
+        w[j] = std::exp(mp[bjs] - M);
+        Z += w[j] * zp[bjs];
       }
       lse_p[i] = M + std::log(Z);
-      for (const auto c : c10::irange(C)) out[i * C + c] = row[c] / Z;
+      weighted_sum(ap + (b * J * S + s) * C, J, S * C, C, w, acc_t(1) / Z, out + i * C);
     }
   });
 }
@@ -96,26 +93,15 @@ void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Te
   // delta = rowsum(dP * P) = rowsum(G * slots), (B, S): no (S, L) product needed. The slots are
   // the forward's, in acc_t: the terms cancel, so rounded slots would bias delta.
   Tensor delta = at::empty({B, S}, acc_opts);
-  {
-    const Tensor slots_acc = slots.contiguous();
-    const acc_t* sl = slots_acc.const_data_ptr<acc_t>();
-    acc_t* d = delta.data_ptr<acc_t>();
-    for (const auto b : c10::irange(B)) {
-      const acc_t* g = G_acc.const_data_ptr<acc_t>() + b * S * C;
-      for (const auto s : c10::irange(S)) {
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < C; ++c) sum += g[s * C + c] * sl[(b * S + s) * C + c];
-        d[b * S + s] = sum;
-      }
-    }
-  }
+  const Tensor slots_acc = slots.contiguous();
+  row_dots(G_acc.const_data_ptr<acc_t>(), slots_acc.const_data_ptr<acc_t>(), B * S, C, delta.data_ptr<acc_t>());
 
-  // One product with x gives the raw logits and dP = x @ G^T side by side, (n, 2S), which the
-  // softmax steps turn into [P | dA_r].
+  // Two products with x give the raw logits and dP = x @ G^T side by side, (n, 2S), which the
+  // softmax steps turn into [P | dA_r]. (Two calls, not one with [qs^T | G^T]: stacking copied
+  // the broadcast qs^T once per batch element.)
   const Operand q(qs, qs.scalar_type(), Scratch::CallOperand), G(G_acc, qs.scalar_type(), Scratch::CallOperand2);
-  const Operand qgT = Operand::stacked(qs.transpose(1, 2), G_acc.transpose(1, 2), qs.scalar_type(),
-                                       Scratch::CallOperand3);  // (B, C, 2S)
+  const Operand qT(qs.transpose(1, 2), qs.scalar_type(), Scratch::CallOperand3);
+  const Operand GT(G_acc.transpose(1, 2), qs.scalar_type(), Scratch::CallOperand4);
   const Tensor dqs_partial = chunk_partials(dqs, ch.n, qs.scalar_type(), Scratch::CallPartial);
   // Per chunk, tile by tile: dx (pixel_bwd) and the chunk's partial dqs (slot_bwd).
   const auto cluster_bwd_chunk = [&](int64_t b, int64_t j) {
@@ -129,7 +115,8 @@ void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Te
     for (int64_t l0 = ch.begin(j); l0 < ch.end(j); l0 += ch.tile) {
       tile.load(xs, b, l0, std::min(ch.tile, ch.end(j) - l0));
       const int64_t n = tile.n();
-      tile.times(qgT.at<acc_t>(b), 2 * S, pd);
+      tile.times(qT.at<acc_t>(b), S, pd, 2 * S);
+      tile.times(GT.at<acc_t>(b), S, pd + S, 2 * S);
       softmax_backward(pd, 2 * S, pd + S, 2 * S, n, S, tile.rinv(), lse_b, delta_b, Over::Pixels);
       Tensor dxt = result_rows<acc_t, scalar_t>(dx, b, l0, n, dx_buf);
       acc_t* dxp = dxt.data_ptr<acc_t>();

@@ -7,6 +7,7 @@
 #include "tile.h"
 
 #include <cstring>
+#include <vector>
 
 #include <c10/macros/Macros.h>
 
@@ -204,6 +205,155 @@ C10_ALWAYS_INLINE void scale_rows_impl(T* a, int64_t S, int64_t C, const T* w) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The scaled queries and their backward: S x C work per call, but at small L as long as a kernel's
+// tile loop when it ran as scalar fp64 code, so here with the vector clones too.
+
+constexpr double kNormEps = 1e-12;  // F.normalize's: a zero slot gives a zero query
+
+// The calling thread's buffer of n elements of T, reused from call to call.
+template <typename T>
+T* thread_buffer(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+C10_ALWAYS_INLINE double inverse_norm(double norm) { return 1.0 / std::max(norm, kNormEps); }
+
+template <typename T>
+C10_ALWAYS_INLINE double row_norm(const T* row, int64_t C) {
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(row[c]) * static_cast<double>(row[c]);
+  return std::sqrt(sum);
+}
+
+// norms[s] of channels-major src (C, S), row stride ld: summed in channel order, the slots in
+// the vector lanes, so every read is along a row; blocks of kLanes slots keep their sums in
+// registers across all C rows.
+template <typename T>
+C10_ALWAYS_INLINE void column_norms(const T* src, int64_t S, int64_t C, int64_t ld, double* norms) {
+  constexpr int64_t kLanes = 16;
+  int64_t s0 = 0;
+  for (; s0 + kLanes <= S; s0 += kLanes) {
+    double sum[kLanes] = {};
+    for (int64_t c = 0; c < C; ++c) {
+      const T* row = src + c * ld + s0;
+#pragma omp simd
+      for (int64_t k = 0; k < kLanes; ++k) sum[k] += static_cast<double>(row[k]) * static_cast<double>(row[k]);
+    }
+    for (int64_t k = 0; k < kLanes; ++k) norms[s0 + k] = std::sqrt(sum[k]);
+  }
+  if (s0 == S) return;
+  std::fill(norms + s0, norms + S, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* row = src + c * ld;
+    for (int64_t s = s0; s < S; ++s) norms[s] += static_cast<double>(row[s]) * static_cast<double>(row[s]);
+  }
+  for (int64_t s = s0; s < S; ++s) norms[s] = std::sqrt(norms[s]);
+}
+
+// dst (n, C) contiguous = the transpose of src (C, n), row stride ld.
+template <typename T>
+C10_ALWAYS_INLINE void transpose_rows(const T* src, int64_t ld, int64_t n, int64_t C, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    transpose_impl(src, ld, n, C, dst, C);
+  } else {
+    constexpr int64_t kBlock = 8;  // 8 source lines in flight, 8 destination rows filled in L1
+    for (int64_t l0 = 0; l0 < n; l0 += kBlock)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t l = l0; l < std::min(n, l0 + kBlock); ++l) dst[l * C + c] = src[c * ld + l];
+  }
+}
+
+template <typename T, typename A>
+C10_ALWAYS_INLINE void scaled_queries_impl(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale,
+                                           A* qs, int64_t ldq) {
+  const A scale_a = static_cast<A>(scale);
+  if (sc == 1) {
+    for (int64_t s = 0; s < S; ++s) {
+      const T* row = src + s * ss;
+      // A product with 1 / r, not a division per element: within an fp64 ulp, and cheaper.
+      const double rinv = inverse_norm(row_norm(row, C));
+      A* q = qs + s * ldq;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) q[c] = static_cast<A>(static_cast<double>(row[c]) * rinv) * scale_a;
+    }
+    return;
+  }
+  double* rinv = thread_buffer<double>(S);
+  column_norms(src, S, C, sc, rinv);
+  for (int64_t s = 0; s < S; ++s) rinv[s] = inverse_norm(rinv[s]);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* row = src + c * sc;
+    A* q = qs + c * ldq;
+#pragma omp simd
+    for (int64_t s = 0; s < S; ++s) q[s] = static_cast<A>(static_cast<double>(row[s]) * rinv[s]) * scale_a;
+  }
+}
+
+template <typename T, typename A>
+C10_ALWAYS_INLINE void scaled_queries_backward_impl(const A* dqs, int64_t nb, int64_t batch_stride, const T* src,
+                                                    int64_t S, int64_t C, int64_t ss, int64_t sc, double scale,
+                                                    T* d_init, double* dscale) {
+  double* norms = thread_buffer<double>(S + C);
+  double* dq = norms + S;
+  const T* rows = src;
+  int64_t ld = ss;
+  if (sc == 1) {
+    for (int64_t s = 0; s < S; ++s) norms[s] = row_norm(src + s * ss, C);
+  } else {  // channels-major: the norms as the forward sums them, then the rows through a transpose
+    column_norms(src, S, C, sc, norms);
+    T* buf = thread_buffer<T>(S * C);
+    transpose_rows(src, sc, S, C, buf);
+    rows = buf;
+    ld = C;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    const T* row = rows + s * ld;
+    const double norm = norms[s], rinv = inverse_norm(norm);
+    // A (1, S, C) init_slots was broadcast over the batch: its gradient is the batch sum.
+    const A* g = dqs + s * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) dq[c] = static_cast<double>(g[c]);
+    for (int64_t b = 1; b < nb; ++b) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) dq[c] += static_cast<double>(g[b * batch_stride + c]);
+    }
+    double dot = 0;  // <q, dqs>
+#pragma omp simd reduction(+ : dot)
+    for (int64_t c = 0; c < C; ++c) dot += static_cast<double>(row[c]) * rinv * dq[c];
+    *dscale += dot;
+    // (dq - q <q, dq>) / r with dq = scale * dqs; below eps the clamp passes no norm gradient.
+    const double proj = norm >= kNormEps ? scale * dot : 0.0;
+    T* d = d_init + s * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c)
+      d[c] = static_cast<T>((scale * dq[c] - static_cast<double>(row[c]) * rinv * proj) * rinv);
+  }
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void row_dots_impl(const T* a, const T* b, int64_t rows, int64_t C, T* out) {
+  for (int64_t r = 0; r < rows; ++r) out[r] = dot(a + r * C, b + r * C, C);
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void weighted_sum_impl(const T* a, int64_t J, int64_t stride, int64_t C, const T* w, T k, T* out) {
+  const T w0 = w[0];
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) out[c] = w0 * a[c];
+  for (int64_t j = 1; j < J; ++j) {
+    const T* aj = a + j * stride;
+    const T wj = w[j];
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] += wj * aj[c];
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) out[c] *= k;
+}
+
 }  // namespace
 
 // One multiversioned entry point per pass and dtype; the templates above inline into each clone.
@@ -231,9 +381,31 @@ GLMIX_CLONES void transpose(const float* src, int64_t ld, int64_t n, int64_t C, 
                                      const T* lse, const T* delta, Over over) {                                  \
     softmax_backward_impl(a, lda, d, ldd, n, S, rinv, lse, delta, over);                                         \
   }                                                                                                              \
-  GLMIX_CLONES void scale_rows(T* a, int64_t S, int64_t C, const T* w) { scale_rows_impl(a, S, C, w); }
+  GLMIX_CLONES void scale_rows(T* a, int64_t S, int64_t C, const T* w) { scale_rows_impl(a, S, C, w); }          \
+  GLMIX_CLONES void row_dots(const T* a, const T* b, int64_t rows, int64_t C, T* out) {                          \
+    row_dots_impl(a, b, rows, C, out);                                                                           \
+  }                                                                                                              \
+  GLMIX_CLONES void weighted_sum(const T* a, int64_t J, int64_t stride, int64_t C, const T* w, T k, T* out) {    \
+    weighted_sum_impl(a, J, stride, C, w, k, out);                                                               \
+  }
 
 GLMIX_DEFINE_TILE_KERNELS(float)
 GLMIX_DEFINE_TILE_KERNELS(double)
+
+#define GLMIX_DEFINE_QUERY_PASSES(T, A)                                                                              \
+  GLMIX_CLONES void scaled_queries(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale, A* qs,  \
+                                   int64_t ldq) {                                                                    \
+    scaled_queries_impl(src, S, C, ss, sc, scale, qs, ldq);                                                          \
+  }                                                                                                                  \
+  GLMIX_CLONES void scaled_queries_backward(const A* dqs, int64_t nb, int64_t batch_stride, const T* src, int64_t S, \
+                                            int64_t C, int64_t ss, int64_t sc, double scale, T* d_init,              \
+                                            double* dscale) {                                                        \
+    scaled_queries_backward_impl(dqs, nb, batch_stride, src, S, C, ss, sc, scale, d_init, dscale);                   \
+  }
+
+GLMIX_DEFINE_QUERY_PASSES(c10::Half, float)
+GLMIX_DEFINE_QUERY_PASSES(c10::BFloat16, float)
+GLMIX_DEFINE_QUERY_PASSES(float, float)
+GLMIX_DEFINE_QUERY_PASSES(double, double)
 
 }  // namespace glmix::cpu

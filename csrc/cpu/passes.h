@@ -5,6 +5,9 @@
 
 #include <cstdint>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 namespace glmix::cpu {
 
 // The softmax axis of a tile of logits: over pixels (clustering: statistics per slot, i.e. per
@@ -32,10 +35,32 @@ void transpose(const float* src, int64_t ld, int64_t n, int64_t C, float* dst, i
   void softmax_backward(T* a, int64_t lda, T* d, int64_t ldd, int64_t n, int64_t S, const T* rinv, const T* lse, \
                         const T* delta, Over over);                                                              \
   /* a[s, c] *= w[s] */                                                                                          \
-  void scale_rows(T* a, int64_t S, int64_t C, const T* w);
+  void scale_rows(T* a, int64_t S, int64_t C, const T* w);                                                       \
+  /* out[r] = <a row r, b row r> for rows (rows, C) of both */                                                   \
+  void row_dots(const T* a, const T* b, int64_t rows, int64_t C, T* out);                                        \
+  /* out[c] = (sum_j w[j] a[j * stride + c]) * k, summed in j order: rows of chunk partials merged */            \
+  void weighted_sum(const T* a, int64_t J, int64_t stride, int64_t C, const T* w, T k, T* out);
 
 GLMIX_DECLARE_TILE_KERNELS(float)
 GLMIX_DECLARE_TILE_KERNELS(double)
 #undef GLMIX_DECLARE_TILE_KERNELS
+
+// The scaled queries qs = scale * normalize(init_slots) and their backward (csrc/queries.cpp), on
+// one batch element of init_slots, src (S, C) with strides (ss, sc) where sc == 1 (rows) or ss == 1
+// (channels-major: pooled slots, (C, S) in memory). Norms, projection and batch sum in fp64; q is
+// rounded to A before the product with the scale.
+#define GLMIX_DECLARE_QUERY_PASSES(T, A)                                                                             \
+  /* qs in src's layout: (S, C) rows for sc == 1, else (C, S) for ss == 1; row stride ldq */                         \
+  void scaled_queries(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale, A* qs, int64_t ldq); \
+  /* d_init (S, C) contiguous from dqs (S, C) contiguous summed over nb batch elements batch_stride apart;           \
+     adds sum(dqs * q) to dscale */                                                                                  \
+  void scaled_queries_backward(const A* dqs, int64_t nb, int64_t batch_stride, const T* src, int64_t S, int64_t C,   \
+                               int64_t ss, int64_t sc, double scale, T* d_init, double* dscale);
+
+GLMIX_DECLARE_QUERY_PASSES(c10::Half, float)
+GLMIX_DECLARE_QUERY_PASSES(c10::BFloat16, float)
+GLMIX_DECLARE_QUERY_PASSES(float, float)
+GLMIX_DECLARE_QUERY_PASSES(double, double)
+#undef GLMIX_DECLARE_QUERY_PASSES
 
 }  // namespace glmix::cpu

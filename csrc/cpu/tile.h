@@ -68,7 +68,8 @@ enum class Scratch {
   CallPartial2,
   CallOperand,
   CallOperand2,
-  CallOperand3,  // per call
+  CallOperand3,
+  CallOperand4,  // per call
   Count
 };
 
@@ -148,7 +149,7 @@ struct Rows {
   }
 };
 
-// A small (B, R, K) operand (queries, slots, their gradient, transposed or stacked) as
+// A small (B, R, K) operand (queries, slots, their gradient, or their transposes) as
 // contiguous acc_t rows, converted once up front; a batch broadcast (batch stride 0) stays a
 // single copy.
 class Operand {
@@ -159,14 +160,6 @@ class Operand {
     Tensor copy = scratch(role, t_.numel(), t_.options().dtype(acc)).view(t_.sizes());
     copy_rows(t_, copy);
     t_ = copy;
-  }
-  // The parts side by side along the last dimension, (B, R, sum of K).
-  static Operand stacked(const Tensor& a, const Tensor& b, at::ScalarType acc, Scratch role) {
-    const int64_t B = a.size(0), R = a.size(1), Ka = a.size(2), Kb = b.size(2);
-    Tensor out = scratch(role, B * R * (Ka + Kb), a.options().dtype(acc)).view({B, R, Ka + Kb});
-    copy_rows(a, out.narrow(2, 0, Ka));
-    copy_rows(b, out.narrow(2, Ka, Kb));
-    return Operand(out, acc, role);
   }
   template <typename T>
   const T* at(int64_t b) const {  // (R, K), row stride K
@@ -244,9 +237,13 @@ class PixelTile {
     inverse_norms(x_, n, C_, stats, stats + stats_.size(1));
   }
 
-  // out (n, N) = x @ w for w (C, N): the logits before the norms for w = qs^T (the softmax steps
-  // apply the norms per row), and beside them any other product with x (dP, for w = [qs^T | G^T]).
-  void times(const acc_t* w, int64_t N, acc_t* out) const { gemm_nn(n_, N, C_, x_, C_, w, N, out, N, false); }
+  // out (n, N), row stride ldo, = x @ w for w (C, N): the logits before the norms for w = qs^T
+  // (the softmax steps apply the norms per row), and beside them any other product with x (dP,
+  // for w = G^T).
+  void times(const acc_t* w, int64_t N, acc_t* out, int64_t ldo) const {
+    gemm_nn(n_, N, C_, x_, C_, w, N, out, ldo, false);
+  }
+  void times(const acc_t* w, int64_t N, acc_t* out) const { times(w, N, out, N); }
 
   // The key path of the backward pass, shared by clustering and dispatch. Takes
   // dA_r = dA / max(||x_l||, eps) (n, S) with row stride ld (softmax_backward); accumulates
