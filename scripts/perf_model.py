@@ -57,9 +57,15 @@ def kernels(L, C):
     }
 
 
+FILL_BLOCKS = 32  # plan.h's kFillBlocks
+
+
 def n_chunks(L, blocks=B):
-    """plan_chunks for the tensor-core split-L kernels: 64-pixel tiles, `blocks` blocks per chunk
-    (B for S <= 64; the backward's slot_bwd_mma B times its channel chunks)."""
+    """plan_mma_chunks for the tensor-core split-L kernels: 64-pixel tiles, `blocks` blocks per
+    chunk (B for S <= 64; the backward's slot_bwd_mma B times its channel chunks). One chunk once
+    the blocks fill at least 7/8 of the SMs (B = 128 does), else plan_chunks' four blocks per SM."""
+    if blocks >= FILL_BLOCKS and 8 * blocks >= 7 * SMS:
+        return 1
     return max(1, min(math.ceil(4 * SMS / blocks), math.ceil(L / 64)))
 
 

@@ -150,3 +150,17 @@ def test_kernels_read_nothing_outside_their_inputs(op):
 
     for plain, guarded in zip(run(lambda t: t), run(in_nan_margins)):
         assert torch.isfinite(guarded).all() and torch.equal(plain, guarded)
+
+
+def test_tensor_core_tests_run_several_chunks():
+    """The tensor-core kernels' split of L (plan_mma_chunks) gives one chunk per batch element once
+    the batch fills the SMs, but the emulation's single SM still splits the tests' small grids, so
+    the partials' combine (cluster_fwd_combine, sum_chunks) stays covered: the thread-order test's
+    shape (L = 150 in three 64-pixel tiles, two slot tiles, B = 1) runs two chunks."""
+    mma_chunks = torch.ops.glmix_emulated.mma_chunks
+    assert list(mma_chunks(150, 64, 2)) == [128, 2]
+    assert list(mma_chunks(150, 64, 1)) == [64, 3]
+    # glnet_4g stage 3 on an H100's 132 SMs: B = 128 (times the backward's channel chunks) fills them.
+    for blocks in (128, 256, 512):
+        assert list(mma_chunks(196, 64, blocks, 132)) == [256, 1]
+    assert mma_chunks(196, 64, 16, 132)[1] == 4  # a small batch keeps about four blocks per SM

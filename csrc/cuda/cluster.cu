@@ -28,7 +28,8 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
       mma ? plan::Tiles{tc::kMmaCols, tc::kMmaRows, mma_nst, 0}
           : tiles_for(
                 S, C, kFwdAcc * kThreads, [](int TL, int TS, int ld) { return fwd_smem(TL, TS, ld).bytes(); }, op);
-  const auto ch = plan::plan_chunks(L, t.TL, B * t.nst, device_props());
+  const auto ch = mma ? plan::plan_mma_chunks(L, t.TL, B * t.nst, device_props())
+                      : plan::plan_chunks(L, t.TL, B * t.nst, device_props());
   TORCH_CHECK(ch.n <= 65535 && t.nst <= 65535, op, ": grid too large");
   auto ws_m = empty_workspace({B, ch.n, S}, f32);
   auto ws_l = empty_workspace({B, ch.n, S}, f32);
@@ -85,7 +86,8 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
       mma ? plan::Tiles{tc::kMmaCols, tc::kMmaRows, mma_nst, 0}
           : tiles_for(
                 S, C, kBwdAcc * kThreads, [](int TL, int TS, int ld) { return bwd_smem(TL, TS, ld).bytes(); }, op);
-  const auto ch = plan::plan_chunks(L, t.TL, B * (mma ? t.nst * mma_ncc : 1), device_props());
+  const auto ch = mma ? plan::plan_mma_chunks(L, t.TL, B * t.nst * mma_ncc, device_props())
+                      : plan::plan_chunks(L, t.TL, B, device_props());
   TORCH_CHECK(ch.n <= 65535, op, ": grid too large");
   auto f32 = x.options().dtype(at::kFloat);
   auto delta = empty_workspace({B, S}, f32);

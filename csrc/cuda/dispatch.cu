@@ -57,7 +57,7 @@ static void mma_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const
   const int nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows);
   const int ncc = tc::bwd_channel_chunks(static_cast<int>(C), x.scalar_type() == at::kFloat, false);
   const auto chp = plan::plan_dispatch_fwd_chunks(L, tc::kMmaCols, B, device_props());
-  const auto ch = plan::plan_chunks(L, tc::kMmaCols, B * nst * ncc, device_props());
+  const auto ch = plan::plan_mma_chunks(L, tc::kMmaCols, B * nst * ncc, device_props());
   TORCH_CHECK(ch.n <= 65535 && nst * ncc <= 65535, "glmix_kernels.dispatch_bwd: grid too large");
   auto f32 = x.options().dtype(at::kFloat);
   auto dl = empty_workspace({B, L}, f32);

@@ -79,6 +79,18 @@ inline Chunks plan_chunks(int64_t L, int TL, int64_t blocks_per_chunk, const Dev
   return chunks_of_len(L, ((ntiles + n - 1) / n) * TL);
 }
 
+// For the tensor-core split-L kernels (one or two blocks per SM): one chunk per batch element once
+// a chunk's blocks alone fill the SMs (at least 7/8 of them), since each further chunk adds a round
+// of fp32 partials (B * S * C, written and read) for at most the last 1/8 of the SMs. Grids of
+// fewer than kFillBlocks blocks per chunk (small batches, and the emulation's single SM) keep
+// plan_chunks' four blocks per SM: they are latency-bound, and their partials small.
+constexpr int64_t kFillBlocks = 32;
+
+inline Chunks plan_mma_chunks(int64_t L, int TL, int64_t blocks_per_chunk, const Device& dev) {
+  const bool fills = blocks_per_chunk >= kFillBlocks && 8 * blocks_per_chunk >= 7 * dev.sm_count;
+  return fills ? chunks_of_len(L, ((L + TL - 1) / TL) * TL) : plan_chunks(L, TL, blocks_per_chunk, dev);
+}
+
 // For dispatch_fwd, which reduces over slots only: chunks of up to kMaxTilesPerBlock tiles, so one
 // load of qs and slots serves several tiles when one slot tile holds all S, with about four blocks
 // per SM in all over the batch's B chunk rows.

@@ -37,12 +37,24 @@ int main() {
           expect(ok && smem_of(t.TL, t.TS, t.ld) <= dev.smem_optin, "tiles fit shared memory", L, S, C);
           expect(t.TL * C <= budget && t.TS * C <= budget && t.TS <= S, "tiles fit the accumulators", L, S, C);
           expect(static_cast<long long>(t.nst) * t.TS >= S && (t.nst - 1LL) * t.TS < S, "slot tiles cover S", L, S, C);
-          for (const Chunks ch : {plan_chunks(L, t.TL, 2, dev), plan_dispatch_fwd_chunks(L, t.TL, 2, dev)}) {
+          for (const Chunks ch : {plan_chunks(L, t.TL, 2, dev), plan_dispatch_fwd_chunks(L, t.TL, 2, dev),
+                                  plan_mma_chunks(L, t.TL, 2, dev), plan_mma_chunks(L, t.TL, 128, dev)}) {
             expect(ch.len % t.TL == 0 && ch.n >= 1 && ch.n <= (L + t.TL - 1) / t.TL, "whole tiles per chunk", L, S, C);
             expect(ch.len * ch.n >= L && ch.len * (ch.n - 1) < L, "chunks cover L, none empty", L, S, C);
           }
           expect(plan_chunks(L, t.TL, 1, dev).n <= kMaxChunks, "at most kMaxChunks chunks", L, S, C);
         }
+  // The tensor-core split: one chunk once a chunk's blocks fill an H100's 132 SMs (glnet_4g stage 3,
+  // B = 128: 128 blocks per chunk, twice and four times that with the backward's channel chunks),
+  // four blocks per SM below; the emulation's single SM splits the tests' small grids.
+  const Device h100{227 * 1024, 132}, emulated{227 * 1024, 1};
+  for (long long blocks : {128, 256, 512})
+    expect(plan_mma_chunks(196, 64, blocks, h100).n == 1, "one chunk when the batch fills the SMs", 196, blocks, 0);
+  expect(plan_mma_chunks(3136, 64, 16, h100).n == plan_chunks(3136, 64, 16, h100).n &&
+             plan_chunks(3136, 64, 16, h100).n > 1,
+         "four blocks per SM below a wave", 3136, 16, 0);
+  for (long long blocks : {1, 2})
+    expect(plan_mma_chunks(150, 64, blocks, emulated).n >= 2, "the emulation splits small grids", 150, blocks, 0);
   std::printf("%s\n", failures == 0 ? "test_cuda_plan: all checks passed" : "test_cuda_plan: failures");
   return failures == 0 ? 0 : 1;
 }

@@ -2,6 +2,7 @@
 // tests/test_emulation.py through glmix_emulated::selftest(name). Built only with the emulation.
 #define GLMIX_CUDA_EMULATION 1
 #include <string>
+#include <vector>
 
 #include <torch/library.h>
 
@@ -102,4 +103,13 @@ at::Tensor run(const std::string& name) {
 TORCH_LIBRARY_FRAGMENT(glmix_emulated, m) {
   m.def("selftest(str name) -> Tensor",
         [](c10::string_view name) { return glmix::GLMIX_CUDA_NS::selftest::run(std::string(name)); });
+  // The tensor-core kernels' split of L, {chunk length, chunks}, on the emulated device (sm_count 0)
+  // or on a device of sm_count SMs: tests/test_emulation.py checks that small test grids split.
+  m.def("mma_chunks(int L, int tile, int blocks_per_chunk, int sm_count=0) -> int[]",
+        [](int64_t L, int64_t tile, int64_t blocks_per_chunk, int64_t sm_count) {
+          auto dev = glmix::GLMIX_CUDA_NS::device_props();
+          if (sm_count > 0) dev.sm_count = sm_count;
+          const auto ch = glmix::plan::plan_mma_chunks(L, static_cast<int>(tile), blocks_per_chunk, dev);
+          return std::vector<int64_t>{ch.len, ch.n};
+        });
 }
