@@ -15,6 +15,12 @@ void expect(bool ok, const char* what, long long L, long long S, long long C) {
   std::printf("FAILED: %s (L=%lld S=%lld C=%lld)\n", what, L, S, C);
 }
 
+void expect_split(bool ok, const char* what, long long L, long long blocks) {
+  if (ok) return;
+  ++failures;
+  std::printf("FAILED: %s (L=%lld, %lld blocks per chunk)\n", what, L, blocks);
+}
+
 size_t smem_of(int TL, int TS, int ld) {  // cluster_bwd_chunk's carve
   glmix::plan::SmemCount s;
   s.take(TL * ld).take(TL * ld).take(TS * ld).take(TS * ld).take(TS * TL).take(TS * TL);
@@ -49,12 +55,12 @@ int main() {
   // four blocks per SM below; the emulation's single SM splits the tests' small grids.
   const Device h100{227 * 1024, 132}, emulated{227 * 1024, 1};
   for (long long blocks : {128, 256, 512})
-    expect(plan_mma_chunks(196, 64, blocks, h100).n == 1, "one chunk when the batch fills the SMs", 196, blocks, 0);
-  expect(plan_mma_chunks(3136, 64, 16, h100).n == plan_chunks(3136, 64, 16, h100).n &&
-             plan_chunks(3136, 64, 16, h100).n > 1,
-         "four blocks per SM below a wave", 3136, 16, 0);
+    expect_split(plan_mma_chunks(196, 64, blocks, h100).n == 1, "one chunk when the batch fills the SMs", 196, blocks);
+  expect_split(plan_mma_chunks(3136, 64, 16, h100).n == plan_chunks(3136, 64, 16, h100).n &&
+                   plan_chunks(3136, 64, 16, h100).n > 1,
+               "four blocks per SM below a wave", 3136, 16);
   for (long long blocks : {1, 2})
-    expect(plan_mma_chunks(150, 64, blocks, emulated).n >= 2, "the emulation splits small grids", 150, blocks, 0);
+    expect_split(plan_mma_chunks(150, 64, blocks, emulated).n >= 2, "the emulation splits small grids", 150, blocks);
   std::printf("%s\n", failures == 0 ? "test_cuda_plan: all checks passed" : "test_cuda_plan: failures");
   return failures == 0 ? 0 : 1;
 }
