@@ -228,14 +228,15 @@ def test_saves_nothing_of_size_slots_by_pixels(backend, device, op):
 
 @pytest.mark.parametrize("B,L,C,S", [(2, 7, 5, 3), (1, 7, 3, 1), (3, 3, 2, 5)])
 @pytest.mark.parametrize("broadcast", [True, False], ids=["bcast", "batched"])
+@pytest.mark.parametrize("slots_layout", ["contiguous", "transposed"])  # transposed: pooled slots
 @pytest.mark.parametrize("backend", [n for n in BACKENDS if torch.float64 in BACKENDS[n].dtypes])
-def test_gradcheck_fp64(backend, broadcast, B, L, C, S):
+def test_gradcheck_fp64(backend, slots_layout, broadcast, B, L, C, S):
     require(backend, "cpu")
-    case = Case(B, L, C, S, "nchw", broadcast=broadcast, seed=B * 100 + L)
+    case = Case(B, L, C, S, "nchw", broadcast=broadcast, slots_layout=slots_layout, seed=B * 100 + L)
     xb, s0b, scale, slots = case.leaves(torch.float64)
 
     def both(xb, s0b, scale, slots):
-        x, s0 = case.view_x(xb), case.view_slots(s0b)
+        x, s0, slots = case.view_x(xb), case.view_slots(s0b), case.view_slots(slots)
         return (
             glmix_kernels.soft_cluster(x, s0, scale, backend=backend),
             glmix_kernels.soft_dispatch(x, s0, scale, slots, backend=backend),

@@ -211,8 +211,9 @@ C10_ALWAYS_INLINE void scale_rows_impl(T* a, int64_t S, int64_t C, const T* w) {
 
 constexpr double kNormEps = 1e-12;  // F.normalize's: a zero slot gives a zero query
 
-// The calling thread's buffer of n elements of T, reused from call to call.
-template <typename T>
+// The calling thread's buffer of n elements of T, reused from call to call; kRole keeps apart
+// buffers that are live at once (for T = double they would otherwise be one vector).
+template <typename T, int kRole = 0>
 T* thread_buffer(size_t n) {
   thread_local std::vector<T> buf;
   if (buf.size() < n) buf.resize(n);
@@ -305,7 +306,7 @@ C10_ALWAYS_INLINE void scaled_queries_backward_impl(const A* dqs, int64_t nb, in
     for (int64_t s = 0; s < S; ++s) norms[s] = row_norm(src + s * ss, C);
   } else {  // channels-major: the norms as the forward sums them, then the rows through a transpose
     column_norms(src, S, C, sc, norms);
-    T* buf = thread_buffer<T>(S * C);
+    T* buf = thread_buffer<T, 1>(S * C);
     transpose_rows(src, sc, S, C, buf);
     rows = buf;
     ld = C;
