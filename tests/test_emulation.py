@@ -163,4 +163,8 @@ def test_tensor_core_tests_run_several_chunks():
     # glnet_4g stage 3 on an H100's 132 SMs: B = 128 (times the backward's channel chunks) fills them.
     for blocks in (128, 256, 512):
         assert list(mma_chunks(196, 64, blocks, 132)) == [256, 1]
-    assert mma_chunks(196, 64, 16, 132)[1] == 4  # a small batch keeps about four blocks per SM
+    # Below that, the split of the CUDA-core kernels (plan_chunks): at stage 1's L, chunks of two
+    # tiles, neither one chunk nor one per tile.
+    assert list(mma_chunks(3136, 64, 16, 132)) == [128, 25]
+    # The boundary: a chunk's blocks fill 7/8 of the SMs.
+    assert mma_chunks(196, 64, 115, 132)[1] > 1 and mma_chunks(196, 64, 116, 132)[1] == 1

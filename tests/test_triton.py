@@ -98,12 +98,12 @@ def test_pixel_bwd_sums_slot_partials_over_c_blocks_when_one_tile_holds_a_chunk(
     of all S slots, and pixel_bwd writes its slot sums C block by C block, normalising the
     (transposed, for clustering broadcast) init_slots itself; neither scaled_queries nor slot_bwd
     runs in the backward, and the forwards (cluster_fwd_tile, dispatch_fwd over C blocks)
-    normalise them themselves too. Two chunks
-    (the second partial) per batch element, two batch elements. fp16; bf16 takes the same path
-    in test_ops.py (C=1024, L=45)."""
+    normalise them themselves too. Two chunks (the second partial) per batch element, two batch
+    elements. fp16; bf16 takes the same path in test_ops.py (C=1024, L=45)."""
     tb = _ops()
     dtype = torch.float16
-    B, L, C, S = 2, 40, 136, 5
+    # A chunk and a bit: one-tile chunks are CHUNK_QUANTUM pixels (32 interpreted, 128 on a GPU).
+    B, L, C, S = 2, tb.kernels.CHUNK_QUANTUM + 8, 136, 5
     cfg = tb.pick_config("pixel_bwd", S, C, dtype, L)
     assert cfg.one_tile and cfg.block_c < C and cfg.block_l < L <= 2 * cfg.block_l
     launched, tiled, queries, backward = [], tb._tiled, tb._queries, tb._backward_kernels

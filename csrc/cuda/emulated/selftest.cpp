@@ -103,8 +103,9 @@ at::Tensor run(const std::string& name) {
 TORCH_LIBRARY_FRAGMENT(glmix_emulated, m) {
   m.def("selftest(str name) -> Tensor",
         [](c10::string_view name) { return glmix::GLMIX_CUDA_NS::selftest::run(std::string(name)); });
-  // The tensor-core kernels' split of L, {chunk length, chunks}, on the emulated device (sm_count 0)
-  // or on a device of sm_count SMs: tests/test_emulation.py checks that small test grids split.
+  // The tensor-core kernels' split of L, {chunk length, chunks}, on the emulated device (its single
+  // SM; sm_count = 0) or on a device of sm_count SMs: tests/test_emulation.py checks that small test
+  // grids split.
   m.def("mma_chunks(int L, int tile, int blocks_per_chunk, int sm_count=0) -> int[]",
         [](int64_t L, int64_t tile, int64_t blocks_per_chunk, int64_t sm_count) {
           auto dev = glmix::GLMIX_CUDA_NS::device_props();
