@@ -168,3 +168,16 @@ def test_tensor_core_tests_run_several_chunks():
     assert list(mma_chunks(3136, 64, 16, 132)) == [128, 25]
     # The boundary: a chunk's blocks fill 7/8 of the SMs.
     assert mma_chunks(196, 64, 115, 132)[1] > 1 and mma_chunks(196, 64, 116, 132)[1] == 1
+
+
+def test_tensor_core_backward_needs_its_shared_memory():
+    """use_mma_bwd's shared-memory test: on an H100 (the emulated device) the backward takes
+    16-bit C <= 256 and fp32 C <= 128 on tensor cores; an A100's 163 KB per block refuses the
+    dispatch's five tiles above 16-bit C = 128 and fp32 C = 64, which then run on CUDA cores."""
+    fits = torch.ops.glmix_emulated.mma_bwd_fits
+    a100, h100 = 163 * 1024, 227 * 1024
+    for fp32, widest, dispatch_on_a100 in [(False, 256, 128), (True, 128, 64)]:
+        for dispatch in (False, True):
+            assert fits(widest, fp32, dispatch, h100) and not fits(widest + 1, fp32, dispatch, h100)
+        assert fits(widest, fp32, False, a100)
+        assert fits(dispatch_on_a100, fp32, True, a100) and not fits(dispatch_on_a100 + 1, fp32, True, a100)

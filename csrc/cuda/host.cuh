@@ -39,16 +39,20 @@ inline bool use_mma_fwd(const at::Tensor& x) {
   return fits && has_tensor_cores();
 }
 
-// The backward kernels run on tensor cores for fp16/bf16 x with C <= 256 and fp32 x with C <= 128
-// where their shared memory fits this device (the dispatch's five tiles at 16-bit C > 128 or fp32
-// C > 64 exceed an A100's), the rest on the CUDA-core kernels.
-inline bool use_mma_bwd(const at::Tensor& x, bool dispatch) {
-  const int64_t C = x.size(2);
-  const bool tf32 = x.scalar_type() == at::kFloat;
-  if (!use_mma_fwd(x) || C > (tf32 ? tc::kMmaTf32BwdMaxChannels : tc::kMmaBwdMaxChannels)) return false;
+// Whether the backward's tensor-core kernels take C channels on a device whose blocks may opt in to
+// smem_optin bytes: fp16/bf16 C <= 256 and fp32 C <= 128, where their shared memory fits (the
+// dispatch's five tiles at 16-bit C > 128 or fp32 C > 64 exceed an A100's).
+inline bool mma_bwd_fits(int64_t C, bool tf32, bool dispatch, size_t smem_optin) {
+  if (C > (tf32 ? tc::kMmaTf32BwdMaxChannels : tc::kMmaBwdMaxChannels)) return false;
   const int cp = tc::padded_channels(static_cast<int>(C));
   const size_t smem = tf32 ? tc::bwd_mma_smem<mma::Tf32>(cp, dispatch) : tc::bwd_mma_smem<mma::F16>(cp, dispatch);
-  return smem <= device_props().smem_optin;
+  return smem <= smem_optin;
+}
+
+// The backward kernels run on tensor cores where the forward's do and mma_bwd_fits this device;
+// the rest on the CUDA-core kernels.
+inline bool use_mma_bwd(const at::Tensor& x, bool dispatch) {
+  return use_mma_fwd(x) && mma_bwd_fits(x.size(2), x.scalar_type() == at::kFloat, dispatch, device_props().smem_optin);
 }
 
 // f(e, std::integral_constant<int, CP>{}) for the padded channels cp, CP from 16 up to kMax (the

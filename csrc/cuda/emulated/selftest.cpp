@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../device.cuh"
+#include "../host.cuh"
 #include "../launch.cuh"
 
 namespace glmix {
@@ -112,5 +113,11 @@ TORCH_LIBRARY_FRAGMENT(glmix_emulated, m) {
           if (sm_count > 0) dev.sm_count = sm_count;
           const auto ch = glmix::plan::plan_mma_chunks(L, static_cast<int>(tile), blocks_per_chunk, dev);
           return std::vector<int64_t>{ch.len, ch.n};
+        });
+  // Whether the backward runs on tensor cores at C channels on a device offering smem_optin bytes
+  // per block (use_mma_bwd's shared-memory test): the emulated device is an H100.
+  m.def("mma_bwd_fits(int C, bool fp32, bool dispatch, int smem_optin) -> bool",
+        [](int64_t C, bool fp32, bool dispatch, int64_t smem_optin) {
+          return glmix::GLMIX_CUDA_NS::mma_bwd_fits(C, fp32, dispatch, static_cast<size_t>(smem_optin));
         });
 }
