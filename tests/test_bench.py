@@ -170,6 +170,26 @@ def test_local_mixer_variant_skips_the_global_branch(monkeypatch):
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
 
 
+def test_reference_error_of_a_cancelling_d_scale(one_thread, monkeypatch):
+    # Seed 883 draws inputs where d scale cancels to 1e-4 of its terms: measured against its own
+    # value, the float32 reference's rounding alone was 7e-3, over the tolerance.
+    tol = quick.TOLERANCE[torch.float32]
+    shape = dict(B=1, L=196, C=64, S=64, dtype=torch.float32, device="cpu")
+    torch.manual_seed(883)
+    assert workloads.reference_error("cluster+dispatch", "reference", **shape) == 0
+    torch.manual_seed(883)
+    assert workloads.reference_error("cluster+dispatch", "sdpa", **shape) <= tol
+    # A d scale 1% off its typical size is still an error.
+    sdpa_cluster = workloads._sdpa_cluster
+
+    def off(x, init_slots, scale, slots=None):
+        return sdpa_cluster(x, init_slots, scale * 1.01 - scale.detach() * 0.01)
+
+    monkeypatch.setattr(workloads, "_sdpa_cluster", off)
+    torch.manual_seed(0)
+    assert workloads.reference_error("cluster", "sdpa", **shape) > tol
+
+
 def test_quick_comparison_flags_a_wrong_fused_backend(monkeypatch):
     fused = [b for b in workloads.model_backends("cpu") if b != "reference"]
     if not fused:
