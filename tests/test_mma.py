@@ -372,15 +372,20 @@ def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
         (1, 150, 40, 70, "nchw", "transposed"),  # two slot tiles, three pixel tiles, tails in all three
         (2, 67, 24, 9, "sliced", "contiguous"),  # one channel chunk; strided channels
         (1, 67, 72, 70, "nchw", "contiguous"),  # backward channel chunks (1-2, fp32 2-4), two slot tiles
-        (1, 20, 136, 9, "sliced", "transposed"),  # 2-4 channel chunks at C padded to 256 (fp32: CUDA cores)
+        (1, 20, 136, 9, "sliced", "transposed"),  # 2-4 channel chunks at C padded to 256 (fp32: wide forward)
+        # The wide forwards (backward on CUDA cores): 2 channel blocks (fp32 3) with a tail and two
+        # slot tiles (the dispatch recomputes the logits per output block); 3 blocks (fp32 5) and
+        # one slot tile (logits kept for every output block), past glnet stage 4's C = 512.
+        (1, 20, 300, 70, "nchw", "contiguous"),
+        (2, 9, 520, 9, "sliced", "transposed"),
     ],
 )
 def test_mma_kernels_through_the_ops(op, dtype, B, L, C, S, layout, slots_layout):
     """The tensor-core kernels as the cuda_emulated ops launch them (forward: fp16/bf16 C <= 256,
-    fp32 C <= 128 by 3xTF32; backward pixel_bwd_mma, slot_bwd_mma: the same limits, in chunks of
-    64 or 128 channels, fp32 32 or 64) against the float64 reference within the suite's
-    tolerances; with zero pixels (the norm epsilon's branch) except in fp16, where their dx,
-    dK / 1e-12, overflows."""
+    fp32 C <= 128 by 3xTF32, wider C by the wide forwards' channel blocks; backward pixel_bwd_mma,
+    slot_bwd_mma: fp16/bf16 C <= 256, fp32 C <= 128, in chunks of 64 or 128 channels, fp32 32 or
+    64) against the float64 reference within the suite's tolerances; with zero pixels (the norm
+    epsilon's branch) except in fp16, where their dx, dK / 1e-12, overflows."""
     require("cuda_emulated", "cpu")
     case = Case(B, L, C, S, layout, slots_layout=slots_layout, dtype=dtype, seed=L)
     if dtype != torch.float16:
@@ -399,6 +404,7 @@ def test_resource_report_requires_tensor_cores_of_every_mma_kernel():
     for kernel in (
         "cluster_fwd_chunk_mma<Bf16,64>",
         "dispatch_fwd_mma<Tf32,128>",
+        "cluster_fwd_chunk_wide_mma<Bf16>",
         "pixel_bwd_mma<F16,128,true>",
         "slot_bwd_mma<Bf16,16,false>",
         "mma_tile_test<F16>",
