@@ -296,6 +296,7 @@ def cluster_partials_reference(x, qs, chunk_len):
         ("bf16", 2, 70, 40, 20, 64, "contiguous"),  # tails in pixels, channels and slots; two chunks
         ("f16", 1, 150, 16, 70, 128, "nchw"),  # two slot tiles, two pixel tiles per chunk, NCHW strides
         ("bf16", 1, 20, 200, 9, 64, "contiguous"),  # the widest channel padding, 256
+        ("f16", 1, 20, 300, 9, 64, "nchw"),  # the wide kernel: two channel blocks (a block of the grid each)
     ],
 )
 def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
@@ -334,6 +335,7 @@ def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
         ("bf16", 2, 150, 40, 20, 2, "nchw"),  # tails in pixels, channels and slots; two tiles in a block
         ("f16", 1, 70, 16, 70, 1, "contiguous"),  # two slot tiles (online softmax across them)
         ("f16", 1, 20, 200, 9, 1, "nchw"),  # the widest channel padding, 256
+        ("bf16", 1, 20, 300, 9, 1, "contiguous"),  # the wide kernel: two channel blocks, logits kept
     ],
 )
 def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):

@@ -41,9 +41,9 @@ inline size_t mma_fwd_smem(int64_t C, bool tf32, bool dispatch) {
   return dispatch ? tc::dispatch_fwd_mma_smem<mma::F16>(cp) : tc::cluster_fwd_mma_smem<mma::F16>(cp);
 }
 
-// Whether the forward's tensor-core kernels take C channels (any C of the backend) on a device
-// whose blocks may opt in to smem_optin bytes: 132 KB at most (16-bit C > 128, fp32 C > 64), which
-// an A100 (163 KB) and an H100 (227 KB) offer, the 99 KB of sm_86 / sm_89 not.
+// Whether the forward's tensor-core kernel for C channels (any C of the backend) fits a device
+// whose blocks may opt in to smem_optin bytes: every C on an A100 (163 KB) and an H100 (227 KB),
+// the kernels taking at most 132 KB; 16-bit C <= 128 and fp32 C <= 64 on sm_86 / sm_89 (99 KB).
 inline bool mma_fwd_fits(int64_t C, bool tf32, bool dispatch, size_t smem_optin) {
   return mma_fwd_smem(C, tf32, dispatch) <= smem_optin;
 }
