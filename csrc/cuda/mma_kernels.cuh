@@ -623,7 +623,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     const int nl = static_cast<int>(min(static_cast<int64_t>(64), L - l0));
     RowSoftmax sm;
     FragC a[kMmaNB];  // the warp's 16 pixels x 64 slots; block j: slots 8 j .. 8 j + 7
-    float rn[2], alpha[2] = {1.f, 1.f};
+    // 1 / ||x|| of the warp's pixels, set at the first slot tile
+    float rn[2] = {0.f, 0.f}, alpha[2] = {1.f, 1.f};
     for (int cv = 0; cv < C; cv += W) {  // output channel blocks
       const int nv = min(W, C - cv);
       const bool fresh = nst > 1 || cv == 0;  // else: the first block's probabilities, in a
