@@ -76,16 +76,21 @@ def built_kernels(L, C):
     extra bytes of the split-L workspaces (fp32, written and read) and of the backward's second
     pass over x (and the dispatch's grad and delta'), and every launch. slot_bwd_mma's blocks of
     one tile's channel chunks run side by side and read the same x tile: counted once (from L2
-    after the first). None where a kernel stays on CUDA cores: C > 256."""
+    after the first). C > 256: the wide forwards (channel blocks of 256: the clustering's blocks
+    of one slot tile each compute the logits over all C and the value product of their block; the
+    dispatch computes them once for its blocks, S <= 64); None for the backwards, which stay on
+    CUDA cores."""
     x, stat_l = B * L * C * E, B * L * 4
-    ws = n_chunks(L) * B * S * C * 4 * 2  # one (B, chunks, S, C) fp32 workspace, written and read
+    ncb = math.ceil(C / 256)  # the wide forwards' channel blocks (1: not wide)
+    ws = n_chunks(L, B * ncb) * B * S * C * 4 * 2  # one (B, chunks, S, C) fp32 workspace, written and read
     k = kernels(L, C)
-    fwd = bwd = C <= 256
+    fwd, bwd = True, C <= 256
     ncc = {"cluster_bwd": max(1, C // 128), "dispatch_bwd": max(1, C // 64)}  # slot_bwd_mma's channel chunks
     ws_b = {name: n_chunks(L, B * n) * B * S * C * 4 * 2 for name, n in ncc.items()}
     return {
-        # cluster_fwd_chunk_mma (logits 2, value 1) + cluster_fwd_combine
-        "cluster_fwd": fwd and dict(k["cluster_fwd"], bytes=k["cluster_fwd"]["bytes"] + ws, products=3, launches=2),
+        # cluster_fwd_chunk_mma (logits 2, value 1; wide: logits 2 per channel block) + cluster_fwd_combine
+        "cluster_fwd": fwd
+        and dict(k["cluster_fwd"], bytes=k["cluster_fwd"]["bytes"] + ws, products=2 * ncb + 1, launches=2),
         "dispatch_fwd": fwd and dict(k["dispatch_fwd"], products=3, launches=1),
         # cluster_delta; pixel_bwd_mma (logits 2, G x^T 1, P^T G 1, dK 3); slot_bwd_mma (logits 2,
         # G x^T 1, per channel chunk; dqs 2); sum_chunks

@@ -102,12 +102,13 @@ def test_kernels_are_bitwise_identical_in_every_thread_order(op, shape):
             assert torch.equal(bits(a), bits(b)), f"{op} {name} differs between forward and {order} order"
 
 
+@pytest.mark.parametrize("L,C", [(150, 24), (20, 300)], ids=["C24", "C300"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
-def test_tensor_core_kernels_are_bitwise_identical_in_every_thread_order(op, dtype):
+def test_tensor_core_kernels_are_bitwise_identical_in_every_thread_order(op, dtype, L, C):
     """The same for 16-bit x, which runs the tensor-core kernels (mma_kernels.cuh): two slot tiles,
-    three pixel tiles."""
-    case = Case(1, 150, 24, 70, "nchw", seed=3)
+    three pixel tiles; and the wide forwards (C > 256: two channel blocks, one pixel tile)."""
+    case = Case(1, L, C, 70, "nchw", seed=3)
     results = []
     for order in ORDERS:
         with thread_order(*order):
@@ -181,3 +182,17 @@ def test_tensor_core_backward_needs_its_shared_memory():
             assert fits(widest, fp32, dispatch, h100) and not fits(widest + 1, fp32, dispatch, h100)
         assert fits(widest, fp32, False, a100)
         assert fits(dispatch_on_a100, fp32, True, a100) and not fits(dispatch_on_a100 + 1, fp32, True, a100)
+
+
+def test_tensor_core_forward_needs_its_shared_memory():
+    """use_mma_fwd's shared-memory test: an A100 (163 KB per block) and an H100 take every C of the
+    backend (up to 1024; above 16-bit C = 256 and fp32 C = 128 through the wide kernels' 132 KB) on
+    tensor cores; sm_86 / sm_89 (99 KB) only 16-bit C <= 128 and fp32 C <= 64, the rest on CUDA
+    cores."""
+    fits = torch.ops.glmix_emulated.mma_fwd_fits
+    a100, h100, sm86 = 163 * 1024, 227 * 1024, 99 * 1024
+    for fp32, widest_on_sm86 in [(False, 128), (True, 64)]:
+        for dispatch in (False, True):
+            for C in (1, 64, 128, 129, 256, 257, 512, 1024):
+                assert fits(C, fp32, dispatch, a100) and fits(C, fp32, dispatch, h100)
+                assert fits(C, fp32, dispatch, sm86) == (C <= widest_on_sm86), (C, fp32, dispatch)

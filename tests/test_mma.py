@@ -277,6 +277,13 @@ def test_conversions(harness):
     assert np.isnan(from16[nan]).all()
 
 
+def orders_for(C):
+    """The thread orders a forward kernel runs in: random and one warp far ahead (either end); the
+    wide kernels (C > 256, twice the work) only the latter two, which catch each of their barriers
+    removed."""
+    return (3, 4) if C > 256 else (2, 3, 4)
+
+
 def cluster_partials_reference(x, qs, chunk_len):
     """Per chunk of pixels: running max m, sum l and acc = exp(A - m) x of each slot (float64)."""
     B, L, C = x.shape
@@ -296,6 +303,7 @@ def cluster_partials_reference(x, qs, chunk_len):
         ("bf16", 2, 70, 40, 20, 64, "contiguous"),  # tails in pixels, channels and slots; two chunks
         ("f16", 1, 150, 16, 70, 128, "nchw"),  # two slot tiles, two pixel tiles per chunk, NCHW strides
         ("bf16", 1, 20, 200, 9, 64, "contiguous"),  # the widest channel padding, 256
+        ("f16", 1, 20, 300, 9, 64, "nchw"),  # the wide kernel: two channel blocks (a block of the grid each)
     ],
 )
 def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
@@ -313,7 +321,7 @@ def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
     strides = x.stride() if layout == "contiguous" else (C * L, 1, L)
     head = np.array([B, L, C, S, chunk_len, *strides, storage.numel()], np.int64)
     nch = -(-L // chunk_len)
-    out = harness(f"cluster_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy(), orders=(2, 3, 4))
+    out = harness(f"cluster_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy(), orders=orders_for(C))
     m, lsum, acc = split(out, (np.float32, B * nch * S), (np.float32, B * nch * S), (np.float32, B * nch * S * C))
     m, lsum = torch.from_numpy(m).view(B, nch, S), torch.from_numpy(lsum).view(B, nch, S)
     acc = torch.from_numpy(acc).view(B, nch, S, C)
@@ -334,6 +342,7 @@ def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
         ("bf16", 2, 150, 40, 20, 2, "nchw"),  # tails in pixels, channels and slots; two tiles in a block
         ("f16", 1, 70, 16, 70, 1, "contiguous"),  # two slot tiles (online softmax across them)
         ("f16", 1, 20, 200, 9, 1, "nchw"),  # the widest channel padding, 256
+        ("bf16", 1, 20, 300, 9, 1, "contiguous"),  # the wide kernel: two channel blocks, logits kept
     ],
 )
 def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
@@ -351,7 +360,9 @@ def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
     storage = x.contiguous() if layout == "contiguous" else x.transpose(1, 2).contiguous()
     strides = x.stride() if layout == "contiguous" else (C * L, 1, L)
     head = np.array([B, L, C, S, tiles_per_block, *strides, storage.numel()], np.int64)
-    out = harness(f"dispatch_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy(), bits16(sl), orders=(2, 3, 4))
+    out = harness(
+        f"dispatch_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy(), bits16(sl), orders=orders_for(C)
+    )
     o, lse = split(out, (np.uint16, B * L * C), (np.float32, B * L))
     o = torch.from_numpy(o.view(np.int16)).view(dt).view(B, L, C)
     a = qs.double() @ torch.nn.functional.normalize(x.double(), dim=-1).transpose(1, 2)  # (B, S, L)
@@ -372,15 +383,20 @@ def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
         (1, 150, 40, 70, "nchw", "transposed"),  # two slot tiles, three pixel tiles, tails in all three
         (2, 67, 24, 9, "sliced", "contiguous"),  # one channel chunk; strided channels
         (1, 67, 72, 70, "nchw", "contiguous"),  # backward channel chunks (1-2, fp32 2-4), two slot tiles
-        (1, 20, 136, 9, "sliced", "transposed"),  # 2-4 channel chunks at C padded to 256 (fp32: CUDA cores)
+        (1, 20, 136, 9, "sliced", "transposed"),  # 2-4 channel chunks at C padded to 256 (fp32: wide forward)
+        # The wide forwards (backward on CUDA cores): 2 channel blocks (fp32 3) with a tail and two
+        # slot tiles (the dispatch recomputes the logits per output block); 3 blocks (fp32 5) and
+        # one slot tile (logits kept for every output block), past glnet stage 4's C = 512.
+        (1, 20, 300, 70, "nchw", "contiguous"),
+        (2, 9, 520, 9, "sliced", "transposed"),
     ],
 )
 def test_mma_kernels_through_the_ops(op, dtype, B, L, C, S, layout, slots_layout):
     """The tensor-core kernels as the cuda_emulated ops launch them (forward: fp16/bf16 C <= 256,
-    fp32 C <= 128 by 3xTF32; backward pixel_bwd_mma, slot_bwd_mma: the same limits, in chunks of
-    64 or 128 channels, fp32 32 or 64) against the float64 reference within the suite's
-    tolerances; with zero pixels (the norm epsilon's branch) except in fp16, where their dx,
-    dK / 1e-12, overflows."""
+    fp32 C <= 128 by 3xTF32, wider C by the wide forwards' channel blocks; backward pixel_bwd_mma,
+    slot_bwd_mma: fp16/bf16 C <= 256, fp32 C <= 128, in chunks of 64 or 128 channels, fp32 32 or
+    64) against the float64 reference within the suite's tolerances; with zero pixels (the norm
+    epsilon's branch) except in fp16, where their dx, dK / 1e-12, overflows."""
     require("cuda_emulated", "cpu")
     case = Case(B, L, C, S, layout, slots_layout=slots_layout, dtype=dtype, seed=L)
     if dtype != torch.float16:
@@ -399,6 +415,7 @@ def test_resource_report_requires_tensor_cores_of_every_mma_kernel():
     for kernel in (
         "cluster_fwd_chunk_mma<Bf16,64>",
         "dispatch_fwd_mma<Tf32,128>",
+        "cluster_fwd_chunk_wide_mma<Bf16>",
         "pixel_bwd_mma<F16,128,true>",
         "slot_bwd_mma<Bf16,16,false>",
         "mma_tile_test<F16>",

@@ -21,9 +21,12 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
   auto lse = empty_output({B, S}, f32);
   if (B == 0) return {slots, lse};
 
-  // Tensor cores: slot tiles of kMmaRows, pixel tiles of kMmaCols; else the planned CUDA-core tiles.
-  const bool mma = use_mma_fwd(x);
-  const int mma_nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows);
+  // Tensor cores: slot tiles of kMmaRows, pixel tiles of kMmaCols (wide C: a block per slot tile
+  // and channel block); else the planned CUDA-core tiles.
+  const bool mma = use_mma_fwd(x, false);
+  const bool tf32 = x.scalar_type() == at::kFloat, wide = mma_fwd_wide(C, tf32);
+  const int ncb = wide ? tc::wide_blocks(static_cast<int>(C), tf32) : 1;
+  const int mma_nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows) * ncb;
   const auto t =
       mma ? plan::Tiles{tc::kMmaCols, tc::kMmaRows, mma_nst, 0}
           : tiles_for(
@@ -37,7 +40,16 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
   const Stream stream = current_stream();
   const dim3 grid(t.nst, ch.n, static_cast<unsigned>(B));
 
-  if (mma) {
+  if (mma && wide) {
+    const View xv = view_of(x), qv = view_of(qs);
+    with_mma_type(x.scalar_type(), [&](auto e) {
+      using E = decltype(e);
+      launch(tc::cluster_fwd_chunk_wide_mma<E>, grid, dim3(tc::kMmaThreads), tc::fwd_wide_mma_smem<E>(), stream,
+             elems<E>(x), xv.sb, xv.sr, xv.sc, qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, static_cast<int>(L),
+             static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, ws_m.data_ptr<float>(), ws_l.data_ptr<float>(),
+             ws_acc.data_ptr<float>());
+    });
+  } else if (mma) {
     const View xv = view_of(x), qv = view_of(qs);
     with_mma_types<tc::kMmaMaxChannels, tc::kMmaTf32MaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
       using E = decltype(e);

@@ -21,16 +21,27 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(dispatch_fwd)(const Tensor& x, const Te
   if (B == 0 || L == 0) return {out, lse};
 
   const Stream stream = current_stream();
-  if (use_mma_fwd(x)) {  // tensor cores: pixel tiles of kMmaRows, several per block
+  if (use_mma_fwd(x, true)) {  // tensor cores: pixel tiles of kMmaRows, several per block
     const auto ch = plan::plan_dispatch_fwd_chunks(L, tc::kMmaRows, B, device_props());
     const View xv = view_of(x), qv = view_of(qs), sv = view_of(slots);
+    const dim3 grid(static_cast<unsigned>(ch.n), static_cast<unsigned>(B));
+    if (mma_fwd_wide(C, x.scalar_type() == at::kFloat)) {
+      with_mma_type(x.scalar_type(), [&](auto e) {
+        using E = decltype(e);
+        launch(tc::dispatch_fwd_wide_mma<E>, grid, dim3(tc::kMmaThreads), tc::fwd_wide_mma_smem<E>(), stream,
+               elems<E>(x), xv.sb, xv.sr, xv.sc, qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, elems<E>(slots), sv.sb,
+               sv.sr, sv.sc, L, static_cast<int>(S), static_cast<int>(C), static_cast<int>(ch.len / tc::kMmaRows),
+               elems<E>(out), lse.data_ptr<float>());
+      });
+      return {out, lse};
+    }
     with_mma_types<tc::kMmaMaxChannels, tc::kMmaTf32MaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
       using E = decltype(e);
       constexpr int CP = decltype(cp)::value;
-      launch(tc::dispatch_fwd_mma<E, CP>, dim3(static_cast<unsigned>(ch.n), static_cast<unsigned>(B)),
-             dim3(tc::kMmaThreads), tc::dispatch_fwd_mma_smem<E>(CP), stream, elems<E>(x), xv.sb, xv.sr, xv.sc,
-             qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, elems<E>(slots), sv.sb, sv.sr, sv.sc, L, static_cast<int>(S),
-             static_cast<int>(C), static_cast<int>(ch.len / tc::kMmaRows), elems<E>(out), lse.data_ptr<float>());
+      launch(tc::dispatch_fwd_mma<E, CP>, grid, dim3(tc::kMmaThreads), tc::dispatch_fwd_mma_smem<E>(CP), stream,
+             elems<E>(x), xv.sb, xv.sr, xv.sc, qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, elems<E>(slots), sv.sb, sv.sr,
+             sv.sc, L, static_cast<int>(S), static_cast<int>(C), static_cast<int>(ch.len / tc::kMmaRows), elems<E>(out),
+             lse.data_ptr<float>());
     });
     return {out, lse};
   }

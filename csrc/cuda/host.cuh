@@ -29,14 +29,30 @@ inline plan::Tiles tiles_for(int64_t S, int64_t C, int budget, F smem_bytes, con
   return t;
 }
 
-// The forward kernels run on tensor cores (mma_kernels.cuh) for fp16/bf16 x with C <= 256, and
-// for fp32 x with C <= 128 (3xTF32); wider C stays on the CUDA-core kernels.
-inline bool use_mma_fwd(const at::Tensor& x) {
-  const auto t = x.scalar_type();
-  const int64_t C = x.size(2);
-  const bool fits = ((t == at::kHalf || t == at::kBFloat16) && C <= tc::kMmaMaxChannels) ||
-                    (t == at::kFloat && C <= tc::kMmaTf32MaxChannels);
-  return fits && has_tensor_cores();
+// Whether the forwards take C channels through the wide kernels (the channels streamed through
+// shared memory in blocks): fp16/bf16 C > 256, fp32 C > 128.
+inline bool mma_fwd_wide(int64_t C, bool tf32) { return C > (tf32 ? tc::kMmaTf32MaxChannels : tc::kMmaMaxChannels); }
+
+// Dynamic shared memory of the forward kernel that takes C channels.
+inline size_t mma_fwd_smem(int64_t C, bool tf32, bool dispatch) {
+  if (mma_fwd_wide(C, tf32)) return tf32 ? tc::fwd_wide_mma_smem<mma::Tf32>() : tc::fwd_wide_mma_smem<mma::F16>();
+  const int cp = tc::padded_channels(static_cast<int>(C));
+  if (tf32) return dispatch ? tc::dispatch_fwd_mma_smem<mma::Tf32>(cp) : tc::cluster_fwd_mma_smem<mma::Tf32>(cp);
+  return dispatch ? tc::dispatch_fwd_mma_smem<mma::F16>(cp) : tc::cluster_fwd_mma_smem<mma::F16>(cp);
+}
+
+// Whether the forward's tensor-core kernel for C channels (any C of the backend) fits a device
+// whose blocks may opt in to smem_optin bytes: every C on an A100 (163 KB) and an H100 (227 KB),
+// the kernels taking at most 132 KB; 16-bit C <= 128 and fp32 C <= 64 on sm_86 / sm_89 (99 KB).
+inline bool mma_fwd_fits(int64_t C, bool tf32, bool dispatch, size_t smem_optin) {
+  return mma_fwd_smem(C, tf32, dispatch) <= smem_optin;
+}
+
+// The forward kernels run on tensor cores (mma_kernels.cuh) on sm_80 and newer where
+// mma_fwd_fits; the rest on the CUDA-core kernels.
+inline bool use_mma_fwd(const at::Tensor& x, bool dispatch) {
+  return has_tensor_cores() &&
+         mma_fwd_fits(x.size(2), x.scalar_type() == at::kFloat, dispatch, device_props().smem_optin);
 }
 
 // Whether the backward's tensor-core kernels take C channels on a device whose blocks may opt in to
@@ -52,7 +68,8 @@ inline bool mma_bwd_fits(int64_t C, bool tf32, bool dispatch, size_t smem_optin)
 // The backward kernels run on tensor cores where the forward's do and mma_bwd_fits this device;
 // the rest on the CUDA-core kernels.
 inline bool use_mma_bwd(const at::Tensor& x, bool dispatch) {
-  return use_mma_fwd(x) && mma_bwd_fits(x.size(2), x.scalar_type() == at::kFloat, dispatch, device_props().smem_optin);
+  return use_mma_fwd(x, dispatch) &&
+         mma_bwd_fits(x.size(2), x.scalar_type() == at::kFloat, dispatch, device_props().smem_optin);
 }
 
 // f(e, std::integral_constant<int, CP>{}) for the padded channels cp, CP from 16 up to kMax (the
@@ -77,6 +94,17 @@ void with_mma_types(at::ScalarType type, int64_t C, F&& f) {
     with_padded_channels<16, kMax16>(cp, mma::Bf16{}, f);
   else
     with_padded_channels<16, kMaxTf32>(cp, mma::Tf32{}, f);
+}
+
+// Calls f(E{}): E the tensor-core tag of x's dtype (the wide forwards' template argument).
+template <typename F>
+void with_mma_type(at::ScalarType type, F&& f) {
+  if (type == at::kHalf)
+    f(mma::F16{});
+  else if (type == at::kBFloat16)
+    f(mma::Bf16{});
+  else
+    f(mma::Tf32{});
 }
 
 // A tensor's storage as the tensor-core kernels of operand type E take it (16-bit: bit patterns).

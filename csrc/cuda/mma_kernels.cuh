@@ -40,8 +40,9 @@ constexpr int kMmaRows = 16 * kMmaWarps;  // logit rows per block: slots (cluste
 constexpr int kMmaCols = 64;              // logit columns per tile: pixels (clustering), slots (dispatch)
 constexpr int kMmaNB = kMmaCols / 8;      // accumulator blocks of a warp's logits
 constexpr float kMmaNormEps = 1e-12f;
-constexpr int kMmaMaxChannels = 256;  // C above this stays on the CUDA-core kernels
-// fp32 x: dispatch_fwd_mma's four fp32 tiles at CP = 256 take 267 KB, above any SM's shared memory.
+constexpr int kMmaMaxChannels = 256;  // C above this: the wide forwards, the backward on CUDA cores
+// fp32 x: dispatch_fwd_mma's four fp32 tiles at CP = 256 take 267 KB, above any SM's shared memory
+// (wider C: the wide forwards).
 constexpr int kMmaTf32MaxChannels = 128;
 
 // Shared-memory storage of an operand type: 16-bit bit patterns, or fp32 for tf32 (split into hi
@@ -161,16 +162,32 @@ __device__ inline void tile_rnorms(const Elem<E>* x_sh, int ld, int CP, float* r
   }
 }
 
+// ss[r] = (first) or += (else) the sum of squares of the 64 rows of a tile of KB channels, a warp
+// per row (the same rows for the same warp at every call); rnorm_of(ss) is 1 / max(||x||, eps).
+template <class E>
+__device__ inline void tile_sumsq(const Elem<E>* x_sh, int ld, int KB, float* ss, bool first) {
+  const int lane = lane_id();
+  for (int r = static_cast<int>(threadIdx.x) >> 5; r < 64; r += static_cast<int>(blockDim.x) >> 5) {
+    float s = 0.f;
+    for (int c = lane; c < KB; c += 32) {
+      const float v = value_of<E>(x_sh[r * ld + c]);
+      s += v * v;
+    }
+    s = warp_sum32(s);
+    if (lane == 0) ss[r] = first ? s : ss[r] + s;
+  }
+}
+__device__ __forceinline__ float rnorm_of(float ss) { return 1.f / fmaxf(sqrtf(ss), kMmaNormEps); }
+
 // a[j] = A B^T over CP channels for a warp's 16 rows x 64 columns: A's rows at a_hi (+ a_lo, the
 // small part of a split operand, when kSplitA), B's 64 rows at b_hi (+ b_lo when kSplitB), both
 // channel-minor. The small products go first. kRolled keeps the 3xTF32 channel loop rolled: the
 // backward's two logits of one tile share an operand, and unrolled, ptxas kept its split fragments
 // live from one to the other (slot_bwd_mma spilled 0.9-3 KB at fp32 CP = 64, 128).
+// logits_add adds the product to a (the wide forwards' channel blocks).
 template <class E, int CP, bool kSplitA, bool kSplitB, bool kRolled = false>
-__device__ __forceinline__ void logits(FragC (&a)[kMmaNB], const Elem<E>* a_hi, const Elem<E>* a_lo,
-                                       const Elem<E>* b_hi, const Elem<E>* b_lo, int ld) {
-#pragma unroll
-  for (int j = 0; j < kMmaNB; ++j) zero(a[j]);
+__device__ __forceinline__ void logits_add(FragC (&a)[kMmaNB], const Elem<E>* a_hi, const Elem<E>* a_lo,
+                                           const Elem<E>* b_hi, const Elem<E>* b_lo, int ld) {
   if constexpr (kIsTf32<E>) {  // 3xTF32 on the fp32 tiles (a_lo, b_lo unused)
 #pragma unroll(kRolled ? 1 : CP / 8)
     for (int k0 = 0; k0 < CP; k0 += 8) {
@@ -202,6 +219,14 @@ __device__ __forceinline__ void logits(FragC (&a)[kMmaNB], const Elem<E>* a_hi, 
       }
     }
   }
+}
+
+template <class E, int CP, bool kSplitA, bool kSplitB, bool kRolled = false>
+__device__ __forceinline__ void logits(FragC (&a)[kMmaNB], const Elem<E>* a_hi, const Elem<E>* a_lo,
+                                       const Elem<E>* b_hi, const Elem<E>* b_lo, int ld) {
+#pragma unroll
+  for (int j = 0; j < kMmaNB; ++j) zero(a[j]);
+  logits_add<E, CP, kSplitA, kSplitB, kRolled>(a, a_hi, a_lo, b_hi, b_lo, ld);
 }
 
 // Online softmax along the rows of a warp's logits (rows g and g + 8 of its 16; statistics alike
@@ -435,6 +460,205 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         const int l = 16 * warp + rc.row, c = 8 * j + rc.col;
         if (l < nl && c < C) out[(b * L + l0 + l) * C + c] = elem_of<E>(acc[j].r[i] / sm.l[i >> 1]);
       }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int l = 16 * warp + (lane >> 2) + 8 * h;
+      if ((lane & 3) == 0 && l < nl) lse[b * L + l0 + l] = sm.m[h] + logf(sm.l[h]);
+    }
+  }
+#else
+  __trap();  // never launched below sm_80
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// The wide forwards: C above kMmaMaxChannels (16-bit) or kMmaTf32MaxChannels (fp32), up to the
+// backend's limit. Whole 64-row tiles of all channels no longer fit shared memory (four 16-bit
+// tiles of 512 channels take 266 KB) nor their accumulators the registers, so the channels pass
+// through shared memory in blocks of kWide channels: the logits accumulate over the blocks (x and
+// qs hi + lo, a block at a time; the squared norms of x beside them), and the value product runs
+// per output block of kWide channels, against that block of its V operand. Same precision as the
+// kernels above. One instantiation per operand type serves every wide C.
+template <class E>
+constexpr int kWide = kIsTf32<E> ? kMmaTf32MaxChannels : kMmaMaxChannels;
+
+// Dynamic shared memory of both: four 64-row tiles of kWide channels (the logits' x and qs hi, lo
+// blocks; the value product's V block) and 64 floats of squared norms. 132 KB at 16-bit and fp32.
+template <class E>
+inline size_t fwd_wide_mma_smem() {
+  return static_cast<size_t>(4 * 64) * tile_ld<E, kWide<E>>() * sizeof(Elem<E>) + 64 * 4;
+}
+// Channel blocks of C channels: the clustering's blocks per slot tile.
+inline int wide_blocks(int C, bool tf32) {
+  const int w = tf32 ? kWide<Tf32> : kWide<F16>;
+  return (C + w - 1) / w;
+}
+
+// grid (slot tiles x channel blocks, chunks, B), kMmaThreads threads; blockIdx.x = slot tile x
+// channel blocks + channel block. As cluster_fwd_chunk_mma, but a block writes the partial acc of
+// its channel block only; every block of a slot tile computes the same logits (same order), and
+// the first writes ws_m, ws_l.
+template <class E>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    cluster_fwd_chunk_wide_mma(const Elem<E>* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
+                               const float* __restrict__ qs, int64_t qsb, int64_t qsr, int64_t qsc, int L, int S, int C,
+                               int64_t chunk_len, int nchunks, float* __restrict__ ws_m, float* __restrict__ ws_l,
+                               float* __restrict__ ws_acc) {
+#if GLMIX_MMA_ARCH_OK
+  constexpr int W = kWide<E>, ld = tile_ld<E, W>();
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  Elem<E>* qh_sh = reinterpret_cast<Elem<E>*>(smem);
+  Elem<E>* ql_sh = qh_sh + 64 * ld;
+  Elem<E>* x_sh = ql_sh + 64 * ld;  // the logits' channel block of x
+  Elem<E>* v_sh = x_sh + 64 * ld;   // this block's output channels of x
+  float* ss_sh = reinterpret_cast<float*>(v_sh + 64 * ld);
+
+  const int ncb = (C + W - 1) / W;
+  const int st = static_cast<int>(blockIdx.x) / ncb, cv = static_cast<int>(blockIdx.x) % ncb * W;
+  const int nv = min(W, C - cv);
+  const int chunk = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int s0 = st * kMmaRows, ns = min(kMmaRows, S - s0);
+  const int64_t l_begin = chunk * chunk_len;
+  const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);
+  const int lane = lane_id(), warp = static_cast<int>(threadIdx.x) >> 5;
+  const Elem<E>* xb = x + b * xsb;
+  const float* qsb_ = qs + b * qsb;
+
+  RowSoftmax sm;
+  FragC acc[W / 8];
+#pragma unroll
+  for (int j = 0; j < W / 8; ++j) zero(acc[j]);
+
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += kMmaCols) {
+    const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), l_end - l0));
+    FragC a[kMmaNB];  // the warp's 16 slots x 64 pixels; block j: pixels 8 j .. 8 j + 7
+#pragma unroll
+    for (int j = 0; j < kMmaNB; ++j) zero(a[j]);
+    for (int c0 = 0; c0 < C; c0 += W) {
+      const int nc = min(W, C - c0);
+      __syncthreads();  // the previous block's (and tile's) readers are done
+      load_rows_split<E>(qh_sh, ql_sh, ld, W, qsb_ + c0 * qsc, qsr, qsc, s0, ns, nc);
+      load_rows(x_sh, ld, W, xb + c0 * xsc, xsr, xsc, l0, nl, nc);
+      __syncthreads();
+      tile_sumsq<E>(x_sh, ld, W, ss_sh, c0 == 0);
+      logits_add<E, W, true, false>(a, qh_sh + 16 * warp * ld, ql_sh + 16 * warp * ld, x_sh, nullptr, ld);
+    }
+    load_rows(v_sh, ld, W, xb + cv * xsc, xsr, xsc, l0, nl, nv);
+    __syncthreads();  // v_sh and ss_sh complete
+#pragma unroll
+    for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int l = 8 * j + c_rc(lane, i).col;
+        a[j].r[i] = l < nl ? a[j].r[i] * rnorm_of(ss_sh[l]) : -INFINITY;
+      }
+    float alpha[2];
+    sm.step(a, alpha);
+    value_product<E, W>(acc, a, alpha, v_sh, ld);
+  }
+
+  const int64_t row0 = (b * nchunks + chunk) * S + s0 + 16 * warp;  // workspace row of the warp's slot 0
+  if (cv == 0)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int s = (lane >> 2) + 8 * h;
+      if ((lane & 3) == 0 && 16 * warp + s < ns) {
+        ws_m[row0 + s] = sm.m[h];
+        ws_l[row0 + s] = sm.l[h];
+      }
+    }
+  store_rows<W>(acc, ws_acc + cv, row0, ns - 16 * warp, C, nv);
+#else
+  __trap();  // never launched below sm_80
+#endif
+}
+
+// grid (ceil(pixel tiles / tiles_per_block), B), kMmaThreads threads; arguments as
+// dispatch_fwd_mma's. Per pixel tile and output channel block: the online softmax over the slot
+// tiles, whose logits (over all channel blocks) are computed once when one slot tile holds all S
+// and kept in registers for every output block, else recomputed per output block.
+template <class E>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    dispatch_fwd_wide_mma(const Elem<E>* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
+                          const float* __restrict__ qs, int64_t qsb, int64_t qsr, int64_t qsc,
+                          const Elem<E>* __restrict__ sl, int64_t ssb, int64_t ssr, int64_t ssc, int64_t L, int S,
+                          int C, int tiles_per_block, Elem<E>* __restrict__ out, float* __restrict__ lse) {
+#if GLMIX_MMA_ARCH_OK
+  constexpr int W = kWide<E>, ld = tile_ld<E, W>();
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  Elem<E>* qh_sh = reinterpret_cast<Elem<E>*>(smem);
+  Elem<E>* ql_sh = qh_sh + 64 * ld;
+  Elem<E>* sl_sh = ql_sh + 64 * ld;
+  Elem<E>* x_sh = sl_sh + 64 * ld;
+  float* ss_sh = reinterpret_cast<float*>(x_sh + 64 * ld);
+
+  const int64_t b = blockIdx.y;
+  const int lane = lane_id(), warp = static_cast<int>(threadIdx.x) >> 5;
+  const int nst = (S + kMmaCols - 1) / kMmaCols;
+  const Elem<E>* xb = x + b * xsb;
+  const float* qsb_ = qs + b * qsb;
+  const Elem<E>* slb = sl + b * ssb;
+
+  // a = the warp's 16 pixels x slot tile st's 64 slots over all channels; the pixels' squared
+  // norms into ss_sh too. Ends before a barrier: the caller's makes ss_sh complete.
+  const auto stream_logits = [&](FragC(&a)[kMmaNB], int64_t l0, int nl, int st) {
+    const int s0 = st * kMmaCols, ns = min(kMmaCols, S - s0);
+#pragma unroll
+    for (int j = 0; j < kMmaNB; ++j) zero(a[j]);
+    for (int c0 = 0; c0 < C; c0 += W) {
+      const int nc = min(W, C - c0);
+      __syncthreads();  // the previous block's readers are done
+      load_rows(x_sh, ld, W, xb + c0 * xsc, xsr, xsc, l0, nl, nc);
+      load_rows_split<E>(qh_sh, ql_sh, ld, W, qsb_ + c0 * qsc, qsr, qsc, s0, ns, nc);
+      __syncthreads();
+      tile_sumsq<E>(x_sh, ld, W, ss_sh, c0 == 0);
+      logits_add<E, W, false, true>(a, x_sh + 16 * warp * ld, nullptr, qh_sh, ql_sh, ld);
+    }
+  };
+
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
+  for (int64_t t = t_begin; t < t_begin + tiles_per_block && t * 64 < L; ++t) {
+    const int64_t l0 = t * 64;
+    const int nl = static_cast<int>(min(static_cast<int64_t>(64), L - l0));
+    RowSoftmax sm;
+    FragC a[kMmaNB];  // the warp's 16 pixels x 64 slots; block j: slots 8 j .. 8 j + 7
+    // 1 / ||x|| of the warp's pixels, set at the first slot tile
+    float rn[2] = {0.f, 0.f}, alpha[2] = {1.f, 1.f};
+    for (int cv = 0; cv < C; cv += W) {  // output channel blocks
+      const int nv = min(W, C - cv);
+      const bool fresh = nst > 1 || cv == 0;  // else: the first block's probabilities, in a
+      if (fresh) sm = RowSoftmax{};
+      FragC acc[W / 8];
+#pragma unroll
+      for (int j = 0; j < W / 8; ++j) zero(acc[j]);
+      for (int st = 0; st < nst; ++st) {
+        if (fresh) stream_logits(a, l0, nl, st);
+        __syncthreads();  // the previous readers of sl_sh are done; ss_sh complete
+        load_rows(sl_sh, ld, W, slb + cv * ssc, ssr, ssc, st * kMmaCols, min(kMmaCols, S - st * kMmaCols), nv);
+        __syncthreads();
+        if (fresh) {
+          if (cv == 0 && st == 0)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) rn[h] = rnorm_of(ss_sh[16 * warp + (lane >> 2) + 8 * h]);
+#pragma unroll
+          for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              a[j].r[i] = st * kMmaCols + 8 * j + c_rc(lane, i).col < S ? a[j].r[i] * rn[i >> 1] : -INFINITY;
+          sm.step(a, alpha);
+        }
+        value_product<E, W>(acc, a, alpha, sl_sh, ld);
+      }
+#pragma unroll
+      for (int j = 0; j < W / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const RC rc = c_rc(lane, i);
+          const int l = 16 * warp + rc.row, c = 8 * j + rc.col;
+          if (l < nl && c < nv) out[(b * L + l0 + l) * C + cv + c] = elem_of<E>(acc[j].r[i] / sm.l[i >> 1]);
+        }
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int l = 16 * warp + (lane >> 2) + 8 * h;

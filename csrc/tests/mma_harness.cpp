@@ -1,5 +1,5 @@
 // Host runner for the tensor-core device code under GLMIX_CUDA_EMULATION (the mma test kernels of
-// mma_test_kernels.cuh, cluster_fwd_chunk_mma): each CUDA thread a std::thread, blocks one after
+// mma_test_kernels.cuh, the forward kernels): each CUDA thread a std::thread, blocks one after
 // another, __syncthreads a block barrier, __shfl_sync through a per-warp exchange array between
 // two warp barriers, dynamic shared memory one buffer refilled with NaN per block. Just enough of
 // the CUDA execution model for these kernels; tests/test_mma.py builds and drives it.
@@ -11,7 +11,8 @@
 //   mma_harness convert    stdin: n, then n f32
 //                          stdout: bf16 and f16 bits (n u16 each), tf32 bits (n u32), and the
 //                          65536 f16 bit patterns as f32
-//   mma_harness {cluster,dispatch}_fwd_{bf16,f16}   the forward kernels of mma_kernels.cuh (see below)
+//   mma_harness {cluster,dispatch}_fwd_{bf16,f16}   the forward kernels of mma_kernels.cuh (see below;
+//                          C above 256: the wide forwards)
 // MMA_HARNESS_ORDER=0..4 sets the order fibers resume in (fiber::order).
 //   mma_harness ldsm       stdout: the row addresses of the GPU build's ldmatrix loads, per lane
 //                          (i32 row, col): A "n", A "t", B "n", B "t" (32 x 2 each)
@@ -258,6 +259,25 @@ void cluster_fwd_cp(const std::vector<int64_t>& h, const std::vector<uint16_t>& 
   write(m), write(l), write(acc);
 }
 
+// The same through cluster_fwd_chunk_wide_mma (C above 256): a block per slot tile and channel block.
+template <class E>
+void cluster_fwd_wide(const std::vector<int64_t>& h, const std::vector<uint16_t>& x, const std::vector<float>& qs) {
+  namespace k = glmix::GLMIX_CUDA_NS::tc;
+  const int64_t B = h[0], L = h[1], C = h[2], S = h[3], len = h[4];
+  const int nch = static_cast<int>((L + len - 1) / len);
+  std::vector<float> m(B * nch * S), l(B * nch * S), acc(B * nch * S * C);
+  if (k::fwd_wide_mma_smem<E>() > sizeof(g_smem)) std::abort();
+  const int nst = static_cast<int>((S + k::kMmaRows - 1) / k::kMmaRows);
+  const Dim3 grid{static_cast<unsigned>(nst * k::wide_blocks(static_cast<int>(C), false)), static_cast<unsigned>(nch),
+                  static_cast<unsigned>(B)};
+  run_grid(grid, k::kMmaThreads, [&] {
+    k::cluster_fwd_chunk_wide_mma<E>(x.data(), h[5], h[6], h[7], qs.data(), S * C, C, 1, static_cast<int>(L),
+                                     static_cast<int>(S), static_cast<int>(C), len, nch, m.data(), l.data(),
+                                     acc.data());
+  });
+  write(m), write(l), write(acc);
+}
+
 template <class E>
 void cluster_fwd() {
   const auto h = read<int64_t>(9);
@@ -275,8 +295,7 @@ void cluster_fwd() {
     case 256:
       return cluster_fwd_cp<E, 256>(h, x, qs);
     default:
-      std::fprintf(stderr, "mma_harness: C above 256\n");
-      std::exit(2);
+      return cluster_fwd_wide<E>(h, x, qs);
   }
 }
 
@@ -299,6 +318,25 @@ void dispatch_fwd_cp(const std::vector<int64_t>& h, const std::vector<uint16_t>&
   write(out), write(lse);
 }
 
+// The same through dispatch_fwd_wide_mma (C above 256).
+template <class E>
+void dispatch_fwd_wide(const std::vector<int64_t>& h, const std::vector<uint16_t>& x, const std::vector<float>& qs,
+                       const std::vector<uint16_t>& sl) {
+  namespace k = glmix::GLMIX_CUDA_NS::tc;
+  const int64_t B = h[0], L = h[1], C = h[2], S = h[3], tpb = h[4];
+  std::vector<uint16_t> out(B * L * C);
+  std::vector<float> lse(B * L);
+  if (k::fwd_wide_mma_smem<E>() > sizeof(g_smem)) std::abort();
+  const int64_t ntiles = (L + 63) / 64;
+  const Dim3 grid{static_cast<unsigned>((ntiles + tpb - 1) / tpb), static_cast<unsigned>(B), 1};
+  run_grid(grid, k::kMmaThreads, [&] {
+    k::dispatch_fwd_wide_mma<E>(x.data(), h[5], h[6], h[7], qs.data(), S * C, C, 1, sl.data(), S * C, C, 1, L,
+                                static_cast<int>(S), static_cast<int>(C), static_cast<int>(tpb), out.data(),
+                                lse.data());
+  });
+  write(out), write(lse);
+}
+
 template <class E>
 void dispatch_fwd() {
   const auto h = read<int64_t>(9);
@@ -317,8 +355,7 @@ void dispatch_fwd() {
     case 256:
       return dispatch_fwd_cp<E, 256>(h, x, qs, sl);
     default:
-      std::fprintf(stderr, "mma_harness: C above 256\n");
-      std::exit(2);
+      return dispatch_fwd_wide<E>(h, x, qs, sl);
   }
 }
 

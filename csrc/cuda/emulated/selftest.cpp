@@ -120,4 +120,9 @@ TORCH_LIBRARY_FRAGMENT(glmix_emulated, m) {
         [](int64_t C, bool fp32, bool dispatch, int64_t smem_optin) {
           return glmix::GLMIX_CUDA_NS::mma_bwd_fits(C, fp32, dispatch, static_cast<size_t>(smem_optin));
         });
+  // The same for the forward (use_mma_fwd's shared-memory test).
+  m.def("mma_fwd_fits(int C, bool fp32, bool dispatch, int smem_optin) -> bool",
+        [](int64_t C, bool fp32, bool dispatch, int64_t smem_optin) {
+          return glmix::GLMIX_CUDA_NS::mma_fwd_fits(C, fp32, dispatch, static_cast<size_t>(smem_optin));
+        });
 }
