@@ -1,7 +1,8 @@
 """Predicted HBM bytes, L2 bytes, tensor-core work and time of the Triton kernels, per kernel, at
 glnet_4g stages (B=128, S=64, bf16, per-batch pooled init_slots), for the kernels as they are
-("after"), as they were before the one-tile kernels ("previous") and before the rework
-("before"); prints the markdown tables of docs/performance.md.
+("after"), as they were before every kernel holding all of C made ``qs`` itself ("one-tile"),
+before the one-tile kernels ("previous") and before the rework ("before"); prints the markdown
+tables of docs/performance.md.
 
     python scripts/triton_traffic_model.py
 
@@ -31,8 +32,9 @@ SM_COUNT = 132
 B, S = 128, 64
 E = 2  # bytes per bf16
 STAGES = {"stage 1": (64, 3136), "stage 3": (256, 196), "stage 4": (512, 49)}
-# The one-tile kernels and dispatch_fwd making qs itself (False: the "previous" kernels).
-NEW_KERNELS = True
+# Which kernels: 1 "previous"; 2 "one-tile": the one-tile kernels and dispatch_fwd making qs
+# itself over C blocks; 3 "after": also qs made by every kernel holding all of C.
+GENERATION = 3
 
 
 def floor_bytes(L, C):
@@ -73,6 +75,7 @@ def after(L, C):
     x, sc, s32, slc = B * L * C * E, B * S * C * E, B * S * C * 4, B * S * L * C
     ws = lambda n: B * n * S * C * 4  # noqa: E731  a (B, chunks, S, C) fp32 workspace
     q_fwd = ("scaled_queries", sc + 2 * sc, 0, 0)
+    own_qs = GENERATION >= 3  # a kernel holding all of C makes qs itself
     ops = 3 * sc  # the S x C operands of every main kernel: qs_hi, qs_lo and G or the slots
     cf, cf_chunks, cf_sb, cf_cb = _plan("cluster_fwd_chunk", L, C)
     df, df_chunks, _, df_cb = _plan("dispatch_fwd", L, C)
@@ -136,20 +139,28 @@ def after(L, C):
     }
     if cf_chunks == 1:  # the chunk kernel writes slots and lse: no workspace, no combine
         model["cluster_fwd"][1:] = [("cluster_fwd_chunk", x + 2 * sc + s32, fwd_chunk_l2, fwd_chunk_macs)]
-    tile = tb.pick_config("cluster_fwd_tile", S, C, torch.bfloat16, L) if cf.score_c and NEW_KERNELS else None
+    if own_qs and _held(cf, cf_cb):  # init_slots (read twice per program) for qs_hi and qs_lo
+        model["cluster_fwd"] = [
+            (k, h - sc if k == "cluster_fwd_chunk" else h, l, m) for k, h, l, m in model["cluster_fwd"][1:]
+        ]
+    if own_qs and df_cb == 1:  # the same for dispatch_fwd
+        name, hbm, l2, macs = model["dispatch_fwd"][1]
+        model["dispatch_fwd"] = [(name, hbm - sc, l2, macs)]
+    tile = tb.pick_config("cluster_fwd_tile", S, C, torch.bfloat16, L) if cf.score_c and GENERATION >= 2 else None
     if tile:
         # One program per chunk holds all slots: init_slots read for its norms (HBM) and by the
         # logits loop (L2), x by the logits loop (HBM) and the value loop (L2); no scaled_queries.
         n = math.ceil(L / tile.block_l)
         l2 = x + (2 * n - 1) * sc
+        macs = 4 * slc
         if n == 1:
-            model["cluster_fwd"] = [("cluster_fwd_tile", x + sc + s32 + B * S * 4, l2, 4 * slc)]
+            model["cluster_fwd"] = [("cluster_fwd_tile", x + sc + s32 + B * S * 4, l2, macs)]
         else:
             model["cluster_fwd"] = [
-                ("cluster_fwd_tile", x + sc + ws(n), l2, 4 * slc),
+                ("cluster_fwd_tile", x + sc + ws(n), l2, macs),
                 ("cluster_fwd_combine", ws(n) + s32, 0, 0),
             ]
-    if df_cb > 1 and NEW_KERNELS:
+    if df_cb > 1 and GENERATION >= 2:
         # dispatch_fwd makes qs from init_slots (read from HBM once, then per pixel tile from L2
         # with the slots): no scaled_queries.
         l2 = pix(df, df_chunks, df_cb, 2, 2, False)
@@ -168,7 +179,25 @@ def after(L, C):
             slot = kernels.pop(2)
             kernels[1] = (name, hbm + k_ws * ws(pb_chunks), l2, macs + 2 * slc + (k_ws - 1) * slc)
             assert slot[0] == "slot_bwd"
+    if fused and own_qs:
+        _own_qs_backward(model, L, C, pb_chunks)
     return model
+
+
+def _own_qs_backward(model, L, C, n):
+    """The fused backward at stage 1 once ``pixel_bwd`` makes ``qs`` (and clustering's ``delta``)
+    itself: no ``scaled_queries``. Per program it reads ``init_slots`` (twice: the norms, the
+    held block) instead of ``qs_hi`` and ``qs_lo``, and clustering's G twice (``delta``, the
+    held block) and the fp32 slots once; the first read of each per batch element from HBM."""
+    sc, s32 = B * S * C * E, B * S * C * 4
+    for op, k in (("cluster_bwd", 6), ("dispatch_bwd", 3)):  # S x C operand reads per program, in E bytes
+        kernels = [kernel for kernel in model[op] if kernel[0] != "scaled_queries"]
+        name, hbm, l2, macs = kernels[0]
+        assert name == "pixel_bwd"
+        # qs_hi, qs_lo (and delta) no more; init_slots (and the fp32 slots) instead
+        hbm += -sc + (s32 - B * S * 4 if op == "cluster_bwd" else 0)
+        kernels[0] = (name, hbm, B * n * k * S * C * E, macs)
+        model[op] = kernels
 
 
 def _one_tile_backward(model, L, C, n):
@@ -201,13 +230,27 @@ def _one_tile_backward(model, L, C, n):
 def previous(L, C):
     """``after`` as the kernels were before the one-tile ``pixel_bwd`` (``slot_bwd`` at stages 3-4)
     and ``cluster_fwd_tile``, and before ``dispatch_fwd`` made ``qs`` itself."""
-    global NEW_KERNELS
     saved = tb._one_tile_config
-    tb._one_tile_config, NEW_KERNELS = (lambda *args: None), False
+    tb._one_tile_config = lambda *args: None
+    try:
+        return _generation(1, L, C)
+    finally:
+        tb._one_tile_config = saved
+
+
+def one_tile(L, C):
+    """``after`` as the kernels were with the one-tile kernels, before the kernels holding all of
+    C made ``qs`` themselves."""
+    return _generation(2, L, C)
+
+
+def _generation(generation, L, C):
+    global GENERATION
+    GENERATION = generation
     try:
         return after(L, C)
     finally:
-        tb._one_tile_config, NEW_KERNELS = saved, True
+        GENERATION = 3
 
 
 def before(L, C):
@@ -295,4 +338,5 @@ def _merged(kernels):
 if __name__ == "__main__":
     table("before", before)
     table("previous", previous)
+    table("one-tile", one_tile)
     table("after", after)

@@ -6,15 +6,17 @@ Entry points, by op (kernels in ``kernels.py``):
   C block), ``cluster_fwd_combine`` (log-sum-exp combine of the chunks) into fp32 slots; at few
   pixels and many channels (16-bit) ``cluster_fwd_tile`` over (batch, chunk) instead of the
   first two, one tile of all slots per chunk.
-- ``dispatch_fwd``: ``scaled_queries``, ``dispatch_fwd`` over (batch, chunk); a tile holds all S
-  (over several C blocks in 16-bit, ``dispatch_fwd`` makes ``qs`` itself).
+- ``dispatch_fwd``: ``scaled_queries``, ``dispatch_fwd`` over (batch, chunk); a tile holds all S.
 - ``cluster_bwd`` / ``dispatch_bwd``: ``scaled_queries`` (with clustering's ``delta``),
   ``pixel_bwd`` (``dx``), ``slot_bwd`` (per-chunk partials of ``dqs``, ``dslots``; ``pixel_bwd``
   sums them itself when one tile holds all of S and C, as at the first GLNet stages, or all of S
-  and a whole chunk, as at the last ones, where it also makes ``qs`` and ``delta`` and no
-  ``scaled_queries`` runs),
-  ``query_bwd`` (``d_init_slots``, parts of ``dscale``), ``sum_chunks`` (``dscale``, ``dslots``).
-  Sums run in a fixed order: results are bitwise reproducible without atomics.
+  and a whole chunk, as at the last ones, and then also makes ``delta``), ``query_bwd``
+  (``d_init_slots``, parts of ``dscale``), ``sum_chunks`` (``dscale``, ``dslots``). Sums run in
+  a fixed order: results are bitwise reproducible without atomics.
+
+A kernel that reads its S x C operands once per program (one holding all of C; the one-tile
+kernels; 16-bit ``dispatch_fwd`` over C blocks, which loads them per pixel tile anyway) makes
+``qs`` from ``init_slots`` and ``scale`` itself, and no ``scaled_queries`` runs before it.
 
 No ``(B, S, L)`` tensor exists anywhere; the workspaces are ``O(B * chunks * S * C)``. On CPU
 tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``).
@@ -276,6 +278,11 @@ def _tile_args(x, qs_hi, qs_lo):
     )
 
 
+def _one_c_block(cfg, C):
+    """Whether ``cfg`` holds all of C at once (the kernels' ``ONE_C_BLOCK``)."""
+    return cfg.block_c >= C and not cfg.score_c
+
+
 def _split_l_grid(B, S, n_chunks, C):
     return lambda meta: (B * triton.cdiv(S, meta["BLOCK_S"]), n_chunks, triton.cdiv(C, meta["BLOCK_C"]))
 
@@ -441,9 +448,17 @@ def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor) 
                 **out,
             )
         else:
-            qs_hi, qs_lo, _ = _queries(x, init_slots, scale)
+            # Holding all of C, each program reads its S x C operands once: it makes qs itself.
+            normalize = _one_c_block(cfg, C)
+            qs_hi, qs_lo = (init_slots, init_slots) if normalize else _queries(x, init_slots, scale)[:2]
             _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
-                chunk_len=chunk_len, **out, **_tile_args(x, qs_hi, qs_lo)
+                chunk_len=chunk_len,
+                s0_ptr=init_slots,
+                scale_ptr=scale,
+                **_strides("ss", init_slots),
+                NORMALIZE=normalize,
+                **out,
+                **_tile_args(x, qs_hi, qs_lo),
             )
         if one_chunk:
             return slots, lse
@@ -472,9 +487,11 @@ def dispatch_fwd(
     S = init_slots.shape[1]
     out, lse = contract.dispatch_fwd_outputs(x, init_slots, scale, slots)
     with _device_guard(x):
-        # Over several C blocks the kernel makes qs itself, as it loads it per pixel tile anyway
-        # (not fp32's 16-pixel tiles: four times the work per pixel).
-        normalize = x.dtype != torch.float32 and pick_config("dispatch_fwd", S, C, x.dtype).block_c < C
+        # The kernel makes qs itself where it holds all of C (it reads the operands once), and over
+        # several C blocks, as it loads them per pixel tile anyway (not fp32's 16-pixel tiles:
+        # four times the work per pixel).
+        cfg = pick_config("dispatch_fwd", S, C, x.dtype)
+        normalize = _one_c_block(cfg, C) or x.dtype != torch.float32
         qs_hi, qs_lo = (init_slots, init_slots) if normalize else _queries(x, init_slots, scale)[:2]
         chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
         _tiled("dispatch_fwd", S, C, x.dtype)[(B, n_chunks)](
@@ -533,14 +550,17 @@ def dispatch_bwd(
 def _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, *, cluster, dslots=None):
     """``dx`` and the (B, chunks, S, C) partials of ``dqs`` and (dispatch) ``dslots``: ``pixel_bwd``
     alone when one tile holds all of S and C (it sums the partials as it goes) or all of S and a
-    whole chunk of pixels (few pixels: one chunk per tile; it then also normalises ``init_slots``
-    and computes clustering's ``delta`` itself), else ``scaled_queries``, ``pixel_bwd``, then
-    ``slot_bwd``. ``slots``: clustering's fp32 forward result or dispatch's values. With a single
+    whole chunk of pixels (few pixels: one chunk per tile), and it then also normalises
+    ``init_slots`` and computes clustering's ``delta`` itself; else ``scaled_queries``,
+    ``pixel_bwd``, then ``slot_bwd``. ``slots``: clustering's fp32 forward result or dispatch's values. With a single
     chunk, dispatch's ``dslots`` partials are the result: written to ``dslots``."""
     B, L, C = x.shape
     S = init_slots.shape[1]
     cfg = pick_config("pixel_bwd", S, C, x.dtype, L)
-    if cfg.one_tile:  # not read: any valid tensors
+    # pixel_bwd alone: it reads each S x C operand once per program and makes qs and clustering's
+    # delta itself.
+    slot_sums = _one_c_block(cfg, C) or cfg.one_tile
+    if slot_sums:  # not read: any valid tensors
         qs_hi, qs_lo, delta = init_slots, init_slots, lse
     elif cluster:
         qs_hi, qs_lo, delta = _queries(x, init_slots, scale, grad, slots)
@@ -557,7 +577,6 @@ def _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, *, cluster, ds
         CLUSTER=cluster,
         **_tile_args(x, qs_hi, qs_lo),
     )
-    slot_sums = cfg.block_c >= C or cfg.one_tile
     if cfg.one_tile:
         chunk_len, n_chunks = cfg.block_l, triton.cdiv(L, cfg.block_l)
     else:
@@ -573,7 +592,7 @@ def _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, *, cluster, ds
         **_strides("ss", init_slots),
         chunk_len=chunk_len,
         SLOT_SUMS=slot_sums,
-        NORMALIZE=cfg.one_tile,
+        NORMALIZE=slot_sums,
         **args,
     )
     if slot_sums:

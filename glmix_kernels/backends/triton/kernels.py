@@ -6,8 +6,9 @@ Kernels, in the order a call runs them:
   per call as two operands in x's dtype, ``qs_hi + qs_lo`` (fp32 ``x``: ``qs`` itself), so the
   other kernels never split it again; the backward's launch also writes clustering's
   ``delta = rowsum(G * slots)`` once. Kernels that read each S x C operand once per program
-  (``cluster_fwd_tile``, ``pixel_bwd`` with one tile per chunk, ``dispatch_fwd`` over C blocks)
-  make ``qs`` themselves with the same arithmetic (``_query_norms``, ``_split_queries``) and no
+  (any holding all of C, ``cluster_fwd_tile``, ``pixel_bwd`` with one tile per chunk) or load
+  them per pixel tile anyway (16-bit ``dispatch_fwd`` over C blocks) make ``qs`` themselves
+  with the same arithmetic (``_query_norms``, ``_split_queries``; ``NORMALIZE``) and no
   ``scaled_queries`` runs.
 - ``cluster_fwd_chunk`` / ``cluster_fwd_combine``: per-chunk online-softmax partials over L, then
   their log-sum-exp combine; ``cluster_fwd_tile``: the same for few pixels and many channels,
@@ -158,6 +159,20 @@ def _query_norms(s0_ptr, ss_s, ss_c, s0, S, C, BS: tl.constexpr, BC: tl.constexp
         t = _load(s0_ptr, s0, c0, S, C, ss_s, ss_c, BS, BC).to(tl.float64)
         sumsq += tl.sum(t * t, 1)
     return 1.0 / tl.maximum(tl.sqrt(sumsq), NORM_EPS)
+
+
+@triton.jit
+def _query_norms_if(
+    NORMALIZE: tl.constexpr, s0_ptr, scale_ptr, ss_s, ss_c, s0, S, C, BS: tl.constexpr, BC: tl.constexpr
+):
+    """``(inv_q, scale)`` for ``_query_block``'s ``NORMALIZE`` (unused zeros without it)."""
+    if NORMALIZE:
+        inv_q = _query_norms(s0_ptr, ss_s, ss_c, s0, S, C, BS, BC)
+        scale = tl.load(scale_ptr).to(tl.float32)
+    else:
+        inv_q = 0.0
+        scale = 0.0
+    return inv_q, scale
 
 
 @triton.jit
@@ -393,6 +408,8 @@ def cluster_fwd_chunk(
     m_ptr,
     l_ptr,
     acc_ptr,
+    s0_ptr,
+    scale_ptr,
     S,
     L,
     C,
@@ -401,7 +418,11 @@ def cluster_fwd_chunk(
     sx_l,
     sx_c,
     sq_b,
+    ss_b,
+    ss_s,
+    ss_c,
     ONE_CHUNK: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     X_LAYOUT: tl.constexpr,
     SPLIT: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
@@ -419,10 +440,11 @@ def cluster_fwd_chunk(
     ``(B, chunks, S)`` and ``(B, chunks, S, C)``. Without ``ONE_C_BLOCK`` the S x C operands are
     too large to hold across the pixel loop: the logits take ``SCORE_C`` channels at a time, over
     all of C, and each C block computes them again (one C block spans all of C where the
-    accumulator fits, so most shapes compute them once). ``P @ x`` keeps
-    about 16 bits of ``P`` (``_dot_fp32_a``). ``ONE_CHUNK``: the chunk is all of L, so the
-    program writes the final ``slots`` (B, S, C) to ``acc`` and ``lse`` (B, S) to ``m``, and no
-    combine runs.
+    accumulator fits, so most shapes compute them once); with ``ONE_C_BLOCK`` and ``NORMALIZE``
+    the program makes its ``qs`` block from ``init_slots`` (``s0``) and ``scale`` itself.
+    ``P @ x`` keeps about 16 bits of ``P`` (``_dot_fp32_a``). ``ONE_CHUNK``: the chunk is all of
+    L, so the program writes the final ``slots`` (B, S, C) to ``acc`` and ``lse`` (B, S) to
+    ``m``, and no combine runs.
     """
     b, s0 = _batch_and_block(tl.program_id(0), S, BLOCK_S)
     c_out = tl.program_id(2) * BLOCK_C
@@ -431,9 +453,12 @@ def cluster_fwd_chunk(
     x_ptr += b * sx_b
     qh_ptr += b * sq_b
     ql_ptr += b * sq_b
-    if ONE_C_BLOCK:  # loop-invariant: loaded once
-        q_hi = _load(qh_ptr, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
-        q_lo = _load(ql_ptr, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+    if ONE_C_BLOCK:  # loop-invariant: loaded (or with NORMALIZE made) once
+        inv_q, scale = _query_norms_if(NORMALIZE, s0_ptr + b * ss_b, scale_ptr, ss_s, ss_c, s0, S, C, BLOCK_S, BLOCK_C)
+        q_hi, q_lo = _query_block(
+            qh_ptr, ql_ptr, C, s0_ptr + b * ss_b, ss_s, ss_c, inv_q, scale, s0, 0, S, C, NORMALIZE, SPLIT, BLOCK_S,
+            BLOCK_C, x_ptr.dtype.element_ty,
+        )  # fmt: skip
 
     m = tl.full([BLOCK_S], float("-inf"), tl.float32)
     tot = tl.zeros([BLOCK_S], tl.float32)
@@ -612,17 +637,13 @@ def dispatch_fwd(
     qh_ptr += b * sq_b
     ql_ptr += b * sq_b
     v_ptr += b * sv_b
-    if NORMALIZE:
-        s0_ptr += b * ss_b
-        inv_q = _query_norms(s0_ptr, ss_s, ss_c, 0, S, C, BLOCK_S, BLOCK_C)
-        scale = tl.load(scale_ptr).to(tl.float32)
-    else:
-        inv_q = 0.0
-        scale = 0.0
+    s0_ptr += b * ss_b
+    inv_q, scale = _query_norms_if(NORMALIZE, s0_ptr, scale_ptr, ss_s, ss_c, 0, S, C, BLOCK_S, BLOCK_C)
     valid_s = (tl.arange(0, BLOCK_S) < S)[:, None]
-    if ONE_C_BLOCK:  # loop-invariant: loaded once
-        q_hi = _load(qh_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
-        q_lo = _load(ql_ptr, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
+    if ONE_C_BLOCK:  # loop-invariant: loaded (or with NORMALIZE made) once
+        q_hi, q_lo = _query_block(
+            qh_ptr, ql_ptr, C, s0_ptr, ss_s, ss_c, inv_q, scale, 0, 0, S, C, NORMALIZE, SPLIT, BLOCK_S, BLOCK_C, DT
+        )
         vt = _load(v_ptr, 0, 0, S, C, sv_s, sv_c, BLOCK_S, BLOCK_C).to(DT)
 
     for l0 in tl.range(l_begin, l_end, BLOCK_L, num_stages=NUM_STAGES):
@@ -713,21 +734,30 @@ def _held_operands(
     v_ptr,
     sv_s,
     sv_c,
+    s0_ptr,
+    ss_s,
+    ss_c,
+    inv_q,
+    scale,
     s0,
     S,
     C,
     CLUSTER: tl.constexpr,
     ONE_C_BLOCK: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    SPLIT: tl.constexpr,
     BS: tl.constexpr,
     BC: tl.constexpr,
     DT: tl.constexpr,
 ):
     """The S x C operands a backward program holds across its pixel loop (``ONE_C_BLOCK``):
-    ``qs_hi``, ``qs_lo`` and the rows of ``dP`` (clustering's G, dispatch's slots) in x's dtype.
-    Over several C blocks nothing is held: unused zeros."""
+    ``qs_hi``, ``qs_lo`` (loaded, or made as ``_query_block`` makes them) and the rows of ``dP``
+    (clustering's G, dispatch's slots) in x's dtype. Over several C blocks nothing is held:
+    unused zeros."""
     if ONE_C_BLOCK:
-        q_hi = _load(qh_ptr, s0, 0, S, C, C, 1, BS, BC)
-        q_lo = _load(ql_ptr, s0, 0, S, C, C, 1, BS, BC)
+        q_hi, q_lo = _query_block(
+            qh_ptr, ql_ptr, C, s0_ptr, ss_s, ss_c, inv_q, scale, s0, 0, S, C, NORMALIZE, SPLIT, BS, BC, DT
+        )
         if CLUSTER:
             yt = _load(g_ptr, s0, 0, S, C, sg_r, sg_c, BS, BC).to(DT)
         else:
@@ -953,23 +983,19 @@ def pixel_bwd(
     would write them; then no ``slot_bwd`` runs, and neither the logits nor ``x`` are read a
     second time. With ``ONE_C_BLOCK`` they are accumulated over the chunk's tiles; over several
     C blocks the chunk is one tile (at most ``BLOCK_L`` pixels, small L), whose sums go out per C
-    block beside ``dx``. ``NORMALIZE`` (only then): ``qs_hi``, ``qs_lo`` are made from
-    ``init_slots`` (``s0``) and ``scale`` as ``scaled_queries`` makes them, and clustering's
-    ``delta`` is computed here, so no ``scaled_queries`` runs before. Grid (B, chunks); ``dx`` is
-    contiguous.
+    block beside ``dx``. ``NORMALIZE`` (the launcher sets it with ``SLOT_SUMS``): ``qs_hi``,
+    ``qs_lo`` are made from ``init_slots`` (``s0``) and ``scale`` as ``scaled_queries`` makes
+    them, and clustering's ``delta`` is computed here, so no ``scaled_queries`` runs before.
+    Grid (B, chunks); ``dx`` is contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     l_begin, l_end = _chunk(L, chunk_len)
     row = b * tl.num_programs(1) + tl.program_id(1)  # this chunk's partial sums (SLOT_SUMS)
     x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr = _batch_rows(b, x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, sx_b, sq_b, sg_b, sv_b)
-    if NORMALIZE:  # each S x C operand is read once per program: normalising here costs little
-        s0_ptr += b * ss_b
-        inv_q = _query_norms(s0_ptr, ss_s, ss_c, 0, S, C, BLOCK_S, BLOCK_C)
-        scale = tl.load(scale_ptr).to(tl.float32)
-    else:
-        inv_q = 0.0
-        scale = 0.0
+    # Each S x C operand is read once per program: normalising here (NORMALIZE) costs little.
+    s0_ptr += b * ss_b
+    inv_q, scale = _query_norms_if(NORMALIZE, s0_ptr, scale_ptr, ss_s, ss_c, 0, S, C, BLOCK_S, BLOCK_C)
     if CLUSTER:  # per slot, for every tile
         s = tl.arange(0, BLOCK_S)
         lse = tl.load(lse_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
@@ -978,8 +1004,9 @@ def pixel_bwd(
         else:
             delta = tl.load(delta_ptr + b * S + s, mask=s < S, other=0.0)[:, None]
     q_hi, q_lo, yt = _held_operands(
-        qh_ptr, ql_ptr, g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, 0, S, C, CLUSTER, ONE_C_BLOCK, BLOCK_S, BLOCK_C, DT
-    )
+        qh_ptr, ql_ptr, g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, s0_ptr, ss_s, ss_c, inv_q, scale, 0, S, C, CLUSTER,
+        ONE_C_BLOCK, NORMALIZE, SPLIT, BLOCK_S, BLOCK_C, DT,
+    )  # fmt: skip
     if SLOT_SUMS:
         dq = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         dv = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
@@ -1082,8 +1109,9 @@ def slot_bwd(
     if CLUSTER:
         lse, delta = _slot_stats(lse_ptr, delta_ptr, b, s0, S, BLOCK_S)
     q_hi, q_lo, yt = _held_operands(
-        qh_ptr, ql_ptr, g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, s0, S, C, CLUSTER, ONE_C_BLOCK, BLOCK_S, BLOCK_C, DT
-    )
+        qh_ptr, ql_ptr, g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, qh_ptr, 0, 0, 0.0, 0.0, s0, S, C, CLUSTER, ONE_C_BLOCK,
+        False, SPLIT, BLOCK_S, BLOCK_C, DT,
+    )  # fmt: skip
 
     dq = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
