@@ -114,6 +114,18 @@ def test_huge_scale(backend, device, op):
         assert_close_normwise(g, r, 0.5, f"{op} gradient", floor=1.0)
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_one_channel_short_pixel(backend, device):
+    """C = 1: dispatch's dx is zero in exact arithmetic (every key is +-1, the key path lies along
+    it), so dx is what is left of ``dK / r`` after the projection. ``dK``'s terms ``dA qs`` cancel,
+    and a short pixel (``r = 1e-4``) amplifies 1 / r whatever rounding the projection does not
+    remove: taken from ``dK`` itself, it removes all of ``dK``'s, accumulation included."""
+    require(backend, device)
+    case = Case(2, 29, 1, 16, "contiguous", scale=7.4, device=device)
+    case.x_base[0, 3] = 1e-4
+    check_against_reference(case, "dispatch", backend)
+
+
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_scale_in_the_inputs_dtype(backend, device, op):

@@ -698,15 +698,32 @@ def _tile_delta(p, dd):
 
 @triton.jit
 def _key_projection(da, a_hi, sumsq, inv_r):
-    """``<K, dK> / r`` per pixel, the part ``pixel_bwd`` removes from ``dK = dA^T qs``.
+    """``<K, dK> / r`` per pixel, the part ``_dx_tile`` removes from ``dK = dA^T qs``, for a tile
+    that computes ``dK`` a C block at a time (so never holds all of it).
 
     ``<K, dK> = colsum(dA * A_hi) / r``: that of the ``dK`` the dots compute, from ``dA`` rounded
     to x's dtype and the logits of the rounded ``qs``. The projection then removes the along-K
-    part of ``dK``'s rounding error, which the accurate ``A`` would leave in, amplified by ``1/r``
-    at small ``||x||`` (with C = 1 the key path is all along K: it must come out zero).
-    F.normalize clamps the norm at eps: below it, ``x / eps`` has no projection term.
+    part of ``dK``'s operand rounding, which the accurate ``A`` would leave in, amplified by
+    ``1/r`` at small ``||x||``. Not its accumulation rounding: this sum is not the dots' sum.
     """
-    kdk = tl.sum(da.to(tl.float32) * a_hi, 0) * inv_r
+    return _clamped_norm_free(tl.sum(da.to(tl.float32) * a_hi, 0) * inv_r, sumsq)
+
+
+@triton.jit
+def _key_projection_of(dk, xt, sumsq, inv_r):
+    """``<K, dK> / r`` per pixel from the ``dK`` the dots returned, all of C held.
+
+    Every rounding of ``dK`` along K then cancels, the dots' fp32 (or tf32x3) accumulation
+    included: with C = 1 the key path is all along K and comes out at a few ``eps |dK| / r``, not
+    at ``eps sum_s |dA qs| / r`` (terms that cancel: dispatch's dx, zero in exact arithmetic, was
+    67x the fp32 tolerance at a pixel of ``r = 6e-4``).
+    """
+    return _clamped_norm_free(tl.sum(dk * xt.to(tl.float32), 1) * inv_r, sumsq)
+
+
+@triton.jit
+def _clamped_norm_free(kdk, sumsq):
+    """F.normalize clamps the norm at eps: below it, ``x / eps`` has no projection term."""
     return tl.where(tl.sqrt(sumsq) >= NORM_EPS, kdk, 0.0)
 
 
@@ -876,7 +893,8 @@ def _dx_tile(
     da,
     p,
     inv_r,
-    kdk,
+    a_hi,
+    sumsq,
     s0_ptr,
     ss_s,
     ss_c,
@@ -905,13 +923,15 @@ def _dx_tile(
     Per C block with ``SLOT_SUMS`` (the tile is the whole chunk): also the chunk's sums ``dqs``
     (from the fp32 ``dA``) and dispatch's ``dslots = D @ Hg``, stored to ``dq_ptr``, ``dv_ptr``
     from the x (and Hg) block the ``dx`` block loads anyway."""
-    ck = (inv_r * kdk)[:, None]
     if ONE_C_BLOCK:
-        dx = (_dot(tl.trans(da), q_hi, None, UPCAST) - xt.to(tl.float32) * ck) * inv_r[:, None]
+        dk = _dot(tl.trans(da), q_hi, None, UPCAST)
+        ck = (inv_r * _key_projection_of(dk, xt, sumsq, inv_r))[:, None]
+        dx = (dk - xt.to(tl.float32) * ck) * inv_r[:, None]
         if CLUSTER:
             dx = _dot(tl.trans(p), yt, dx, UPCAST)
         _store(dx_ptr, dx, l0, 0, L, C, C, 1, BL, BC)
     else:
+        ck = (inv_r * _key_projection(da, a_hi, sumsq, inv_r))[:, None]
         for c0 in range(0, C, BC):
             qt, _ = _query_block(
                 qh_ptr, qh_ptr, C, s0_ptr, ss_s, ss_c, inv_q, scale, 0, c0, S, C, NORMALIZE, False, BS, BC, da.dtype
@@ -1030,15 +1050,14 @@ def pixel_bwd(
                 tl.store(delta_ptr + b * L + pix[None, :], delta_l, mask=(pix < L)[None, :])
             da32 = p * (dp - delta_l)
         da = da32.to(DT)
-        kdk = _key_projection(da, a_hi, sumsq, inv_r)
         if SLOT_SUMS and ONE_C_BLOCK:
             dq = _dq_product(da32, inv_r, xt, dq, UPCAST)
             if not CLUSTER:
                 dv = _dot(p.to(DT), gt, dv, UPCAST)
         _dx_tile(
             dx_ptr + b * L * C, dq_ptr + row * S * C, dv_ptr + row * S * C, x_ptr, qh_ptr, g_ptr, q_hi, yt, xt,
-            da32, da, p.to(DT), inv_r, kdk, s0_ptr, ss_s, ss_c, inv_q, scale, l0, S, L, C, sx_l, sx_c, sg_r, sg_c,
-            CLUSTER, ONE_C_BLOCK, SLOT_SUMS, NORMALIZE, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
+            da32, da, p.to(DT), inv_r, a_hi, sumsq, s0_ptr, ss_s, ss_c, inv_q, scale, l0, S, L, C, sx_l, sx_c,
+            sg_r, sg_c, CLUSTER, ONE_C_BLOCK, SLOT_SUMS, NORMALIZE, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
         )  # fmt: skip
     if SLOT_SUMS and ONE_C_BLOCK:
         _store(dq_ptr + row * S * C, dq, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
