@@ -73,7 +73,8 @@ def built_kernels(L, C):
     """The tensor-core kernels as written (csrc/cuda/mma_kernels.cuh), 16-bit x: products counted
     as issued (qs split in two for the logits; dA in two; dK = dA^T qs in three; slot_bwd_mma's
     logits once per channel chunk: 128 channels for the clustering, 64 for the dispatch), the
-    extra bytes of the split-L workspaces (fp32, written and read) and of the backward's second
+    extra bytes of the split-L workspaces (fp32, written and read; none for the clustering forward
+    with one chunk) and of the backward's second
     pass over x (and the dispatch's grad and delta'), and every launch. slot_bwd_mma's blocks of
     one tile's channel chunks run side by side and read the same x tile: counted once (from L2
     after the first). C > 256: the wide forwards (channel blocks of 256: the clustering's blocks
@@ -82,15 +83,24 @@ def built_kernels(L, C):
     CUDA cores."""
     x, stat_l = B * L * C * E, B * L * 4
     ncb = math.ceil(C / 256)  # the wide forwards' channel blocks (1: not wide)
-    ws = n_chunks(L, B * ncb) * B * S * C * 4 * 2  # one (B, chunks, S, C) fp32 workspace, written and read
+    # The clustering forward's (B, chunks, S, C) fp32 workspace, written and read, and its combine;
+    # with one chunk the chunk kernel writes slots and lse itself: neither.
+    fwd_chunks = n_chunks(L, B * ncb)
+    ws = 0 if fwd_chunks == 1 else fwd_chunks * B * S * C * 4 * 2
     k = kernels(L, C)
     fwd, bwd = True, C <= 256
     ncc = {"cluster_bwd": max(1, C // 128), "dispatch_bwd": max(1, C // 64)}  # slot_bwd_mma's channel chunks
     ws_b = {name: n_chunks(L, B * n) * B * S * C * 4 * 2 for name, n in ncc.items()}
     return {
         # cluster_fwd_chunk_mma (logits 2, value 1; wide: logits 2 per channel block) + cluster_fwd_combine
+        # when L is split
         "cluster_fwd": fwd
-        and dict(k["cluster_fwd"], bytes=k["cluster_fwd"]["bytes"] + ws, products=2 * ncb + 1, launches=2),
+        and dict(
+            k["cluster_fwd"],
+            bytes=k["cluster_fwd"]["bytes"] + ws,
+            products=2 * ncb + 1,
+            launches=1 if fwd_chunks == 1 else 2,
+        ),
         "dispatch_fwd": fwd and dict(k["dispatch_fwd"], products=3, launches=1),
         # cluster_delta; pixel_bwd_mma (logits 2, G x^T 1, P^T G 1, dK 3); slot_bwd_mma (logits 2,
         # G x^T 1, per channel chunk; dqs 2); sum_chunks

@@ -404,6 +404,27 @@ def test_mma_kernels_through_the_ops(op, dtype, B, L, C, S, layout, slots_layout
     check_against_reference(case, op, "cuda_emulated")
 
 
+# (B, L, C, S, chunks): the clustering forward's split of L on the emulated device (one SM): one
+# chunk per batch element once a chunk's grid has four blocks, whose kernel then writes slots and
+# lse itself (store_chunk), else two chunks of partials and cluster_fwd_combine; narrow C (two
+# pixel tiles, a slot tail) and the wide forward (two channel blocks, fp32 three, with a tail).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "B,L,C,S,chunks",
+    [(2, 100, 40, 70, 1), (1, 100, 40, 70, 2), (1, 80, 300, 70, 1), (1, 80, 300, 9, 2)],
+)
+def test_cluster_forward_with_one_chunk_and_with_several(dtype, B, L, C, S, chunks):
+    """Forward and every gradient against the reference on both paths of cluster_fwd; the plan op
+    (plan_mma_chunks, with the grid cluster_fwd launches) shows which path the case takes."""
+    require("cuda_emulated", "cpu")
+    wide = 128 if dtype == torch.float32 else 256  # kMmaTf32MaxChannels, kMmaMaxChannels
+    channel_blocks = -(-C // wide) if C > wide else 1
+    blocks = B * -(-S // 64) * channel_blocks  # slot tiles x channel blocks per batch element
+    assert torch.ops.glmix_emulated.mma_chunks(L, 64, blocks)[1] == chunks
+    case = Case(B, L, C, S, "nchw", dtype=dtype, seed=L + C)
+    check_against_reference(case, "cluster", "cuda_emulated")
+
+
 def test_resource_report_requires_tensor_cores_of_every_mma_kernel():
     """scripts/cuda_resource_report.py fails a build whose *_mma kernels (forward and backward)
     have no HMMA instruction; the CUDA-core kernels are exempt."""

@@ -34,9 +34,18 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
   const auto ch = mma ? plan::plan_mma_chunks(L, t.TL, B * t.nst, device_props())
                       : plan::plan_chunks(L, t.TL, B * t.nst, device_props());
   TORCH_CHECK(ch.n <= 65535 && t.nst <= 65535, op, ": grid too large");
-  auto ws_m = empty_workspace({B, ch.n, S}, f32);
-  auto ws_l = empty_workspace({B, ch.n, S}, f32);
-  auto ws_acc = empty_workspace({B, ch.n, S, C}, f32);
+  // One chunk per batch element (batches that fill the SMs): the tensor-core kernels write lse
+  // and slots themselves (store_chunk), no workspace and no combine; else the partials.
+  const bool direct = mma && ch.n == 1;
+  Tensor ws_m, ws_l, ws_acc;
+  if (!direct) {
+    ws_m = empty_workspace({B, ch.n, S}, f32);
+    ws_l = empty_workspace({B, ch.n, S}, f32);
+    ws_acc = empty_workspace({B, ch.n, S, C}, f32);
+  }
+  float* out_m = direct ? lse.data_ptr<float>() : ws_m.data_ptr<float>();
+  float* out_l = direct ? nullptr : ws_l.data_ptr<float>();
+  float* out_acc = direct ? slots.data_ptr<float>() : ws_acc.data_ptr<float>();
   const Stream stream = current_stream();
   const dim3 grid(t.nst, ch.n, static_cast<unsigned>(B));
 
@@ -46,8 +55,7 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
       using E = decltype(e);
       launch(tc::cluster_fwd_chunk_wide_mma<E>, grid, dim3(tc::kMmaThreads), tc::fwd_wide_mma_smem<E>(), stream,
              elems<E>(x), xv.sb, xv.sr, xv.sc, qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, static_cast<int>(L),
-             static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, ws_m.data_ptr<float>(), ws_l.data_ptr<float>(),
-             ws_acc.data_ptr<float>());
+             static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, out_m, out_l, out_acc);
     });
   } else if (mma) {
     const View xv = view_of(x), qv = view_of(qs);
@@ -56,8 +64,7 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
       constexpr int CP = decltype(cp)::value;
       launch(tc::cluster_fwd_chunk_mma<E, CP>, grid, dim3(tc::kMmaThreads), tc::cluster_fwd_mma_smem<E>(CP), stream,
              elems<E>(x), xv.sb, xv.sr, xv.sc, qs.data_ptr<float>(), qv.sb, qv.sr, qv.sc, static_cast<int>(L),
-             static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, ws_m.data_ptr<float>(), ws_l.data_ptr<float>(),
-             ws_acc.data_ptr<float>());
+             static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, out_m, out_l, out_acc);
     });
   } else {
     GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_cluster_fwd_cuda", [&] {
@@ -67,6 +74,7 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
              ws_l.data_ptr<float>(), ws_acc.data_ptr<float>());
     });
   }
+  if (direct) return {slots, lse};
   launch(cluster_fwd_combine, dim3(S, B), dim3(kThreads), combine_smem(ch.n).bytes(), stream, ws_m.data_ptr<float>(),
          ws_l.data_ptr<float>(), ws_acc.data_ptr<float>(), static_cast<int>(S), static_cast<int>(C), ch.n,
          slots.data_ptr<float>(), lse.data_ptr<float>());

@@ -313,10 +313,42 @@ __device__ inline void value_product(FragC (&acc)[CP / 8], const FragC (&p)[kMma
 
 // ---------------------------------------------------------------------------------------------
 // Clustering forward: per-chunk partials (running max m, sum l and acc = sum_l exp(A - m) x per
-// slot) for cluster_fwd_combine. A block: 64 slots (warp w: slots 16 w ..), its chunk of pixels
-// in tiles of 64.
+// slot) for cluster_fwd_combine; with one chunk, the outputs themselves. A block: 64 slots (warp
+// w: slots 16 w ..), its chunk of pixels in tiles of 64.
+
+// A warp's results for its 16 slots from row0 (rows of out_m, out_l, and C-long rows of out_acc),
+// of which the first `rows`, columns below `cols` of acc, and m, l where `stats`. nchunks > 1: the
+// partials m, l, acc. One chunk: what cluster_fwd_combine makes of it, lse = m + log l into out_m
+// and slots = acc / l into out_acc (the outputs' layouts are the workspaces' at nchunks = 1), so
+// no workspace and no combine launch; out_l is unused. Every lane of a row's four holds its m, l.
+template <int CP>
+__device__ __forceinline__ void store_chunk(FragC (&acc)[CP / 8], const RowSoftmax& sm, int nchunks, bool stats,
+                                            float* out_m, float* out_l, float* out_acc, int64_t row0, int rows, int C,
+                                            int cols) {
+  const int lane = lane_id();
+  const bool one = nchunks == 1;
+  if (stats)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int s = (lane >> 2) + 8 * h;
+      if ((lane & 3) == 0 && s < rows) {
+        out_m[row0 + s] = one ? sm.m[h] + logf(sm.l[h]) : sm.m[h];
+        if (!one) out_l[row0 + s] = sm.l[h];
+      }
+    }
+  if (one) {
+    const float inv[2] = {1.f / sm.l[0], 1.f / sm.l[1]};
+#pragma unroll
+    for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[j].r[i] *= inv[i >> 1];
+  }
+  store_rows<CP>(acc, out_acc, row0, rows, C, cols);
+}
+
 // grid (slot tiles, chunks, B), kMmaThreads threads. x: 16-bit storage of type E; qs fp32.
-// Writes ws_m, ws_l (B, nchunks, S) and ws_acc (B, nchunks, S, C) as cluster_fwd_chunk does.
+// Writes ws_m, ws_l (B, nchunks, S) and ws_acc (B, nchunks, S, C) as cluster_fwd_chunk does, or
+// with one chunk lse (B, S) into ws_m and slots (B, S, C) into ws_acc (store_chunk).
 template <class E, int CP>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     cluster_fwd_chunk_mma(const Elem<E>* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
@@ -366,17 +398,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     value_product<E, CP>(acc, a, alpha, x_sh, ld);
   }
 
-  // The chunk's partials: lanes with t == 0 hold the row statistics of rows g and g + 8.
   const int64_t row0 = (b * nchunks + chunk) * S + s0 + 16 * warp;  // workspace row of the warp's slot 0
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int s = (lane >> 2) + 8 * h;
-    if ((lane & 3) == 0 && 16 * warp + s < ns) {
-      ws_m[row0 + s] = sm.m[h];
-      ws_l[row0 + s] = sm.l[h];
-    }
-  }
-  store_rows<CP>(acc, ws_acc, row0, ns - 16 * warp, C, C);
+  store_chunk<CP>(acc, sm, nchunks, true, ws_m, ws_l, ws_acc, row0, ns - 16 * warp, C, C);
 #else
   __trap();  // never launched below sm_80
 #endif
@@ -496,8 +519,8 @@ inline int wide_blocks(int C, bool tf32) {
 
 // grid (slot tiles x channel blocks, chunks, B), kMmaThreads threads; blockIdx.x = slot tile x
 // channel blocks + channel block. As cluster_fwd_chunk_mma, but a block writes the partial acc of
-// its channel block only; every block of a slot tile computes the same logits (same order), and
-// the first writes ws_m, ws_l.
+// its channel block only (with one chunk: its slots); every block of a slot tile computes the
+// same logits (same order), and the first writes ws_m, ws_l (with one chunk: lse).
 template <class E>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     cluster_fwd_chunk_wide_mma(const Elem<E>* __restrict__ x, int64_t xsb, int64_t xsr, int64_t xsc,
@@ -558,17 +581,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     value_product<E, W>(acc, a, alpha, v_sh, ld);
   }
 
+  // Every channel block holds the same m, l (same logits, same order): each scales its own acc
+  // by them when there is one chunk; the first writes them.
   const int64_t row0 = (b * nchunks + chunk) * S + s0 + 16 * warp;  // workspace row of the warp's slot 0
-  if (cv == 0)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int s = (lane >> 2) + 8 * h;
-      if ((lane & 3) == 0 && 16 * warp + s < ns) {
-        ws_m[row0 + s] = sm.m[h];
-        ws_l[row0 + s] = sm.l[h];
-      }
-    }
-  store_rows<W>(acc, ws_acc + cv, row0, ns - 16 * warp, C, nv);
+  store_chunk<W>(acc, sm, nchunks, cv == 0, ws_m, ws_l, ws_acc + cv, row0, ns - 16 * warp, C, nv);
 #else
   __trap();  // never launched below sm_80
 #endif
