@@ -1,7 +1,9 @@
 """Whole-model reliability: compile, inference mode, DDP, and the high-resolution memory claim."""
 
 import os
+import sys
 import time
+import traceback
 from datetime import timedelta
 
 import pytest
@@ -55,18 +57,24 @@ def test_inference_mode_matches_reference(backend, device):
 
 
 def _ddp_worker(rank, world, store, images, out_file):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    torch.set_num_threads(1)
-    model = nn.parallel.DistributedDataParallel(tiny_glnet("cpu").eval())
-    half = images.shape[0] // world
-    _, grads = loss_and_grads(model, images[rank * half : (rank + 1) * half])
-    if rank == 0:
-        torch.save({n.removeprefix("module."): g for n, g in grads.items()}, out_file)
-    # No teardown: in torch 2.13 it can deadlock. Freeing DDP's reducer (under the GIL) joins the
-    # gloo threads, and one of them may still be freeing an all-reduce that holds the backward's
-    # Python context, which needs the GIL. The collectives are complete once backward returns.
+    # Every exit is os._exit: the normal teardown can deadlock (seen with torch 2.13). Freeing
+    # DDP's reducer, under the GIL, joins the gloo threads, and one of them may still be freeing an
+    # all-reduce that holds the backward's Python context, which needs the GIL. The collectives
+    # are complete once backward returns.
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        )
+        torch.set_num_threads(1)
+        model = nn.parallel.DistributedDataParallel(tiny_glnet("cpu").eval())
+        half = images.shape[0] // world
+        _, grads = loss_and_grads(model, images[rank * half : (rank + 1) * half])
+        if rank == 0:
+            torch.save({n.removeprefix("module."): g for n, g in grads.items()}, out_file)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     os._exit(0)
 
 

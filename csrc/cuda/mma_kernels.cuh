@@ -336,7 +336,7 @@ __device__ __forceinline__ void store_chunk(FragC (&acc)[CP / 8], const RowSoftm
         if (!one) out_l[row0 + s] = sm.l[h];
       }
     }
-  if (one) {
+  if (one) {  // the chunk is all of L (at least one pixel, checked on entry): l > 0
     const float inv[2] = {1.f / sm.l[0], 1.f / sm.l[1]};
 #pragma unroll
     for (int j = 0; j < CP / 8; ++j)
@@ -567,6 +567,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       tile_sumsq<E>(x_sh, ld, W, ss_sh, c0 == 0);
       logits_add<E, W, true, false>(a, qh_sh + 16 * warp * ld, ql_sh + 16 * warp * ld, x_sh, nullptr, ld);
     }
+    // v_sh has its own buffer: the first channel block's barrier above ended the last tile's reads.
     load_rows(v_sh, ld, W, xb + cv * xsc, xsr, xsc, l0, nl, nv);
     __syncthreads();  // v_sh and ss_sh complete
 #pragma unroll
