@@ -287,6 +287,17 @@ def _split_l_grid(B, S, n_chunks, C):
     return lambda meta: (B * triton.cdiv(S, meta["BLOCK_S"]), n_chunks, triton.cdiv(C, meta["BLOCK_C"]))
 
 
+def _queries_unless(normalize, x, init_slots, scale):
+    """``qs_hi, qs_lo`` for a kernel launch; with ``normalize`` the kernel makes them from
+    ``init_slots`` itself and the pointers are not read: any valid tensors."""
+    return (init_slots, init_slots) if normalize else _queries(x, init_slots, scale)[:2]
+
+
+def _tile_chunks(cfg, L):
+    """``(chunk_len, n_chunks)`` of a one-tile config: a chunk is one tile of ``block_l`` pixels."""
+    return cfg.block_l, triton.cdiv(L, cfg.block_l)
+
+
 def _queries(x, init_slots, scale, grad=None, slots=None):
     """``qs_hi, qs_lo`` (Bq, S, C) in x's dtype, ``qs_lo`` a stand-in for ``qs_hi`` in fp32; with
     clustering's ``grad`` and fp32 ``slots`` also ``delta = rowsum(grad * slots)`` (B, S)."""
@@ -424,7 +435,7 @@ def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor) 
         cfg = pick_config("cluster_fwd_chunk", S, C, x.dtype)
         tile = pick_config("cluster_fwd_tile", S, C, x.dtype, L) if cfg.score_c else None
         if tile:  # one tile of all slots per chunk
-            block_s, chunk_len, n_chunks = tile.block_s, tile.block_l, triton.cdiv(L, tile.block_l)
+            block_s, (chunk_len, n_chunks) = tile.block_s, _tile_chunks(tile, L)
         else:
             block_s = cfg.block_s
             chunk_len, n_chunks = plan_chunks(B, S, L, x.device, block_s)
@@ -450,7 +461,7 @@ def cluster_fwd(x: torch.Tensor, init_slots: torch.Tensor, scale: torch.Tensor) 
         else:
             # Holding all of C, each program reads its S x C operands once: it makes qs itself.
             normalize = _one_c_block(cfg, C)
-            qs_hi, qs_lo = (init_slots, init_slots) if normalize else _queries(x, init_slots, scale)[:2]
+            qs_hi, qs_lo = _queries_unless(normalize, x, init_slots, scale)
             _tiled("cluster_fwd_chunk", S, C, x.dtype)[_split_l_grid(B, S, n_chunks, C)](
                 chunk_len=chunk_len,
                 s0_ptr=init_slots,
@@ -492,7 +503,7 @@ def dispatch_fwd(
         # four times the work per pixel).
         cfg = pick_config("dispatch_fwd", S, C, x.dtype)
         normalize = _one_c_block(cfg, C) or x.dtype != torch.float32
-        qs_hi, qs_lo = (init_slots, init_slots) if normalize else _queries(x, init_slots, scale)[:2]
+        qs_hi, qs_lo = _queries_unless(normalize, x, init_slots, scale)
         chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
         _tiled("dispatch_fwd", S, C, x.dtype)[(B, n_chunks)](
             v_ptr=slots,
@@ -578,7 +589,7 @@ def _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, *, cluster, ds
         **_tile_args(x, qs_hi, qs_lo),
     )
     if cfg.one_tile:
-        chunk_len, n_chunks = cfg.block_l, triton.cdiv(L, cfg.block_l)
+        chunk_len, n_chunks = _tile_chunks(cfg, L)
     else:
         chunk_len, n_chunks = plan_chunks(B, 1, L, x.device)
     # Without slot_sums the partials' pointers are not read: any valid tensor.
