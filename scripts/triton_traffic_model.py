@@ -1,6 +1,7 @@
 """Predicted HBM bytes, L2 bytes, tensor-core work and time of the Triton kernels, per kernel, at
 glnet_4g stages (B=128, S=64, bf16, per-batch pooled init_slots), for the kernels as they are
-("after"), as they were before every kernel holding all of C made ``qs`` itself ("one-tile"),
+("after"), as they were before clustering's ``dqs`` was centred on a sample of keys ("own qs"),
+before every kernel holding all of C made ``qs`` itself ("one-tile"),
 before the one-tile kernels ("previous") and before the rework ("before"); prints the markdown
 tables of docs/performance.md.
 
@@ -33,8 +34,10 @@ B, S = 128, 64
 E = 2  # bytes per bf16
 STAGES = {"stage 1": (64, 3136), "stage 3": (256, 196), "stage 4": (512, 49)}
 # Which kernels: 1 "previous"; 2 "one-tile": the one-tile kernels and dispatch_fwd making qs
-# itself over C blocks; 3 "after": also qs made by every kernel holding all of C.
-GENERATION = 3
+# itself over C blocks; 3 "own qs": also qs made by every kernel holding all of C; 4 "after": also
+# clustering's dqs centred on the mean key of N_SAMPLE pixels (no product more: L2 reads only).
+GENERATION = 4
+N_SAMPLE = 32
 
 
 def floor_bytes(L, C):
@@ -72,6 +75,29 @@ def _held(cfg, cb):
 def after(L, C):
     """{op: [(kernel, hbm, l2, macs)]} of the reworked kernels. HBM bytes include the S x C
     operands a kernel reads (``qs_hi``, ``qs_lo``, G or the slots) once per batch element."""
+    model = _after(L, C)
+    if GENERATION >= 4:
+        _sampled_keys(model, L, C)
+    return model
+
+
+def _sampled_keys(model, L, C):
+    """Clustering's backward kernel that sums ``dqs`` reads ``N_SAMPLE`` pixels twice per program
+    (their norms, then the C block it centres), from L2: ``pixel_bwd`` per chunk (one C block, or
+    one tile per chunk over all C blocks), else ``slot_bwd`` per slot block, chunk and C block."""
+    kernels = model["cluster_bwd"]
+    names = [k[0] for k in kernels]
+    kernel = "slot_bwd" if "slot_bwd" in names else "pixel_bwd"
+    cfg, n_chunks, sb, cb = _plan(kernel, L, C)
+    per_program = C + min(C, cfg.block_c)  # channels read per sampled pixel
+    if kernel == "pixel_bwd":
+        sb, cb, per_program = 1, 1, 2 * C
+    i = names.index(kernel)
+    name, hbm, l2, macs = kernels[i]
+    kernels[i] = (name, hbm, l2 + B * n_chunks * sb * cb * N_SAMPLE * per_program * E, macs)
+
+
+def _after(L, C):
     x, sc, s32, slc = B * L * C * E, B * S * C * E, B * S * C * 4, B * S * L * C
     ws = lambda n: B * n * S * C * 4  # noqa: E731  a (B, chunks, S, C) fp32 workspace
     q_fwd = ("scaled_queries", sc + 2 * sc, 0, 0)
@@ -244,13 +270,18 @@ def one_tile(L, C):
     return _generation(2, L, C)
 
 
+def own_qs(L, C):
+    """``after`` as the kernels were before clustering's ``dqs`` was centred."""
+    return _generation(3, L, C)
+
+
 def _generation(generation, L, C):
     global GENERATION
     GENERATION = generation
     try:
         return after(L, C)
     finally:
-        GENERATION = 3
+        GENERATION = 4
 
 
 def before(L, C):
@@ -298,6 +329,37 @@ def before(L, C):
     }
 
 
+def one_product(fwd, bwd):
+    """What-if, not the kernels: ``after`` with one product instead of hi/lo for clustering's
+    ``P @ x`` (``fwd``) and ``dqs`` (``bwd``) where a kernel holds all of C. Too inaccurate
+    (docs/math.md#one-product); printed to show what the split costs."""
+
+    def model(L, C):
+        ops = after(L, C)
+        slc = B * S * L * C
+        cf = _plan("cluster_fwd_chunk", L, C)[0]
+        pb = _plan("pixel_bwd", L, C)[0]
+        for op, kernel, cut, held in (
+            ("cluster_fwd", "cluster_fwd_chunk", fwd, _held(cf, 1) and cf.block_c >= C),
+            ("cluster_bwd", "pixel_bwd", bwd, pb.block_c >= C and not pb.one_tile),
+        ):
+            if cut and held:
+                ops[op] = [(k, h, l, m - slc if k == kernel else m) for k, h, l, m in ops[op]]
+        return ops
+
+    return model
+
+
+def totals(name, model):
+    """Per stage, the four ops' predicted time against the floor."""
+    parts = []
+    for stage, (C, L) in STAGES.items():
+        floor = sum(floor_bytes(L, C).values()) / HBM_BW * 1e6
+        t = sum(_us(h, l, m) for kernels in model(L, C).values() for _, h, l, m in kernels)
+        parts.append(f"{stage} {t:.0f} us ({100 * floor / t:.0f}%)")
+    print(f"- {name}: " + ", ".join(parts))
+
+
 def table(name, model):
     """Per stage and op: one row per kernel, then the op's total against its floor."""
     print(f"\n| {name}: stage, op | kernel | HBM MB | L2 MB | tensor-core GFLOP | predicted us |")
@@ -339,4 +401,9 @@ if __name__ == "__main__":
     table("before", before)
     table("previous", previous)
     table("one-tile", one_tile)
+    table("own qs", own_qs)
     table("after", after)
+    print("\nWhat-if, not kept (one product instead of hi/lo, all of C held; see docs/math.md):\n")
+    totals("one product for the forward's P @ x", one_product(True, False))
+    totals("one product for the backward's dqs", one_product(False, True))
+    totals("both", one_product(True, True))

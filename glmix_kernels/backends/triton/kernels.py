@@ -49,6 +49,10 @@ CHUNK_QUANTUM = 32 if INTERPRET else 128
 
 # torch.nn.functional.normalize's eps: norms are clamped to at least this.
 NORM_EPS: tl.constexpr = tl.constexpr(1e-12)
+# Pixels, spread evenly over L, whose keys' mean clustering's dqs is centred on (``_key_mean``).
+N_SAMPLE: tl.constexpr = tl.constexpr(32)
+# How many of them ``_key_mean_of`` loads at a time: small tiles beside a kernel's sums.
+SAMPLE_ROWS: tl.constexpr = tl.constexpr(8)
 # The exponent bits of an fp32: ``bits & FP32_EXPONENT_BITS`` is the power of two below a value.
 FP32_EXPONENT_BITS: tl.constexpr = tl.constexpr(0x7F800000)
 
@@ -148,6 +152,68 @@ def _logits_of_tile(q_hi, q_lo, xt, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
 def _inv_norm(sumsq):
     """``1 / max(||x||, eps)`` per pixel from the fp32 sum of squares."""
     return 1.0 / tl.maximum(tl.sqrt(sumsq), NORM_EPS)
+
+
+@triton.jit
+def _sample(x_ptr, L, c0, C, sx_l, sx_c, BC: tl.constexpr, j0=0, ROWS: tl.constexpr = N_SAMPLE):
+    """Channels ``c0..`` of ``N_SAMPLE`` pixels spread evenly over all of L (or of ``ROWS`` of
+    them from the ``j0``-th), in fp32: the same pixels for every chunk of a batch element."""
+    rows = ((j0 + tl.arange(0, ROWS)).to(tl.int64) * L) // N_SAMPLE
+    c = c0 + tl.arange(0, BC)
+    offs = rows[:, None] * sx_l + c.to(tl.int64)[None, :] * sx_c
+    return tl.load(x_ptr + offs, mask=(c < C)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _sample_inv_norms(x_ptr, L, C, sx_l, sx_c, BC: tl.constexpr):
+    """``1 / ||x||`` of the ``_sample`` pixels, over all of C in ``BC``-channel steps."""
+    sumsq = tl.zeros([N_SAMPLE], tl.float32)
+    for c0 in range(0, C, BC):
+        t = _sample(x_ptr, L, c0, C, sx_l, sx_c, BC)
+        sumsq += tl.sum(t * t, 1)
+    return _inv_norm(sumsq)
+
+
+@triton.jit
+def _key_mean(x_ptr, inv_n, L, c0, C, sx_l, sx_c, BC: tl.constexpr):
+    """The mean key ``m`` of the ``_sample`` pixels (``inv_n``: their ``_sample_inv_norms``),
+    channels ``c0..``: about the direction the keys share, if they share one."""
+    return tl.sum(_sample(x_ptr, L, c0, C, sx_l, sx_c, BC) * inv_n[:, None], 0) / N_SAMPLE
+
+
+@triton.jit
+def _key_mean_of(x_ptr, L, c0, C, sx_l, sx_c, BC: tl.constexpr, NORM_C: tl.constexpr):
+    """``_key_mean`` with the norms taken on the way (``NORM_C`` channels a step), ``SAMPLE_ROWS``
+    pixels at a time: for a kernel's last step, beside its sums."""
+    m = tl.zeros([BC], tl.float32)
+    for j0 in range(0, N_SAMPLE, SAMPLE_ROWS):
+        sumsq = tl.zeros([SAMPLE_ROWS], tl.float32)
+        for c1 in range(0, C, NORM_C):
+            t = _sample(x_ptr, L, c1, C, sx_l, sx_c, NORM_C, j0, SAMPLE_ROWS)
+            sumsq += tl.sum(t * t, 1)
+        t = _sample(x_ptr, L, c0, C, sx_l, sx_c, BC, j0, SAMPLE_ROWS)
+        m += tl.sum(t * _inv_norm(sumsq)[:, None], 0)
+    return m / N_SAMPLE
+
+
+@triton.jit
+def _centring_norms(x_ptr, L, C, sx_l, sx_c, CENTRE: tl.constexpr, BC: tl.constexpr):
+    """``_sample_inv_norms`` where ``CENTRE`` (``_dx_tile``'s slot sums over C blocks), else
+    an unused zero."""
+    if CENTRE:
+        inv_n = _sample_inv_norms(x_ptr, L, C, sx_l, sx_c, BC)
+    else:
+        inv_n = 0.0
+    return inv_n
+
+
+@triton.jit
+def _centred_dqs(dq, da_sum, k_mean):
+    """Clustering's ``dqs = sum_l dA (k_l - m)``: the ``dA K`` of the products less
+    ``(sum_l dA) m`` in fp32. Equal in exact arithmetic (``sum_l dA = 0`` over all of L), but the
+    error that ``delta`` (from the forward's slots) carries into ``dA`` then reaches ``dqs`` times
+    ``P K - m``, not times the keys' shared direction ``P K`` (math.md#centred-dqs)."""
+    return dq - da_sum[:, None] * k_mean[None, :]
 
 
 @triton.jit
@@ -895,6 +961,7 @@ def _dx_tile(
     inv_r,
     a_hi,
     sumsq,
+    inv_n,
     s0_ptr,
     ss_s,
     ss_c,
@@ -921,7 +988,8 @@ def _dx_tile(
     ``dA``, ``P`` of all S slots in x's dtype), from the held operands or per C block.
 
     Per C block with ``SLOT_SUMS`` (the tile is the whole chunk): also the chunk's sums ``dqs``
-    (from the fp32 ``dA``) and dispatch's ``dslots = D @ Hg``, stored to ``dq_ptr``, ``dv_ptr``
+    (from the fp32 ``dA``; clustering's centred, ``inv_n`` as ``_key_mean`` takes it) and
+    dispatch's ``dslots = D @ Hg``, stored to ``dq_ptr``, ``dv_ptr``
     from the x (and Hg) block the ``dx`` block loads anyway."""
     if ONE_C_BLOCK:
         dk = _dot(tl.trans(da), q_hi, None, UPCAST)
@@ -943,7 +1011,10 @@ def _dx_tile(
                 dx = _dot(tl.trans(p), gt, dx, UPCAST)
             _store(dx_ptr, dx, l0, c0, L, C, C, 1, BL, BC)
             if SLOT_SUMS:
-                _store(dq_ptr, _dq_product(da32, inv_r, xc, None, UPCAST), 0, c0, S, C, C, 1, BS, BC)
+                dq = _dq_product(da32, inv_r, xc, None, UPCAST)
+                if CLUSTER:
+                    dq = _centred_dqs(dq, tl.sum(da32, 1), _key_mean(x_ptr, inv_n, L, c0, C, sx_l, sx_c, BC))
+                _store(dq_ptr, dq, 0, c0, S, C, C, 1, BS, BC)
                 if not CLUSTER:
                     hg = _load(g_ptr, l0, c0, L, C, sg_r, sg_c, BL, BC)
                     _store(dv_ptr, _dot(p, hg.to(p.dtype), None, UPCAST), 0, c0, S, C, C, 1, BS, BC)
@@ -1006,6 +1077,7 @@ def pixel_bwd(
     block beside ``dx``. ``NORMALIZE`` (the launcher sets it with ``SLOT_SUMS``): ``qs_hi``,
     ``qs_lo`` are made from ``init_slots`` (``s0``) and ``scale`` as ``scaled_queries`` makes
     them, and clustering's ``delta`` is computed here, so no ``scaled_queries`` runs before.
+    Clustering's ``dqs`` sums are centred on the sampled keys' mean (``_centred_dqs``).
     Grid (B, chunks); ``dx`` is contiguous.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -1030,6 +1102,7 @@ def pixel_bwd(
     if SLOT_SUMS:
         dq = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         dv = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        da_sum = tl.zeros([BLOCK_S], tl.float32)  # clustering's, for the centred dqs
 
     for l0 in tl.range(l_begin, l_end, BLOCK_L, num_stages=NUM_STAGES):
         pix = l0 + tl.arange(0, BLOCK_L)
@@ -1052,14 +1125,20 @@ def pixel_bwd(
         da = da32.to(DT)
         if SLOT_SUMS and ONE_C_BLOCK:
             dq = _dq_product(da32, inv_r, xt, dq, UPCAST)
-            if not CLUSTER:
+            if CLUSTER:
+                da_sum += tl.sum(da32, 1)
+            else:
                 dv = _dot(p.to(DT), gt, dv, UPCAST)
+        # Over C blocks the tile is the chunk: its C blocks' dqs sums are centred as they go out.
+        inv_n = _centring_norms(x_ptr, L, C, sx_l, sx_c, CLUSTER and SLOT_SUMS and not ONE_C_BLOCK, BLOCK_C)
         _dx_tile(
             dx_ptr + b * L * C, dq_ptr + row * S * C, dv_ptr + row * S * C, x_ptr, qh_ptr, g_ptr, q_hi, yt, xt,
-            da32, da, p.to(DT), inv_r, a_hi, sumsq, s0_ptr, ss_s, ss_c, inv_q, scale, l0, S, L, C, sx_l, sx_c,
+            da32, da, p.to(DT), inv_r, a_hi, sumsq, inv_n, s0_ptr, ss_s, ss_c, inv_q, scale, l0, S, L, C, sx_l, sx_c,
             sg_r, sg_c, CLUSTER, ONE_C_BLOCK, SLOT_SUMS, NORMALIZE, BLOCK_S, BLOCK_L, BLOCK_C, UPCAST,
         )  # fmt: skip
     if SLOT_SUMS and ONE_C_BLOCK:
+        if CLUSTER:
+            dq = _centred_dqs(dq, da_sum, _key_mean_of(x_ptr, L, 0, C, sx_l, sx_c, BLOCK_C, BLOCK_C))
         _store(dq_ptr + row * S * C, dq, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
         if not CLUSTER:
             _store(dv_ptr + row * S * C, dv, 0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
@@ -1115,7 +1194,8 @@ def slot_bwd(
     ``dslots = D @ Hg``, for a block of slots and one C block.
 
     Arguments as in ``pixel_bwd``; ``delta`` is clustering's (B, S) or dispatch's (B, L) one; C
-    blocks and ``SCORE_C`` as in ``cluster_fwd_chunk``. Grid (B * slot blocks, chunks, C blocks);
+    blocks and ``SCORE_C`` as in ``cluster_fwd_chunk``; clustering's ``dqs`` centred
+    (``_centred_dqs``). Grid (B * slot blocks, chunks, C blocks);
     partials go to contiguous fp32 workspaces ``(B, chunks, S, C)`` that ``query_bwd`` and
     ``sum_chunks`` reduce.
     """
@@ -1127,6 +1207,7 @@ def slot_bwd(
     x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr = _batch_rows(b, x_ptr, qh_ptr, ql_ptr, g_ptr, v_ptr, sx_b, sq_b, sg_b, sv_b)
     if CLUSTER:
         lse, delta = _slot_stats(lse_ptr, delta_ptr, b, s0, S, BLOCK_S)
+        da_sum = tl.zeros([BLOCK_S], tl.float32)
     q_hi, q_lo, yt = _held_operands(
         qh_ptr, ql_ptr, g_ptr, sg_r, sg_c, v_ptr, sv_s, sv_c, qh_ptr, 0, 0, 0.0, 0.0, s0, S, C, CLUSTER, ONE_C_BLOCK,
         False, SPLIT, BLOCK_S, BLOCK_C, DT,
@@ -1153,7 +1234,11 @@ def slot_bwd(
         if not CLUSTER:
             dv = _dot(p.to(DT), gt.to(DT), dv, UPCAST)
         dq = _dq_product(da, inv_r, xt, dq, UPCAST)
+        if CLUSTER:
+            da_sum += tl.sum(da, 1)
 
+    if CLUSTER:
+        dq = _centred_dqs(dq, da_sum, _key_mean_of(x_ptr, L, c_out, C, sx_l, sx_c, BLOCK_C, SCORE_C))
     _store(dq_ptr + row * S * C, dq, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
     if not CLUSTER:
         _store(dv_ptr + row * S * C, dv, s0, c_out, S, C, C, 1, BLOCK_S, BLOCK_C)
