@@ -803,6 +803,62 @@ __device__ __forceinline__ void row_stats(const float* stat, int64_t base, int r
   }
 }
 
+// The clustering's lse and delta of a warp's slots (rows r0 .. of a slot tile of ns from base);
+// zeros for the dispatch, whose statistics are per pixel.
+template <bool kDispatch>
+__device__ __forceinline__ void slot_row_stats(const float* stat0, const float* stat1, int64_t base, int r0, int ns,
+                                               float (&lse)[2], float (&dl)[2]) {
+  lse[0] = lse[1] = dl[0] = dl[1] = 0.f;
+  if (!kDispatch) {
+    row_stats(stat0, base, r0, ns, lse);
+    row_stats(stat1, base, r0, ns, dl);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero_all(FragC (&f)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) zero(f[j]);
+}
+
+// out[r] = v[h] for a warp's two rows r0 + g, r0 + g + 8 below n (the dispatch's delta' per pixel).
+__device__ __forceinline__ void store_row_stats(const float (&v)[2], float* out, int r0, int n) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + (lane >> 2) + 8 * h;
+    if ((lane & 3) == 0 && r < n) out[r] = v[h];
+  }
+}
+
+// <K, dK> of a warp's rows from the logits' parts z (pixel_probs), 0 where not live.
+template <bool kDispatch>
+__device__ __forceinline__ void dot_of(const float (&z)[4], const float (&dl)[2], const float (&live)[2],
+                                       float (&dot)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    dot[h] = (kDispatch ? row_sum(z[h]) - dl[h] * row_sum(z[2 + h]) : row_sum(z[h])) * live[h];
+}
+
+// A slot-side block's place in its grid (slot tiles x ncc channel chunks of CW, chunks of L, B):
+// slot tile st (slots s0 .., ns of them), channels c0 .., pixels l_begin .. l_end of batch b.
+struct SlotBlock {
+  int st, c0, chunk, s0, ns;
+  int64_t b, l_begin, l_end;
+};
+__device__ __forceinline__ SlotBlock slot_block(int ncc, int CW, int S, int L, int64_t chunk_len) {
+  SlotBlock k;
+  k.st = static_cast<int>(blockIdx.x) / ncc;
+  k.c0 = static_cast<int>(blockIdx.x) % ncc * CW;
+  k.chunk = blockIdx.y;
+  k.b = blockIdx.z;
+  k.s0 = k.st * kMmaRows;
+  k.ns = min(kMmaRows, S - k.s0);
+  k.l_begin = k.chunk * chunk_len;
+  k.l_end = min(static_cast<int64_t>(L), k.l_begin + chunk_len);
+  return k;
+}
+
 // The pixel side's probabilities from the logits of a warp's 16 pixels x the 64 slots of tile st
 // (a = x qs^T, e = x G^T or grad slots^T, unscaled): a = P (clustering) or D (dispatch), e = dA
 // (clustering) or dD (dispatch); zero at slots >= S. st0 / st1: the clustering's lse and delta per
@@ -917,6 +973,60 @@ __device__ __forceinline__ void dot_k(const FragC (&dk)[CP / 8], const Elem<E>* 
   for (int h = 0; h < 2; ++h) dot[h] = row_sum(d[h]) * rn[h] * live[h];
 }
 
+// The pixel side's products of a chunk of CW channels (from c0 of the tiles in sh) against one
+// slot tile: dv += P G (clustering), dk += dA qs (qs as hi + lo).
+template <class E, int CW, bool kDispatch>
+__device__ __forceinline__ void pixel_products(FragC (&dk)[CW / 8], FragC (&dv)[CW / 8], const FragC (&a)[kMmaNB],
+                                               const FragC (&e)[kMmaNB], const BwdSmem<E>& sh, int c0, int ld) {
+  if (!kDispatch) rows_product<E, CW, false, false>(dv, a, sh.y + c0, nullptr, ld);  // P^T G
+  rows_product<E, CW, true, true>(dk, e, sh.qh + c0, sh.ql + c0, ld);                // dA^T qs
+}
+
+// A pixel tile's channel chunks, for pixel_bwd_mma and pixel_bwd_wide_mma. Dispatch: delta'[l] =
+// sum_s D dD / sum_s D (dividing keeps sum_s dA = 0 although the recomputed D sums to 1 only up to
+// lse's rounding), in a first pass when S spans slot tiles. Then per chunk of CW of the CE
+// channels: the logits of every slot tile once (nst == 1: kept in a, e for all chunks) or per
+// chunk, the products, and dx; <K, dK> from the logits' first pass (kChunked) or by write_dx.
+//   probabilities(st, z)           a, e of slot tile st (pixel_probs), adding to z
+//   products(c0, st, dk, dv)       the chunk's products against slot tile st
+//   write_dx(c0, dk, dv, dot)      dx of the chunk
+template <bool kDispatch, int CW, bool kChunked, class Probabilities, class Products, class WriteDx>
+__device__ __forceinline__ void pixel_chunks(int nst, int CE, FragC (&a)[kMmaNB], FragC (&e)[kMmaNB],
+                                             float (&dl)[2], const float (&live)[2], Probabilities&& probabilities,
+                                             Products&& products, WriteDx&& write_dx) {
+  float z[4] = {0.f, 0.f, 0.f, 0.f}, dot[2] = {0.f, 0.f};
+  if (kDispatch && nst > 1) {
+    float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
+    for (int st = 0; st < nst; ++st) {
+      probabilities(st, z);
+      delta_rows(a, e, num, den);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
+  }
+  // Only the first chunk's pass over the slot tiles counts in z; later passes add to it unread
+  // (cheaper than a branch).
+#pragma unroll
+  for (int i = 0; i < 4; ++i) z[i] = 0.f;
+  for (int c0 = 0; c0 < CE; c0 += CW) {
+    FragC dk[CW / 8], dv[CW / 8];
+    zero_all(dk);
+    zero_all(dv);
+    for (int st = 0; st < nst; ++st) {
+      if (nst > 1 || c0 == 0) {
+        probabilities(st, z);
+        if (kDispatch) {
+          if (nst == 1) delta_of(a, e, dl);
+          dispatch_da(a, e, dl);
+        }
+      }
+      products(c0, st, dk, dv);
+    }
+    if (kChunked && c0 == 0) dot_of<kDispatch>(z, dl, live, dot);
+    write_dx(c0, dk, dv, dot);
+  }
+}
+
 // grid (ceil(pixel tiles / tiles_per_block), B), kMmaThreads threads. Clustering (!kDispatch):
 // g = G (B, S, C), stat0 / stat1 = lse / delta (B, S), sl unused. Dispatch: g = grad (B, L, C),
 // sl = slots (B, S, C), stat0 = lse (B, L), writes delta' (B, L) to dl_out. dx (B, L, C) contiguous.
@@ -942,15 +1052,6 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     load_rows(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, s0, ns, C);
     if (!kDispatch) load_stats(sh.st0, sh.st1, stat0, stat1, b * S + s0, ns);
   };
-  // The warp's 16 pixels x 64 slots of tile st (pixel_probs). Only the first pass over the slot
-  // tiles counts in z; later passes add to it unread (cheaper than a branch).
-  const auto probabilities = [&](int st, const float (&rn)[2], const float (&lse)[2], FragC(&a)[kMmaNB],
-                                 FragC(&e)[kMmaNB], float (&z)[4]) {
-    logits<E, CP, false, true, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
-    logits<E, CP, false, false, true>(e, (kDispatch ? sh.h : sh.x) + r0 * ld, nullptr, sh.y, nullptr, ld);
-    pixel_probs<kDispatch, kChunked>(a, e, st, S, rn, lse, sh.st0, sh.st1, z);
-  };
-
   if (nst == 1) load_slots(0);  // read after the first tile's barriers
   const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
   for (int64_t t = t_begin; t < t_begin + tiles_per_block && t * 64 < L; ++t) {
@@ -970,67 +1071,28 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       live[h] = sh.live[l];
       if (kDispatch && l < nl) lse[h] = stat0[b * L + l0 + l];
     }
-
-    // Dispatch: delta'[l] = sum_s D dD / sum_s D (dividing keeps sum_s dA = 0 although the
-    // recomputed D sums to 1 only up to lse's rounding), in a first pass when S spans tiles.
-    float dl[2] = {0.f, 0.f};
     FragC a[kMmaNB], e[kMmaNB];
-    float z[4] = {0.f, 0.f, 0.f, 0.f}, dot[2] = {0.f, 0.f};
-    if (kDispatch && nst > 1) {
-      float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
-      for (int st = 0; st < nst; ++st) {
+    float dl[2] = {0.f, 0.f};
+    // The warp's 16 pixels x 64 slots of tile st (pixel_probs), loaded when S spans tiles.
+    const auto probabilities = [&](int st, float(&z)[4]) {
+      if (nst > 1) {
         __syncthreads();
         load_slots(st);
         __syncthreads();
-        probabilities(st, rn, lse, a, e, z);
-        delta_rows(a, e, num, den);
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
-    }
-
-    // Channel chunks; the logits of every slot tile once (nst == 1: kept for all chunks), or per
-    // chunk. <K, dK> from dK (one chunk) or the first chunk's pass over the logits.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) z[i] = 0.f;
-    for (int c0 = 0; c0 < CP; c0 += CW) {
-      FragC dk[CW / 8], dv[CW / 8];
-#pragma unroll
-      for (int j = 0; j < CW / 8; ++j) {
-        zero(dk[j]);
-        zero(dv[j]);
-      }
-      for (int st = 0; st < nst; ++st) {
-        if (nst > 1) {
-          __syncthreads();
-          load_slots(st);
-          __syncthreads();
-        }
-        if (nst > 1 || c0 == 0) {
-          probabilities(st, rn, lse, a, e, z);
-          if (kDispatch) {
-            if (nst == 1) delta_of(a, e, dl);
-            dispatch_da(a, e, dl);
-          }
-        }
-        if (!kDispatch) rows_product<E, CW, false, false>(dv, a, sh.y + c0, nullptr, ld);  // P^T G
-        rows_product<E, CW, true, true>(dk, e, sh.qh + c0, sh.ql + c0, ld);                // dA^T qs
-      }
-      if constexpr (!kChunked) {
-        dot_k<E, CW>(dk, sh.x, ld, r0, rn, live, dot);
-      } else if (c0 == 0) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          dot[h] = (kDispatch ? row_sum(z[h]) - dl[h] * row_sum(z[2 + h]) : row_sum(z[h])) * live[h];
-      }
+      logits<E, CP, false, true, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
+      logits<E, CP, false, false, true>(e, (kDispatch ? sh.h : sh.x) + r0 * ld, nullptr, sh.y, nullptr, ld);
+      pixel_probs<kDispatch, kChunked>(a, e, st, S, rn, lse, sh.st0, sh.st1, z);
+    };
+    const auto products = [&](int c0, int, FragC(&dk)[CW / 8], FragC(&dv)[CW / 8]) {
+      pixel_products<E, CW, kDispatch>(dk, dv, a, e, sh, c0, ld);
+    };
+    const auto write_dx = [&](int c0, const FragC(&dk)[CW / 8], const FragC(&dv)[CW / 8], float(&dot)[2]) {
+      if constexpr (!kChunked) dot_k<E, CW>(dk, sh.x, ld, r0, rn, live, dot);
       dx_rows<E, CW, !kDispatch>(dk, dv, sh.x + c0, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
-    }
-    if (kDispatch)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int l = r0 + (lane >> 2) + 8 * h;
-        if ((lane & 3) == 0 && l < nl) dl_out[b * L + l0 + l] = dl[h];
-      }
+    };
+    pixel_chunks<kDispatch, CW, kChunked>(nst, CP, a, e, dl, live, probabilities, products, write_dx);
+    if (kDispatch) store_row_stats(dl, dl_out + b * L + l0, r0, nl);
   }
 #else
   __trap();  // never launched below sm_80
@@ -1050,28 +1112,19 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP, !kDispatch>();
   GLMIX_DYNAMIC_SMEM(float, smem);
   const BwdSmem<E> sh = carve_bwd<E, CP, kDispatch>(smem);
-  const int st = static_cast<int>(blockIdx.x) / (CP / CW), c0 = static_cast<int>(blockIdx.x) % (CP / CW) * CW;
-  const int chunk = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  const int s0 = st * kMmaRows, ns = min(kMmaRows, S - s0);
-  const int64_t l_begin = chunk * chunk_len;
-  const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);
-  const int lane = lane_id(), r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
+  const SlotBlock blk = slot_block(CP / CW, CW, S, L, chunk_len);
+  const int c0 = blk.c0, chunk = blk.chunk, s0 = blk.s0, ns = blk.ns;
+  const int64_t b = blk.b, l_begin = blk.l_begin, l_end = blk.l_end;
+  const int r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
   const Rows<Elem<E>> y = kDispatch ? sl : g;
 
   load_rows_split<E>(sh.qh, sh.ql, ld, CP, qs.p + b * qs.sb, qs.sr, qs.sc, s0, ns, C);
   load_rows(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, s0, ns, C);
-  float lse[2] = {0.f, 0.f}, dl[2] = {0.f, 0.f};  // clustering: the rows' (slots') statistics
-  if (!kDispatch) {
-    row_stats(stat0, b * S + s0, r0, ns, lse);
-    row_stats(stat1, b * S + s0, r0, ns, dl);
-  }
+  float lse[2], dl[2];
+  slot_row_stats<kDispatch>(stat0, stat1, b * S + s0, r0, ns, lse, dl);
   FragC dq[CW / 8], dv[CW / 8];
-#pragma unroll
-  for (int j = 0; j < CW / 8; ++j) {
-    zero(dq[j]);
-    zero(dv[j]);
-  }
+  zero_all(dq);
+  zero_all(dv);
 
   for (int64_t l0 = l_begin; l0 < l_end; l0 += kMmaCols) {
     const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), l_end - l0));
@@ -1171,12 +1224,12 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   for (int64_t t = t_begin; t < t_begin + tiles_per_block && t * 64 < L; ++t) {
     const int64_t l0 = t * 64;
     const int nl = static_cast<int>(min(static_cast<int64_t>(64), L - l0));
-    float rn[2], live[2], lse[2] = {0.f, 0.f};
+    float rn[2] = {0.f, 0.f}, live[2] = {0.f, 0.f}, lse[2] = {0.f, 0.f};
     if (kDispatch) row_stats(stat0, b * L + l0, r0, nl, lse);
     FragC a[kMmaNB], e[kMmaNB];
-    float z[4] = {0.f, 0.f, 0.f, 0.f}, dl[2] = {0.f, 0.f}, dot[2] = {0.f, 0.f};
-    // The probabilities of slot tile st (pixel_probs), with the warp's pixels' norms.
-    const auto probabilities = [&](int st) {
+    float dl[2] = {0.f, 0.f};
+    // The warp's 16 pixels x 64 slots of tile st (pixel_probs), with the pixels' norms.
+    const auto probabilities = [&](int st, float(&z)[4]) {
       const int s0 = st * kMmaCols;
       stream_bwd_logits<E, kDispatch, true>(a, e, sh, g, x, qs, y, stat0, stat1, b, s0, min(kMmaCols, S - s0), l0,
                                             nl, S, L, C);
@@ -1188,55 +1241,21 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       }
       pixel_probs<kDispatch, true>(a, e, st, S, rn, lse, sh.st0, sh.st1, z);
     };
-    if (kDispatch && nst > 1) {  // delta' in a first pass (pixel_bwd_mma)
-      float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
-      for (int st = 0; st < nst; ++st) {
-        probabilities(st);
-        delta_rows(a, e, num, den);
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
-    }
-
-#pragma unroll
-    for (int i = 0; i < 4; ++i) z[i] = 0.f;
-    for (int c0 = 0; c0 < C; c0 += CW) {
-      const int nc = min(CW, C - c0);
-      FragC dk[CW / 8], dv[CW / 8];
-#pragma unroll
-      for (int j = 0; j < CW / 8; ++j) {
-        zero(dk[j]);
-        zero(dv[j]);
-      }
-      for (int st = 0; st < nst; ++st) {
-        const int s0 = st * kMmaCols, ns = min(kMmaCols, S - s0);
-        if (nst > 1 || c0 == 0) {
-          probabilities(st);
-          if (kDispatch) {
-            if (nst == 1) delta_of(a, e, dl);
-            dispatch_da(a, e, dl);
-          }
-        }
-        __syncthreads();  // the logits' (or the previous chunk's) readers are done
-        load_rows_split<E>(sh.qh, sh.ql, ld, CW, at_channel(qs, b, c0), qs.sr, qs.sc, s0, ns, nc);
-        if (!kDispatch) load_rows(sh.y, ld, CW, at_channel(y, b, c0), y.sr, y.sc, s0, ns, nc);
-        if (st == nst - 1) load_rows(sh.x, ld, CW, at_channel(x, b, c0), x.sr, x.sc, l0, nl, nc);  // for dx_rows
-        __syncthreads();
-        if (!kDispatch) rows_product<E, CW, false, false>(dv, a, sh.y, nullptr, ld);  // P^T G
-        rows_product<E, CW, true, true>(dk, e, sh.qh, sh.ql, ld);                     // dA^T qs
-      }
-      if (c0 == 0)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          dot[h] = (kDispatch ? row_sum(z[h]) - dl[h] * row_sum(z[2 + h]) : row_sum(z[h])) * live[h];
+    // The chunk's qs (hi, lo) and G of slot tile st, and x for dx_rows, into the blocks' buffers.
+    const auto products = [&](int c0, int st, FragC(&dk)[CW / 8], FragC(&dv)[CW / 8]) {
+      const int s0 = st * kMmaCols, ns = min(kMmaCols, S - s0), nc = min(CW, C - c0);
+      __syncthreads();  // the logits' (or the previous chunk's) readers are done
+      load_rows_split<E>(sh.qh, sh.ql, ld, CW, at_channel(qs, b, c0), qs.sr, qs.sc, s0, ns, nc);
+      if (!kDispatch) load_rows(sh.y, ld, CW, at_channel(y, b, c0), y.sr, y.sc, s0, ns, nc);
+      if (st == nst - 1) load_rows(sh.x, ld, CW, at_channel(x, b, c0), x.sr, x.sc, l0, nl, nc);
+      __syncthreads();
+      pixel_products<E, CW, kDispatch>(dk, dv, a, e, sh, 0, ld);
+    };
+    const auto write_dx = [&](int c0, const FragC(&dk)[CW / 8], const FragC(&dv)[CW / 8], float(&dot)[2]) {
       dx_rows<E, CW, !kDispatch>(dk, dv, sh.x, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
-    }
-    if (kDispatch)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int l = r0 + (lane >> 2) + 8 * h;
-        if ((lane & 3) == 0 && l < nl) dl_out[b * L + l0 + l] = dl[h];
-      }
+    };
+    pixel_chunks<kDispatch, CW, true>(nst, C, a, e, dl, live, probabilities, products, write_dx);
+    if (kDispatch) store_row_stats(dl, dl_out + b * L + l0, r0, nl);
   }
 #else
   __trap();  // never launched below sm_80
@@ -1255,30 +1274,20 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   constexpr int W = kWideBwd<E>, ld = tile_ld<E, W>(), CW = bwd_chunk<E, W, !kDispatch>();
   GLMIX_DYNAMIC_SMEM(float, smem);
   const BwdSmem<E> sh = carve_bwd<E, W, kDispatch>(smem);
-  const int ncc = (C + CW - 1) / CW;
-  const int st = static_cast<int>(blockIdx.x) / ncc, c0 = static_cast<int>(blockIdx.x) % ncc * CW;
-  const int nc = min(CW, C - c0), chunk = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  const int s0 = st * kMmaRows, ns = min(kMmaRows, S - s0);
-  const int64_t l_begin = chunk * chunk_len;
-  const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);
+  const SlotBlock blk = slot_block((C + CW - 1) / CW, CW, S, L, chunk_len);
+  const int c0 = blk.c0, chunk = blk.chunk, s0 = blk.s0, ns = blk.ns, nc = min(CW, C - c0);
+  const int64_t b = blk.b;
   const int r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
   const Rows<Elem<E>> y = kDispatch ? sl : g;
 
-  float lse[2] = {0.f, 0.f}, dl[2] = {0.f, 0.f};  // clustering: the rows' (slots') statistics
-  if (!kDispatch) {
-    row_stats(stat0, b * S + s0, r0, ns, lse);
-    row_stats(stat1, b * S + s0, r0, ns, dl);
-  }
+  float lse[2], dl[2];
+  slot_row_stats<kDispatch>(stat0, stat1, b * S + s0, r0, ns, lse, dl);
   FragC dq[CW / 8], dv[CW / 8];
-#pragma unroll
-  for (int j = 0; j < CW / 8; ++j) {
-    zero(dq[j]);
-    zero(dv[j]);
-  }
+  zero_all(dq);
+  zero_all(dv);
 
-  for (int64_t l0 = l_begin; l0 < l_end; l0 += kMmaCols) {
-    const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), l_end - l0));
+  for (int64_t l0 = blk.l_begin; l0 < blk.l_end; l0 += kMmaCols) {
+    const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), blk.l_end - l0));
     FragC a[kMmaNB], e[kMmaNB];  // the warp's 16 slots x 64 pixels
     stream_bwd_logits<E, kDispatch, false>(a, e, sh, g, x, qs, y, stat0, stat1, b, s0, ns, l0, nl, S, L, C);
     __syncthreads();  // the blocks' readers are done; norms and statistics complete
