@@ -423,7 +423,8 @@ def test_bwd_wide_mma(harness, op, kind, B, L, C, S):
         arrays += [bits16(sl), lse.float().numpy()]
     out = harness(f"{op}_bwd_wide_{kind}", *arrays, orders=(3, 4))
     nch, n = -(-L // chunk_len), B * S * C
-    dx, dq, dv = split(out, (np.uint16, B * L * C), (np.float32, nch * n), (np.float32, nch * n if op == "dispatch" else 0))
+    n_dv = nch * n if op == "dispatch" else 0
+    dx, dq, dv = split(out, (np.uint16, B * L * C), (np.float32, nch * n), (np.float32, n_dv))
     dx = torch.from_numpy(dx.view(np.int16)).view(dt).view(B, L, C)
     tol = {"bf16": 2.5e-2, "f16": 4e-3}[kind]  # the suite's tolerances for these dtypes
     assert normwise(dx, dx_ref) < tol

@@ -866,9 +866,8 @@ __device__ __forceinline__ SlotBlock slot_block(int ncc, int CW, int S, int L, i
 // (clustering) or D dD z (dispatch), z[2 + h] the dispatch's sum of D z (its dA = D (dD - delta'),
 // with delta' not yet known).
 template <bool kDispatch, bool kChunked>
-__device__ __forceinline__ void pixel_probs(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], int st, int S,
-                                            const float (&rn)[2], const float (&lse)[2], const float* st0,
-                                            const float* st1, float (&z)[4]) {
+__device__ __forceinline__ void pixel_probs(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], int st, int S, const float (&rn)[2],
+                                            const float (&lse)[2], const float* st0, const float* st1, float (&z)[4]) {
   const int lane = lane_id();
 #pragma unroll
   for (int j = 0; j < kMmaNB; ++j)
@@ -991,9 +990,9 @@ __device__ __forceinline__ void pixel_products(FragC (&dk)[CW / 8], FragC (&dv)[
 //   products(c0, st, dk, dv)       the chunk's products against slot tile st
 //   write_dx(c0, dk, dv, dot)      dx of the chunk
 template <bool kDispatch, int CW, bool kChunked, class Probabilities, class Products, class WriteDx>
-__device__ __forceinline__ void pixel_chunks(int nst, int CE, FragC (&a)[kMmaNB], FragC (&e)[kMmaNB],
-                                             float (&dl)[2], const float (&live)[2], Probabilities&& probabilities,
-                                             Products&& products, WriteDx&& write_dx) {
+__device__ __forceinline__ void pixel_chunks(int nst, int CE, FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], float (&dl)[2],
+                                             const float (&live)[2], Probabilities&& probabilities, Products&& products,
+                                             WriteDx&& write_dx) {
   float z[4] = {0.f, 0.f, 0.f, 0.f}, dot[2] = {0.f, 0.f};
   if (kDispatch && nst > 1) {
     float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
@@ -1074,7 +1073,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     FragC a[kMmaNB], e[kMmaNB];
     float dl[2] = {0.f, 0.f};
     // The warp's 16 pixels x 64 slots of tile st (pixel_probs), loaded when S spans tiles.
-    const auto probabilities = [&](int st, float(&z)[4]) {
+    const auto probabilities = [&](int st, float (&z)[4]) {
       if (nst > 1) {
         __syncthreads();
         load_slots(st);
@@ -1087,7 +1086,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     const auto products = [&](int c0, int, FragC(&dk)[CW / 8], FragC(&dv)[CW / 8]) {
       pixel_products<E, CW, kDispatch>(dk, dv, a, e, sh, c0, ld);
     };
-    const auto write_dx = [&](int c0, const FragC(&dk)[CW / 8], const FragC(&dv)[CW / 8], float(&dot)[2]) {
+    const auto write_dx = [&](int c0, const FragC(&dk)[CW / 8], const FragC(&dv)[CW / 8], float (&dot)[2]) {
       if constexpr (!kChunked) dot_k<E, CW>(dk, sh.x, ld, r0, rn, live, dot);
       dx_rows<E, CW, !kDispatch>(dk, dv, sh.x + c0, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
     };
@@ -1170,10 +1169,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // sh.rn, sh.live, and the statistics per column (load_stats) into sh.st0, sh.st1, complete after
 // the caller's next barrier.
 template <class E, bool kDispatch, bool kPixelRows>
-__device__ inline void stream_bwd_logits(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], const BwdSmem<E>& sh,
-                                         Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> y,
-                                         const float* stat0, const float* stat1, int64_t b, int s0, int ns,
-                                         int64_t l0, int nl, int S, int64_t L, int C) {
+__device__ inline void stream_bwd_logits(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], const BwdSmem<E>& sh, Rows<Elem<E>> g,
+                                         Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> y, const float* stat0,
+                                         const float* stat1, int64_t b, int s0, int ns, int64_t l0, int nl, int S,
+                                         int64_t L, int C) {
   constexpr int W = kWideBwd<E>, ld = tile_ld<E, W>();
   const int r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
   const Elem<E>* h = kDispatch ? sh.h : sh.x;  // the pixel-side operand of e
@@ -1229,10 +1228,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     FragC a[kMmaNB], e[kMmaNB];
     float dl[2] = {0.f, 0.f};
     // The warp's 16 pixels x 64 slots of tile st (pixel_probs), with the pixels' norms.
-    const auto probabilities = [&](int st, float(&z)[4]) {
+    const auto probabilities = [&](int st, float (&z)[4]) {
       const int s0 = st * kMmaCols;
-      stream_bwd_logits<E, kDispatch, true>(a, e, sh, g, x, qs, y, stat0, stat1, b, s0, min(kMmaCols, S - s0), l0,
-                                            nl, S, L, C);
+      stream_bwd_logits<E, kDispatch, true>(a, e, sh, g, x, qs, y, stat0, stat1, b, s0, min(kMmaCols, S - s0), l0, nl,
+                                            S, L, C);
       __syncthreads();  // norms and statistics complete
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -1251,7 +1250,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       __syncthreads();
       pixel_products<E, CW, kDispatch>(dk, dv, a, e, sh, 0, ld);
     };
-    const auto write_dx = [&](int c0, const FragC(&dk)[CW / 8], const FragC(&dv)[CW / 8], float(&dot)[2]) {
+    const auto write_dx = [&](int c0, const FragC(&dk)[CW / 8], const FragC(&dv)[CW / 8], float (&dot)[2]) {
       dx_rows<E, CW, !kDispatch>(dk, dv, sh.x, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
     };
     pixel_chunks<kDispatch, CW, true>(nst, C, a, e, dl, live, probabilities, products, write_dx);

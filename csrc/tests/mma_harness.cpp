@@ -385,8 +385,8 @@ void bwd_wide() {
   const k::Rows<float> qr{qs.data(), S * C, C, 1};
   const float* stat1 = kDispatch ? dl.data() : delta.data();
   run_grid({static_cast<unsigned>((L + 63) / 64), static_cast<unsigned>(B), 1}, k::kMmaThreads, [&] {
-    k::pixel_bwd_wide_mma<E, kDispatch>(gr, xr, qr, slr, lse.data(), stat1, L, static_cast<int>(S),
-                                        static_cast<int>(C), 1, dx.data(), dl.data());
+    k::pixel_bwd_wide_mma<E, kDispatch>(gr, xr, qr, slr, lse.data(), stat1, L, static_cast<int>(S), static_cast<int>(C),
+                                        1, dx.data(), dl.data());
   });
   const int ncc = k::bwd_channel_chunks(static_cast<int>(C), false, !kDispatch, true);
   const Dim3 grid{static_cast<unsigned>((S + k::kMmaRows - 1) / k::kMmaRows * ncc), static_cast<unsigned>(nch),

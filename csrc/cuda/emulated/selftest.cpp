@@ -120,7 +120,8 @@ TORCH_LIBRARY_FRAGMENT(glmix_emulated, m) {
   m.def("mma_bwd_kernels(int C, bool fp32, bool dispatch, int smem_optin) -> str",
         [](int64_t C, bool fp32, bool dispatch, int64_t smem_optin) {
           using glmix::GLMIX_CUDA_NS::BwdKernels;
-          const BwdKernels k = glmix::GLMIX_CUDA_NS::mma_bwd_kernels(C, fp32, dispatch, static_cast<size_t>(smem_optin));
+          const BwdKernels k =
+              glmix::GLMIX_CUDA_NS::mma_bwd_kernels(C, fp32, dispatch, static_cast<size_t>(smem_optin));
           return std::string(k == BwdKernels::kNarrow ? "narrow" : k == BwdKernels::kWide ? "wide" : "cuda_cores");
         });
   // The same for the forward (use_mma_fwd's shared-memory test).
