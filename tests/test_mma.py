@@ -505,6 +505,8 @@ def test_resource_report_requires_tensor_cores_of_every_mma_kernel():
         "cluster_fwd_chunk_mma<Bf16,64>",
         "dispatch_fwd_mma<Tf32,128>",
         "cluster_fwd_chunk_wide_mma<Bf16>",
+        "pixel_bwd_wide_mma<Bf16,true>",
+        "slot_bwd_wide_mma<Tf32,false>",
         "pixel_bwd_mma<F16,128,true>",
         "slot_bwd_mma<Bf16,16,false>",
         "mma_tile_test<F16>",
