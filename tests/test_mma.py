@@ -453,6 +453,8 @@ def test_bwd_wide_mma(harness, op, kind, B, L, C, S):
         (1, 20, 300, 70, "nchw", "contiguous"),
         (2, 9, 520, 9, "sliced", "transposed"),
         (1, 5, 1000, 7, "nchw", "contiguous"),
+        # Two pixel tiles per block of the wide pixel side (5 tiles, B = 2 on the emulated SM).
+        (2, 260, 300, 9, "nchw", "contiguous"),
     ],
 )
 def test_mma_kernels_through_the_ops(op, dtype, B, L, C, S, layout, slots_layout):
