@@ -79,8 +79,10 @@ def built_kernels(L, C):
     one tile's channel chunks run side by side and read the same x tile: counted once (from L2
     after the first). C > 256: the wide forwards (channel blocks of 256: the clustering's blocks
     of one slot tile each compute the logits over all C and the value product of their block; the
-    dispatch computes them once for its blocks, S <= 64); None for the backwards, which stay on
-    CUDA cores."""
+    dispatch computes them once for its blocks, S <= 64) and the wide backwards (the same products
+    as the narrow ones, S <= 64: pixel_bwd_wide_mma computes the logits once per tile,
+    slot_bwd_wide_mma once per channel chunk; their second reads of x, qs and G per chunk
+    counted as L2 hits, as slot_bwd_mma's shared x tile)."""
     x, stat_l = B * L * C * E, B * L * 4
     ncb = math.ceil(C / 256)  # the wide forwards' channel blocks (1: not wide)
     # The clustering forward's (B, chunks, S, C) fp32 workspace, written and read, and its combine;
@@ -88,8 +90,9 @@ def built_kernels(L, C):
     fwd_chunks = n_chunks(L, B * ncb)
     ws = 0 if fwd_chunks == 1 else fwd_chunks * B * S * C * 4 * 2
     k = kernels(L, C)
-    fwd, bwd = True, C <= 256
-    ncc = {"cluster_bwd": max(1, C // 128), "dispatch_bwd": max(1, C // 64)}  # slot_bwd_mma's channel chunks
+    fwd = bwd = True
+    # slot_bwd_mma's (slot_bwd_wide_mma's) channel chunks
+    ncc = {"cluster_bwd": max(1, math.ceil(C / 128)), "dispatch_bwd": max(1, math.ceil(C / 64))}
     ws_b = {name: n_chunks(L, B * n) * B * S * C * 4 * 2 for name, n in ncc.items()}
     return {
         # cluster_fwd_chunk_mma (logits 2, value 1; wide: logits 2 per channel block) + cluster_fwd_combine
@@ -161,7 +164,8 @@ def print_built():
             floor = {g: k["bytes"] / bw for g, bw in GPUS.items()}
             if b:
                 t = {g: design_time(b, L, C, bw)[0] for g, bw in GPUS.items()}
-                mb, gf, where = b["bytes"] / 1e6, design_time(b, L, C, GPUS["H100"])[1] / 1e9, "tensor cores"
+                mb, gf = b["bytes"] / 1e6, design_time(b, L, C, GPUS["H100"])[1] / 1e9
+                where = "tensor cores (wide)" if C > 256 else "tensor cores"
             else:
                 t = {g: current_time(k, L, C, bw) for g, bw in GPUS.items()}
                 mb, gf, where = k["bytes"] / 1e6, 0.0, "CUDA cores"

@@ -172,16 +172,21 @@ def test_tensor_core_tests_run_several_chunks():
 
 
 def test_tensor_core_backward_needs_its_shared_memory():
-    """use_mma_bwd's shared-memory test: on an H100 (the emulated device) the backward takes
-    16-bit C <= 256 and fp32 C <= 128 on tensor cores; an A100's 163 KB per block refuses the
-    dispatch's five tiles above 16-bit C = 128 and fp32 C = 64, which then run on CUDA cores."""
-    fits = torch.ops.glmix_emulated.mma_bwd_fits
-    a100, h100 = 163 * 1024, 227 * 1024
-    for fp32, widest, dispatch_on_a100 in [(False, 256, 128), (True, 128, 64)]:
+    """use_mma_bwd's choice of kernels: pixel_bwd_mma / slot_bwd_mma at 16-bit C <= 256 and fp32
+    C <= 128 where their tiles fit (an H100, the emulated device, always; an A100's 163 KB per block
+    not the dispatch's five tiles above 16-bit C = 128 and fp32 C = 64; sm_86's 99 KB neither op's
+    above those), else the wide kernels (69 and 86 KB), which fit all three: tensor cores at every C
+    of the backend (1 to 1024)."""
+    kernels = torch.ops.glmix_emulated.mma_bwd_kernels
+    a100, h100, sm86 = 163 * 1024, 227 * 1024, 99 * 1024
+    for fp32, widest in [(False, 256), (True, 128)]:
         for dispatch in (False, True):
-            assert fits(widest, fp32, dispatch, h100) and not fits(widest + 1, fp32, dispatch, h100)
-        assert fits(widest, fp32, False, a100)
-        assert fits(dispatch_on_a100, fp32, True, a100) and not fits(dispatch_on_a100 + 1, fp32, True, a100)
+            narrow_on = {h100: widest, a100: widest // 2 if dispatch else widest, sm86: widest // 2}
+            for smem, narrowest in narrow_on.items():
+                for C in (1, 16, 64, 65, 128, 129, 256, 257, 512, 1000, 1024):
+                    want = "narrow" if C <= narrowest else "wide"
+                    assert kernels(C, fp32, dispatch, smem) == want, (C, fp32, dispatch, smem)
+    assert kernels(1024, False, True, 48 * 1024) == "cuda_cores"  # below sm_80's shared memory
 
 
 def test_tensor_core_forward_needs_its_shared_memory():

@@ -381,6 +381,58 @@ def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
     assert (torch.from_numpy(lse).view(B, L).double() - ref_lse).abs().max() < 1e-5 * ref_lse.abs().max()
 
 
+def backward_reference(op, x, qs, other, upstream):
+    """The float64 forward's statistics (lse, the clustering's delta) and the gradients of x, qs and
+    (dispatch) the slots, other: the dispatch's slots (the clustering: unused)."""
+    x, qs, other = (t.double().requires_grad_() for t in (x, qs, other))
+    a = qs @ torch.nn.functional.normalize(x, dim=-1).transpose(1, 2)  # (B, S, L)
+    if op == "cluster":
+        out, lse = torch.softmax(a, 2) @ x, torch.logsumexp(a, 2)
+    else:
+        out, lse = torch.softmax(a, 1).transpose(1, 2) @ other, torch.logsumexp(a, 1)
+    grads = torch.autograd.grad(out, (x, qs, other), upstream.double(), allow_unused=True)
+    delta = (upstream.double() * out).sum(-1)  # the clustering's (B, S)
+    return lse.detach(), delta.detach(), grads
+
+
+@pytest.mark.parametrize(
+    "op,kind,B,L,C,S",
+    [
+        ("cluster", "bf16", 1, 70, 300, 70),  # three channel blocks with a tail, two slot tiles, two chunks
+        ("cluster", "f16", 1, 20, 300, 9),  # one slot tile (the logits kept for every chunk)
+        ("dispatch", "f16", 1, 70, 300, 70),  # two slot tiles: delta' in a first pass
+        ("dispatch", "bf16", 1, 20, 300, 9),
+    ],
+)
+def test_bwd_wide_mma(harness, op, kind, B, L, C, S):
+    """pixel_bwd_wide_mma and slot_bwd_wide_mma against float64 autograd (the statistics from the
+    float64 forward), within the suite's tolerances, bitwise alike with either warp far ahead
+    (every barrier of theirs removed in turn makes this fail), NCHW x, chunks of 64 pixels."""
+    dt, chunk_len = DT16[kind], 64
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
+    qs = 6.0 * torch.nn.functional.normalize(torch.randn(B, S, C, generator=g, dtype=torch.float64), dim=-1).float()
+    sl = torch.randn(B, S, C, generator=g).to(dt)
+    up = torch.randn(B, S if op == "cluster" else L, C, generator=g).to(dt)
+    lse, delta, (dx_ref, dq_ref, dv_ref) = backward_reference(op, x, qs, sl, up)
+    head = np.array([B, L, C, S, chunk_len, C * L, 1, L, B * C * L], np.int64)
+    arrays = [head, bits16(x.transpose(1, 2).contiguous()), qs.contiguous().numpy(), bits16(up)]
+    if op == "cluster":
+        arrays += [lse.float().numpy(), delta.float().numpy()]
+    else:
+        arrays += [bits16(sl), lse.float().numpy()]
+    out = harness(f"{op}_bwd_wide_{kind}", *arrays, orders=(3, 4))
+    nch, n = -(-L // chunk_len), B * S * C
+    n_dv = nch * n if op == "dispatch" else 0
+    dx, dq, dv = split(out, (np.uint16, B * L * C), (np.float32, nch * n), (np.float32, n_dv))
+    dx = torch.from_numpy(dx.view(np.int16)).view(dt).view(B, L, C)
+    tol = {"bf16": 2.5e-2, "f16": 4e-3}[kind]  # the suite's tolerances for these dtypes
+    assert normwise(dx, dx_ref) < tol
+    assert normwise(torch.from_numpy(dq).view(B, nch, S, C).sum(1), dq_ref) < tol
+    if op == "dispatch":
+        assert normwise(torch.from_numpy(dv).view(B, nch, S, C).sum(1), dv_ref) < tol
+
+
 # ---------------------------------------------------------------- the tensor-core kernels, through the ops
 
 
@@ -393,20 +445,29 @@ def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
         (2, 67, 24, 9, "sliced", "contiguous"),  # one channel chunk; strided channels
         (1, 67, 72, 70, "nchw", "contiguous"),  # backward channel chunks (1-2, fp32 2-4), two slot tiles
         (1, 20, 136, 9, "sliced", "transposed"),  # 2-4 channel chunks at C padded to 256 (fp32: wide forward)
-        # The wide forwards (backward on CUDA cores): 2 channel blocks (fp32 3) with a tail and two
-        # slot tiles (the dispatch recomputes the logits per output block); 3 blocks (fp32 5) and
-        # one slot tile (logits kept for every output block), past glnet stage 4's C = 512.
+        # The wide kernels: the forwards 2 channel blocks (fp32 3) with a tail, the backwards 3 (fp32
+        # 5), and two slot tiles (logits recomputed per output block or chunk; the dispatch's delta'
+        # in a first pass); 3 blocks (fp32 5; backward 5 and 9) and one slot tile (logits kept for
+        # every output block or chunk), past glnet stage 4's C = 512; 4 (fp32 8; backward 8 and 16)
+        # near the backend's 1024.
         (1, 20, 300, 70, "nchw", "contiguous"),
         (2, 9, 520, 9, "sliced", "transposed"),
+        (1, 5, 1000, 7, "nchw", "contiguous"),
+        # Two pixel tiles per block of the wide pixel side (5 tiles, B = 2 on the emulated SM).
+        (2, 260, 300, 9, "nchw", "contiguous"),
     ],
 )
 def test_mma_kernels_through_the_ops(op, dtype, B, L, C, S, layout, slots_layout):
     """The tensor-core kernels as the cuda_emulated ops launch them (forward: fp16/bf16 C <= 256,
     fp32 C <= 128 by 3xTF32, wider C by the wide forwards' channel blocks; backward pixel_bwd_mma,
     slot_bwd_mma: fp16/bf16 C <= 256, fp32 C <= 128, in chunks of 64 or 128 channels, fp32 32 or
-    64) against the float64 reference within the suite's tolerances; with zero pixels (the norm
-    epsilon's branch) except in fp16, where their dx, dK / 1e-12, overflows."""
+    64, wider C by their wide kernels' channel blocks, as the selection op shows) against the
+    float64 reference within the suite's tolerances; with zero pixels (the norm epsilon's branch)
+    except in fp16, where their dx, dK / 1e-12, overflows."""
     require("cuda_emulated", "cpu")
+    fp32, widest = dtype == torch.float32, 128 if dtype == torch.float32 else 256
+    want = "wide" if C > widest else "narrow"
+    assert torch.ops.glmix_emulated.mma_bwd_kernels(C, fp32, op == "dispatch", 227 * 1024) == want
     case = Case(B, L, C, S, layout, slots_layout=slots_layout, dtype=dtype, seed=L)
     if dtype != torch.float16:
         case.view_x(case.x_base)[:, ::11] = 0  # whole pixels
@@ -446,6 +507,8 @@ def test_resource_report_requires_tensor_cores_of_every_mma_kernel():
         "cluster_fwd_chunk_mma<Bf16,64>",
         "dispatch_fwd_mma<Tf32,128>",
         "cluster_fwd_chunk_wide_mma<Bf16>",
+        "pixel_bwd_wide_mma<Bf16,true>",
+        "slot_bwd_wide_mma<Tf32,false>",
         "pixel_bwd_mma<F16,128,true>",
         "slot_bwd_mma<Bf16,16,false>",
         "mma_tile_test<F16>",

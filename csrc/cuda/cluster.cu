@@ -98,10 +98,12 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
 
   const auto lse_c = lse.contiguous();
   // Tensor cores: pixel_bwd_mma (dx) and slot_bwd_mma (chunk partials of dqs), tiles of 64 x 64,
-  // a block per channel chunk; else cluster_bwd_chunk with the planned CUDA-core tiles.
-  const bool mma = use_mma_bwd(x, false);
+  // a block per channel chunk (wide C: their _wide_ kernels); else cluster_bwd_chunk with the
+  // planned CUDA-core tiles.
+  const BwdKernels kernels = use_mma_bwd(x, false);
+  const bool mma = kernels != BwdKernels::kCudaCores, wide = kernels == BwdKernels::kWide;
   const int mma_nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows);
-  const int mma_ncc = tc::bwd_channel_chunks(static_cast<int>(C), x.scalar_type() == at::kFloat, true);
+  const int mma_ncc = tc::bwd_channel_chunks(static_cast<int>(C), x.scalar_type() == at::kFloat, true, wide);
   const auto t =
       mma ? plan::Tiles{tc::kMmaCols, tc::kMmaRows, mma_nst, 0}
           : tiles_for(
@@ -129,19 +131,30 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
   });
   if (mma) {
     const auto chp = plan::plan_dispatch_fwd_chunks(L, tc::kMmaCols, B, device_props());
-    with_mma_types<tc::kMmaBwdMaxChannels, tc::kMmaTf32BwdMaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
+    // The same arguments for the narrow and the wide kernels.
+    const auto run = [&](auto e, auto pixel_bwd, auto slot_bwd, size_t mma_smem) {
       using E = decltype(e);
-      constexpr int CP = decltype(cp)::value;
-      const size_t mma_smem = tc::bwd_mma_smem<E>(CP, false);
-      launch(tc::pixel_bwd_mma<E, CP, false>, dim3(static_cast<unsigned>(chp.n), static_cast<unsigned>(B)),
-             dim3(tc::kMmaThreads), mma_smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad),
-             lse_c.data_ptr<float>(), delta.data_ptr<float>(), L, static_cast<int>(S), static_cast<int>(C),
+      launch(pixel_bwd, dim3(static_cast<unsigned>(chp.n), static_cast<unsigned>(B)), dim3(tc::kMmaThreads), mma_smem,
+             stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad), lse_c.data_ptr<float>(),
+             delta.data_ptr<float>(), L, static_cast<int>(S), static_cast<int>(C),
              static_cast<int>(chp.len / tc::kMmaCols), elems<E>(dx), nullptr);
-      launch(tc::slot_bwd_mma<E, CP, false>, dim3(t.nst * mma_ncc, ch.n, static_cast<unsigned>(B)),
-             dim3(tc::kMmaThreads), mma_smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad),
-             lse_c.data_ptr<float>(), delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S),
-             static_cast<int>(C), ch.len, ch.n, ws_dq.data_ptr<float>(), nullptr);
-    });
+      launch(slot_bwd, dim3(t.nst * mma_ncc, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads), mma_smem, stream,
+             rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad), lse_c.data_ptr<float>(),
+             delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n,
+             ws_dq.data_ptr<float>(), nullptr);
+    };
+    if (wide) {
+      with_mma_type(x.scalar_type(), [&](auto e) {
+        using E = decltype(e);
+        run(e, tc::pixel_bwd_wide_mma<E, false>, tc::slot_bwd_wide_mma<E, false>, tc::bwd_wide_mma_smem<E>(false));
+      });
+    } else {
+      with_mma_types<tc::kMmaBwdMaxChannels, tc::kMmaTf32BwdMaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
+        using E = decltype(e);
+        constexpr int CP = decltype(cp)::value;
+        run(e, tc::pixel_bwd_mma<E, CP, false>, tc::slot_bwd_mma<E, CP, false>, tc::bwd_mma_smem<E>(CP, false));
+      });
+    }
   }
   launch_sum_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);
   return {dx, dqs};

@@ -61,12 +61,12 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(dispatch_fwd)(const Tensor& x, const Te
 
 // The backward on tensor cores: pixel_bwd_mma (dx, and delta' per pixel into a workspace), then
 // slot_bwd_mma (chunk partials of dqs and dslots, tiles of 64 x 64, a block per channel chunk),
-// then sum_chunks.
+// then sum_chunks; wide: their _wide_ kernels.
 static void mma_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Tensor& slots, const Tensor& lse,
-                    Tensor& dx, Tensor& dqs, Tensor& dslots) {
+                    bool wide, Tensor& dx, Tensor& dqs, Tensor& dslots) {
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), S = qs.size(1);
   const int nst = static_cast<int>((S + tc::kMmaRows - 1) / tc::kMmaRows);
-  const int ncc = tc::bwd_channel_chunks(static_cast<int>(C), x.scalar_type() == at::kFloat, false);
+  const int ncc = tc::bwd_channel_chunks(static_cast<int>(C), x.scalar_type() == at::kFloat, false, wide);
   const auto chp = plan::plan_dispatch_fwd_chunks(L, tc::kMmaCols, B, device_props());
   const auto ch = plan::plan_mma_chunks(L, tc::kMmaCols, B * nst * ncc, device_props());
   TORCH_CHECK(ch.n <= 65535 && nst * ncc <= 65535, "glmix_kernels.dispatch_bwd: grid too large");
@@ -75,19 +75,30 @@ static void mma_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const
   auto ws_dq = empty_workspace({B, ch.n, S, C}, f32);
   auto ws_dv = empty_workspace({B, ch.n, S, C}, f32);
   const Stream stream = current_stream();
-  with_mma_types<tc::kMmaBwdMaxChannels, tc::kMmaTf32BwdMaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
+  // The same arguments for the narrow and the wide kernels.
+  const auto run = [&](auto e, auto pixel_bwd, auto slot_bwd, size_t smem) {
     using E = decltype(e);
-    constexpr int CP = decltype(cp)::value;
-    const size_t smem = tc::bwd_mma_smem<E>(CP, true);
-    launch(tc::pixel_bwd_mma<E, CP, true>, dim3(static_cast<unsigned>(chp.n), static_cast<unsigned>(B)),
-           dim3(tc::kMmaThreads), smem, stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(slots),
-           lse.data_ptr<float>(), nullptr, L, static_cast<int>(S), static_cast<int>(C),
-           static_cast<int>(chp.len / tc::kMmaCols), elems<E>(dx), dl.data_ptr<float>());
-    launch(tc::slot_bwd_mma<E, CP, true>, dim3(nst * ncc, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads), smem,
-           stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(slots), lse.data_ptr<float>(),
+    launch(pixel_bwd, dim3(static_cast<unsigned>(chp.n), static_cast<unsigned>(B)), dim3(tc::kMmaThreads), smem, stream,
+           rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(slots), lse.data_ptr<float>(), nullptr, L,
+           static_cast<int>(S), static_cast<int>(C), static_cast<int>(chp.len / tc::kMmaCols), elems<E>(dx),
+           dl.data_ptr<float>());
+    launch(slot_bwd, dim3(nst * ncc, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads), smem, stream,
+           rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(slots), lse.data_ptr<float>(),
            dl.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n,
            ws_dq.data_ptr<float>(), ws_dv.data_ptr<float>());
-  });
+  };
+  if (wide) {
+    with_mma_type(x.scalar_type(), [&](auto e) {
+      using E = decltype(e);
+      run(e, tc::pixel_bwd_wide_mma<E, true>, tc::slot_bwd_wide_mma<E, true>, tc::bwd_wide_mma_smem<E>(true));
+    });
+  } else {
+    with_mma_types<tc::kMmaBwdMaxChannels, tc::kMmaTf32BwdMaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
+      using E = decltype(e);
+      constexpr int CP = decltype(cp)::value;
+      run(e, tc::pixel_bwd_mma<E, CP, true>, tc::slot_bwd_mma<E, CP, true>, tc::bwd_mma_smem<E>(CP, true));
+    });
+  }
   GLMIX_DISPATCH_CUDA_TYPES(x.scalar_type(), "glmix_dispatch_bwd_cuda",
                             [&] { launch_sum_chunks<scalar_t>(ws_dv, dslots, B, ch.n, S * C, stream); });
   launch_sum_chunks<float>(ws_dq, dqs, B, ch.n, S * C, stream);
@@ -114,8 +125,8 @@ std::tuple<Tensor, Tensor, Tensor> GLMIX_CUDA_FN(dispatch_bwd)(const Tensor& gra
   }
 
   const auto lse_c = lse.contiguous();
-  if (use_mma_bwd(x, true)) {
-    mma_bwd(grad, x, qs, slots, lse_c, dx, dqs, dslots);
+  if (const BwdKernels kernels = use_mma_bwd(x, true); kernels != BwdKernels::kCudaCores) {
+    mma_bwd(grad, x, qs, slots, lse_c, kernels == BwdKernels::kWide, dx, dqs, dslots);
     return {dx, dqs, dslots};
   }
   const auto t =

@@ -55,21 +55,26 @@ inline bool use_mma_fwd(const at::Tensor& x, bool dispatch) {
          mma_fwd_fits(x.size(2), x.scalar_type() == at::kFloat, dispatch, device_props().smem_optin);
 }
 
-// Whether the backward's tensor-core kernels take C channels on a device whose blocks may opt in to
-// smem_optin bytes: fp16/bf16 C <= 256 and fp32 C <= 128, where their shared memory fits (the
-// dispatch's five tiles at 16-bit C > 128 or fp32 C > 64 exceed an A100's).
-inline bool mma_bwd_fits(int64_t C, bool tf32, bool dispatch, size_t smem_optin) {
-  if (C > (tf32 ? tc::kMmaTf32BwdMaxChannels : tc::kMmaBwdMaxChannels)) return false;
-  const int cp = tc::padded_channels(static_cast<int>(C));
-  const size_t smem = tf32 ? tc::bwd_mma_smem<mma::Tf32>(cp, dispatch) : tc::bwd_mma_smem<mma::F16>(cp, dispatch);
-  return smem <= smem_optin;
+// The backward's kernels for C channels on a device whose blocks may opt in to smem_optin bytes:
+// pixel_bwd_mma / slot_bwd_mma (all channels in shared memory) at fp16/bf16 C <= 256 and fp32
+// C <= 128 where their four (dispatch five) tiles fit, else the wide ones, whose 69 KB (dispatch
+// 86 KB) fit every device of sm_80 and newer (99 KB on sm_86 / sm_89), else the CUDA cores.
+enum class BwdKernels { kCudaCores, kNarrow, kWide };
+inline BwdKernels mma_bwd_kernels(int64_t C, bool tf32, bool dispatch, size_t smem_optin) {
+  if (C <= (tf32 ? tc::kMmaTf32BwdMaxChannels : tc::kMmaBwdMaxChannels)) {
+    const int cp = tc::padded_channels(static_cast<int>(C));
+    const size_t smem = tf32 ? tc::bwd_mma_smem<mma::Tf32>(cp, dispatch) : tc::bwd_mma_smem<mma::F16>(cp, dispatch);
+    if (smem <= smem_optin) return BwdKernels::kNarrow;
+  }
+  const size_t wide = tf32 ? tc::bwd_wide_mma_smem<mma::Tf32>(dispatch) : tc::bwd_wide_mma_smem<mma::F16>(dispatch);
+  return wide <= smem_optin ? BwdKernels::kWide : BwdKernels::kCudaCores;
 }
 
-// The backward kernels run on tensor cores where the forward's do and mma_bwd_fits this device;
-// the rest on the CUDA-core kernels.
-inline bool use_mma_bwd(const at::Tensor& x, bool dispatch) {
-  return use_mma_fwd(x, dispatch) &&
-         mma_bwd_fits(x.size(2), x.scalar_type() == at::kFloat, dispatch, device_props().smem_optin);
+// The backward kernels for x on this device: tensor cores (sm_80 and newer) where mma_bwd_kernels
+// says, independently of the forward's (which may not fit where the backward's do: sm_86 / sm_89).
+inline BwdKernels use_mma_bwd(const at::Tensor& x, bool dispatch) {
+  if (!has_tensor_cores()) return BwdKernels::kCudaCores;
+  return mma_bwd_kernels(x.size(2), x.scalar_type() == at::kFloat, dispatch, device_props().smem_optin);
 }
 
 // f(e, std::integral_constant<int, CP>{}) for the padded channels cp, CP from 16 up to kMax (the

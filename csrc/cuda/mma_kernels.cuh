@@ -142,30 +142,12 @@ __device__ inline void load_rows_split(Elem<E>* hi, Elem<E>* lo, int ld, int CP,
   }
 }
 
-// rn[r] = 1 / max(||x_r||, eps) for the 64 rows of a tile, a warp per row; live[r] = 1 where
-// ||x_r|| > eps (the normalisation's gradient projects only there), when live is given.
-template <class E>
-__device__ inline void tile_rnorms(const Elem<E>* x_sh, int ld, int CP, float* rn, float* live = nullptr) {
-  const int lane = lane_id();
-  for (int r = static_cast<int>(threadIdx.x) >> 5; r < 64; r += static_cast<int>(blockDim.x) >> 5) {
-    float s = 0.f;
-    for (int c = lane; c < CP; c += 32) {
-      const float v = value_of<E>(x_sh[r * ld + c]);
-      s += v * v;
-    }
-    s = warp_sum32(s);
-    if (lane == 0) {
-      const float nrm = sqrtf(s);
-      rn[r] = 1.f / fmaxf(nrm, kMmaNormEps);
-      if (live != nullptr) live[r] = nrm > kMmaNormEps ? 1.f : 0.f;
-    }
-  }
-}
-
 // ss[r] = (first) or += (else) the sum of squares of the 64 rows of a tile of KB channels, a warp
-// per row (the same rows for the same warp at every call); rnorm_of(ss) is 1 / max(||x||, eps).
+// per row (the same rows for the same warp at every call); rnorm_of(ss) is 1 / max(||x||, eps). At
+// the last channel block (last), what tile_rnorms writes instead: rn in ss, liveness in live.
 template <class E>
-__device__ inline void tile_sumsq(const Elem<E>* x_sh, int ld, int KB, float* ss, bool first) {
+__device__ inline void tile_sumsq(const Elem<E>* x_sh, int ld, int KB, float* ss, bool first, bool last = false,
+                                  float* live = nullptr) {
   const int lane = lane_id();
   for (int r = static_cast<int>(threadIdx.x) >> 5; r < 64; r += static_cast<int>(blockDim.x) >> 5) {
     float s = 0.f;
@@ -174,8 +156,20 @@ __device__ inline void tile_sumsq(const Elem<E>* x_sh, int ld, int KB, float* ss
       s += v * v;
     }
     s = warp_sum32(s);
-    if (lane == 0) ss[r] = first ? s : ss[r] + s;
+    if (lane == 0) {
+      if (!first) s += ss[r];
+      const float nrm = sqrtf(s);
+      ss[r] = last ? 1.f / fmaxf(nrm, kMmaNormEps) : s;
+      if (last && live != nullptr) live[r] = nrm > kMmaNormEps ? 1.f : 0.f;
+    }
   }
+}
+
+// rn[r] = 1 / max(||x_r||, eps) for the 64 rows of a tile; live[r] = 1 where ||x_r|| > eps (the
+// normalisation's gradient projects only there), when live is given.
+template <class E>
+__device__ inline void tile_rnorms(const Elem<E>* x_sh, int ld, int CP, float* rn, float* live = nullptr) {
+  tile_sumsq<E>(x_sh, ld, CP, rn, true, true, live);
 }
 __device__ __forceinline__ float rnorm_of(float ss) { return 1.f / fmaxf(sqrtf(ss), kMmaNormEps); }
 
@@ -727,8 +721,17 @@ template <class E, int CP, bool kOneSet>
 __host__ __device__ constexpr int bwd_chunk() {
   return bwd_chunk_of(CP, kIsTf32<E>, kOneSet);
 }
-// Channel chunks for C channels: slot_bwd_mma's blocks per slot tile.
-inline int bwd_channel_chunks(int C, bool tf32, bool one_set) {
+// The wide backwards' channel blocks (below): one chunk of a kernel with one accumulator set, 128
+// 16-bit or 64 fp32 channels.
+constexpr int wide_bwd_block(bool tf32) { return bwd_chunk_of(kMmaMaxChannels, tf32, true); }
+template <class E>
+constexpr int kWideBwd = wide_bwd_block(kIsTf32<E>);
+// Channel chunks for C channels: slot_bwd_mma's (slot_bwd_wide_mma's when wide) blocks per slot tile.
+inline int bwd_channel_chunks(int C, bool tf32, bool one_set, bool wide) {
+  if (wide) {
+    const int cw = bwd_chunk_of(wide_bwd_block(tf32), tf32, one_set);
+    return (C + cw - 1) / cw;
+  }
   const int cp = padded_channels(C);
   return cp / bwd_chunk_of(cp, tf32, one_set);
 }
@@ -737,6 +740,11 @@ inline int bwd_channel_chunks(int C, bool tf32, bool one_set) {
 template <class E>
 inline size_t bwd_mma_smem(int CP, bool dispatch) {
   return static_cast<size_t>((dispatch ? 5 : 4) * 64) * (CP + Store<E>::kPad) * sizeof(Elem<E>) + 4 * 64 * 4;
+}
+// The wide backwards': the same at kWideBwd channels, 69 KB (the dispatch 86 KB) at 16-bit and fp32.
+template <class E>
+inline size_t bwd_wide_mma_smem(bool dispatch) {
+  return bwd_mma_smem<E>(kWideBwd<E>, dispatch);
 }
 
 // A (B, rows, C) tensor with its strides, as the backward kernels take their operands.
@@ -769,9 +777,164 @@ __device__ __forceinline__ BwdSmem<E> carve_bwd(float* smem) {
   return s;
 }
 
+// Batch b of a (B, rows, C) operand from channel c0.
+template <class T>
+__device__ __forceinline__ const T* at_channel(const Rows<T>& t, int64_t b, int c0) {
+  return t.p + b * t.sb + c0 * t.sc;
+}
+
+// st0[i], st1[i] = stat0[base + i], stat1[base + i] for the n columns of a tile (zeros up to 64):
+// the statistics per column (pixel side: the clustering's lse, delta per slot; slot side: the
+// dispatch's lse, delta' per pixel). No barrier.
+__device__ __forceinline__ void load_stats(float* st0, float* st1, const float* stat0, const float* stat1, int64_t base,
+                                           int n) {
+  for (int i = threadIdx.x; i < 64; i += blockDim.x) {
+    st0[i] = i < n ? stat0[base + i] : 0.f;
+    st1[i] = i < n ? stat1[base + i] : 0.f;
+  }
+}
+
+// v[h] = stat[base + row] for a warp's two rows r0 + g, r0 + g + 8 below n, else 0.
+__device__ __forceinline__ void row_stats(const float* stat, int64_t base, int r0, int n, float (&v)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + (lane_id() >> 2) + 8 * h;
+    v[h] = r < n ? stat[base + r] : 0.f;
+  }
+}
+
+// The clustering's lse and delta of a warp's slots (rows r0 .. of a slot tile of ns from base);
+// zeros for the dispatch, whose statistics are per pixel.
+template <bool kDispatch>
+__device__ __forceinline__ void slot_row_stats(const float* stat0, const float* stat1, int64_t base, int r0, int ns,
+                                               float (&lse)[2], float (&dl)[2]) {
+  lse[0] = lse[1] = dl[0] = dl[1] = 0.f;
+  if (!kDispatch) {
+    row_stats(stat0, base, r0, ns, lse);
+    row_stats(stat1, base, r0, ns, dl);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero_all(FragC (&f)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) zero(f[j]);
+}
+
+// out[r] = v[h] for a warp's two rows r0 + g, r0 + g + 8 below n (the dispatch's delta' per pixel).
+__device__ __forceinline__ void store_row_stats(const float (&v)[2], float* out, int r0, int n) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + (lane >> 2) + 8 * h;
+    if ((lane & 3) == 0 && r < n) out[r] = v[h];
+  }
+}
+
+// <K, dK> of a warp's rows from the logits' parts z (pixel_probs), 0 where not live.
+template <bool kDispatch>
+__device__ __forceinline__ void dot_of(const float (&z)[4], const float (&dl)[2], const float (&live)[2],
+                                       float (&dot)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    dot[h] = (kDispatch ? row_sum(z[h]) - dl[h] * row_sum(z[2 + h]) : row_sum(z[h])) * live[h];
+}
+
+// A slot-side block's place in its grid (slot tiles x ncc channel chunks of CW, chunks of L, B):
+// slot tile st (slots s0 .., ns of them), channels c0 .., pixels l_begin .. l_end of batch b.
+struct SlotBlock {
+  int st, c0, chunk, s0, ns;
+  int64_t b, l_begin, l_end;
+};
+__device__ __forceinline__ SlotBlock slot_block(int ncc, int CW, int S, int L, int64_t chunk_len) {
+  SlotBlock k;
+  k.st = static_cast<int>(blockIdx.x) / ncc;
+  k.c0 = static_cast<int>(blockIdx.x) % ncc * CW;
+  k.chunk = blockIdx.y;
+  k.b = blockIdx.z;
+  k.s0 = k.st * kMmaRows;
+  k.ns = min(kMmaRows, S - k.s0);
+  k.l_begin = k.chunk * chunk_len;
+  k.l_end = min(static_cast<int64_t>(L), k.l_begin + chunk_len);
+  return k;
+}
+
+// The pixel side's probabilities from the logits of a warp's 16 pixels x the 64 slots of tile st
+// (a = x qs^T, e = x G^T or grad slots^T, unscaled): a = P (clustering) or D (dispatch), e = dA
+// (clustering) or dD (dispatch); zero at slots >= S. st0 / st1: the clustering's lse and delta per
+// slot of the tile. Adds to z the parts of <K, dK> per row, when kChunked: z[h] the sum of dA z
+// (clustering) or D dD z (dispatch), z[2 + h] the dispatch's sum of D z (its dA = D (dD - delta'),
+// with delta' not yet known).
+template <bool kDispatch, bool kChunked>
+__device__ __forceinline__ void pixel_probs(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], int st, int S, const float (&rn)[2],
+                                            const float (&lse)[2], const float* st0, const float* st1, float (&z)[4]) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int s = 8 * j + c_rc(lane, i).col, h = i >> 1;
+      const bool ok = st * kMmaCols + s < S;
+      const float zl = ok ? a[j].r[i] * rn[h] : 0.f;
+      const float p = ok ? expf(zl - (kDispatch ? lse[h] : st0[s])) : 0.f;
+      a[j].r[i] = p;
+      e[j].r[i] = ok ? (kDispatch ? e[j].r[i] : p * (e[j].r[i] - st1[s])) : 0.f;
+      if (kChunked) z[h] = fmaf(kDispatch ? p * e[j].r[i] : e[j].r[i], zl, z[h]);
+      if (kChunked && kDispatch) z[2 + h] = fmaf(p, zl, z[2 + h]);
+    }
+}
+
+// The dispatch's delta' per row, in parts: num += sum_s D dD, den += sum_s D.
+__device__ __forceinline__ void delta_rows(const FragC (&a)[kMmaNB], const FragC (&e)[kMmaNB], float (&num)[2],
+                                           float (&den)[2]) {
+#pragma unroll
+  for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      num[i >> 1] = fmaf(a[j].r[i], e[j].r[i], num[i >> 1]);
+      den[i >> 1] += a[j].r[i];
+    }
+}
+// dl = delta' of a warp's rows from one slot tile's D, dD (S <= 64).
+__device__ __forceinline__ void delta_of(const FragC (&a)[kMmaNB], const FragC (&e)[kMmaNB], float (&dl)[2]) {
+  float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
+  delta_rows(a, e, num, den);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
+}
+// The dispatch's dA = D (dD - delta') into e.
+__device__ __forceinline__ void dispatch_da(const FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], const float (&dl)[2]) {
+#pragma unroll
+  for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) e[j].r[i] = a[j].r[i] * (e[j].r[i] - dl[i >> 1]);
+}
+
+// The slot side's probabilities from the logits of a warp's 16 slots x a tile of nl pixels
+// (a = qs x^T, e = G x^T or slots grad^T, unscaled): a = P or D, e = dA / ||x|| (the dqs operand
+// against x); zero at pixels >= nl. Per pixel from shared memory: rn, live and the dispatch's
+// lse, delta' (st0, st1); lse, dl: the clustering's per slot.
+template <class E, bool kDispatch>
+__device__ __forceinline__ void slot_probs(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], int nl, const BwdSmem<E>& sh,
+                                           const float (&lse)[2], const float (&dl)[2]) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int l = 8 * j + c_rc(lane, i).col, h = i >> 1;
+      const float rn = sh.rn[l];
+      // Not live in fp16: a zero row of x, no contribution to dqs (and dA / eps could overflow).
+      const bool dq_ok = l < nl && (sh.live[l] != 0.f || !std::is_same<E, F16>::value);
+      const float p = l < nl ? expf(a[j].r[i] * rn - (kDispatch ? sh.st0[l] : lse[h])) : 0.f;
+      a[j].r[i] = p;
+      e[j].r[i] = dq_ok ? p * (e[j].r[i] - (kDispatch ? sh.st1[l] : dl[h])) * rn : 0.f;
+    }
+}
+
 // dx of a warp's 16 pixels at channels c0 .. c0 + CW: value + (dK - K <K, dK>) / max(||x||, eps),
 // K = x / max(||x||, eps); dot = <K, dK>, 0 where not live (the projection only where live). Rows
-// r0 .. of the tile, written for rows < nl and channels < C.
+// r0 .. of the tile, written for rows < nl and channels < C; x_sh: the tile from channel c0.
 template <class E, int CW, bool kValue>
 __device__ __forceinline__ void dx_rows(const FragC (&dk)[CW / 8], const FragC (&value)[CW / 8], const Elem<E>* x_sh,
                                         int ld, int r0, int c0, const float (&rn)[2], const float (&dot)[2], int nl,
@@ -782,12 +945,12 @@ __device__ __forceinline__ void dx_rows(const FragC (&dk)[CW / 8], const FragC (
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const RC rc = c_rc(lane, i);
-      const int l = r0 + rc.row, c = c0 + 8 * j + rc.col, h = i >> 1;
-      if (l < nl && c < C) {
+      const int l = r0 + rc.row, c = 8 * j + rc.col, h = i >> 1;
+      if (l < nl && c0 + c < C) {
         const float k = value_of<E>(x_sh[l * ld + c]) * rn[h];
         float v = (dk[j].r[i] - k * dot[h]) * rn[h];
         if (kValue) v += value[j].r[i];
-        dxb[static_cast<int64_t>(l) * C + c] = elem_of<E>(v);
+        dxb[static_cast<int64_t>(l) * C + c0 + c] = elem_of<E>(v);
       }
     }
 }
@@ -807,6 +970,60 @@ __device__ __forceinline__ void dot_k(const FragC (&dk)[CP / 8], const Elem<E>* 
     }
 #pragma unroll
   for (int h = 0; h < 2; ++h) dot[h] = row_sum(d[h]) * rn[h] * live[h];
+}
+
+// The pixel side's products of a chunk of CW channels (from c0 of the tiles in sh) against one
+// slot tile: dv += P G (clustering), dk += dA qs (qs as hi + lo).
+template <class E, int CW, bool kDispatch>
+__device__ __forceinline__ void pixel_products(FragC (&dk)[CW / 8], FragC (&dv)[CW / 8], const FragC (&a)[kMmaNB],
+                                               const FragC (&e)[kMmaNB], const BwdSmem<E>& sh, int c0, int ld) {
+  if (!kDispatch) rows_product<E, CW, false, false>(dv, a, sh.y + c0, nullptr, ld);  // P^T G
+  rows_product<E, CW, true, true>(dk, e, sh.qh + c0, sh.ql + c0, ld);                // dA^T qs
+}
+
+// A pixel tile's channel chunks, for pixel_bwd_mma and pixel_bwd_wide_mma. Dispatch: delta'[l] =
+// sum_s D dD / sum_s D (dividing keeps sum_s dA = 0 although the recomputed D sums to 1 only up to
+// lse's rounding), in a first pass when S spans slot tiles. Then per chunk of CW of the CE
+// channels: the logits of every slot tile once (nst == 1: kept in a, e for all chunks) or per
+// chunk, the products, and dx; <K, dK> from the logits' first pass (kChunked) or by write_dx.
+//   probabilities(st, z)           a, e of slot tile st (pixel_probs), adding to z
+//   products(c0, st, dk, dv)       the chunk's products against slot tile st
+//   write_dx(c0, dk, dv, dot)      dx of the chunk
+template <bool kDispatch, int CW, bool kChunked, class Probabilities, class Products, class WriteDx>
+__device__ __forceinline__ void pixel_chunks(int nst, int CE, FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], float (&dl)[2],
+                                             const float (&live)[2], Probabilities&& probabilities, Products&& products,
+                                             WriteDx&& write_dx) {
+  float z[4] = {0.f, 0.f, 0.f, 0.f}, dot[2] = {0.f, 0.f};
+  if (kDispatch && nst > 1) {
+    float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
+    for (int st = 0; st < nst; ++st) {
+      probabilities(st, z);
+      delta_rows(a, e, num, den);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
+  }
+  // Only the first chunk's pass over the slot tiles counts in z; later passes add to it unread
+  // (cheaper than a branch).
+#pragma unroll
+  for (int i = 0; i < 4; ++i) z[i] = 0.f;
+  for (int c0 = 0; c0 < CE; c0 += CW) {
+    FragC dk[CW / 8], dv[CW / 8];
+    zero_all(dk);
+    zero_all(dv);
+    for (int st = 0; st < nst; ++st) {
+      if (nst > 1 || c0 == 0) {
+        probabilities(st, z);
+        if (kDispatch) {
+          if (nst == 1) delta_of(a, e, dl);
+          dispatch_da(a, e, dl);
+        }
+      }
+      products(c0, st, dk, dv);
+    }
+    if (kChunked && c0 == 0) dot_of<kDispatch>(z, dl, live, dot);
+    write_dx(c0, dk, dv, dot);
+  }
 }
 
 // grid (ceil(pixel tiles / tiles_per_block), B), kMmaThreads threads. Clustering (!kDispatch):
@@ -832,36 +1049,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     const int s0 = st * kMmaCols, ns = min(kMmaCols, S - s0);
     load_rows_split<E>(sh.qh, sh.ql, ld, CP, qs.p + b * qs.sb, qs.sr, qs.sc, s0, ns, C);
     load_rows(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, s0, ns, C);
-    if (!kDispatch)
-      for (int s = threadIdx.x; s < 64; s += blockDim.x) {
-        sh.st0[s] = s < ns ? stat0[b * S + s0 + s] : 0.f;
-        sh.st1[s] = s < ns ? stat1[b * S + s0 + s] : 0.f;
-      }
+    if (!kDispatch) load_stats(sh.st0, sh.st1, stat0, stat1, b * S + s0, ns);
   };
-  // The warp's 16 pixels x 64 slots of tile st: a = P (clustering) or D (dispatch), e = dA
-  // (clustering) or dD (dispatch); zero at slots >= S. Adds to z the parts of <K, dK> per row:
-  // z[h] the sum of dA z (clustering) or D dD z (dispatch), z[2 + h] the dispatch's sum of D z
-  // (its dA = D (dD - delta'), with delta' not yet known), when kChunked. Only the first pass over
-  // the slot tiles counts; later passes add to z unread (cheaper than a branch).
-  const auto probabilities = [&](int st, const float (&rn)[2], const float (&lse)[2], FragC(&a)[kMmaNB],
-                                 FragC(&e)[kMmaNB], float (&z)[4]) {
-    logits<E, CP, false, true, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
-    logits<E, CP, false, false, true>(e, (kDispatch ? sh.h : sh.x) + r0 * ld, nullptr, sh.y, nullptr, ld);
-#pragma unroll
-    for (int j = 0; j < kMmaNB; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int s = 8 * j + c_rc(lane, i).col, h = i >> 1;
-        const bool ok = st * kMmaCols + s < S;
-        const float zl = ok ? a[j].r[i] * rn[h] : 0.f;
-        const float p = ok ? expf(zl - (kDispatch ? lse[h] : sh.st0[s])) : 0.f;
-        a[j].r[i] = p;
-        e[j].r[i] = ok ? (kDispatch ? e[j].r[i] : p * (e[j].r[i] - sh.st1[s])) : 0.f;
-        if (kChunked) z[h] = fmaf(kDispatch ? p * e[j].r[i] : e[j].r[i], zl, z[h]);
-        if (kChunked && kDispatch) z[2 + h] = fmaf(p, zl, z[2 + h]);
-      }
-  };
-
   if (nst == 1) load_slots(0);  // read after the first tile's barriers
   const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
   for (int64_t t = t_begin; t < t_begin + tiles_per_block && t * 64 < L; ++t) {
@@ -881,84 +1070,28 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       live[h] = sh.live[l];
       if (kDispatch && l < nl) lse[h] = stat0[b * L + l0 + l];
     }
-
-    // Dispatch: delta'[l] = sum_s D dD / sum_s D (dividing keeps sum_s dA = 0 although the
-    // recomputed D sums to 1 only up to lse's rounding), in a first pass when S spans tiles.
-    float dl[2] = {0.f, 0.f};
-    const auto delta_rows = [&](const FragC(&a)[kMmaNB], const FragC(&e)[kMmaNB], float (&num)[2], float (&den)[2]) {
-#pragma unroll
-      for (int j = 0; j < kMmaNB; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          num[i >> 1] = fmaf(a[j].r[i], e[j].r[i], num[i >> 1]);
-          den[i >> 1] += a[j].r[i];
-        }
-    };
     FragC a[kMmaNB], e[kMmaNB];
-    float z[4] = {0.f, 0.f, 0.f, 0.f}, dot[2] = {0.f, 0.f};
-    if (kDispatch && nst > 1) {
-      float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
-      for (int st = 0; st < nst; ++st) {
+    float dl[2] = {0.f, 0.f};
+    // The warp's 16 pixels x 64 slots of tile st (pixel_probs), loaded when S spans tiles.
+    const auto probabilities = [&](int st, float (&z)[4]) {
+      if (nst > 1) {
         __syncthreads();
         load_slots(st);
         __syncthreads();
-        probabilities(st, rn, lse, a, e, z);
-        delta_rows(a, e, num, den);
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
-    }
-
-    // Channel chunks; the logits of every slot tile once (nst == 1: kept for all chunks), or per
-    // chunk. <K, dK> from dK (one chunk) or the first chunk's pass over the logits.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) z[i] = 0.f;
-    for (int c0 = 0; c0 < CP; c0 += CW) {
-      FragC dk[CW / 8], dv[CW / 8];
-#pragma unroll
-      for (int j = 0; j < CW / 8; ++j) {
-        zero(dk[j]);
-        zero(dv[j]);
-      }
-      for (int st = 0; st < nst; ++st) {
-        if (nst > 1) {
-          __syncthreads();
-          load_slots(st);
-          __syncthreads();
-        }
-        if (nst > 1 || c0 == 0) {
-          probabilities(st, rn, lse, a, e, z);
-          if (kDispatch) {
-            if (nst == 1) {
-              float num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
-              delta_rows(a, e, num, den);
-#pragma unroll
-              for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
-            }
-#pragma unroll
-            for (int j = 0; j < kMmaNB; ++j)
-#pragma unroll
-              for (int i = 0; i < 4; ++i) e[j].r[i] = a[j].r[i] * (e[j].r[i] - dl[i >> 1]);
-          }
-        }
-        if (!kDispatch) rows_product<E, CW, false, false>(dv, a, sh.y + c0, nullptr, ld);  // P^T G
-        rows_product<E, CW, true, true>(dk, e, sh.qh + c0, sh.ql + c0, ld);                // dA^T qs
-      }
-      if constexpr (!kChunked) {
-        dot_k<E, CW>(dk, sh.x, ld, r0, rn, live, dot);
-      } else if (c0 == 0) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          dot[h] = (kDispatch ? row_sum(z[h]) - dl[h] * row_sum(z[2 + h]) : row_sum(z[h])) * live[h];
-      }
-      dx_rows<E, CW, !kDispatch>(dk, dv, sh.x, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
-    }
-    if (kDispatch)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int l = r0 + (lane >> 2) + 8 * h;
-        if ((lane & 3) == 0 && l < nl) dl_out[b * L + l0 + l] = dl[h];
-      }
+      logits<E, CP, false, true, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
+      logits<E, CP, false, false, true>(e, (kDispatch ? sh.h : sh.x) + r0 * ld, nullptr, sh.y, nullptr, ld);
+      pixel_probs<kDispatch, kChunked>(a, e, st, S, rn, lse, sh.st0, sh.st1, z);
+    };
+    const auto products = [&](int c0, int, FragC(&dk)[CW / 8], FragC(&dv)[CW / 8]) {
+      pixel_products<E, CW, kDispatch>(dk, dv, a, e, sh, c0, ld);
+    };
+    const auto write_dx = [&](int c0, const FragC(&dk)[CW / 8], const FragC(&dv)[CW / 8], float (&dot)[2]) {
+      if constexpr (!kChunked) dot_k<E, CW>(dk, sh.x, ld, r0, rn, live, dot);
+      dx_rows<E, CW, !kDispatch>(dk, dv, sh.x + c0, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
+    };
+    pixel_chunks<kDispatch, CW, kChunked>(nst, CP, a, e, dl, live, probabilities, products, write_dx);
+    if (kDispatch) store_row_stats(dl, dl_out + b * L + l0, r0, nl);
   }
 #else
   __trap();  // never launched below sm_80
@@ -978,33 +1111,19 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP, !kDispatch>();
   GLMIX_DYNAMIC_SMEM(float, smem);
   const BwdSmem<E> sh = carve_bwd<E, CP, kDispatch>(smem);
-  const int st = static_cast<int>(blockIdx.x) / (CP / CW), c0 = static_cast<int>(blockIdx.x) % (CP / CW) * CW;
-  const int chunk = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  const int s0 = st * kMmaRows, ns = min(kMmaRows, S - s0);
-  const int64_t l_begin = chunk * chunk_len;
-  const int64_t l_end = min(static_cast<int64_t>(L), l_begin + chunk_len);
-  const int lane = lane_id(), r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
+  const SlotBlock blk = slot_block(CP / CW, CW, S, L, chunk_len);
+  const int c0 = blk.c0, chunk = blk.chunk, s0 = blk.s0, ns = blk.ns;
+  const int64_t b = blk.b, l_begin = blk.l_begin, l_end = blk.l_end;
+  const int r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
   const Rows<Elem<E>> y = kDispatch ? sl : g;
 
   load_rows_split<E>(sh.qh, sh.ql, ld, CP, qs.p + b * qs.sb, qs.sr, qs.sc, s0, ns, C);
   load_rows(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, s0, ns, C);
-  float lse[2] = {0.f, 0.f}, dl[2] = {0.f, 0.f};  // clustering: the rows' (slots') statistics
-  if (!kDispatch)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int s = r0 + (lane >> 2) + 8 * h;
-      if (s < ns) {
-        lse[h] = stat0[b * S + s0 + s];
-        dl[h] = stat1[b * S + s0 + s];
-      }
-    }
+  float lse[2], dl[2];
+  slot_row_stats<kDispatch>(stat0, stat1, b * S + s0, r0, ns, lse, dl);
   FragC dq[CW / 8], dv[CW / 8];
-#pragma unroll
-  for (int j = 0; j < CW / 8; ++j) {
-    zero(dq[j]);
-    zero(dv[j]);
-  }
+  zero_all(dq);
+  zero_all(dv);
 
   for (int64_t l0 = l_begin; l0 < l_end; l0 += kMmaCols) {
     const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), l_end - l0));
@@ -1012,10 +1131,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     load_rows(sh.x, ld, CP, x.p + b * x.sb, x.sr, x.sc, l0, nl, C);
     if (kDispatch) {
       load_rows(sh.h, ld, CP, g.p + b * g.sb, g.sr, g.sc, l0, nl, C);
-      for (int l = threadIdx.x; l < 64; l += blockDim.x) {
-        sh.st0[l] = l < nl ? stat0[b * L + l0 + l] : 0.f;
-        sh.st1[l] = l < nl ? stat1[b * L + l0 + l] : 0.f;
-      }
+      load_stats(sh.st0, sh.st1, stat0, stat1, b * L + l0, nl);
     }
     __syncthreads();
     tile_rnorms<E>(sh.x, ld, CP, sh.rn, sh.live);
@@ -1025,18 +1141,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     FragC a[kMmaNB], e[kMmaNB];
     logits<E, CP, true, false, true>(a, sh.qh + r0 * ld, sh.ql + r0 * ld, sh.x, nullptr, ld);
     logits<E, CP, false, false, true>(e, sh.y + r0 * ld, nullptr, kDispatch ? sh.h : sh.x, nullptr, ld);
-#pragma unroll
-    for (int j = 0; j < kMmaNB; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int l = 8 * j + c_rc(lane, i).col, h = i >> 1;
-        const float rn = sh.rn[l];
-        // Not live in fp16: a zero row of x, no contribution to dqs (and dA / eps could overflow).
-        const bool dq_ok = l < nl && (sh.live[l] != 0.f || !std::is_same<E, F16>::value);
-        const float p = l < nl ? expf(a[j].r[i] * rn - (kDispatch ? sh.st0[l] : lse[h])) : 0.f;
-        a[j].r[i] = p;
-        e[j].r[i] = dq_ok ? p * (e[j].r[i] - (kDispatch ? sh.st1[l] : dl[h])) * rn : 0.f;
-      }
+    slot_probs<E, kDispatch>(a, e, nl, sh, lse, dl);
     rows_product<E, CW, true, false>(dq, e, sh.x + c0, nullptr, ld);                  // dA K
     if (kDispatch) rows_product<E, CW, false, false>(dv, a, sh.h + c0, nullptr, ld);  // D grad
   }
@@ -1044,6 +1149,158 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const int64_t row0 = (b * nchunks + chunk) * S + s0 + r0;  // workspace row of the warp's slot 0
   store_rows<CW>(dq, ws_dq + c0, row0, ns - r0, C, C - c0);
   if (kDispatch) store_rows<CW>(dv, ws_dv + c0, row0, ns - r0, C, C - c0);
+#else
+  __trap();  // never launched below sm_80
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// The wide backwards: C above what pixel_bwd_mma and slot_bwd_mma hold in shared memory (16-bit
+// C > 256, fp32 C > 128, and narrower C where a device refuses their tiles), up to the backend's
+// 1024. As in the wide forwards, the logits accumulate over channel blocks of kWideBwd streamed
+// through shared memory (x, qs hi + lo, the other (S, C) operand and the dispatch's grad, a block
+// at a time, the squared norms of x beside them); then each chunk of bwd_chunk() output channels
+// loads its products' operands into the same buffers. Products, precision and <K, dK> (from the
+// logits: always chunked here) as above. One instantiation per operand type serves every C.
+
+// a, e = the unscaled logits of a warp's 16 rows over all C channels, in blocks: the pixel side
+// (kPixelRows: pixels l0 .. as rows, slots s0 .. as columns) a = x qs^T, e = x G^T (clustering) or
+// grad slots^T (dispatch); the slot side their transposes. The pixels' 1 / ||x|| and liveness into
+// sh.rn, sh.live, and the statistics per column (load_stats) into sh.st0, sh.st1, complete after
+// the caller's next barrier.
+template <class E, bool kDispatch, bool kPixelRows>
+__device__ inline void stream_bwd_logits(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], const BwdSmem<E>& sh, Rows<Elem<E>> g,
+                                         Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> y, const float* stat0,
+                                         const float* stat1, int64_t b, int s0, int ns, int64_t l0, int nl, int S,
+                                         int64_t L, int C) {
+  constexpr int W = kWideBwd<E>, ld = tile_ld<E, W>();
+  const int r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
+  const Elem<E>* h = kDispatch ? sh.h : sh.x;  // the pixel-side operand of e
+#pragma unroll
+  for (int j = 0; j < kMmaNB; ++j) {
+    zero(a[j]);
+    zero(e[j]);
+  }
+  for (int c0 = 0; c0 < C; c0 += W) {
+    const int nc = min(W, C - c0);
+    __syncthreads();  // the previous block's (and the caller's) readers are done
+    load_rows_split<E>(sh.qh, sh.ql, ld, W, at_channel(qs, b, c0), qs.sr, qs.sc, s0, ns, nc);
+    load_rows(sh.y, ld, W, at_channel(y, b, c0), y.sr, y.sc, s0, ns, nc);
+    load_rows(sh.x, ld, W, at_channel(x, b, c0), x.sr, x.sc, l0, nl, nc);
+    if (kDispatch) load_rows(sh.h, ld, W, at_channel(g, b, c0), g.sr, g.sc, l0, nl, nc);
+    if (c0 == 0 && kPixelRows != kDispatch)
+      load_stats(sh.st0, sh.st1, stat0, stat1, kPixelRows ? b * S + s0 : b * L + l0, kPixelRows ? ns : nl);
+    __syncthreads();
+    tile_sumsq<E>(sh.x, ld, W, sh.rn, c0 == 0, c0 + W >= C, sh.live);
+    if constexpr (kPixelRows) {
+      logits_add<E, W, false, true, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
+      logits_add<E, W, false, false, true>(e, h + r0 * ld, nullptr, sh.y, nullptr, ld);
+    } else {
+      logits_add<E, W, true, false, true>(a, sh.qh + r0 * ld, sh.ql + r0 * ld, sh.x, nullptr, ld);
+      logits_add<E, W, false, false, true>(e, sh.y + r0 * ld, nullptr, h, nullptr, ld);
+    }
+  }
+}
+
+// grid (ceil(pixel tiles / tiles_per_block), B), kMmaThreads threads; arguments and outputs as
+// pixel_bwd_mma's. The logits of every slot tile once when one slot tile holds all S (kept in
+// registers for every output chunk), else per chunk (and the dispatch's first pass for delta').
+template <class E, bool kDispatch>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    pixel_bwd_wide_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl,
+                       const float* __restrict__ stat0, const float* __restrict__ stat1, int64_t L, int S, int C,
+                       int tiles_per_block, Elem<E>* __restrict__ dx, float* __restrict__ dl_out) {
+#if GLMIX_MMA_ARCH_OK
+  constexpr int W = kWideBwd<E>, ld = tile_ld<E, W>(), CW = bwd_chunk<E, W, kDispatch>();
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  const BwdSmem<E> sh = carve_bwd<E, W, kDispatch>(smem);
+  const int64_t b = blockIdx.y;
+  const int lane = lane_id(), r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
+  const int nst = (S + kMmaCols - 1) / kMmaCols;
+  const Rows<Elem<E>> y = kDispatch ? sl : g;
+
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
+  for (int64_t t = t_begin; t < t_begin + tiles_per_block && t * 64 < L; ++t) {
+    const int64_t l0 = t * 64;
+    const int nl = static_cast<int>(min(static_cast<int64_t>(64), L - l0));
+    float rn[2] = {0.f, 0.f}, live[2] = {0.f, 0.f}, lse[2] = {0.f, 0.f};
+    if (kDispatch) row_stats(stat0, b * L + l0, r0, nl, lse);
+    FragC a[kMmaNB], e[kMmaNB];
+    float dl[2] = {0.f, 0.f};
+    // The warp's 16 pixels x 64 slots of tile st (pixel_probs), with the pixels' norms.
+    const auto probabilities = [&](int st, float (&z)[4]) {
+      const int s0 = st * kMmaCols;
+      stream_bwd_logits<E, kDispatch, true>(a, e, sh, g, x, qs, y, stat0, stat1, b, s0, min(kMmaCols, S - s0), l0, nl,
+                                            S, L, C);
+      __syncthreads();  // norms and statistics complete
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        rn[h] = sh.rn[r0 + (lane >> 2) + 8 * h];
+        live[h] = sh.live[r0 + (lane >> 2) + 8 * h];
+      }
+      pixel_probs<kDispatch, true>(a, e, st, S, rn, lse, sh.st0, sh.st1, z);
+    };
+    // The chunk's qs (hi, lo) and G of slot tile st, and x for dx_rows, into the blocks' buffers.
+    const auto products = [&](int c0, int st, FragC(&dk)[CW / 8], FragC(&dv)[CW / 8]) {
+      const int s0 = st * kMmaCols, ns = min(kMmaCols, S - s0), nc = min(CW, C - c0);
+      __syncthreads();  // the logits' (or the previous chunk's) readers are done
+      load_rows_split<E>(sh.qh, sh.ql, ld, CW, at_channel(qs, b, c0), qs.sr, qs.sc, s0, ns, nc);
+      if (!kDispatch) load_rows(sh.y, ld, CW, at_channel(y, b, c0), y.sr, y.sc, s0, ns, nc);
+      if (st == nst - 1) load_rows(sh.x, ld, CW, at_channel(x, b, c0), x.sr, x.sc, l0, nl, nc);
+      __syncthreads();
+      pixel_products<E, CW, kDispatch>(dk, dv, a, e, sh, 0, ld);
+    };
+    const auto write_dx = [&](int c0, const FragC(&dk)[CW / 8], const FragC(&dv)[CW / 8], float (&dot)[2]) {
+      dx_rows<E, CW, !kDispatch>(dk, dv, sh.x, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
+    };
+    pixel_chunks<kDispatch, CW, true>(nst, C, a, e, dl, live, probabilities, products, write_dx);
+    if (kDispatch) store_row_stats(dl, dl_out + b * L + l0, r0, nl);
+  }
+#else
+  __trap();  // never launched below sm_80
+#endif
+}
+
+// grid (slot tiles x ceil(C / bwd_chunk), chunks of L, B), kMmaThreads threads; blockIdx.x = slot
+// tile x chunks + channel chunk; arguments and outputs as slot_bwd_mma's. Per pixel tile: the
+// logits over all channel blocks, then the chunk's x (and grad) for the products.
+template <class E, bool kDispatch>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    slot_bwd_wide_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl,
+                      const float* __restrict__ stat0, const float* __restrict__ stat1, int L, int S, int C,
+                      int64_t chunk_len, int nchunks, float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
+#if GLMIX_MMA_ARCH_OK
+  constexpr int W = kWideBwd<E>, ld = tile_ld<E, W>(), CW = bwd_chunk<E, W, !kDispatch>();
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  const BwdSmem<E> sh = carve_bwd<E, W, kDispatch>(smem);
+  const SlotBlock blk = slot_block((C + CW - 1) / CW, CW, S, L, chunk_len);
+  const int c0 = blk.c0, chunk = blk.chunk, s0 = blk.s0, ns = blk.ns, nc = min(CW, C - c0);
+  const int64_t b = blk.b;
+  const int r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
+  const Rows<Elem<E>> y = kDispatch ? sl : g;
+
+  float lse[2], dl[2];
+  slot_row_stats<kDispatch>(stat0, stat1, b * S + s0, r0, ns, lse, dl);
+  FragC dq[CW / 8], dv[CW / 8];
+  zero_all(dq);
+  zero_all(dv);
+
+  for (int64_t l0 = blk.l_begin; l0 < blk.l_end; l0 += kMmaCols) {
+    const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), blk.l_end - l0));
+    FragC a[kMmaNB], e[kMmaNB];  // the warp's 16 slots x 64 pixels
+    stream_bwd_logits<E, kDispatch, false>(a, e, sh, g, x, qs, y, stat0, stat1, b, s0, ns, l0, nl, S, L, C);
+    __syncthreads();  // the blocks' readers are done; norms and statistics complete
+    load_rows(sh.x, ld, CW, at_channel(x, b, c0), x.sr, x.sc, l0, nl, nc);
+    if (kDispatch) load_rows(sh.h, ld, CW, at_channel(g, b, c0), g.sr, g.sc, l0, nl, nc);
+    __syncthreads();
+    slot_probs<E, kDispatch>(a, e, nl, sh, lse, dl);
+    rows_product<E, CW, true, false>(dq, e, sh.x, nullptr, ld);                  // dA K
+    if (kDispatch) rows_product<E, CW, false, false>(dv, a, sh.h, nullptr, ld);  // D grad
+  }
+
+  const int64_t row0 = (b * nchunks + chunk) * S + s0 + r0;  // workspace row of the warp's slot 0
+  store_rows<CW>(dq, ws_dq + c0, row0, ns - r0, C, nc);
+  if (kDispatch) store_rows<CW>(dv, ws_dv + c0, row0, ns - r0, C, nc);
 #else
   __trap();  // never launched below sm_80
 #endif

@@ -13,6 +13,7 @@
 //                          65536 f16 bit patterns as f32
 //   mma_harness {cluster,dispatch}_fwd_{bf16,f16}   the forward kernels of mma_kernels.cuh (see below;
 //                          C above 256: the wide forwards)
+//   mma_harness {cluster,dispatch}_bwd_wide_{bf16,f16}   the wide backward kernels (see below)
 // MMA_HARNESS_ORDER=0..4 sets the order fibers resume in (fiber::order).
 //   mma_harness ldsm       stdout: the row addresses of the GPU build's ldmatrix loads, per lane
 //                          (i32 row, col): A "n", A "t", B "n", B "t" (32 x 2 each)
@@ -359,6 +360,44 @@ void dispatch_fwd() {
   }
 }
 
+// stdin: B, L, C, S, chunk_len, x strides (3), x storage elements (int64 each), x storage (u16),
+// qs (B, S, C f32), then the clustering's G (B, S, C u16), lse and delta (B, S f32 each), or the
+// dispatch's grad (B, L, C u16), slots (B, S, C u16) and lse (B, L f32). The wide backward
+// (pixel_bwd_wide_mma, then slot_bwd_wide_mma over chunks of chunk_len pixels). stdout: dx (B, L,
+// C u16), the partial dqs (B, nchunks, S, C f32) and the dispatch's partial dslots (the same).
+template <class E, bool kDispatch>
+void bwd_wide() {
+  namespace k = glmix::GLMIX_CUDA_NS::tc;
+  const auto h = read<int64_t>(9);
+  const int64_t B = h[0], L = h[1], C = h[2], S = h[3], len = h[4];
+  const auto x = read<uint16_t>(h[8]);
+  const auto qs = read<float>(B * S * C);
+  const auto g = read<uint16_t>(B * (kDispatch ? L : S) * C);
+  const auto sl = read<uint16_t>(kDispatch ? B * S * C : 0);
+  const auto lse = read<float>(B * (kDispatch ? L : S));
+  const auto delta = read<float>(kDispatch ? 0 : B * S);
+  const int nch = static_cast<int>((L + len - 1) / len);
+  std::vector<uint16_t> dx(B * L * C);
+  std::vector<float> dl(B * L), dq(B * nch * S * C), dv(kDispatch ? B * nch * S * C : 0);
+  if (k::bwd_wide_mma_smem<E>(kDispatch) > sizeof(g_smem)) std::abort();
+  const k::Rows<uint16_t> xr{x.data(), h[5], h[6], h[7]}, gr{g.data(), (kDispatch ? L : S) * C, C, 1};
+  const k::Rows<uint16_t> slr{sl.data(), S * C, C, 1};
+  const k::Rows<float> qr{qs.data(), S * C, C, 1};
+  const float* stat1 = kDispatch ? dl.data() : delta.data();
+  run_grid({static_cast<unsigned>((L + 63) / 64), static_cast<unsigned>(B), 1}, k::kMmaThreads, [&] {
+    k::pixel_bwd_wide_mma<E, kDispatch>(gr, xr, qr, slr, lse.data(), stat1, L, static_cast<int>(S), static_cast<int>(C),
+                                        1, dx.data(), dl.data());
+  });
+  const int ncc = k::bwd_channel_chunks(static_cast<int>(C), false, !kDispatch, true);
+  const Dim3 grid{static_cast<unsigned>((S + k::kMmaRows - 1) / k::kMmaRows * ncc), static_cast<unsigned>(nch),
+                  static_cast<unsigned>(B)};
+  run_grid(grid, k::kMmaThreads, [&] {
+    k::slot_bwd_wide_mma<E, kDispatch>(gr, xr, qr, slr, lse.data(), stat1, static_cast<int>(L), static_cast<int>(S),
+                                       static_cast<int>(C), len, nch, dq.data(), dv.data());
+  });
+  write(dx), write(dq), write(dv);
+}
+
 void ldsm() {
   namespace m = glmix::GLMIX_CUDA_NS::mma;
   std::vector<int32_t> out;
@@ -395,8 +434,16 @@ int main(int argc, char** argv) {
     dispatch_fwd<glmix::GLMIX_CUDA_NS::mma::Bf16>();
   else if (kind == "dispatch_fwd_f16")
     dispatch_fwd<glmix::GLMIX_CUDA_NS::mma::F16>();
+  else if (kind == "cluster_bwd_wide_bf16")
+    bwd_wide<glmix::GLMIX_CUDA_NS::mma::Bf16, false>();
+  else if (kind == "cluster_bwd_wide_f16")
+    bwd_wide<glmix::GLMIX_CUDA_NS::mma::F16, false>();
+  else if (kind == "dispatch_bwd_wide_bf16")
+    bwd_wide<glmix::GLMIX_CUDA_NS::mma::Bf16, true>();
+  else if (kind == "dispatch_bwd_wide_f16")
+    bwd_wide<glmix::GLMIX_CUDA_NS::mma::F16, true>();
   else {
-    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm|{cluster,dispatch}_fwd_{bf16,f16}\n");
+    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm|{cluster,dispatch}_{fwd,bwd_wide}_{bf16,f16}\n");
     return 2;
   }
   return 0;

@@ -114,11 +114,15 @@ TORCH_LIBRARY_FRAGMENT(glmix_emulated, m) {
           const auto ch = glmix::plan::plan_mma_chunks(L, static_cast<int>(tile), blocks_per_chunk, dev);
           return std::vector<int64_t>{ch.len, ch.n};
         });
-  // Whether the backward runs on tensor cores at C channels on a device offering smem_optin bytes
-  // per block (use_mma_bwd's shared-memory test): the emulated device is an H100.
-  m.def("mma_bwd_fits(int C, bool fp32, bool dispatch, int smem_optin) -> bool",
+  // The backward's kernels at C channels on a device offering smem_optin bytes per block
+  // (mma_bwd_kernels, which use_mma_bwd asks): "narrow", "wide" or "cuda_cores". The emulated
+  // device is an H100.
+  m.def("mma_bwd_kernels(int C, bool fp32, bool dispatch, int smem_optin) -> str",
         [](int64_t C, bool fp32, bool dispatch, int64_t smem_optin) {
-          return glmix::GLMIX_CUDA_NS::mma_bwd_fits(C, fp32, dispatch, static_cast<size_t>(smem_optin));
+          using glmix::GLMIX_CUDA_NS::BwdKernels;
+          const BwdKernels k =
+              glmix::GLMIX_CUDA_NS::mma_bwd_kernels(C, fp32, dispatch, static_cast<size_t>(smem_optin));
+          return std::string(k == BwdKernels::kNarrow ? "narrow" : k == BwdKernels::kWide ? "wide" : "cuda_cores");
         });
   // The same for the forward (use_mma_fwd's shared-memory test).
   m.def("mma_fwd_fits(int C, bool fp32, bool dispatch, int smem_optin) -> bool",
