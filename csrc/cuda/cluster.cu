@@ -81,6 +81,16 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_fwd)(const Tensor& x, const Ten
   return {slots, lse};
 }
 
+// (B, C) fp32: the mean key K = x / max(||x||, eps) of 32 pixels spread evenly over L, the pixels
+// the Triton backend samples. It is about the direction the keys share, if they share one (an
+// offset on x); the backward's dqs is centred on it (math.md#centred-dqs). Any m keeps dqs exact.
+static Tensor key_mean(const Tensor& x) {
+  constexpr int64_t kSample = 32;
+  const auto rows = at::arange(kSample, x.options().dtype(at::kLong)).mul_(x.size(1)).div_(kSample, "floor");
+  const auto k = x.index_select(1, rows).to(at::kFloat);
+  return k.div(k.norm(2, {2}, true).clamp_min(kNormEps)).mean(1).contiguous();
+}
+
 std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const Tensor& x, const Tensor& qs,
                                                       const Tensor& slots, const Tensor& lse) {
   using namespace cluster;
@@ -114,6 +124,7 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
   auto f32 = x.options().dtype(at::kFloat);
   auto delta = empty_workspace({B, S}, f32);
   auto ws_dq = empty_workspace({B, ch.n, S, C}, f32);
+  const auto kmean = key_mean(x);
   const size_t smem = mma ? 0 : bwd_smem(t.TL, t.TS, t.ld).bytes();
   const Stream stream = current_stream();
 
@@ -126,7 +137,7 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
     launch(cluster_bwd_chunk<scalar_t>, dim3(ch.n, B), dim3(kThreads), smem, stream, grad.data_ptr<scalar_t>(),
            view_of(grad), x.data_ptr<scalar_t>(), view_of(x), qs.data_ptr<float>(), view_of(qs),
            lse_c.data_ptr<float>(), delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S),
-           static_cast<int>(C), t.TL, t.TS, t.ld, t.nst, ch.len, ch.n, dx.data_ptr<scalar_t>(),
+           static_cast<int>(C), t.TL, t.TS, t.ld, t.nst, ch.len, ch.n, kmean.data_ptr<float>(), dx.data_ptr<scalar_t>(),
            ws_dq.data_ptr<float>());
   });
   if (mma) {
@@ -141,7 +152,7 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
       launch(slot_bwd, dim3(t.nst * mma_ncc, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads), mma_smem, stream,
              rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(grad), lse_c.data_ptr<float>(),
              delta.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n,
-             ws_dq.data_ptr<float>(), nullptr);
+             kmean.data_ptr<float>(), ws_dq.data_ptr<float>(), nullptr);
     };
     if (wide) {
       with_mma_type(x.scalar_type(), [&](auto e) {

@@ -15,7 +15,7 @@
 //                        loops over slot tiles, recomputes P = exp(A - lse) and
 //                        dA = P * (G x^T - delta), accumulates dx (value path P^T G and K path
 //                        dA^T qs through the normalisation) in registers, and the chunk's partial
-//                        dqs = dA @ K.
+//                        dqs = dA @ (K - m), m the keys' mean (key_mean).
 //   sum_chunks           sums the chunks' dqs partials in a fixed order (bitwise deterministic).
 #pragma once
 
@@ -197,8 +197,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     cluster_bwd_chunk(const T* __restrict__ g, View gv, const T* __restrict__ x, View xv, const float* __restrict__ qs,
                       View qv, const float* __restrict__ lse, const float* __restrict__ delta, int L, int S, int C,
-                      int TL, int TS, int ld, int nst, int64_t chunk_len, int nchunks, T* __restrict__ dx,
-                      float* __restrict__ ws_dq) {
+                      int TL, int TS, int ld, int nst, int64_t chunk_len, int nchunks, const float* __restrict__ kmean,
+                      T* __restrict__ dx, float* __restrict__ ws_dq) {
   GLMIX_DYNAMIC_SMEM(float, smem);
   SmemCarve carve{smem};
   float* x_sh = carve.take(TL * ld);
@@ -269,12 +269,15 @@ __global__ void __launch_bounds__(kThreads)
         dxv[i] = v;
         dk[i] = k;
       });
-      // Per slot: dqs[s][c] += sum_l dA[s][l] K[l][c].
+      // Per slot: dqs[s][c] += sum_l dA[s][l] (K[l][c] - m[c]), centred on the keys' mean m: equal
+      // in exact arithmetic (sum_l dA = 0 over L), but the rounding of delta then reaches dqs times
+      // K - m, not times the direction the keys share (math.md#centred-dqs).
       const int nq = ns * C;
       for_each_acc<kBwdAcc>(nq, C, [&](int i, int, int s, int c) {
         const float* arow = da_sh + s * TL;
+        const float m = kmean[b * C + c];
         float a = dq[i];
-        for (int l = 0; l < nl; ++l) a = fmaf(arow[l] * rn_sh[l], x_sh[l * ld + c], a);
+        for (int l = 0; l < nl; ++l) a = fmaf(arow[l], x_sh[l * ld + c] * rn_sh[l] - m, a);
         dq[i] = a;
       });
       if (nst > 1) flush_acc(nq, first_tile, ws_b + static_cast<int64_t>(s0) * C, dq);

@@ -85,7 +85,7 @@ static void mma_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const
     launch(slot_bwd, dim3(nst * ncc, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads), smem, stream,
            rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(slots), lse.data_ptr<float>(),
            dl.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n,
-           ws_dq.data_ptr<float>(), ws_dv.data_ptr<float>());
+           nullptr, ws_dq.data_ptr<float>(), ws_dv.data_ptr<float>());
   };
   if (wide) {
     with_mma_type(x.scalar_type(), [&](auto e) {

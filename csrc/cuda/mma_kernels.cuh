@@ -913,10 +913,11 @@ __device__ __forceinline__ void dispatch_da(const FragC (&a)[kMmaNB], FragC (&e)
 // The slot side's probabilities from the logits of a warp's 16 slots x a tile of nl pixels
 // (a = qs x^T, e = G x^T or slots grad^T, unscaled): a = P or D, e = dA / ||x|| (the dqs operand
 // against x); zero at pixels >= nl. Per pixel from shared memory: rn, live and the dispatch's
-// lse, delta' (st0, st1); lse, dl: the clustering's per slot.
+// lse, delta' (st0, st1); lse, dl: the clustering's per slot. da_sum: the clustering's sum of dA
+// over the pixels, zero ones included (the lane's part of its two rows; see centre_dqs).
 template <class E, bool kDispatch>
 __device__ __forceinline__ void slot_probs(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], int nl, const BwdSmem<E>& sh,
-                                           const float (&lse)[2], const float (&dl)[2]) {
+                                           const float (&lse)[2], const float (&dl)[2], float (&da_sum)[2]) {
   const int lane = lane_id();
 #pragma unroll
   for (int j = 0; j < kMmaNB; ++j)
@@ -927,8 +928,28 @@ __device__ __forceinline__ void slot_probs(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB
       // Not live in fp16: a zero row of x, no contribution to dqs (and dA / eps could overflow).
       const bool dq_ok = l < nl && (sh.live[l] != 0.f || !std::is_same<E, F16>::value);
       const float p = l < nl ? expf(a[j].r[i] * rn - (kDispatch ? sh.st0[l] : lse[h])) : 0.f;
+      const float da = p * (e[j].r[i] - (kDispatch ? sh.st1[l] : dl[h]));
+      if (!kDispatch) da_sum[h] += da;
       a[j].r[i] = p;
-      e[j].r[i] = dq_ok ? p * (e[j].r[i] - (kDispatch ? sh.st1[l] : dl[h])) * rn : 0.f;
+      e[j].r[i] = dq_ok ? da * rn : 0.f;
+    }
+}
+
+// The clustering's dqs = sum_l dA (K_l - m) over all of L: the dA K of the products less
+// (sum_l dA) m, per chunk. Equal in exact arithmetic (sum_l dA = 0), but delta, from the
+// forward's rounded slots, leaves sum_l dA off zero, and that error then reaches dqs times
+// K - m instead of times the direction the keys share (math.md#centred-dqs). m: key_mean's
+// channels of the warp's chunk, nc of them; da_sum as slot_probs left it.
+template <int CW>
+__device__ __forceinline__ void centre_dqs(FragC (&dq)[CW / 8], const float (&da_sum)[2], const float* m, int nc) {
+  const int lane = lane_id();
+  const float sum[2] = {row_sum(da_sum[0]), row_sum(da_sum[1])};
+#pragma unroll
+  for (int j = 0; j < CW / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int c = 8 * j + c_rc(lane, i).col;
+      if (c < nc) dq[j].r[i] -= sum[i >> 1] * m[c];
     }
 }
 
@@ -1106,7 +1127,7 @@ template <class E, int CP, bool kDispatch>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     slot_bwd_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl, const float* __restrict__ stat0,
                  const float* __restrict__ stat1, int L, int S, int C, int64_t chunk_len, int nchunks,
-                 float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
+                 const float* __restrict__ kmean, float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
 #if GLMIX_MMA_ARCH_OK
   constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP, !kDispatch>();
   GLMIX_DYNAMIC_SMEM(float, smem);
@@ -1124,6 +1145,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   FragC dq[CW / 8], dv[CW / 8];
   zero_all(dq);
   zero_all(dv);
+  float da_sum[2] = {0.f, 0.f};
 
   for (int64_t l0 = l_begin; l0 < l_end; l0 += kMmaCols) {
     const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), l_end - l0));
@@ -1141,12 +1163,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     FragC a[kMmaNB], e[kMmaNB];
     logits<E, CP, true, false, true>(a, sh.qh + r0 * ld, sh.ql + r0 * ld, sh.x, nullptr, ld);
     logits<E, CP, false, false, true>(e, sh.y + r0 * ld, nullptr, kDispatch ? sh.h : sh.x, nullptr, ld);
-    slot_probs<E, kDispatch>(a, e, nl, sh, lse, dl);
+    slot_probs<E, kDispatch>(a, e, nl, sh, lse, dl, da_sum);
     rows_product<E, CW, true, false>(dq, e, sh.x + c0, nullptr, ld);                  // dA K
     if (kDispatch) rows_product<E, CW, false, false>(dv, a, sh.h + c0, nullptr, ld);  // D grad
   }
 
   const int64_t row0 = (b * nchunks + chunk) * S + s0 + r0;  // workspace row of the warp's slot 0
+  if (!kDispatch) centre_dqs<CW>(dq, da_sum, kmean + b * C + c0, C - c0);
   store_rows<CW>(dq, ws_dq + c0, row0, ns - r0, C, C - c0);
   if (kDispatch) store_rows<CW>(dv, ws_dv + c0, row0, ns - r0, C, C - c0);
 #else
@@ -1268,7 +1291,8 @@ template <class E, bool kDispatch>
 __global__ void __launch_bounds__(kMmaThreads, 1)
     slot_bwd_wide_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl,
                       const float* __restrict__ stat0, const float* __restrict__ stat1, int L, int S, int C,
-                      int64_t chunk_len, int nchunks, float* __restrict__ ws_dq, float* __restrict__ ws_dv) {
+                      int64_t chunk_len, int nchunks, const float* __restrict__ kmean, float* __restrict__ ws_dq,
+                      float* __restrict__ ws_dv) {
 #if GLMIX_MMA_ARCH_OK
   constexpr int W = kWideBwd<E>, ld = tile_ld<E, W>(), CW = bwd_chunk<E, W, !kDispatch>();
   GLMIX_DYNAMIC_SMEM(float, smem);
@@ -1284,6 +1308,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   FragC dq[CW / 8], dv[CW / 8];
   zero_all(dq);
   zero_all(dv);
+  float da_sum[2] = {0.f, 0.f};
 
   for (int64_t l0 = blk.l_begin; l0 < blk.l_end; l0 += kMmaCols) {
     const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), blk.l_end - l0));
@@ -1293,12 +1318,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     load_rows(sh.x, ld, CW, at_channel(x, b, c0), x.sr, x.sc, l0, nl, nc);
     if (kDispatch) load_rows(sh.h, ld, CW, at_channel(g, b, c0), g.sr, g.sc, l0, nl, nc);
     __syncthreads();
-    slot_probs<E, kDispatch>(a, e, nl, sh, lse, dl);
+    slot_probs<E, kDispatch>(a, e, nl, sh, lse, dl, da_sum);
     rows_product<E, CW, true, false>(dq, e, sh.x, nullptr, ld);                  // dA K
     if (kDispatch) rows_product<E, CW, false, false>(dv, a, sh.h, nullptr, ld);  // D grad
   }
 
   const int64_t row0 = (b * nchunks + chunk) * S + s0 + r0;  // workspace row of the warp's slot 0
+  if (!kDispatch) centre_dqs<CW>(dq, da_sum, kmean + b * C + c0, nc);
   store_rows<CW>(dq, ws_dq + c0, row0, ns - r0, C, nc);
   if (kDispatch) store_rows<CW>(dv, ws_dv + c0, row0, ns - r0, C, nc);
 #else

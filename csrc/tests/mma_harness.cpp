@@ -379,6 +379,7 @@ void bwd_wide() {
   const int nch = static_cast<int>((L + len - 1) / len);
   std::vector<uint16_t> dx(B * L * C);
   std::vector<float> dl(B * L), dq(B * nch * S * C), dv(kDispatch ? B * nch * S * C : 0);
+  const std::vector<float> kmean(B * C, 0.f);  // dqs uncentred: the ops' tests cover the centring
   if (k::bwd_wide_mma_smem<E>(kDispatch) > sizeof(g_smem)) std::abort();
   const k::Rows<uint16_t> xr{x.data(), h[5], h[6], h[7]}, gr{g.data(), (kDispatch ? L : S) * C, C, 1};
   const k::Rows<uint16_t> slr{sl.data(), S * C, C, 1};
@@ -393,7 +394,7 @@ void bwd_wide() {
                   static_cast<unsigned>(B)};
   run_grid(grid, k::kMmaThreads, [&] {
     k::slot_bwd_wide_mma<E, kDispatch>(gr, xr, qr, slr, lse.data(), stat1, static_cast<int>(L), static_cast<int>(S),
-                                       static_cast<int>(C), len, nch, dq.data(), dv.data());
+                                       static_cast<int>(C), len, nch, kmean.data(), dq.data(), dv.data());
   });
   write(dx), write(dq), write(dv);
 }
