@@ -783,6 +783,14 @@ __device__ __forceinline__ void load_pixel_tile(const BwdSmem<E>& sh, const Rows
   __syncthreads();
 }
 
+// The dispatch's dA = D (dD - delta') in e, from D in a and delta' per row (rows g, g + 8).
+__device__ __forceinline__ void dispatch_da(const FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], const float (&dl)[2]) {
+#pragma unroll
+  for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) e[j].r[i] = a[j].r[i] * (e[j].r[i] - dl[i >> 1]);
+}
+
 // dx of a warp's 16 pixels at channels c0 .. c0 + CW: value + (dK - K <K, dK>) / max(||x||, eps),
 // K = x / max(||x||, eps); dot = <K, dK>, 0 where not live (the projection only where live). Rows
 // r0 .. of the tile, written for rows < nl and channels < C.
@@ -944,10 +952,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 #pragma unroll
               for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
             }
-#pragma unroll
-            for (int j = 0; j < kMmaNB; ++j)
-#pragma unroll
-              for (int i = 0; i < 4; ++i) e[j].r[i] = a[j].r[i] * (e[j].r[i] - dl[i >> 1]);
+            dispatch_da(a, e, dl);
           }
         }
         if (!kDispatch) rows_product<E, CW, false, false>(dv, a, sh.y + c0, nullptr, ld);  // P^T G
@@ -1209,10 +1214,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     if (kDispatch) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
-#pragma unroll
-      for (int j = 0; j < kMmaNB; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) e[j].r[i] = a[j].r[i] * (e[j].r[i] - dl[i >> 1]);
+      dispatch_da(a, e, dl);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h)
