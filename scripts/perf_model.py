@@ -94,7 +94,7 @@ def built_kernels(L, C):
     # slot_bwd_mma's (slot_bwd_wide_mma's) channel chunks
     ncc = {"cluster_bwd": max(1, math.ceil(C / 128)), "dispatch_bwd": max(1, math.ceil(C / 64))}
     ws_b = {name: n_chunks(L, B * n) * B * S * C * 4 * 2 for name, n in ncc.items()}
-    return {
+    built = {
         # cluster_fwd_chunk_mma (logits 2, value 1; wide: logits 2 per channel block) + cluster_fwd_combine
         # when L is split
         "cluster_fwd": fwd
@@ -124,6 +124,13 @@ def built_kernels(L, C):
             launches=4,
         ),
     }
+    # fused_bwd_mma where S <= 64, C <= 64 and its B blocks take one chunk per batch element: one
+    # kernel per op, x read once, no workspace. Clustering: cluster_delta, then logits 2, G x^T 1,
+    # P^T G 1, dK 3, dqs 2; dispatch: logits 2, dD 1, dK 3, dqs 2, dslots 1.
+    if C <= 64 and S <= 64 and n_chunks(L, B) == 1:
+        built["cluster_bwd"] = dict(k["cluster_bwd"], products=9, launches=2)
+        built["dispatch_bwd"] = dict(k["dispatch_bwd"], products=9, launches=1)
+    return built
 
 
 def design_time(k, L, C, bw):
@@ -159,6 +166,7 @@ def print_built():
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for st, (L, C) in STAGES.items():
         built = built_kernels(L, C)
+        tot = {"mb": 0.0, "gf": 0.0, "floor": {g: 0.0 for g in GPUS}, "t": {g: 0.0 for g in GPUS}}
         for name, k in kernels(L, C).items():
             b = built[name]
             floor = {g: k["bytes"] / bw for g, bw in GPUS.items()}
@@ -174,6 +182,15 @@ def print_built():
                 f"| {st} | {name} | {where} | {mb:.1f} | {gf:.2f} | {us(floor['H100'])} | "
                 f"{us(t['H100'])} / {us(t['H200'])} | {frac} |"
             )
+            tot["mb"], tot["gf"] = tot["mb"] + mb, tot["gf"] + gf
+            for g in GPUS:
+                tot["floor"][g] += floor[g]
+                tot["t"][g] += t[g]
+        frac = " / ".join(f"{tot['floor'][g] / tot['t'][g]:.0%}" for g in GPUS)
+        print(
+            f"| {st} | **block fwd+bwd** | | {tot['mb']:.1f} | {tot['gf']:.2f} | {us(tot['floor']['H100'])} | "
+            f"{us(tot['t']['H100'])} / {us(tot['t']['H200'])} | {frac} |"
+        )
 
 
 def main():

@@ -284,6 +284,21 @@ def orders_for(C):
     return (3, 4) if C > 256 else (2, 3, 4)
 
 
+def pixels16(B, L, C, dt, layout, g):
+    """Random x (B, L, C) in a 16-bit type, contiguous or the NCHW view."""
+    if layout == "contiguous":
+        return torch.randn(B, L, C, generator=g).to(dt)
+    return torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
+
+
+def stored16(x, layout):
+    """x's storage as the runner takes it, and x's strides into it."""
+    if layout == "contiguous":
+        return x.contiguous(), x.stride()
+    B, L, C = x.shape
+    return x.transpose(1, 2).contiguous(), (C * L, 1, L)
+
+
 def cluster_partials_reference(x, qs, chunk_len):
     """Per chunk of pixels: running max m, sum l and acc = exp(A - m) x of each slot (float64)."""
     B, L, C = x.shape
@@ -318,14 +333,9 @@ def test_cluster_fwd_chunk_mma(harness, kind, B, L, C, S, chunk_len, layout):
     With one chunk, lse and the slots it writes instead."""
     dt = DT16[kind]
     g = torch.Generator().manual_seed(0)
-    x = (
-        torch.randn(B, L, C, generator=g).to(dt)
-        if layout == "contiguous"
-        else torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
-    )
+    x = pixels16(B, L, C, dt, layout, g)
     qs = 6.0 * torch.nn.functional.normalize(torch.randn(B, S, C, generator=g, dtype=torch.float64), dim=-1).float()
-    storage = x.contiguous() if layout == "contiguous" else x.transpose(1, 2).contiguous()
-    strides = x.stride() if layout == "contiguous" else (C * L, 1, L)
+    storage, strides = stored16(x, layout)
     head = np.array([B, L, C, S, chunk_len, *strides, storage.numel()], np.int64)
     nch = -(-L // chunk_len)
     out = harness(f"cluster_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy(), orders=orders_for(C))
@@ -359,15 +369,10 @@ def test_dispatch_fwd_mma(harness, kind, B, L, C, S, tiles_per_block, layout):
     to the 16-bit type) within the suite's tolerance, lse at fp32 accuracy."""
     dt = DT16[kind]
     g = torch.Generator().manual_seed(1)
-    x = (
-        torch.randn(B, L, C, generator=g).to(dt)
-        if layout == "contiguous"
-        else torch.randn(B, C, L, generator=g).to(dt).transpose(1, 2)
-    )
+    x = pixels16(B, L, C, dt, layout, g)
     qs = 6.0 * torch.nn.functional.normalize(torch.randn(B, S, C, generator=g, dtype=torch.float64), dim=-1).float()
     sl = torch.randn(B, S, C, generator=g).to(dt)
-    storage = x.contiguous() if layout == "contiguous" else x.transpose(1, 2).contiguous()
-    strides = x.stride() if layout == "contiguous" else (C * L, 1, L)
+    storage, strides = stored16(x, layout)
     head = np.array([B, L, C, S, tiles_per_block, *strides, storage.numel()], np.int64)
     out = harness(
         f"dispatch_fwd_{kind}", head, bits16(storage), qs.contiguous().numpy(), bits16(sl), orders=orders_for(C)
@@ -433,6 +438,44 @@ def test_bwd_wide_mma(harness, op, kind, B, L, C, S):
         assert normwise(torch.from_numpy(dv).view(B, nch, S, C).sum(1), dv_ref) < tol
 
 
+@pytest.mark.parametrize(
+    "kind,op,B,L,C,S,layout",
+    [
+        ("bf16", "cluster", 2, 150, 40, 20, "nchw"),  # tails in pixels, channels and slots; three tiles
+        ("f16", "cluster", 1, 70, 64, 64, "contiguous"),  # all 64 slots and channels
+        ("bf16", "dispatch", 2, 70, 24, 9, "contiguous"),
+        ("f16", "dispatch", 1, 150, 64, 64, "nchw"),
+    ],
+)
+def test_fused_bwd_mma(harness, kind, op, B, L, C, S, layout):
+    """The fused backward (fused_bwd_mma: dx and the slot-side sums in one kernel, dA exchanged
+    through shared memory) against float64 autograd within the suite's tolerances, bitwise equal
+    in a random thread order and with a warp far ahead of the others (either end)."""
+    dt = DT16[kind]
+    g = torch.Generator().manual_seed(2)
+    x = pixels16(B, L, C, dt, layout, g)
+    if kind == "bf16":  # zero pixels: the norm epsilon's branch (in fp16 their dx, dK / 1e-12, overflows)
+        x[:, ::13] = 0
+    qs = 6.0 * torch.nn.functional.normalize(torch.randn(B, S, C, generator=g, dtype=torch.float64), dim=-1).float()
+    grad = torch.randn(B, L if op == "dispatch" else S, C, generator=g).to(dt)
+    slots = torch.randn(B, S, C, generator=g).to(dt) if op == "dispatch" else None
+    lse, delta, ref = backward_reference(op, x, qs, qs if slots is None else slots, grad)
+    stats = [lse.float().contiguous().numpy()] + ([delta.float().contiguous().numpy()] if op == "cluster" else [])
+    storage, strides = stored16(x, layout)
+    head = np.array([B, L, C, S, *strides, storage.numel()], np.int64)
+    inputs = [head, bits16(storage), qs.contiguous().numpy(), bits16(grad)]
+    inputs += [bits16(slots)] if op == "dispatch" else []
+    out = harness(f"{op}_bwd_{kind}", *inputs, *stats, orders=(2, 3, 4))
+    parts = [(np.uint16, B * L * C), (np.float32, B * S * C)] + ([(np.uint16, B * S * C)] if op == "dispatch" else [])
+    got = split(out, *parts)
+    tol = {"bf16": 2.5e-2, "f16": 4e-3}[kind]  # the suite's tolerances for these dtypes
+    dx = torch.from_numpy(got[0].view(np.int16)).view(dt).view(B, L, C)
+    assert normwise(dx, ref[0]) < tol
+    assert normwise(torch.from_numpy(got[1]).view(B, S, C), ref[1]) < tol
+    if op == "dispatch":
+        assert normwise(torch.from_numpy(got[2].view(np.int16)).view(dt).view(B, S, C), ref[2]) < tol
+
+
 # ---------------------------------------------------------------- the tensor-core kernels, through the ops
 
 
@@ -495,6 +538,45 @@ def test_cluster_forward_with_one_chunk_and_with_several(dtype, B, L, C, S, chun
     check_against_reference(case, "cluster", "cuda_emulated")
 
 
+# (B, L, C, S, x layout): shapes whose backward takes fused_bwd_mma on the emulated device (one SM:
+# one chunk per batch element from four blocks, or one pixel tile): odd L over two tiles with
+# strided channels, odd C, all 64 slots and channels in one tile.
+FUSED_SHAPES = [(4, 67, 24, 9, "sliced"), (4, 45, 33, 64, "nchw"), (1, 40, 64, 64, "nchw")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["cluster", "dispatch"])
+@pytest.mark.parametrize("B,L,C,S,layout", FUSED_SHAPES)
+def test_fused_backward_through_the_ops(op, dtype, B, L, C, S, layout):
+    """The fused backward (fused_bwd_mma: S <= 64, C <= 64, one chunk per batch element) as the
+    cuda_emulated ops launch it: forward and every gradient against the float64 reference within
+    the suite's tolerances, with zero pixels except in fp16 (their dx, dK / 1e-12, overflows). The
+    selection op (fused_bwd_applies) shows the case takes it."""
+    require("cuda_emulated", "cpu")
+    assert torch.ops.glmix_emulated.fused_bwd(B, L, S, C, dtype == torch.float32, op == "dispatch")
+    case = Case(B, L, C, S, layout, dtype=dtype, seed=L + C)
+    if dtype != torch.float16:
+        case.view_x(case.x_base)[:, ::11] = 0
+    check_against_reference(case, op, "cuda_emulated")
+
+
+def test_fused_backward_where_it_applies():
+    """fused_bwd_applies: one slot tile, C <= 64, one chunk per batch element. glnet_4g stage 1 (B =
+    128, L = 3136, C = S = 64) on an H100's 132 SMs takes it; a batch that does not fill the SMs,
+    S > 64 or C > 64 keeps pixel_bwd_mma and slot_bwd_mma, and so do the emulated tests' small grids
+    that split L (test_mma_kernels_through_the_ops)."""
+    require("cuda_emulated", "cpu")
+    fused = torch.ops.glmix_emulated.fused_bwd
+    for fp32 in (False, True):
+        for dispatch in (False, True):
+            assert fused(128, 3136, 64, 64, fp32, dispatch, 132)
+            assert not fused(64, 3136, 64, 64, fp32, dispatch, 132)
+            assert not fused(128, 3136, 65, 64, fp32, dispatch, 132)
+            assert not fused(128, 196, 64, 65, fp32, dispatch, 132)
+            assert not fused(2, 67, 9, 24, fp32, dispatch)  # emulated: two chunks
+            assert not fused(1, 150, 70, 40, fp32, dispatch)
+
+
 def test_resource_report_requires_tensor_cores_of_every_mma_kernel():
     """scripts/cuda_resource_report.py fails a build whose *_mma kernels (forward and backward)
     have no HMMA instruction; the CUDA-core kernels are exempt."""
@@ -511,6 +593,7 @@ def test_resource_report_requires_tensor_cores_of_every_mma_kernel():
         "slot_bwd_wide_mma<Tf32,false>",
         "pixel_bwd_mma<F16,128,true>",
         "slot_bwd_mma<Bf16,16,false>",
+        "fused_bwd_mma<Tf32,64,true>",
         "mma_tile_test<F16>",
     ):
         assert report.needs_tensor_cores(kernel), kernel

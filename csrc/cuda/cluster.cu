@@ -121,9 +121,11 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
   const auto ch = mma ? plan::plan_mma_chunks(L, t.TL, B * t.nst * mma_ncc, device_props())
                       : plan::plan_chunks(L, t.TL, B, device_props());
   TORCH_CHECK(ch.n <= 65535, op, ": grid too large");
+  // One kernel for dx and dqs (fused_bwd_mma): no workspace, no sum_chunks.
+  const bool fused = mma && fused_bwd_applies(B, L, S, C, x.scalar_type() == at::kFloat, false, device_props());
   auto f32 = x.options().dtype(at::kFloat);
   auto delta = empty_workspace({B, S}, f32);
-  auto ws_dq = empty_workspace({B, ch.n, S, C}, f32);
+  auto ws_dq = fused ? Tensor() : empty_workspace({B, ch.n, S, C}, f32);
   const auto kmean = key_mean(x);
   const size_t smem = mma ? 0 : bwd_smem(t.TL, t.TS, t.ld).bytes();
   const Stream stream = current_stream();
@@ -140,6 +142,17 @@ std::tuple<Tensor, Tensor> GLMIX_CUDA_FN(cluster_bwd)(const Tensor& grad, const 
            static_cast<int>(C), t.TL, t.TS, t.ld, t.nst, ch.len, ch.n, kmean.data_ptr<float>(), dx.data_ptr<scalar_t>(),
            ws_dq.data_ptr<float>());
   });
+  if (fused) {
+    with_mma_types<tc::kMmaFusedMaxChannels, tc::kMmaFusedMaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
+      using E = decltype(e);
+      constexpr int CP = decltype(cp)::value;
+      launch(tc::fused_bwd_mma<E, CP, false>, dim3(static_cast<unsigned>(B)), dim3(tc::kMmaThreads),
+             tc::fused_bwd_mma_smem<E>(CP, false), stream, rows_of<E>(grad), rows_of<E>(x), rows_f32(qs),
+             rows_of<E>(grad), lse_c.data_ptr<float>(), delta.data_ptr<float>(), L, static_cast<int>(S),
+             static_cast<int>(C), kmean.data_ptr<float>(), elems<E>(dx), dqs.data_ptr<float>(), nullptr);
+    });
+    return {dx, dqs};
+  }
   if (mma) {
     const auto chp = plan::plan_dispatch_fwd_chunks(L, tc::kMmaCols, B, device_props());
     // The same arguments for the narrow and the wide kernels.

@@ -125,7 +125,21 @@ std::tuple<Tensor, Tensor, Tensor> GLMIX_CUDA_FN(dispatch_bwd)(const Tensor& gra
   }
 
   const auto lse_c = lse.contiguous();
-  if (const BwdKernels kernels = use_mma_bwd(x, true); kernels != BwdKernels::kCudaCores) {
+  const BwdKernels kernels = use_mma_bwd(x, true);
+  const bool tf32 = x.scalar_type() == at::kFloat;
+  if (kernels != BwdKernels::kCudaCores && fused_bwd_applies(B, L, S, C, tf32, true, device_props())) {
+    // One kernel for dx, dqs and dslots (fused_bwd_mma): no workspaces, no sum_chunks.
+    with_mma_types<tc::kMmaFusedMaxChannels, tc::kMmaFusedMaxChannels>(x.scalar_type(), C, [&](auto e, auto cp) {
+      using E = decltype(e);
+      constexpr int CP = decltype(cp)::value;
+      launch(tc::fused_bwd_mma<E, CP, true>, dim3(static_cast<unsigned>(B)), dim3(tc::kMmaThreads),
+             tc::fused_bwd_mma_smem<E>(CP, true), current_stream(), rows_of<E>(grad), rows_of<E>(x), rows_f32(qs),
+             rows_of<E>(slots), lse_c.data_ptr<float>(), nullptr, L, static_cast<int>(S), static_cast<int>(C),
+             nullptr, elems<E>(dx), dqs.data_ptr<float>(), elems<E>(dslots));
+    });
+    return {dx, dqs, dslots};
+  }
+  if (kernels != BwdKernels::kCudaCores) {
     mma_bwd(grad, x, qs, slots, lse_c, kernels == BwdKernels::kWide, dx, dqs, dslots);
     return {dx, dqs, dslots};
   }

@@ -77,6 +77,19 @@ inline BwdKernels use_mma_bwd(const at::Tensor& x, bool dispatch) {
   return mma_bwd_kernels(x.size(2), x.scalar_type() == at::kFloat, dispatch, device_props().smem_optin);
 }
 
+// Whether the backward takes fused_bwd_mma (one kernel per op, a block per batch element) where
+// use_mma_bwd holds: one slot tile (S <= 64), C <= 64, a plan of one chunk per batch element for
+// its B blocks (plan_mma_chunks: small grids split L and keep pixel_bwd_mma and slot_bwd_mma), and
+// its shared memory within the device's.
+inline bool fused_bwd_applies(int64_t B, int64_t L, int64_t S, int64_t C, bool tf32, bool dispatch,
+                              const plan::Device& dev) {
+  if (S > tc::kMmaCols || C > tc::kMmaFusedMaxChannels) return false;
+  const int cp = tc::padded_channels(static_cast<int>(C));
+  const size_t smem =
+      tf32 ? tc::fused_bwd_mma_smem<mma::Tf32>(cp, dispatch) : tc::fused_bwd_mma_smem<mma::F16>(cp, dispatch);
+  return smem <= dev.smem_optin && plan::plan_mma_chunks(L, tc::kMmaCols, B, dev).n == 1;
+}
+
 // f(e, std::integral_constant<int, CP>{}) for the padded channels cp, CP from 16 up to kMax (the
 // last one standing for all wider cp): only the instantiations a launch can pick are compiled.
 template <int CP, int kMax, class E, class F>

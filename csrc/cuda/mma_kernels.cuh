@@ -902,6 +902,20 @@ __device__ __forceinline__ void delta_of(const FragC (&a)[kMmaNB], const FragC (
 #pragma unroll
   for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
 }
+// A pixel tile of the backward between barriers (the previous tile's readers done first, the tile
+// complete after): x (and the dispatch's grad) into shared memory, 1 / ||x|| and liveness per pixel.
+template <class E, int CP, bool kDispatch>
+__device__ __forceinline__ void load_pixel_tile(const BwdSmem<E>& sh, const Rows<Elem<E>>& x, const Rows<Elem<E>>& g,
+                                                int64_t b, int64_t l0, int nl, int C) {
+  constexpr int ld = tile_ld<E, CP>();
+  __syncthreads();  // the previous tile's readers are done
+  load_rows(sh.x, ld, CP, x.p + b * x.sb, x.sr, x.sc, l0, nl, C);
+  if (kDispatch) load_rows(sh.h, ld, CP, g.p + b * g.sb, g.sr, g.sc, l0, nl, C);
+  __syncthreads();
+  tile_rnorms<E>(sh.x, ld, CP, sh.rn, sh.live);
+  __syncthreads();
+}
+
 // The dispatch's dA = D (dD - delta') into e.
 __device__ __forceinline__ void dispatch_da(const FragC (&a)[kMmaNB], FragC (&e)[kMmaNB], const float (&dl)[2]) {
 #pragma unroll
@@ -939,11 +953,11 @@ __device__ __forceinline__ void slot_probs(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB
 // (sum_l dA) m, per chunk. Equal in exact arithmetic (sum_l dA = 0), but delta, from the
 // forward's rounded slots, leaves sum_l dA off zero, and that error then reaches dqs times
 // K - m instead of times the direction the keys share (math.md#centred-dqs). m: key_mean's
-// channels of the warp's chunk, nc of them; da_sum as slot_probs left it.
+// channels of the warp's chunk, nc of them; sum: the sums of the warp's rows g, g + 8 (every
+// lane of a row the same).
 template <int CW>
-__device__ __forceinline__ void centre_dqs(FragC (&dq)[CW / 8], const float (&da_sum)[2], const float* m, int nc) {
+__device__ __forceinline__ void centre_dqs(FragC (&dq)[CW / 8], const float (&sum)[2], const float* m, int nc) {
   const int lane = lane_id();
-  const float sum[2] = {row_sum(da_sum[0]), row_sum(da_sum[1])};
 #pragma unroll
   for (int j = 0; j < CW / 8; ++j)
 #pragma unroll
@@ -1077,12 +1091,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   for (int64_t t = t_begin; t < t_begin + tiles_per_block && t * 64 < L; ++t) {
     const int64_t l0 = t * 64;
     const int nl = static_cast<int>(min(static_cast<int64_t>(64), L - l0));
-    __syncthreads();  // the previous tile's readers are done
-    load_rows(sh.x, ld, CP, x.p + b * x.sb, x.sr, x.sc, l0, nl, C);
-    if (kDispatch) load_rows(sh.h, ld, CP, g.p + b * g.sb, g.sr, g.sc, l0, nl, C);
-    __syncthreads();
-    tile_rnorms<E>(sh.x, ld, CP, sh.rn, sh.live);
-    __syncthreads();
+    load_pixel_tile<E, CP, kDispatch>(sh, x, g, b, l0, nl, C);
     float rn[2], live[2], lse[2] = {0.f, 0.f};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -1169,7 +1178,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   }
 
   const int64_t row0 = (b * nchunks + chunk) * S + s0 + r0;  // workspace row of the warp's slot 0
-  if (!kDispatch) centre_dqs<CW>(dq, da_sum, kmean + b * C + c0, C - c0);
+  if (!kDispatch) {
+    const float sum[2] = {row_sum(da_sum[0]), row_sum(da_sum[1])};
+    centre_dqs<CW>(dq, sum, kmean + b * C + c0, C - c0);
+  }
   store_rows<CW>(dq, ws_dq + c0, row0, ns - r0, C, C - c0);
   if (kDispatch) store_rows<CW>(dv, ws_dv + c0, row0, ns - r0, C, C - c0);
 #else
@@ -1324,9 +1336,253 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   }
 
   const int64_t row0 = (b * nchunks + chunk) * S + s0 + r0;  // workspace row of the warp's slot 0
-  if (!kDispatch) centre_dqs<CW>(dq, da_sum, kmean + b * C + c0, nc);
+  if (!kDispatch) {
+    const float sum[2] = {row_sum(da_sum[0]), row_sum(da_sum[1])};
+    centre_dqs<CW>(dq, sum, kmean + b * C + c0, nc);
+  }
   store_rows<CW>(dq, ws_dq + c0, row0, ns - r0, C, nc);
   if (kDispatch) store_rows<CW>(dv, ws_dv + c0, row0, ns - r0, C, nc);
+#else
+  __trap();  // never launched below sm_80
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused backward: one kernel per op holding the pixel side and the slot side, where one slot
+// tile holds all S (S <= kMmaCols), C <= kMmaFusedMaxChannels and the plan gives one chunk per
+// batch element (fused_bwd_applies). A block per batch element walks all of L in pixel tiles of
+// 64; per tile it computes the logits and dA once (warp w: pixels 16 w .., all slots, as
+// pixel_bwd_mma), writes dx for the tile, and adds the tile's part of the slot-side sums (dqs,
+// the dispatch's dslots) into accumulators that warp w holds for slots 16 w .. and all channels:
+// dA / ||x|| (hi + lo; fp32 whole) and D pass from the pixel side's registers to the slot side's
+// through shared memory. So the logits and G x^T (dD) are computed once, x is read once, and the
+// outputs are written directly: no workspace, no delta' round trip, no sum_chunks. 9 products per
+// tile against the two kernels' 12. Same precision as the two kernels.
+constexpr int kMmaFusedMaxChannels = 64;
+constexpr int kMmaExLd = kMmaCols + 8;  // exchange rows: ld % 16 == 8 for ldmatrix and the fp32 loads
+
+// Dynamic shared memory: bwd_mma_smem's tiles and rows, and the exchange: dA / ||x|| as hi and lo
+// tiles (fp32: one tile, whole) and the dispatch's D, 64 pixels x 64 slots each; the clustering's
+// sums of dA per warp and slot instead of D (centre_dqs).
+template <class E>
+inline size_t fused_bwd_mma_smem(int CP, bool dispatch) {
+  const int tiles = (kIsTf32<E> ? 1 : 2) + (dispatch ? 1 : 0);
+  const size_t da_sums = dispatch ? 0 : kMmaThreads / 32 * 64 * sizeof(float);
+  return bwd_mma_smem<E>(CP, dispatch) + static_cast<size_t>(tiles * 64) * kMmaExLd * sizeof(Elem<E>) + da_sums;
+}
+
+// part[s] = sum of e over the warp's 16 rows (those below nl) at column s, for the 64 columns.
+__device__ __forceinline__ void column_sums(const FragC (&e)[kMmaNB], const bool (&in)[2], float* part) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float v = (in[0] ? e[j].r[c] : 0.f) + (in[1] ? e[j].r[2 + c] : 0.f);
+      v += __shfl_xor_sync(0xffffffffu, v, 4);
+      v += __shfl_xor_sync(0xffffffffu, v, 8);
+      v += __shfl_xor_sync(0xffffffffu, v, 16);
+      if (lane < 4) part[8 * j + c_rc(lane, c).col] = v;
+    }
+}
+
+// tile[row * ld + col] = a warp's 16 x 64 values v (rows r0 ..) in the 16-bit type as hi (+ lo =
+// the rounding error of hi, when kSplit); fp32 whole into hi.
+template <class E, bool kSplit>
+__device__ __forceinline__ void store_tile(const FragC (&v)[kMmaNB], Elem<E>* hi, Elem<E>* lo, int ld, int r0) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const RC rc = c_rc(lane, i);
+      const int at = (r0 + rc.row) * ld + 8 * j + rc.col;
+      hi[at] = elem_of<E>(v[j].r[i]);
+      if (kSplit && !kIsTf32<E>) lo[at] = elem_of<E>(v[j].r[i] - value_of<E>(hi[at]));
+    }
+}
+
+// acc += W^T V over a tile's 64 pixels: W 64 pixels x 16 slots (the exchange, pixel-major, from
+// the warp's first slot; as hi + lo when kSplit), V 64 pixels x CP channels (channel-minor).
+template <class E, int CP, bool kSplit>
+__device__ __forceinline__ void pixels_product(FragC (&acc)[CP / 8], const Elem<E>* w_hi, const Elem<E>* w_lo,
+                                               const Elem<E>* v, int ld) {
+  if constexpr (kIsTf32<E>) {  // 3xTF32 on the fp32 exchange
+#pragma unroll 1
+    for (int k0 = 0; k0 < kMmaCols; k0 += 8) {
+      FragA3 wf;
+      load_a_t(wf, w_hi + k0 * kMmaExLd, kMmaExLd);
+#pragma unroll
+      for (int j = 0; j < CP / 8; ++j) {
+        FragB3 vf;
+        load_b_t(vf, v + k0 * ld + 8 * j, ld);
+        mma::mma(acc[j], wf, vf);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int k0 = 0; k0 < kMmaCols; k0 += 16) {
+      FragA<E> wh, wl;
+      load_a_t(wh, w_hi + k0 * kMmaExLd, kMmaExLd);
+      if (kSplit) load_a_t(wl, w_lo + k0 * kMmaExLd, kMmaExLd);
+#pragma unroll
+      for (int j = 0; j < CP / 8; ++j) {
+        FragB<E> vf;
+        load_b_t(vf, v + k0 * ld + 8 * j, ld);
+        if (kSplit) mma::mma(acc[j], wl, vf);
+        mma::mma(acc[j], wh, vf);
+      }
+    }
+  }
+}
+
+// grid (B), kMmaThreads threads; S <= 64, C <= kMmaFusedMaxChannels. Clustering (!kDispatch):
+// g = G (B, S, C), stat0 / stat1 = lse / delta (B, S), sl unused, dv unused. Dispatch: g = grad
+// (B, L, C), sl = slots, stat0 = lse (B, L), stat1 unused, dslots into dv. dx (B, L, C), dqs and
+// dslots (B, S, C) contiguous.
+template <class E, int CP, bool kDispatch>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    fused_bwd_mma(Rows<Elem<E>> g, Rows<Elem<E>> x, Rows<float> qs, Rows<Elem<E>> sl, const float* __restrict__ stat0,
+                  const float* __restrict__ stat1, int64_t L, int S, int C, const float* __restrict__ kmean,
+                  Elem<E>* __restrict__ dx, float* __restrict__ dqs, Elem<E>* __restrict__ dv) {
+#if GLMIX_MMA_ARCH_OK
+  // The pixel side's channel chunk: two accumulator sets' width for both ops (registers also hold
+  // the slot side's sums); <K, dK> from the logits when chunked, as in pixel_bwd_mma.
+  constexpr int ld = tile_ld<E, CP>(), CW = bwd_chunk<E, CP, false>();
+  constexpr bool kChunked = CW < CP;
+  GLMIX_DYNAMIC_SMEM(float, smem);
+  const BwdSmem<E> sh = carve_bwd<E, CP, kDispatch>(smem);
+  Elem<E>* ex_hi = reinterpret_cast<Elem<E>*>(sh.st1 + 64);     // dA / ||x||, pixel-major
+  Elem<E>* ex_lo = kIsTf32<E> ? ex_hi : ex_hi + 64 * kMmaExLd;  // (fp32: unused)
+  Elem<E>* ex_d = ex_lo + 64 * kMmaExLd;                        // the dispatch's D
+  float* da_part = reinterpret_cast<float*>(ex_d);              // the clustering's: 64 per warp
+  const int64_t b = blockIdx.x;
+  const int lane = lane_id(), r0 = 16 * (static_cast<int>(threadIdx.x) >> 5);
+  const Rows<Elem<E>> y = kDispatch ? sl : g;
+
+  load_rows_split<E>(sh.qh, sh.ql, ld, CP, qs.p + b * qs.sb, qs.sr, qs.sc, 0, S, C);
+  load_rows(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, 0, S, C);
+  if (!kDispatch) load_stats(sh.st0, sh.st1, stat0, stat1, b * S, S);
+  FragC dq[CP / 8], dsl[CP / 8];  // the slot side: slots r0 .. r0 + 15, all channels
+  float da_sum[2] = {0.f, 0.f};    // the clustering's sum of dA over L, slots r0 + g, r0 + g + 8
+#pragma unroll
+  for (int j = 0; j < CP / 8; ++j) {
+    zero(dq[j]);
+    zero(dsl[j]);
+  }
+
+  for (int64_t l0 = 0; l0 < L; l0 += kMmaCols) {
+    const int nl = static_cast<int>(min(static_cast<int64_t>(kMmaCols), L - l0));
+    load_pixel_tile<E, CP, kDispatch>(sh, x, g, b, l0, nl, C);  // (also after the exchange's readers)
+    float rn[2], live[2], lse[2] = {0.f, 0.f};
+    bool in[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int l = r0 + (lane >> 2) + 8 * h;
+      rn[h] = sh.rn[l];
+      live[h] = sh.live[l];
+      in[h] = l < nl;
+      if (kDispatch && in[h]) lse[h] = stat0[b * L + l0 + l];
+    }
+
+    // The warp's 16 pixels x 64 slots: a = P or D, e = dA; zero at slots >= S. z: the parts of
+    // <K, dK> (as pixel_bwd_mma's), num / den: the dispatch's delta'.
+    FragC a[kMmaNB], e[kMmaNB];
+    logits<E, CP, false, true, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
+    logits<E, CP, false, false, true>(e, (kDispatch ? sh.h : sh.x) + r0 * ld, nullptr, sh.y, nullptr, ld);
+    float z[4] = {0.f, 0.f, 0.f, 0.f}, num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kMmaNB; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int s = 8 * j + c_rc(lane, i).col, h = i >> 1;
+        const bool ok = s < S;
+        const float zl = ok ? a[j].r[i] * rn[h] : 0.f;
+        const float p = ok ? expf(zl - (kDispatch ? lse[h] : sh.st0[s])) : 0.f;
+        const float d = ok ? (kDispatch ? e[j].r[i] : p * (e[j].r[i] - sh.st1[s])) : 0.f;
+        a[j].r[i] = p;
+        e[j].r[i] = d;
+        z[h] = fmaf(kDispatch ? p * d : d, zl, z[h]);
+        if (kDispatch) {
+          z[2 + h] = fmaf(p, zl, z[2 + h]);
+          num[h] = fmaf(p, d, num[h]);
+          den[h] += p;
+        }
+      }
+    float dl[2] = {0.f, 0.f}, dot[2];
+    if (kDispatch) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
+      dispatch_da(a, e, dl);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      dot[h] = (kDispatch ? row_sum(z[h]) - dl[h] * row_sum(z[2 + h]) : row_sum(z[h])) * live[h];
+
+    if (!kDispatch) column_sums(e, in, da_part + 64 * (r0 / 16));
+
+    // The exchange: the slot side's operands, zero at pixels >= nl (and, in fp16, at zero pixels,
+    // whose dA / eps could overflow; they add nothing to dqs).
+    {
+      FragC w[kMmaNB];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool ok = in[h] && (live[h] != 0.f || !std::is_same<E, F16>::value);
+#pragma unroll
+        for (int j = 0; j < kMmaNB; ++j) {
+          w[j].r[2 * h] = ok ? e[j].r[2 * h] * rn[h] : 0.f;
+          w[j].r[2 * h + 1] = ok ? e[j].r[2 * h + 1] * rn[h] : 0.f;
+        }
+      }
+      store_tile<E, true>(w, ex_hi, ex_lo, kMmaExLd, r0);
+      if (kDispatch) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < kMmaNB; ++j) {
+            w[j].r[2 * h] = in[h] ? a[j].r[2 * h] : 0.f;
+            w[j].r[2 * h + 1] = in[h] ? a[j].r[2 * h + 1] : 0.f;
+          }
+        store_tile<E, false>(w, ex_d, nullptr, kMmaExLd, r0);
+      }
+    }
+
+    // The pixel side: dx in channel chunks (value P^T G for the clustering, the K path dA^T qs).
+    for (int c0 = 0; c0 < CP; c0 += CW) {
+      FragC dk[CW / 8], val[CW / 8];
+#pragma unroll
+      for (int j = 0; j < CW / 8; ++j) {
+        zero(dk[j]);
+        zero(val[j]);
+      }
+      if (!kDispatch) rows_product<E, CW, false, false>(val, a, sh.y + c0, nullptr, ld);  // P^T G
+      rows_product<E, CW, true, true>(dk, e, sh.qh + c0, sh.ql + c0, ld);                 // dA^T qs
+      if constexpr (!kChunked) dot_k<E, CW>(dk, sh.x, ld, r0, rn, live, dot);
+      dx_rows<E, CW, !kDispatch>(dk, val, sh.x + c0, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
+    }
+
+    __syncthreads();                                                                 // the exchange is complete
+    if (!kDispatch)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int w = 0; w < kMmaThreads / 32; ++w) da_sum[h] += da_part[64 * w + r0 + (lane >> 2) + 8 * h];
+    pixels_product<E, CP, true>(dq, ex_hi + r0, ex_lo + r0, sh.x, ld);               // dA K
+    if (kDispatch) pixels_product<E, CP, false>(dsl, ex_d + r0, nullptr, sh.h, ld);  // D grad
+  }
+
+  if (!kDispatch) centre_dqs<CP>(dq, da_sum, kmean + b * C, C);
+  store_rows<CP>(dq, dqs, b * S + r0, S - r0, C, C);
+  if (kDispatch) {
+#pragma unroll
+    for (int j = 0; j < CP / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const RC rc = c_rc(lane, i);
+        const int s = r0 + rc.row, c = 8 * j + rc.col;
+        if (s < S && c < C) dv[(b * S + s) * C + c] = elem_of<E>(dsl[j].r[i]);
+      }
+  }
 #else
   __trap();  // never launched below sm_80
 #endif

@@ -14,6 +14,7 @@
 //   mma_harness {cluster,dispatch}_fwd_{bf16,f16}   the forward kernels of mma_kernels.cuh (see below;
 //                          C above 256: the wide forwards)
 //   mma_harness {cluster,dispatch}_bwd_wide_{bf16,f16}   the wide backward kernels (see below)
+//   mma_harness {cluster,dispatch}_bwd_{bf16,f16}   the fused backward (fused_bwd_mma; see below)
 // MMA_HARNESS_ORDER=0..4 sets the order fibers resume in (fiber::order).
 //   mma_harness ldsm       stdout: the row addresses of the GPU build's ldmatrix loads, per lane
 //                          (i32 row, col): A "n", A "t", B "n", B "t" (32 x 2 each)
@@ -399,6 +400,48 @@ void bwd_wide() {
   write(dx), write(dq), write(dv);
 }
 
+// stdin: B, L, C, S, x strides (3), x storage elements (int64 each), x storage (u16), qs (B, S, C
+// f32), then the clustering's G (B, S, C u16), lse and delta (B, S f32), or the dispatch's grad
+// (B, L, C u16), slots (B, S, C u16), lse (B, L f32). stdout: dx (B, L, C u16), dqs (B, S, C f32),
+// the dispatch's dslots (B, S, C u16). fused_bwd_mma, a block per batch element (S, C <= 64).
+template <class E, bool kDispatch, int CP>
+void fused_bwd_cp(const std::vector<int64_t>& h, const std::vector<uint16_t>& x, const std::vector<float>& qs) {
+  namespace k = glmix::GLMIX_CUDA_NS::tc;
+  const int64_t B = h[0], L = h[1], C = h[2], S = h[3];
+  const auto g = read<uint16_t>(kDispatch ? B * L * C : B * S * C);
+  const auto sl = read<uint16_t>(kDispatch ? B * S * C : 0);
+  const auto st0 = read<float>(kDispatch ? B * L : B * S);
+  const auto st1 = read<float>(kDispatch ? 0 : B * S);
+  std::vector<uint16_t> dx(B * L * C), dv(B * S * C);
+  std::vector<float> dq(B * S * C);
+  const std::vector<float> kmean(B * C, 0.f);  // dqs uncentred: the ops' tests cover the centring
+  if (k::fused_bwd_mma_smem<E>(CP, kDispatch) > sizeof(g_smem)) std::abort();
+  const k::Rows<uint16_t> xr{x.data(), h[4], h[5], h[6]}, gr{g.data(), (kDispatch ? L : S) * C, C, 1},
+      sr{sl.data(), S * C, C, 1};
+  const k::Rows<float> qr{qs.data(), S * C, C, 1};
+  run_grid({static_cast<unsigned>(B), 1, 1}, k::kMmaThreads, [&] {
+    k::fused_bwd_mma<E, CP, kDispatch>(gr, xr, qr, sr, st0.data(), st1.data(), L, static_cast<int>(S),
+                                       static_cast<int>(C), kmean.data(), dx.data(), dq.data(), dv.data());
+  });
+  write(dx), write(dq);
+  if (kDispatch) write(dv);
+}
+
+template <class E, bool kDispatch>
+void fused_bwd() {
+  const auto h = read<int64_t>(8);
+  const auto x = read<uint16_t>(h[7]);
+  const auto qs = read<float>(h[0] * h[3] * h[2]);
+  switch (glmix::GLMIX_CUDA_NS::tc::padded_channels(static_cast<int>(h[2]))) {
+    case 16:
+      return fused_bwd_cp<E, kDispatch, 16>(h, x, qs);
+    case 32:
+      return fused_bwd_cp<E, kDispatch, 32>(h, x, qs);
+    default:
+      return fused_bwd_cp<E, kDispatch, 64>(h, x, qs);
+  }
+}
+
 void ldsm() {
   namespace m = glmix::GLMIX_CUDA_NS::mma;
   std::vector<int32_t> out;
@@ -443,8 +486,16 @@ int main(int argc, char** argv) {
     bwd_wide<glmix::GLMIX_CUDA_NS::mma::Bf16, true>();
   else if (kind == "dispatch_bwd_wide_f16")
     bwd_wide<glmix::GLMIX_CUDA_NS::mma::F16, true>();
+  else if (kind == "cluster_bwd_bf16")
+    fused_bwd<glmix::GLMIX_CUDA_NS::mma::Bf16, false>();
+  else if (kind == "cluster_bwd_f16")
+    fused_bwd<glmix::GLMIX_CUDA_NS::mma::F16, false>();
+  else if (kind == "dispatch_bwd_bf16")
+    fused_bwd<glmix::GLMIX_CUDA_NS::mma::Bf16, true>();
+  else if (kind == "dispatch_bwd_f16")
+    fused_bwd<glmix::GLMIX_CUDA_NS::mma::F16, true>();
   else {
-    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm|{cluster,dispatch}_{fwd,bwd_wide}_{bf16,f16}\n");
+    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm|{cluster,dispatch}_{fwd,bwd,bwd_wide}_{bf16,f16}\n");
     return 2;
   }
   return 0;

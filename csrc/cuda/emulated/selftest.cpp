@@ -124,6 +124,14 @@ TORCH_LIBRARY_FRAGMENT(glmix_emulated, m) {
               glmix::GLMIX_CUDA_NS::mma_bwd_kernels(C, fp32, dispatch, static_cast<size_t>(smem_optin));
           return std::string(k == BwdKernels::kNarrow ? "narrow" : k == BwdKernels::kWide ? "wide" : "cuda_cores");
         });
+  // Whether the backward takes the fused kernel (fused_bwd_applies) on the emulated device or on one
+  // of sm_count SMs, where it takes the tensor-core backward at all (fp16/bf16, or fp32).
+  m.def("fused_bwd(int B, int L, int S, int C, bool fp32, bool dispatch, int sm_count=0) -> bool",
+        [](int64_t B, int64_t L, int64_t S, int64_t C, bool fp32, bool dispatch, int64_t sm_count) {
+          auto dev = glmix::GLMIX_CUDA_NS::device_props();
+          if (sm_count > 0) dev.sm_count = sm_count;
+          return glmix::GLMIX_CUDA_NS::fused_bwd_applies(B, L, S, C, fp32, dispatch, dev);
+        });
   // The same for the forward (use_mma_fwd's shared-memory test).
   m.def("mma_fwd_fits(int C, bool fp32, bool dispatch, int smem_optin) -> bool",
         [](int64_t C, bool fp32, bool dispatch, int64_t smem_optin) {
