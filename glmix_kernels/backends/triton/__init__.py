@@ -373,7 +373,8 @@ def _query_grads(dq_ws, init_slots, scale, d_init, dscale, cluster):
     Bq, S, C = init_slots.shape
     n_rows = dq_ws.shape[0] * dq_ws.shape[1] // Bq  # a broadcast init_slots sums every batch's chunks
     block_c = _pow2(C)
-    block_s = max(1, min(_pow2(S, 1), 2048 // block_c))  # fp64 tiles: more would spill
+    # fp64 tiles: more would spill, as would dispatch's at this size with the queries' mean beside
+    block_s = max(1, min(_pow2(S, 1), (2048 if cluster else 1024) // block_c))
     n_programs = Bq * triton.cdiv(S, block_s)
     dscale_parts = dq_ws.new_empty((1, n_programs, 1), dtype=torch.float64)
     _launch(kernels.query_bwd)[(n_programs,)](
