@@ -92,9 +92,11 @@ Tensor scaled_queries_cpu(const Tensor& init_slots, double scale, at::ScalarType
   return channels_major ? qs.transpose(1, 2) : qs;
 }
 
-// dqs (B, S, C) contiguous -> d_init_slots (Bs, S, C) contiguous in init_slots' dtype; adds sum(dqs * q) to dscale.
+// dqs (B, S, C) contiguous -> d_init_slots (Bs, S, C) contiguous in init_slots' dtype; adds
+// sum(dqs * q) to dscale, or sum(dqs * (q - the queries' mean)) where dqs sums to zero over the slots.
 template <typename scalar_t>
-Tensor scaled_queries_backward_cpu(const Tensor& dqs, const Tensor& init_slots, double scale, double& dscale) {
+Tensor scaled_queries_backward_cpu(const Tensor& dqs, const Tensor& init_slots, double scale, Dqs dqs_sum,
+                                   double& dscale) {
   using acc_t = at::opmath_type<scalar_t>;
   const Tensor src = query_source(init_slots);
   const int64_t B = dqs.size(0), Bs = src.size(0), S = src.size(1), C = src.size(2);
@@ -102,13 +104,16 @@ Tensor scaled_queries_backward_cpu(const Tensor& dqs, const Tensor& init_slots, 
   Tensor d_init = at::empty({Bs, S, C}, init_slots.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t summed = Bs == B ? 1 : B;  // a (1, S, C) init_slots takes the batch sum
   std::vector<double> block_dscale((S + kSlotBlock - 1) / kSlotBlock);
+  const bool centred = dqs_sum == Dqs::ZeroOverSlots;
+  std::vector<double> q_mean(centred ? C : 0);
   for (int64_t b = 0; b < Bs; ++b) {
     const scalar_t* src_b = src.const_data_ptr<scalar_t>() + b * src.stride(0);
+    if (centred) cpu::query_mean(src_b, S, C, ss, sc, q_mean.data());
     for_slot_blocks(S, C, [&](int64_t k, int64_t s0, int64_t s1) {
       block_dscale[k] = 0;
       cpu::scaled_queries_backward(dqs.const_data_ptr<acc_t>() + (b * S + s0) * C, summed, S * C, src_b + s0 * ss,
-                                   s1 - s0, C, ss, sc, scale, d_init.data_ptr<scalar_t>() + (b * S + s0) * C,
-                                   &block_dscale[k]);
+                                   s1 - s0, C, ss, sc, scale, centred ? q_mean.data() : nullptr,
+                                   d_init.data_ptr<scalar_t>() + (b * S + s0) * C, &block_dscale[k]);
     });
     for (const double d : block_dscale) dscale += d;
   }
@@ -141,12 +146,14 @@ Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& s
   return q.mul_(scale.to(acc)).expand({x.size(0), -1, -1});
 }
 
-std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tensor& init_slots, const Tensor& scale) {
+std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tensor& init_slots, const Tensor& scale,
+                                                   Dqs dqs_sum) {
   if (dqs.device().is_cpu()) {
     Tensor d_init_slots;
     double dscale = 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, init_slots.scalar_type(), "glmix queries_backward", [&] {
-      d_init_slots = scaled_queries_backward_cpu<scalar_t>(dqs.contiguous(), init_slots, cpu_scalar(scale), dscale);
+      d_init_slots =
+          scaled_queries_backward_cpu<scalar_t>(dqs.contiguous(), init_slots, cpu_scalar(scale), dqs_sum, dscale);
     });
     return {d_init_slots, at::scalar_tensor(dscale, scale.options())};
   }
@@ -155,7 +162,8 @@ std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tens
   const Tensor q = s.div_(r.clamp_min_(kNormEps));  // (Bs, S, C)
   Tensor dqs64 = dqs.to(at::kDouble);
   if (init_slots.size(0) != dqs.size(0)) dqs64 = dqs64.sum(0, /*keepdim=*/true);  // the broadcast's backward
-  const Tensor dscale = (dqs64 * q).sum().to(scale.scalar_type());
+  const Tensor q_dscale = dqs_sum == Dqs::ZeroOverSlots ? q - q.mean(1, /*keepdim=*/true) : q;
+  const Tensor dscale = (dqs64 * q_dscale).sum().to(scale.scalar_type());
   // d init_slots = (dq - q <q, dq>) / r with dq = scale * dqs: the projection cancels, in fp64.
   const Tensor dq = dqs64.mul_(scale.to(at::kDouble));
   const Tensor proj = q * (q * dq).sum(-1, /*keepdim=*/true).mul_(mask);

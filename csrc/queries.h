@@ -19,9 +19,16 @@ using at::Tensor;
 // slots), the transpose of a contiguous (Bs, C, S) tensor. The normalisation runs in fp64.
 Tensor scaled_queries(const Tensor& x, const Tensor& init_slots, const Tensor& scale);
 
+// What is known of dqs's sum over the slots: dispatch's is zero (its dA sums to zero over S per
+// pixel), so its dscale = sum <dqs, q> is taken as sum <dqs, q - the queries' mean>, equal in exact
+// arithmetic, without the products' rounding along the direction the queries share
+// (docs/math.md#centred-dscale).
+enum class Dqs { Any, ZeroOverSlots };
+
 // The backward of scaled_queries: dqs (B, S, C) -> (d_init_slots like init_slots, summed over the
 // batch for a (1, S, C) init_slots; dscale 0-d in scale's dtype), in fp64 until the final cast.
-std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tensor& init_slots, const Tensor& scale);
+std::tuple<Tensor, Tensor> scaled_queries_backward(const Tensor& dqs, const Tensor& init_slots, const Tensor& scale,
+                                                   Dqs dqs_sum);
 
 // The op schemas, for a namespace's TORCH_LIBRARY block.
 void define_ops(torch::Library& m);
@@ -43,7 +50,7 @@ struct QueryOps {
                                                         const Tensor& scale, const Tensor& slots, const Tensor& lse) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [dx, dqs] = kClusterBwd(grad, x, scaled_queries(x, init_slots, scale), slots, lse);
-    auto [d_init_slots, dscale] = scaled_queries_backward(dqs, init_slots, scale);
+    auto [d_init_slots, dscale] = scaled_queries_backward(dqs, init_slots, scale, Dqs::Any);
     return {dx, d_init_slots, dscale};
   }
 
@@ -58,7 +65,7 @@ struct QueryOps {
                                                                  const Tensor& slots, const Tensor& lse) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [dx, dqs, dslots] = kDispatchBwd(grad, x, scaled_queries(x, init_slots, scale), slots, lse);
-    auto [d_init_slots, dscale] = scaled_queries_backward(dqs, init_slots, scale);
+    auto [d_init_slots, dscale] = scaled_queries_backward(dqs, init_slots, scale, Dqs::ZeroOverSlots);
     return {dx, d_init_slots, dscale, dslots};
   }
 

@@ -103,6 +103,10 @@ void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Te
   const Operand qT(qs.transpose(1, 2), qs.scalar_type(), Scratch::CallOperand3);
   const Operand GT(G_acc.transpose(1, 2), qs.scalar_type(), Scratch::CallOperand4);
   const Tensor dqs_partial = chunk_partials(dqs, ch.n, qs.scalar_type(), Scratch::CallPartial);
+  // dqs = dA K - (sum_l dA) m, exact as sum_l dA = 0 over L, but the sum the tiles compute is not:
+  // delta comes from the forward's rounded slots, and that error would reach dqs along the keys'
+  // shared direction (docs/math.md#centred-dqs). Each chunk subtracts its own sum times the same m.
+  const std::vector<acc_t> key_mean = sampled_key_means<acc_t>(xs, B, L);
   // Per chunk, tile by tile: dx (pixel_bwd) and the chunk's partial dqs (slot_bwd).
   const auto cluster_bwd_chunk = [&](int64_t b, int64_t j) {
     PixelTile<acc_t> tile(ch.tile, C, acc_opts);
@@ -112,6 +116,7 @@ void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Te
     acc_t* dqs_j = dqs_partial.data_ptr<acc_t>() + (b * ch.n + j) * S * C;
     const acc_t* lse_b = lse_c.const_data_ptr<acc_t>() + b * S;
     const acc_t* delta_b = delta.const_data_ptr<acc_t>() + b * S;
+    std::vector<acc_t> da_sum(S, acc_t(0));
     for (int64_t l0 = ch.begin(j); l0 < ch.end(j); l0 += ch.tile) {
       tile.load(xs, b, l0, std::min(ch.tile, ch.end(j) - l0));
       const int64_t n = tile.n();
@@ -121,9 +126,11 @@ void cluster_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const Te
       Tensor dxt = result_rows<acc_t, scalar_t>(dx, b, l0, n, dx_buf);
       acc_t* dxp = dxt.data_ptr<acc_t>();
       tile.key_backward(pd + S, 2 * S, S, q.at<acc_t>(b), dqs_j, l0 == ch.begin(j), dxp);
+      column_sums(pd + S, n, S, 2 * S, tile.rinv(), da_sum.data());
       gemm_nn(n, C, S, pd, 2 * S, G.at<acc_t>(b), C, dxp, C, true);  // the value path, P @ G
       flush_rows<acc_t, scalar_t>(dxt, dx, b, l0);
     }
+    subtract_outer(dqs_j, S, C, da_sum.data(), key_mean.data() + b * C);
   };
   parallel_chunks(B, ch, cluster_bwd_chunk);
   sum_chunks<acc_t, acc_t>(dqs_partial, dqs);

@@ -205,6 +205,26 @@ C10_ALWAYS_INLINE void scale_rows_impl(T* a, int64_t S, int64_t C, const T* w) {
   }
 }
 
+template <typename T>
+C10_ALWAYS_INLINE void column_sums_impl(const T* d, int64_t n, int64_t S, int64_t ld, const T* rinv, T* sum) {
+  for (int64_t l = 0; l < n; ++l) {
+    const T* row = d + l * ld;
+    const T r = T(1) / rinv[l];
+#pragma omp simd
+    for (int64_t s = 0; s < S; ++s) sum[s] += row[s] * r;
+  }
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void subtract_outer_impl(T* a, int64_t S, int64_t C, const T* u, const T* v) {
+  for (int64_t s = 0; s < S; ++s) {
+    T* row = a + s * C;
+    const T us = u[s];
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) row[c] -= us * v[c];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The scaled queries and their backward: S x C work per call, but at small L as long as a kernel's
 // tile loop when it ran as scalar fp64 code, so here with the vector clones too.
@@ -294,23 +314,45 @@ C10_ALWAYS_INLINE void scaled_queries_impl(const T* src, int64_t S, int64_t C, i
   }
 }
 
+// The rows of src (S, C) with row stride *ld (src itself, or for channels-major src a transposed
+// copy in the calling thread's buffer) and their norms, as the forward sums them.
+template <typename T>
+C10_ALWAYS_INLINE const T* query_rows(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double* norms,
+                                      int64_t* ld) {
+  *ld = ss;
+  if (sc == 1) {
+    for (int64_t s = 0; s < S; ++s) norms[s] = row_norm(src + s * ss, C);
+    return src;
+  }
+  column_norms(src, S, C, sc, norms);
+  T* buf = thread_buffer<T, 1>(S * C);
+  transpose_rows(src, sc, S, C, buf);
+  *ld = C;
+  return buf;
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void query_mean_impl(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double* q_mean) {
+  double* norms = thread_buffer<double>(S);
+  int64_t ld = 0;
+  const T* rows = query_rows(src, S, C, ss, sc, norms, &ld);
+  std::fill(q_mean, q_mean + C, 0.0);
+  for (int64_t s = 0; s < S; ++s) {
+    const T* row = rows + s * ld;
+    const double w = inverse_norm(norms[s]) / static_cast<double>(S);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) q_mean[c] += static_cast<double>(row[c]) * w;
+  }
+}
+
 template <typename T, typename A>
 C10_ALWAYS_INLINE void scaled_queries_backward_impl(const A* dqs, int64_t nb, int64_t batch_stride, const T* src,
                                                     int64_t S, int64_t C, int64_t ss, int64_t sc, double scale,
-                                                    T* d_init, double* dscale) {
+                                                    const double* q_mean, T* d_init, double* dscale) {
   double* norms = thread_buffer<double>(S + C);
   double* dq = norms + S;
-  const T* rows = src;
-  int64_t ld = ss;
-  if (sc == 1) {
-    for (int64_t s = 0; s < S; ++s) norms[s] = row_norm(src + s * ss, C);
-  } else {  // channels-major: the norms as the forward sums them, then the rows through a transpose
-    column_norms(src, S, C, sc, norms);
-    T* buf = thread_buffer<T, 1>(S * C);
-    transpose_rows(src, sc, S, C, buf);
-    rows = buf;
-    ld = C;
-  }
+  int64_t ld = 0;
+  const T* rows = query_rows(src, S, C, ss, sc, norms, &ld);
   for (int64_t s = 0; s < S; ++s) {
     const T* row = rows + s * ld;
     const double norm = norms[s], rinv = inverse_norm(norm);
@@ -325,7 +367,14 @@ C10_ALWAYS_INLINE void scaled_queries_backward_impl(const A* dqs, int64_t nb, in
     double dot = 0;  // <q, dqs>
 #pragma omp simd reduction(+ : dot)
     for (int64_t c = 0; c < C; ++c) dot += static_cast<double>(row[c]) * rinv * dq[c];
-    *dscale += dot;
+    if (q_mean == nullptr) {
+      *dscale += dot;
+    } else {  // <q - q_mean, dqs>: the same sum over the slots where dqs sums to zero over them
+      double centred = 0;
+#pragma omp simd reduction(+ : centred)
+      for (int64_t c = 0; c < C; ++c) centred += (static_cast<double>(row[c]) * rinv - q_mean[c]) * dq[c];
+      *dscale += centred;
+    }
     // (dq - q <q, dq>) / r with dq = scale * dqs; below eps the clamp passes no norm gradient.
     const double proj = norm >= kNormEps ? scale * dot : 0.0;
     T* d = d_init + s * C;
@@ -383,6 +432,12 @@ GLMIX_CLONES void transpose(const float* src, int64_t ld, int64_t n, int64_t C, 
     softmax_backward_impl(a, lda, d, ldd, n, S, rinv, lse, delta, over);                                         \
   }                                                                                                              \
   GLMIX_CLONES void scale_rows(T* a, int64_t S, int64_t C, const T* w) { scale_rows_impl(a, S, C, w); }          \
+  GLMIX_CLONES void column_sums(const T* d, int64_t n, int64_t S, int64_t ld, const T* rinv, T* sum) {           \
+    column_sums_impl(d, n, S, ld, rinv, sum);                                                                    \
+  }                                                                                                              \
+  GLMIX_CLONES void subtract_outer(T* a, int64_t S, int64_t C, const T* u, const T* v) {                         \
+    subtract_outer_impl(a, S, C, u, v);                                                                          \
+  }                                                                                                              \
   GLMIX_CLONES void row_dots(const T* a, const T* b, int64_t rows, int64_t C, T* out) {                          \
     row_dots_impl(a, b, rows, C, out);                                                                           \
   }                                                                                                              \
@@ -399,9 +454,12 @@ GLMIX_DEFINE_TILE_KERNELS(double)
     scaled_queries_impl(src, S, C, ss, sc, scale, qs, ldq);                                                          \
   }                                                                                                                  \
   GLMIX_CLONES void scaled_queries_backward(const A* dqs, int64_t nb, int64_t batch_stride, const T* src, int64_t S, \
-                                            int64_t C, int64_t ss, int64_t sc, double scale, T* d_init,              \
-                                            double* dscale) {                                                        \
-    scaled_queries_backward_impl(dqs, nb, batch_stride, src, S, C, ss, sc, scale, d_init, dscale);                   \
+                                            int64_t C, int64_t ss, int64_t sc, double scale, const double* q_mean,   \
+                                            T* d_init, double* dscale) {                                             \
+    scaled_queries_backward_impl(dqs, nb, batch_stride, src, S, C, ss, sc, scale, q_mean, d_init, dscale);           \
+  }                                                                                                                  \
+  GLMIX_CLONES void query_mean(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double* q_mean) {         \
+    query_mean_impl(src, S, C, ss, sc, q_mean);                                                                      \
   }
 
 GLMIX_DEFINE_QUERY_PASSES(c10::Half, float)

@@ -36,6 +36,10 @@ void transpose(const float* src, int64_t ld, int64_t n, int64_t C, float* dst, i
                         const T* delta, Over over);                                                              \
   /* a[s, c] *= w[s] */                                                                                          \
   void scale_rows(T* a, int64_t S, int64_t C, const T* w);                                                       \
+  /* sum[s] += sum_l d[l, s] / rinv[l]: dA's sums over the tile's pixels, from dA / r */                         \
+  void column_sums(const T* d, int64_t n, int64_t S, int64_t ld, const T* rinv, T* sum);                         \
+  /* a[s, c] -= u[s] v[c] */                                                                                     \
+  void subtract_outer(T* a, int64_t S, int64_t C, const T* u, const T* v);                                       \
   /* out[r] = <a row r, b row r> for rows (rows, C) of both */                                                   \
   void row_dots(const T* a, const T* b, int64_t rows, int64_t C, T* out);                                        \
   /* out[c] = (sum_j w[j] a[j * stride + c]) * k, summed in j order: rows of chunk partials merged */            \
@@ -49,13 +53,15 @@ GLMIX_DECLARE_TILE_KERNELS(double)
 // one batch element of init_slots, src (S, C) with strides (ss, sc) where sc == 1 (rows) or ss == 1
 // (channels-major: pooled slots, (C, S) in memory). Norms, projection and batch sum in fp64; q is
 // rounded to A before the product with the scale.
-#define GLMIX_DECLARE_QUERY_PASSES(T, A)                                                                             \
-  /* qs in src's layout: (S, C) rows for sc == 1, else (C, S) for ss == 1; row stride ldq */                         \
-  void scaled_queries(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale, A* qs, int64_t ldq); \
-  /* d_init (S, C) contiguous from dqs (S, C) contiguous summed over nb batch elements batch_stride apart;           \
-     adds sum(dqs * q) to dscale */                                                                                  \
-  void scaled_queries_backward(const A* dqs, int64_t nb, int64_t batch_stride, const T* src, int64_t S, int64_t C,   \
-                               int64_t ss, int64_t sc, double scale, T* d_init, double* dscale);
+#define GLMIX_DECLARE_QUERY_PASSES(T, A)                                                                               \
+  /* qs in src's layout: (S, C) rows for sc == 1, else (C, S) for ss == 1; row stride ldq */                           \
+  void scaled_queries(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double scale, A* qs, int64_t ldq);   \
+  /* d_init (S, C) contiguous from dqs (S, C) contiguous summed over nb batch elements batch_stride apart;             \
+     adds sum(dqs * (q - q_mean)) to dscale (q_mean: null for none) */                                                 \
+  void scaled_queries_backward(const A* dqs, int64_t nb, int64_t batch_stride, const T* src, int64_t S, int64_t C,     \
+                               int64_t ss, int64_t sc, double scale, const double* q_mean, T* d_init, double* dscale); \
+  /* q_mean (C) = the mean of the S queries q = normalize(src), in fp64 */                                             \
+  void query_mean(const T* src, int64_t S, int64_t C, int64_t ss, int64_t sc, double* q_mean);
 
 GLMIX_DECLARE_QUERY_PASSES(c10::Half, float)
 GLMIX_DECLARE_QUERY_PASSES(c10::BFloat16, float)

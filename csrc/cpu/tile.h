@@ -265,6 +265,28 @@ class PixelTile {
 };
 
 // ---------------------------------------------------------------------------------------------
+// The mean key m of kKeySample pixels spread evenly over L (pixel l = j L / kKeySample for
+// j < kKeySample, as the Triton kernels' _key_mean): about the direction the keys share, if they
+// share one. Clustering's dqs is centred on it (docs/math.md#centred-dqs).
+constexpr int64_t kKeySample = 32;
+
+// m (B, C) in acc_t, one row per batch element.
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> sampled_key_means(const Rows<scalar_t>& xs, int64_t B, int64_t L) {
+  const int64_t C = xs.C;
+  std::vector<acc_t> keys(kKeySample * C), rinv(kKeySample), proj(kKeySample), m(B * C, acc_t(0));
+  for (const auto b : c10::irange(B)) {
+    for (const auto j : c10::irange(kKeySample)) xs.gather(b, j * L / kKeySample, 1, keys.data() + j * C);
+    inverse_norms(keys.data(), kKeySample, C, rinv.data(), proj.data());
+    acc_t* mb = m.data() + b * C;
+    for (const auto j : c10::irange(kKeySample))
+      for (const auto c : c10::irange(C)) mb[c] += keys[j * C + c] * rinv[j];
+    for (const auto c : c10::irange(C)) mb[c] /= kKeySample;
+  }
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Per-chunk partial sums over pixels, (B, chunks, S, C) in acc_t, for an output out (B, S, C):
 // with a single chunk, out itself when it is in acc_t (nothing to sum, so no copy).
 inline Tensor chunk_partials(const Tensor& out, int64_t chunks, at::ScalarType acc, Scratch role) {

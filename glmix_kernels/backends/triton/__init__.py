@@ -367,12 +367,14 @@ def _sum_chunks(ws, out):
     )
 
 
-def _query_grads(dq_ws, init_slots, scale, d_init, dscale):
-    """``d_init_slots`` and ``dscale`` from the (B, chunks, S, C) partials of ``dqs``."""
+def _query_grads(dq_ws, init_slots, scale, d_init, dscale, cluster):
+    """``d_init_slots`` and ``dscale`` from the (B, chunks, S, C) partials of ``dqs``; dispatch's
+    ``dscale`` with the queries centred on their mean (its ``dqs`` sums to zero over the slots)."""
     Bq, S, C = init_slots.shape
     n_rows = dq_ws.shape[0] * dq_ws.shape[1] // Bq  # a broadcast init_slots sums every batch's chunks
     block_c = _pow2(C)
-    block_s = max(1, min(_pow2(S, 1), 2048 // block_c))  # fp64 tiles: more would spill
+    # fp64 tiles: more would spill, as would dispatch's at this size with the queries' mean beside
+    block_s = max(1, min(_pow2(S, 1), (2048 if cluster else 1024) // block_c))
     n_programs = Bq * triton.cdiv(S, block_s)
     dscale_parts = dq_ws.new_empty((1, n_programs, 1), dtype=torch.float64)
     _launch(kernels.query_bwd)[(n_programs,)](
@@ -385,6 +387,7 @@ def _query_grads(dq_ws, init_slots, scale, d_init, dscale):
         C=C,
         n_rows=n_rows,
         **_strides("ss", init_slots),
+        CENTRE=not cluster,
         BLOCK_S=block_s,
         BLOCK_C=block_c,
     )
@@ -537,7 +540,7 @@ def cluster_bwd(
     dx, d_init, dscale = contract.cluster_bwd_outputs(grad, x, init_slots, scale, slots, lse)
     with _device_guard(x):
         dq_ws = _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, cluster=True)[0]
-        _query_grads(dq_ws, init_slots, scale, d_init, dscale)
+        _query_grads(dq_ws, init_slots, scale, d_init, dscale, cluster=True)
     return dx, d_init, dscale
 
 
@@ -554,7 +557,7 @@ def dispatch_bwd(
     dx, d_init, dscale, dslots = contract.dispatch_bwd_outputs(grad, x, init_slots, scale, slots, lse)
     with _device_guard(x):
         dq_ws, dv_ws = _backward_kernels(grad, x, init_slots, scale, slots, lse, dx, cluster=False, dslots=dslots)
-        _query_grads(dq_ws, init_slots, scale, d_init, dscale)
+        _query_grads(dq_ws, init_slots, scale, d_init, dscale, cluster=False)
         if dv_ws is not dslots:
             _sum_chunks(dv_ws, dslots)
     return dx, d_init, dscale, dslots

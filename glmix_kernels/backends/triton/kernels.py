@@ -1245,6 +1245,17 @@ def slot_bwd(
 
 
 @triton.jit
+def _query_mean(s0_ptr, S, C, ss_s, ss_c, BLOCK_C: tl.constexpr, ROWS: tl.constexpr = 8):
+    """The mean of the ``S`` queries ``q = n(init_slots)`` (all of C in ``BLOCK_C``), in fp64,
+    ``ROWS`` slots at a time: small tiles, beside what ``query_bwd`` holds."""
+    m = tl.zeros([BLOCK_C], tl.float64)
+    for t0 in range(0, S, ROWS):
+        v = _load(s0_ptr, t0, 0, S, C, ss_s, ss_c, ROWS, BLOCK_C).to(tl.float64)
+        m += tl.sum(v / tl.maximum(tl.sqrt(tl.sum(v * v, 1)), NORM_EPS)[:, None], 0)
+    return m / S
+
+
+@triton.jit
 def query_bwd(
     dq_ptr,
     s0_ptr,
@@ -1257,6 +1268,7 @@ def query_bwd(
     ss_b,
     ss_s,
     ss_c,
+    CENTRE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -1266,7 +1278,10 @@ def query_bwd(
     ``dqs`` is the chunk-ordered sum of ``n_rows`` partials (a broadcast ``init_slots``: every
     batch element's chunks). With ``dq = scale * dqs`` and ``q`` recomputed in fp64:
     ``d_init_slots = (dq - q <q, dq>) / r`` (``dq / eps`` for a norm below eps, as F.normalize),
-    the terms cancel and ``1/r`` amplifies them, hence fp64; ``dscale = sum(dqs * q)``.
+    the terms cancel and ``1/r`` amplifies them, hence fp64; ``dscale = sum(dqs * q)``, with
+    ``CENTRE`` (dispatch: ``dqs`` sums to zero over the slots) ``sum(dqs * (q - m))`` for ``m``
+    the queries' mean, equal in exact arithmetic (math.md#centred-dscale), as
+    ``sum(dqs * q) - <sum_s dqs_s, m>`` in fp64.
     Grid (batch of init_slots x slot blocks,); ``d_init_slots`` is contiguous, the dscale parts
     are fp64, one per program, summed in order by ``sum_chunks``.
     """
@@ -1283,7 +1298,10 @@ def query_bwd(
     proj = tl.where(norm >= NORM_EPS, tl.sum(q * dq, 1), 0.0)
     d_init = ((dq - q * proj[:, None]) * inv_r[:, None]).to(tl.float32)  # the interpreter has no fp64 -> bf16
     _store(d_init_ptr + b * S * C, d_init, s0, 0, S, C, C, 1, BLOCK_S, BLOCK_C)
-    tl.store(dscale_ptr + tl.program_id(0), tl.sum(tl.sum(dqs * q.to(tl.float32).to(tl.float64), 1), 0))
+    dscale = tl.sum(tl.sum(dqs * q.to(tl.float32).to(tl.float64), 1), 0)
+    if CENTRE:  # less <sum_s dqs_s, m>, in fp64: after the tiles, which are dead by then
+        dscale -= tl.sum(tl.sum(dqs, 0) * _query_mean(s0_ptr + b * ss_b, S, C, ss_s, ss_c, BLOCK_C), 0)
+    tl.store(dscale_ptr + tl.program_id(0), dscale)
 
 
 @triton.jit
