@@ -178,11 +178,9 @@ OFFSET_PATHS = [
     pytest.param((1, 77, 130, 40), torch.float32, id="slot-bwd-fp32"),
     # Triton's pixel_bwd, one tile per chunk over C blocks
     pytest.param((1, 40, 136, 5), torch.bfloat16, id="one-tile-bf16"),
+    # one pixel tile per batch element: CUDA's fused_bwd_mma on the emulator too (fp16's scaled dqs operands)
+    pytest.param((4, 60, 64, 64), torch.float16, id="one-pixel-tile-fp16"),
 ]
-UNCENTRED_DQS = (
-    "the CUDA kernels' clustering dqs is not centred on the keys' mean (docs/math.md#centred-dqs): "
-    "delta's rounding reaches d_init_slots and dscale along the keys' shared direction"
-)
 
 
 @pytest.mark.parametrize("slots_offset", [False, True], ids=["x-offset", "x-and-slots-offset"])
@@ -190,7 +188,7 @@ UNCENTRED_DQS = (
 @pytest.mark.parametrize("shape,dtype", OFFSET_PATHS)
 @pytest.mark.parametrize("op", ["cluster", "dispatch"])
 @pytest.mark.parametrize("backend,device", backend_params())
-def test_keys_with_a_large_common_offset(request, backend, device, op, shape, dtype, scale, slots_offset):
+def test_keys_with_a_large_common_offset(backend, device, op, shape, dtype, scale, slots_offset):
     """An offset of 64 on x (as after a norm layer's bias or a ReLU): the keys nearly share one
     direction, and with the slots offset too (pooled from x, as in GLNet) so do the queries.
     Clustering's dqs = dA K carries delta's rounding (through sum_l dA, zero in exact arithmetic)
@@ -200,13 +198,32 @@ def test_keys_with_a_large_common_offset(request, backend, device, op, shape, dt
     direction unless the queries are centred on their mean (math.md#centred-dscale): before, 2.4x
     (Triton, fp32), 3.7x (CUDA, fp16 at scale 40), with the slots offset."""
     require(backend, device)
-    if op == "cluster" and backend in ("cuda", "cuda_emulated"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=UNCENTRED_DQS))
     case = Case(*shape, "nchw", dtype=dtype, device=device, scale=scale)
     case.x_base += 64.0
     if slots_offset:
         case.slots0_base += 64.0
     check_against_reference(case, op, backend)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        OFFSET_PATHS[0],
+        OFFSET_PATHS[3],
+        pytest.param((4, 60, 64, 64), torch.bfloat16, id="one-pixel-tile-bf16"),
+    ],
+)
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_zero_pixels_among_keys_with_a_common_offset(backend, device, shape, dtype):
+    """Zero pixels (K = 0) among keys offset by 64: their dA still counts in the sum_l dA = 0 that
+    the centred dqs relies on, so the kernels' sums of dA must take them (a sum over the live
+    pixels alone is off by theirs, times the keys' mean). Not fp16: a zero pixel's dx,
+    dK / 1e-12, overflows it."""
+    require(backend, device)
+    case = Case(*shape, "nchw", dtype=dtype, device=device)
+    case.x_base += 64.0
+    case.x_base[:, :, ::7] = 0
+    check_against_reference(case, "cluster", backend)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

@@ -924,6 +924,28 @@ __device__ __forceinline__ void dispatch_da(const FragC (&a)[kMmaNB], FragC (&e)
     for (int i = 0; i < 4; ++i) e[j].r[i] = a[j].r[i] * (e[j].r[i] - dl[i >> 1]);
 }
 
+// fp16's dqs operands, as the Triton backend's: 1 / ||x|| = f 2^k with f in [1, 2), dA f against x
+// 2^k (exact, a norm in (1/2, 1]), where dA / ||x|| against x would leave fp16's range (its lo part
+// underflows at large norms, as with an offset on x; it overflows at tiny ones). dq_rn(1 / ||x||)
+// is the factor of dA; scale_rows_pow2 scales the tile's rows of x (between the caller's barriers).
+__device__ __forceinline__ float pow2_below(float v) {
+  int k;
+  frexpf(v, &k);
+  return ldexpf(1.f, k - 1);
+}
+template <class E>
+__device__ __forceinline__ float dq_rn(float rn) {
+  return std::is_same<E, F16>::value ? rn / pow2_below(rn) : rn;
+}
+template <class E>
+__device__ inline void scale_rows_pow2(Elem<E>* x_sh, int ld, int ncols, const float* rn) {
+  if constexpr (std::is_same<E, F16>::value)
+    for (int i = threadIdx.x; i < 64 * ncols; i += blockDim.x) {
+      const int r = i / ncols, at = r * ld + i % ncols;
+      x_sh[at] = elem_of<E>(value_of<E>(x_sh[at]) * pow2_below(rn[r]));
+    }
+}
+
 // The slot side's probabilities from the logits of a warp's 16 slots x a tile of nl pixels
 // (a = qs x^T, e = G x^T or slots grad^T, unscaled): a = P or D, e = dA / ||x|| (the dqs operand
 // against x); zero at pixels >= nl. Per pixel from shared memory: rn, live and the dispatch's
@@ -945,7 +967,7 @@ __device__ __forceinline__ void slot_probs(FragC (&a)[kMmaNB], FragC (&e)[kMmaNB
       const float da = p * (e[j].r[i] - (kDispatch ? sh.st1[l] : dl[h]));
       if (!kDispatch) da_sum[h] += da;
       a[j].r[i] = p;
-      e[j].r[i] = dq_ok ? da * rn : 0.f;
+      e[j].r[i] = dq_ok ? da * dq_rn<E>(rn) : 0.f;
     }
 }
 
@@ -1173,6 +1195,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     logits<E, CP, true, false, true>(a, sh.qh + r0 * ld, sh.ql + r0 * ld, sh.x, nullptr, ld);
     logits<E, CP, false, false, true>(e, sh.y + r0 * ld, nullptr, kDispatch ? sh.h : sh.x, nullptr, ld);
     slot_probs<E, kDispatch>(a, e, nl, sh, lse, dl, da_sum);
+    if constexpr (std::is_same<E, F16>::value) {
+      __syncthreads();  // the logits' readers of x are done
+      scale_rows_pow2<E>(sh.x + c0, ld, CW, sh.rn);
+      __syncthreads();
+    }
     rows_product<E, CW, true, false>(dq, e, sh.x + c0, nullptr, ld);                  // dA K
     if (kDispatch) rows_product<E, CW, false, false>(dv, a, sh.h + c0, nullptr, ld);  // D grad
   }
@@ -1330,6 +1357,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     load_rows(sh.x, ld, CW, at_channel(x, b, c0), x.sr, x.sc, l0, nl, nc);
     if (kDispatch) load_rows(sh.h, ld, CW, at_channel(g, b, c0), g.sr, g.sc, l0, nl, nc);
     __syncthreads();
+    if constexpr (std::is_same<E, F16>::value) {
+      scale_rows_pow2<E>(sh.x, ld, CW, sh.rn);
+      __syncthreads();
+    }
     slot_probs<E, kDispatch>(a, e, nl, sh, lse, dl, da_sum);
     rows_product<E, CW, true, false>(dq, e, sh.x, nullptr, ld);                  // dA K
     if (kDispatch) rows_product<E, CW, false, false>(dv, a, sh.h, nullptr, ld);  // D grad
@@ -1530,8 +1561,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         const bool ok = in[h] && (live[h] != 0.f || !std::is_same<E, F16>::value);
 #pragma unroll
         for (int j = 0; j < kMmaNB; ++j) {
-          w[j].r[2 * h] = ok ? e[j].r[2 * h] * rn[h] : 0.f;
-          w[j].r[2 * h + 1] = ok ? e[j].r[2 * h + 1] * rn[h] : 0.f;
+          w[j].r[2 * h] = ok ? e[j].r[2 * h] * dq_rn<E>(rn[h]) : 0.f;
+          w[j].r[2 * h + 1] = ok ? e[j].r[2 * h + 1] * dq_rn<E>(rn[h]) : 0.f;
         }
       }
       store_tile<E, true>(w, ex_hi, ex_lo, kMmaExLd, r0);
@@ -1567,6 +1598,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int w = 0; w < kMmaThreads / 32; ++w) da_sum[h] += da_part[64 * w + r0 + (lane >> 2) + 8 * h];
+    if constexpr (std::is_same<E, F16>::value) {
+      scale_rows_pow2<E>(sh.x, ld, CP, sh.rn);  // dx's readers of x are past the exchange's barrier
+      __syncthreads();
+    }
     pixels_product<E, CP, true>(dq, ex_hi + r0, ex_lo + r0, sh.x, ld);               // dA K
     if (kDispatch) pixels_product<E, CP, false>(dsl, ex_d + r0, nullptr, sh.h, ld);  // D grad
   }
