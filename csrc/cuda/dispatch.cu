@@ -84,8 +84,8 @@ static void mma_bwd(const Tensor& grad, const Tensor& x, const Tensor& qs, const
            dl.data_ptr<float>());
     launch(slot_bwd, dim3(nst * ncc, ch.n, static_cast<unsigned>(B)), dim3(tc::kMmaThreads), smem, stream,
            rows_of<E>(grad), rows_of<E>(x), rows_f32(qs), rows_of<E>(slots), lse.data_ptr<float>(),
-           dl.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n,
-           nullptr, ws_dq.data_ptr<float>(), ws_dv.data_ptr<float>());
+           dl.data_ptr<float>(), static_cast<int>(L), static_cast<int>(S), static_cast<int>(C), ch.len, ch.n, nullptr,
+           ws_dq.data_ptr<float>(), ws_dv.data_ptr<float>());
   };
   if (wide) {
     with_mma_type(x.scalar_type(), [&](auto e) {
@@ -134,8 +134,8 @@ std::tuple<Tensor, Tensor, Tensor> GLMIX_CUDA_FN(dispatch_bwd)(const Tensor& gra
       constexpr int CP = decltype(cp)::value;
       launch(tc::fused_bwd_mma<E, CP, true>, dim3(static_cast<unsigned>(B)), dim3(tc::kMmaThreads),
              tc::fused_bwd_mma_smem<E>(CP, true), current_stream(), rows_of<E>(grad), rows_of<E>(x), rows_f32(qs),
-             rows_of<E>(slots), lse_c.data_ptr<float>(), nullptr, L, static_cast<int>(S), static_cast<int>(C),
-             nullptr, elems<E>(dx), dqs.data_ptr<float>(), elems<E>(dslots));
+             rows_of<E>(slots), lse_c.data_ptr<float>(), nullptr, L, static_cast<int>(S), static_cast<int>(C), nullptr,
+             elems<E>(dx), dqs.data_ptr<float>(), elems<E>(dslots));
     });
     return {dx, dqs, dslots};
   }

@@ -1495,7 +1495,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   load_rows(sh.y, ld, CP, y.p + b * y.sb, y.sr, y.sc, 0, S, C);
   if (!kDispatch) load_stats(sh.st0, sh.st1, stat0, stat1, b * S, S);
   FragC dq[CP / 8], dsl[CP / 8];  // the slot side: slots r0 .. r0 + 15, all channels
-  float da_sum[2] = {0.f, 0.f};    // the clustering's sum of dA over L, slots r0 + g, r0 + g + 8
+  float da_sum[2] = {0.f, 0.f};   // the clustering's sum of dA over L, slots r0 + g, r0 + g + 8
 #pragma unroll
   for (int j = 0; j < CP / 8; ++j) {
     zero(dq[j]);
@@ -1517,38 +1517,17 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     }
 
     // The warp's 16 pixels x 64 slots: a = P or D, e = dA; zero at slots >= S. z: the parts of
-    // <K, dK> (as pixel_bwd_mma's), num / den: the dispatch's delta'.
+    // <K, dK> (as pixel_bwd_mma's).
     FragC a[kMmaNB], e[kMmaNB];
     logits<E, CP, false, true, true>(a, sh.x + r0 * ld, nullptr, sh.qh, sh.ql, ld);
     logits<E, CP, false, false, true>(e, (kDispatch ? sh.h : sh.x) + r0 * ld, nullptr, sh.y, nullptr, ld);
-    float z[4] = {0.f, 0.f, 0.f, 0.f}, num[2] = {0.f, 0.f}, den[2] = {0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < kMmaNB; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int s = 8 * j + c_rc(lane, i).col, h = i >> 1;
-        const bool ok = s < S;
-        const float zl = ok ? a[j].r[i] * rn[h] : 0.f;
-        const float p = ok ? expf(zl - (kDispatch ? lse[h] : sh.st0[s])) : 0.f;
-        const float d = ok ? (kDispatch ? e[j].r[i] : p * (e[j].r[i] - sh.st1[s])) : 0.f;
-        a[j].r[i] = p;
-        e[j].r[i] = d;
-        z[h] = fmaf(kDispatch ? p * d : d, zl, z[h]);
-        if (kDispatch) {
-          z[2 + h] = fmaf(p, zl, z[2 + h]);
-          num[h] = fmaf(p, d, num[h]);
-          den[h] += p;
-        }
-      }
-    float dl[2] = {0.f, 0.f}, dot[2];
+    float z[4] = {0.f, 0.f, 0.f, 0.f}, dl[2] = {0.f, 0.f}, dot[2];
+    pixel_probs<kDispatch, true>(a, e, 0, S, rn, lse, sh.st0, sh.st1, z);
     if (kDispatch) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) dl[h] = row_sum(num[h]) / row_sum(den[h]);
+      delta_of(a, e, dl);
       dispatch_da(a, e, dl);
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      dot[h] = (kDispatch ? row_sum(z[h]) - dl[h] * row_sum(z[2 + h]) : row_sum(z[h])) * live[h];
+    dot_of<kDispatch>(z, dl, live, dot);
 
     if (!kDispatch) column_sums(e, in, da_part + 64 * (r0 / 16));
 
@@ -1592,7 +1571,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       dx_rows<E, CW, !kDispatch>(dk, val, sh.x + c0, ld, r0, c0, rn, dot, nl, C, dx + (b * L + l0) * C);
     }
 
-    __syncthreads();                                                                 // the exchange is complete
+    __syncthreads();  // the exchange is complete
     if (!kDispatch)
 #pragma unroll
       for (int h = 0; h < 2; ++h)

@@ -495,7 +495,8 @@ int main(int argc, char** argv) {
   else if (kind == "dispatch_bwd_f16")
     fused_bwd<glmix::GLMIX_CUDA_NS::mma::F16, true>();
   else {
-    std::fprintf(stderr, "usage: mma_harness bf16|f16|f32|convert|ldsm|{cluster,dispatch}_{fwd,bwd,bwd_wide}_{bf16,f16}\n");
+    std::fprintf(stderr,
+                 "usage: mma_harness bf16|f16|f32|convert|ldsm|{cluster,dispatch}_{fwd,bwd,bwd_wide}_{bf16,f16}\n");
     return 2;
   }
   return 0;
