@@ -703,8 +703,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 // Precision as on the CUDA cores: logits from qs as hi + lo, softmax statistics, P and dA in fp32
 // registers; dA enters its products as hi + lo, and dK = dA^T qs takes qs as hi + lo; P (and D) is
 // rounded to the 16-bit type, as in the forward's value product. dqs takes dA / ||x|| as its
-// operand: with fp16 x, a pixel with 0 < ||x|| below about 1e-5 can overflow it (fp16 tops out at
-// 65504); zero pixels contribute exactly zero.
+// operand against x (fp16: dA f against x 2^k, dq_rn, which keeps both in fp16's range); zero
+// pixels contribute exactly zero to the product, and their dA still to centre_dqs's sum.
 constexpr int kMmaBwdMaxChannels = 256;
 constexpr int kMmaTf32BwdMaxChannels = 128;
 
@@ -925,7 +925,8 @@ __device__ __forceinline__ void dispatch_da(const FragC (&a)[kMmaNB], FragC (&e)
 }
 
 // fp16's dqs operands, as the Triton backend's: 1 / ||x|| = f 2^k with f in [1, 2), dA f against x
-// 2^k (exact, a norm in (1/2, 1]), where dA / ||x|| against x would leave fp16's range (its lo part
+// 2^k (a norm in (1/2, 1]; exact but where a component far below the norm turns subnormal, an
+// error below 2^-24 of the norm), where dA / ||x|| against x would leave fp16's range (its lo part
 // underflows at large norms, as with an offset on x; it overflows at tiny ones). dq_rn(1 / ||x||)
 // is the factor of dA; scale_rows_pow2 scales the tile's rows of x (between the caller's barriers).
 __device__ __forceinline__ float pow2_below(float v) {
@@ -948,7 +949,7 @@ __device__ inline void scale_rows_pow2(Elem<E>* x_sh, int ld, int ncols, const f
 
 // The slot side's probabilities from the logits of a warp's 16 slots x a tile of nl pixels
 // (a = qs x^T, e = G x^T or slots grad^T, unscaled): a = P or D, e = dA / ||x|| (the dqs operand
-// against x); zero at pixels >= nl. Per pixel from shared memory: rn, live and the dispatch's
+// against x; fp16: dA f, dq_rn); zero at pixels >= nl. Per pixel from shared memory: rn, live and the dispatch's
 // lse, delta' (st0, st1); lse, dl: the clustering's per slot. da_sum: the clustering's sum of dA
 // over the pixels, zero ones included (the lane's part of its two rows; see centre_dqs).
 template <class E, bool kDispatch>
@@ -1483,7 +1484,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   constexpr bool kChunked = CW < CP;
   GLMIX_DYNAMIC_SMEM(float, smem);
   const BwdSmem<E> sh = carve_bwd<E, CP, kDispatch>(smem);
-  Elem<E>* ex_hi = reinterpret_cast<Elem<E>*>(sh.st1 + 64);     // dA / ||x||, pixel-major
+  Elem<E>* ex_hi = reinterpret_cast<Elem<E>*>(sh.st1 + 64);     // dA / ||x|| (fp16: dq_rn), pixel-major
   Elem<E>* ex_lo = kIsTf32<E> ? ex_hi : ex_hi + 64 * kMmaExLd;  // (fp32: unused)
   Elem<E>* ex_d = ex_lo + 64 * kMmaExLd;                        // the dispatch's D
   float* da_part = reinterpret_cast<float*>(ex_d);              // the clustering's: 64 per warp
